@@ -1,0 +1,72 @@
+"""normref: reference normalization math for deep learning, on any Python array API library.
+
+Activations, weights and gradients, after the survey of Huang et al., "Normalization Techniques in
+Training DNNs: Methodology, Analysis and Application" (TPAMI 2023), written once against the array
+API standard with hand-derived (analytic) backward passes.
+
+    import normref
+    y = normref.group_norm(x, 4, weight, bias)            # x: numpy, torch, jax, cupy, array-api-strict
+    y, pullback = normref.vjp(normref.group_norm, x, 4, weight, bias)
+    dx, dweight, dbias = pullback(dy)
+
+``import normref`` loads numpy and array-api-compat only; frameworks are imported lazily.
+"""
+
+from . import framework, operation, partition, recovery, registry
+from ._kernels import use_kernels
+from .framework import normalize
+from .registry import REGISTRY, Example, Invariant, Method, Residuals, get, methods, vjp
+from .standardization import (
+    LpNormResult,
+    MeanOnlyResult,
+    NormResult,
+    batch_group_norm,
+    batch_norm,
+    batch_renorm,
+    filter_response_norm,
+    ghost_batch_norm,
+    group_norm,
+    instance_norm,
+    layer_norm,
+    lp_batch_norm,
+    mean_only_batch_norm,
+    pixel_norm,
+    position_norm,
+    rms_norm,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "normalize",
+    "batch_norm",
+    "instance_norm",
+    "layer_norm",
+    "group_norm",
+    "rms_norm",
+    "mean_only_batch_norm",
+    "position_norm",
+    "pixel_norm",
+    "batch_group_norm",
+    "filter_response_norm",
+    "lp_batch_norm",
+    "batch_renorm",
+    "ghost_batch_norm",
+    "NormResult",
+    "MeanOnlyResult",
+    "LpNormResult",
+    "vjp",
+    "get",
+    "methods",
+    "REGISTRY",
+    "Method",
+    "Residuals",
+    "Example",
+    "Invariant",
+    "use_kernels",
+    "partition",
+    "operation",
+    "recovery",
+    "framework",
+    "registry",
+]

@@ -1,0 +1,90 @@
+"""Argument validation at the boundary: every message names the function, the argument, what was
+expected and what came, and every check runs before any arithmetic."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Sequence
+
+__all__ = [
+    "check_ndim",
+    "check_shape",
+    "check_positive",
+    "check_nonnegative",
+    "check_momentum",
+    "check_int",
+    "check_p",
+    "check_choice",
+]
+
+
+def check_ndim(fn: str, name: str, x: Any, *, min_ndim: int = 1, max_ndim: int | None = None, what: str = "") -> None:
+    nd = x.ndim
+    if nd < min_ndim or (max_ndim is not None and nd > max_ndim):
+        rng = f"at least {min_ndim}" if max_ndim is None else (
+            f"exactly {min_ndim}" if min_ndim == max_ndim else f"{min_ndim} to {max_ndim}")
+        hint = f" ({what})" if what else ""
+        raise ValueError(f"{fn}: {name} must have {rng} dimensions{hint}; got {nd} dimensions, shape {tuple(x.shape)}")
+
+
+def check_shape(fn: str, name: str, a: Any, expected: Sequence[int], why: str = "") -> None:
+    if a is None:
+        return
+    if tuple(a.shape) != tuple(expected):
+        hint = f" ({why})" if why else ""
+        raise ValueError(f"{fn}: {name} must have shape {tuple(expected)}{hint}; got shape {tuple(a.shape)}")
+
+
+def _real(fn: str, name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a real number; got {type(v).__name__} {v!r}")
+    v = float(v)
+    if math.isnan(v):
+        raise ValueError(f"{fn}: {name} must be a number, got nan")
+    return v
+
+
+def check_positive(fn: str, name: str, v: Any) -> float:
+    v = _real(fn, name, v)
+    if not v > 0 or math.isinf(v):
+        raise ValueError(f"{fn}: {name} must be a finite number > 0; got {v!r}")
+    return v
+
+
+def check_nonnegative(fn: str, name: str, v: Any) -> float:
+    v = _real(fn, name, v)
+    if not v >= 0 or math.isinf(v):
+        raise ValueError(f"{fn}: {name} must be a finite number >= 0; got {v!r}")
+    return v
+
+
+def check_momentum(fn: str, momentum: Any, allow_none: bool = True) -> float | None:
+    if momentum is None and allow_none:
+        return None
+    v = _real(fn, "momentum", momentum)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{fn}: momentum must lie in [0, 1] (or be None for a cumulative average); got {v!r}")
+    return v
+
+
+def check_int(fn: str, name: str, v: Any, *, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{fn}: {name} must be an integer >= {minimum}; got {type(v).__name__} {v!r}")
+    v = int(v)
+    if v < minimum:
+        raise ValueError(f"{fn}: {name} must be an integer >= {minimum}; got {v}")
+    return v
+
+
+def check_p(fn: str, p: Any) -> float:
+    v = _real(fn, "p", p)
+    if not v >= 1.0:
+        raise ValueError(f"{fn}: p must be >= 1 (p = inf allowed); got {v!r}")
+    return v
+
+
+def check_choice(fn: str, name: str, v: Any, choices: Sequence[str]) -> str:
+    if v not in choices:
+        raise ValueError(f"{fn}: {name} must be one of {', '.join(map(repr, choices))}; got {v!r}")
+    return v

@@ -1,0 +1,150 @@
+"""Array-namespace plumbing shared by every formula: one namespace per call, one device, float dtypes.
+
+Frameworks are recognised through array-api-compat, which looks at ``sys.modules`` and never imports
+a framework just to ask whether an object belongs to it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import array_api_compat
+from array_api_compat import array_namespace
+
+__all__ = [
+    "namespace",
+    "compute_dtype",
+    "to_compute",
+    "sum_to_shape",
+    "is_array",
+    "device_of",
+    "library_name",
+    "finfo_eps",
+    "to_numpy",
+]
+
+
+def is_array(x: Any) -> bool:
+    """True for any array that array-api-compat recognises (numpy, torch, jax, cupy, strict, ...)."""
+    return x is not None and array_api_compat.is_array_api_obj(x)
+
+
+def library_name(x: Any) -> str:
+    """A short human name for the library an array belongs to, for error messages."""
+    if array_api_compat.is_numpy_array(x):
+        return "numpy"
+    if array_api_compat.is_torch_array(x):
+        return "torch"
+    if array_api_compat.is_jax_array(x):
+        return "jax"
+    if array_api_compat.is_cupy_array(x):
+        return "cupy"
+    if array_api_compat.is_array_api_strict_namespace(getattr(x, "__array_namespace__", lambda: None)()):
+        return "array_api_strict"
+    return type(x).__module__.split(".")[0]
+
+
+def device_of(x: Any) -> Any:
+    return array_api_compat.device(x)
+
+
+def namespace(fn: str, **arrays: Any):
+    """The single array namespace shared by the named arrays (``None`` entries are skipped).
+
+    Raises ``TypeError`` naming the argument when an argument is not an array, when arrays of
+    different libraries are mixed, or when an array is not real floating point; ``ValueError`` when
+    arrays live on different devices.
+    """
+    first_name, first = None, None
+    for name, a in arrays.items():
+        if a is None:
+            continue
+        if not is_array(a):
+            raise TypeError(
+                f"{fn}: {name} must be an array (numpy, torch, jax, cupy or any array API array); "
+                f"got {type(a).__name__}"
+            )
+        if first is None:
+            first_name, first = name, a
+            continue
+        if library_name(a) != library_name(first) or type(a) is not type(first):
+            raise TypeError(
+                f"{fn}: all arrays must come from one library; {first_name} is a "
+                f"{library_name(first)} array ({type(first).__name__}) but {name} is a "
+                f"{library_name(a)} array ({type(a).__name__})"
+            )
+        if device_of(a) != device_of(first):
+            raise ValueError(
+                f"{fn}: all arrays must be on one device; {first_name} is on {device_of(first)!r} "
+                f"but {name} is on {device_of(a)!r}"
+            )
+    if first is None:
+        raise TypeError(f"{fn}: expected at least one array argument, got none")
+    xp = array_namespace(first)
+    for name, a in arrays.items():
+        if a is None:
+            continue
+        if not xp.isdtype(a.dtype, "real floating"):
+            raise TypeError(
+                f"{fn}: {name} must have a real floating-point dtype "
+                f"(float16, bfloat16, float32 or float64); got {a.dtype}"
+            )
+    return xp
+
+
+def compute_dtype(xp, dtype):
+    """The dtype statistics are accumulated in: float32 for float16/bfloat16, else the dtype itself."""
+    if dtype == xp.float32 or dtype == xp.float64:
+        return dtype
+    return xp.float32
+
+
+def to_compute(xp, a, dtype):
+    """``a`` cast to the compute dtype (no copy when it already has it); ``None`` passes through."""
+    if a is None or a.dtype == dtype:
+        return a
+    return xp.astype(a, dtype)
+
+
+def sum_to_shape(xp, t, shape: Sequence[int]):
+    """Sum ``t`` over the axes along which an array of ``shape`` was broadcast to ``t.shape``.
+
+    This is the adjoint of broadcasting: the gradient of a broadcast parameter is the cotangent summed
+    over every axis the parameter was repeated along.
+    """
+    shape = tuple(shape)
+    lead = t.ndim - len(shape)
+    axes = list(range(lead))
+    for i, s in enumerate(shape):
+        if s == 1 and t.shape[lead + i] != 1:
+            axes.append(lead + i)
+    if axes:
+        t = xp.sum(t, axis=tuple(axes), keepdims=True)
+    return xp.reshape(t, shape)
+
+
+def finfo_eps(xp, dtype) -> float:
+    return float(xp.finfo(dtype).eps)
+
+
+def prod(shape: Sequence[int]) -> int:
+    return int(math.prod(shape))
+
+
+def to_numpy(a):
+    """A NumPy copy of any array (torch detached and on the CPU, JAX, CuPy, array-api-strict)."""
+    import numpy as np
+
+    if a is None:
+        return None
+    if isinstance(a, np.ndarray):
+        return a
+    if array_api_compat.is_torch_array(a):
+        return a.detach().cpu().numpy()
+    if array_api_compat.is_cupy_array(a):
+        return a.get()
+    try:
+        return np.asarray(a)
+    except Exception:
+        return np.from_dlpack(a)

@@ -1,0 +1,241 @@
+"""The survey's Algorithm 1 as code: NAP → NOP → NRR → reshape back, and its composed backward.
+
+    X = Π(X)      (partition: a view plus reduce axes, :mod:`normref.partition`)
+    X̂ = Φ(X)      (operation, :mod:`normref.operation`)
+    X̃ = Ψ(X̂)      (recovery, :mod:`normref.recovery`)
+    X̃ = Π⁻¹(X̃)    (reshape back)
+
+The backward runs the three backwards in reverse: Ψ's gives dX̂ (and dγ, dβ), Φ's gives dX on the
+view, Π⁻¹ reshapes it back. Nothing is derived twice: every named method in
+:mod:`normref.standardization` is a preset over :func:`run_forward` / :func:`run_backward`, and
+:func:`normalize` composes any partition with any operation and any recovery.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import operation as _op
+from . import partition as _part
+from ._validate import check_choice, check_int, check_nonnegative, check_p, check_positive
+from ._xp import compute_dtype, namespace, to_compute
+from .recovery import affine_backward, affine_forward
+from .registry import Example, Residuals, method
+
+__all__ = ["normalize", "run_forward", "run_backward", "channel_param", "check_param_shape"]
+
+
+def channel_param(xp, a, ndim: int, axis: int = 1):
+    """A per-channel vector (C,) as an array broadcastable to an ndim input along ``axis``."""
+    if a is None:
+        return None
+    shape = [1] * ndim
+    shape[axis] = a.shape[0]
+    return xp.reshape(a, tuple(shape))
+
+
+def check_param_shape(fn: str, name: str, a, expected: tuple, what: str) -> None:
+    if a is not None and tuple(a.shape) != tuple(expected):
+        raise ValueError(f"{fn}: {name} must have shape {tuple(expected)} ({what}); got shape {tuple(a.shape)}")
+
+
+def check_broadcastable(fn: str, name: str, a, shape: tuple) -> None:
+    """γ/β of a generated affine must broadcast to the input without enlarging it."""
+    if a is None:
+        return
+    s = tuple(a.shape)
+    ok = len(s) <= len(shape) and all(d in (1, t) for d, t in zip(s[::-1], shape[::-1]))
+    if not ok:
+        raise ValueError(
+            f"{fn}: {name} must be broadcastable to the input's shape {shape} (each dimension 1 or equal, "
+            f"aligned from the right); got shape {s}"
+        )
+
+
+def run_forward(xp, x, part: _part.Partition, op, gamma_b=None, beta_b=None, **op_arrays):
+    """Forward of the composition on compute-dtype arrays: ``(y, op_residuals, stats)``.
+
+    ``gamma_b``/``beta_b`` are already broadcastable to ``x``; ``op_arrays`` go to the operation
+    (population statistics, running statistics for batch renormalization).
+    """
+    shape = tuple(x.shape)
+    axes = part.axes(shape)
+    xhat_v, op_res, stats = op.forward(xp, part.view(xp, x), axes, **op_arrays)
+    xhat = part.unview(xp, xhat_v, shape)
+    return affine_forward(xp, xhat, gamma_b, beta_b), op_res, stats
+
+
+def run_backward(xp, part: _part.Partition, op, shape, op_res, gamma_b, beta_shape, g):
+    """(dx, dγ_b, dβ_b): the recovery's backward, then the operation's on the view, then reshape."""
+    xhat = part.unview(xp, op_res[0], shape)
+    dxhat, dgamma, dbeta = affine_backward(xp, xhat, gamma_b, beta_shape, g)
+    axes = part.axes(shape)
+    dxv = op.backward(xp, op_res, axes, part.view(xp, dxhat))
+    return part.unview(xp, dxv, shape), dgamma, dbeta
+
+
+class Plan:
+    """The static half of a composed call (hashable): partition, operation, shapes, dtypes.
+
+    Packs the arrays a backward needs into :class:`Residuals` and unpacks them again.
+    """
+
+    __slots__ = ("part", "op", "shape", "n_op", "gamma_shape", "beta_shape", "extra")
+
+    def __init__(self, part, op, shape, n_op, gamma_shape, beta_shape, extra=()):
+        self.part, self.op, self.shape, self.n_op = part, op, tuple(shape), n_op
+        self.gamma_shape, self.beta_shape, self.extra = gamma_shape, beta_shape, extra
+
+    def _key(self):
+        return (self.part, self.op, self.shape, self.n_op, self.gamma_shape, self.beta_shape, self.extra)
+
+    def __eq__(self, other):
+        return isinstance(other, Plan) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __repr__(self):
+        return f"Plan{self._key()!r}"
+
+
+def pack(part, op, x, op_res, gamma_b, beta_b, extra_arrays=(), extra=()) -> Residuals:
+    plan = Plan(
+        part,
+        op,
+        x.shape,
+        len(op_res),
+        None if gamma_b is None else tuple(gamma_b.shape),
+        None if beta_b is None else tuple(beta_b.shape),
+        extra,
+    )
+    return Residuals(tuple(op_res) + (gamma_b,) + tuple(extra_arrays), plan)
+
+
+def unpack_backward(xp, res: Residuals, g):
+    """Run the composed backward from packed residuals: ``(dx, dγ_b, dβ_b, extra_arrays)``."""
+    plan: Plan = res.static
+    op_res = res.arrays[: plan.n_op]
+    gamma_b = res.arrays[plan.n_op]
+    extra_arrays = res.arrays[plan.n_op + 1 :]
+    g = to_compute(xp, g, op_res[0].dtype)
+    dx, dg, db = run_backward(xp, plan.part, plan.op, plan.shape, op_res, gamma_b, plan.beta_shape, g)
+    return dx, dg, db, extra_arrays
+
+
+# --------------------------------------------------------------------------------------------------
+# The public composition
+
+
+def _examples_normalize(rng):
+    x = rng.standard_normal((4, 6, 3, 2))
+    w, b = rng.standard_normal(6), rng.standard_normal(6)
+    for part, kw in [("batch", {}), ("instance", {}), ("group", {"num_groups": 3}), ("position", {}),
+                     ("layer", {"normalized_ndim": 3}), ("batch_group", {"num_groups": 2, "batch_groups": 2})]:
+        for op in ("standardizing", "centering", "scaling"):
+            wb = (None, None) if part == "layer" else (w, b)
+            yield Example((x,) + wb, dict(partition=part, operation=op, **kw), label=f"{part}/{op}")
+    for p in (1.0, 3.0, float("inf")):
+        yield Example((x, w, b), dict(partition="batch", operation="lp", p=p, l1_factor=True), label=f"lp p={p}")
+    gam = rng.standard_normal((4, 6, 1, 1))
+    yield Example((x, gam, gam * 0.5), dict(partition="instance", recovery="generated"), label="generated affine (per sample)")
+    spade = rng.standard_normal((4, 6, 3, 2))
+    yield Example((x, spade, spade), dict(partition="batch", recovery="generated"), label="SPADE (per position)")
+
+
+@method(
+    array_params=("input", "weight", "bias"),
+    survey="§5.1, Algorithm 1, Eqns 20-21",
+    paper="Huang et al., Normalization Techniques in Training DNNs (TPAMI 2023)",
+    examples=_examples_normalize,
+)
+def normalize(
+    input: Any,
+    weight: Any = None,
+    bias: Any = None,
+    *,
+    partition: str = "batch",
+    operation: str = "standardizing",
+    recovery: str = "affine",
+    num_groups: int = 1,
+    batch_groups: int = 1,
+    normalized_ndim: int = 1,
+    eps: float = 1e-5,
+    p: float = 2.0,
+    l1_factor: bool = False,
+):
+    """Any partition × any operation × any recovery, from batch statistics (survey Algorithm 1).
+
+    ``y = Ψ(Φ(Π(x)))`` reshaped back, with
+
+    - ``partition`` (NAP): ``"batch"``, ``"layer"`` (the last ``normalized_ndim`` axes), ``"instance"``,
+      ``"group"`` (``num_groups``), ``"position"``, ``"batch_group"`` (``num_groups`` over channels,
+      ``batch_groups`` over the batch);
+    - ``operation`` (NOP): ``"centering"``, ``"scaling"`` (RMS), ``"standardizing"``, ``"lp"`` (Lp
+      deviation, any ``p`` ≥ 1 or ``inf``; ``l1_factor`` multiplies σ₁ by √(π/2));
+    - ``recovery`` (NRR): ``"none"``, ``"affine"`` (γ, β of shape (C,), or ``normalized_shape`` for the
+      layer partition), ``"generated"`` (γ, β broadcastable to the input: per sample, per position).
+
+    Input layout (N, C, *spatial). ``eps`` is added to the variance (inside the square root) for
+    standardizing and scaling, and to the deviation (outside) for ``"lp"``.
+
+    Example: group whitening aside, ``normalize(x, w, b, partition="group", num_groups=4)`` equals
+    ``group_norm(x, 4, w, b)``, and ``normalize(x, partition="position", operation="scaling")`` is
+    pixel normalization.
+    """
+    fn = "normalize"
+    xp = namespace(fn, input=input, weight=weight, bias=bias)
+    check_choice(fn, "partition", partition, _part.KINDS)
+    check_choice(fn, "operation", operation, _op.KINDS)
+    check_choice(fn, "recovery", recovery, ("none", "affine", "generated"))
+    if operation == "lp":
+        p = check_p(fn, p)
+    eps = check_positive(fn, "eps", eps) if operation != "centering" else check_nonnegative(fn, "eps", eps)
+    part = {
+        "batch": _part.Partition("batch"),
+        "layer": _part.Partition("layer", normalized_ndim=check_int(fn, "normalized_ndim", normalized_ndim)),
+        "instance": _part.Partition("instance"),
+        "group": _part.Partition("group", num_groups=check_int(fn, "num_groups", num_groups)),
+        "position": _part.Partition("position"),
+        "batch_group": _part.Partition(
+            "batch_group",
+            num_groups=check_int(fn, "num_groups", num_groups),
+            batch_groups=check_int(fn, "batch_groups", batch_groups),
+        ),
+    }[partition]
+    shape = tuple(input.shape)
+    part.validate(fn, shape)
+    if part.count(shape) < 2 and operation in ("standardizing", "lp", "centering"):
+        raise ValueError(
+            f"{fn}: the {partition} partition of input shape {shape} leaves 1 value per statistic; "
+            f"expected more than 1 value per normalization group"
+        )
+    if recovery == "none" and (weight is not None or bias is not None):
+        raise ValueError(f"{fn}: recovery='none' takes no weight or bias; got weight={weight is not None}, bias={bias is not None}")
+    if recovery == "affine":
+        pshape = shape[-part.normalized_ndim:] if partition == "layer" else (shape[1],)
+        check_param_shape(fn, "weight", weight, pshape, "per channel" if partition != "layer" else "the normalized shape")
+        check_param_shape(fn, "bias", bias, pshape, "per channel" if partition != "layer" else "the normalized shape")
+    elif recovery == "generated":
+        check_broadcastable(fn, "weight", weight, shape)
+        check_broadcastable(fn, "bias", bias, shape)
+
+    cd = compute_dtype(xp, input.dtype)
+    x = to_compute(xp, input, cd)
+    gamma, beta = to_compute(xp, weight, cd), to_compute(xp, bias, cd)
+    if recovery == "affine" and partition != "layer":
+        gamma, beta = channel_param(xp, gamma, len(shape)), channel_param(xp, beta, len(shape))
+    op = _op.make(operation, eps=eps, p=p, l1_factor=l1_factor)
+    y, op_res, _ = run_forward(xp, x, part, op, gamma, beta)
+    res = pack(part, op, x, op_res, gamma, beta, extra=(
+        None if weight is None else tuple(weight.shape), None if bias is None else tuple(bias.shape)))
+    return xp.astype(y, input.dtype) if y.dtype != input.dtype else y, res
+
+
+@normalize.defbackward
+def _normalize_backward(res: Residuals, g):
+    xp = namespace("normalize.backward", cotangent=g)
+    dx, dg, db, _ = unpack_backward(xp, res, g)
+    wshape, bshape = res.static.extra
+    # per-channel γ, β were viewed as (1, C, 1, ...): their gradients go back in the caller's shape
+    return dx, None if dg is None else xp.reshape(dg, wshape), None if db is None else xp.reshape(db, bshape)

@@ -1,0 +1,232 @@
+"""Normalization operations (NOP), survey §5.1 Algorithm 1 line 4, and their analytic backward.
+
+Each operation acts on a partitioned view ``x`` and its reduce axes R (n elements per statistic).
+Notation: mean(·) is the mean over R with the reduced axes kept, g = ∂L/∂x̂.
+
+- Centering (mean-only BN, Salimans & Kingma 2016):   x̂ = x − μ;             dx = g − mean(g).
+- Scaling (RMS; RMSNorm, pixel norm, FRN):            r = (mean(x²)+ε)^-½, x̂ = x·r;
+                                                       dx = r·(g − x̂·mean(g·x̂)).
+- Standardizing (survey Eqn 17, 21):                  s = (σ²+ε)^-½, x̂ = (x−μ)·s;
+                                                       dx = s·(g − mean(g) − x̂·mean(g·x̂)).
+- Lp deviation standardizing (Lp-norm BN, Liao et al. 2016; L1 BN, Hoffer et al. 2018, Wu et al. 2018):
+  u = x − μ, σ_p = (mean|u|^p)^{1/p} (σ_∞ = max|u|), s = c·σ_p + ε (ε *outside* the root; c = √(π/2)
+  for the optional L1 correction, else 1), x̂ = u/s;
+  with w = ∂(n·σ_p)/∂u = (|u|/σ_p)^{p−1}·sign(u)  (p = ∞: n·sign(u)·[|u| = σ_∞]/#ties, ties split
+  equally): du = (g − c·mean(g·x̂)·w)/s, dx = du − mean(du).
+- Standardizing by population statistics (survey §4, Eqn 16; BN at inference): x̂ = (x − μ̂)·(σ̂²+ε)^-½
+  with μ̂, σ̂² constants: dx = g·(σ̂²+ε)^-½.
+
+Residuals always start with x̂ (the recovery's backward reuses it) and hold nothing else full-size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from . import _kernels
+
+__all__ = ["Operation", "Centering", "Scaling", "Standardizing", "LpStandardizing", "PopulationStandardizing", "KINDS", "make"]
+
+KINDS = ("centering", "scaling", "standardizing", "lp")
+
+
+def _mean(xp, t, axes):
+    return xp.mean(t, axis=axes, keepdims=True)
+
+
+def moments(xp, x, axes):
+    """(μ, σ²) over ``axes`` (biased variance, two passes: stable when |μ| ≫ σ)."""
+    k = _kernels.lookup(xp, "moments")
+    if k is not None:
+        r = k(x, axes)
+        if r is not None:
+            return r
+    mu = _mean(xp, x, axes)
+    xc = x - mu
+    return mu, _mean(xp, xc * xc, axes)
+
+
+class Operation:
+    """Base: ``forward(xp, x, axes) -> (x̂, residuals, stats)``, ``backward(xp, residuals, axes, g) -> dx``.
+
+    ``stats`` is a dict of the statistics computed (``mean``, ``var``...) for running averages.
+    """
+
+    name = "operation"
+
+    def forward(self, xp, x, axes):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def backward(self, xp, res, axes, g):  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Centering(Operation):
+    name = "centering"
+
+    def forward(self, xp, x, axes):
+        mu = _mean(xp, x, axes)
+        xhat = x - mu
+        return xhat, (xhat,), {"mean": mu}
+
+    def backward(self, xp, res, axes, g):
+        return g - _mean(xp, g, axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scaling(Operation):
+    eps: float = 1e-5
+    name = "scaling"
+
+    def forward(self, xp, x, axes):
+        ms = _mean(xp, x * x, axes)
+        r = 1.0 / xp.sqrt(ms + self.eps)
+        xhat = x * r
+        return xhat, (xhat, r), {"mean_square": ms}
+
+    def backward(self, xp, res, axes, g):
+        xhat, r = res
+        return r * (g - xhat * _mean(xp, g * xhat, axes))
+
+
+@dataclasses.dataclass(frozen=True)
+class Standardizing(Operation):
+    eps: float = 1e-5
+    name = "standardizing"
+
+    def forward(self, xp, x, axes):
+        mu, var = moments(xp, x, axes)
+        rstd = 1.0 / xp.sqrt(var + self.eps)
+        xhat = (x - mu) * rstd
+        return xhat, (xhat, rstd), {"mean": mu, "var": var}
+
+    def backward(self, xp, res, axes, g):
+        xhat, rstd = res
+        return rstd * (g - _mean(xp, g, axes) - xhat * _mean(xp, g * xhat, axes))
+
+
+@dataclasses.dataclass(frozen=True)
+class LpStandardizing(Operation):
+    p: float = 2.0
+    eps: float = 1e-5
+    l1_factor: bool = False
+    name = "lp"
+
+    @property
+    def c(self) -> float:
+        return math.sqrt(math.pi / 2.0) if (self.l1_factor and self.p == 1.0) else 1.0
+
+    def forward(self, xp, x, axes):
+        mu = _mean(xp, x, axes)
+        u = x - mu
+        a = xp.abs(u)
+        if math.isinf(self.p):
+            sig = xp.max(a, axis=axes, keepdims=True)
+        elif self.p == 1.0:
+            sig = _mean(xp, a, axes)
+        elif self.p == 2.0:
+            sig = xp.sqrt(_mean(xp, u * u, axes))
+        else:
+            sig = _mean(xp, a**self.p, axes) ** (1.0 / self.p)
+        s = self.c * sig + self.eps
+        xhat = u / s
+        return xhat, (xhat, s, sig), {"mean": mu, "scale": sig}
+
+    def _weights(self, xp, xhat, s, sig, axes):
+        # w = (|u|/σ_p)^{p−1}·sign(u), with u = x̂·s; zero where σ_p = 0 (a constant group).
+        u = xhat * s
+        safe = xp.where(sig > 0, sig, xp.ones_like(sig))
+        if math.isinf(self.p):
+            a = xp.abs(u)
+            hit = xp.astype(a >= xp.max(a, axis=axes, keepdims=True), u.dtype)
+            n = 1
+            for ax in axes:
+                n *= u.shape[ax]
+            w = n * hit * xp.sign(u) / xp.sum(hit, axis=axes, keepdims=True)
+        elif self.p == 1.0:
+            w = xp.sign(u)
+        elif self.p == 2.0:
+            w = u / safe
+        else:
+            w = (xp.abs(u) / safe) ** (self.p - 1.0) * xp.sign(u)
+        return xp.where(sig > 0, w, xp.zeros_like(w))
+
+    def backward(self, xp, res, axes, g):
+        xhat, s, sig = res
+        w = self._weights(xp, xhat, s, sig, axes)
+        du = (g - self.c * _mean(xp, g * xhat, axes) * w) / s
+        return du - _mean(xp, du, axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class PopulationStandardizing:
+    """Standardizing by given (population / running) statistics, treated as constants (Eqn 16)."""
+
+    eps: float = 1e-5
+    name = "population"
+
+    def forward(self, xp, x, axes, mean, var):
+        rstd = 1.0 / xp.sqrt(var + self.eps)
+        xhat = (x - mean) * rstd
+        return xhat, (xhat, rstd), {}
+
+    def backward(self, xp, res, axes, g):
+        return g * res[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class PopulationLp:
+    """Lp standardizing by given statistics (constants): x̂ = (x − μ̂)/(c·σ̂_p + ε), dx = g/(c·σ̂_p + ε)."""
+
+    eps: float = 1e-5
+    c: float = 1.0
+    name = "population_lp"
+
+    def forward(self, xp, x, axes, mean, scale):
+        inv = 1.0 / (self.c * scale + self.eps)
+        xhat = (x - mean) * inv
+        return xhat, (xhat, inv), {}
+
+    def backward(self, xp, res, axes, g):
+        return g * res[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchRenormalizing:
+    """Batch renormalization (Ioffe 2017): x̂ = ((x − μ_B)/σ_B)·r + d with σ_B = √(σ_B² + ε),
+    r = clip(σ_B/σ, 1/r_max, r_max), d = clip((μ_B − μ)/σ, −d_max, d_max), σ = √(running var + ε).
+    r and d are constants of the backward (stop-gradient): dx = r·(standardizing backward of g)."""
+
+    eps: float = 1e-5
+    rmax: float = 3.0
+    dmax: float = 5.0
+    name = "batch_renorm"
+
+    def forward(self, xp, x, axes, running_mean, running_var):
+        mu, var = moments(xp, x, axes)
+        rstd = 1.0 / xp.sqrt(var + self.eps)
+        x0 = (x - mu) * rstd
+        rrun = 1.0 / xp.sqrt(running_var + self.eps)
+        r = xp.clip(rrun / rstd, 1.0 / self.rmax, self.rmax)
+        d = xp.clip((mu - running_mean) * rrun, -self.dmax, self.dmax)
+        xhat = x0 * r + d
+        return xhat, (xhat, x0, rstd, r), {"mean": mu, "var": var}
+
+    def backward(self, xp, res, axes, g):
+        _, x0, rstd, r = res
+        return Standardizing(self.eps).backward(xp, (x0, rstd), axes, g * r)
+
+
+def make(kind: str, *, eps: float = 1e-5, p: float = 2.0, l1_factor: bool = False) -> Operation:
+    """The operation named ``kind`` (one of :data:`KINDS`)."""
+    if kind == "centering":
+        return Centering()
+    if kind == "scaling":
+        return Scaling(eps=eps)
+    if kind == "standardizing":
+        return Standardizing(eps=eps)
+    if kind == "lp":
+        return LpStandardizing(p=p, eps=eps, l1_factor=l1_factor)
+    raise ValueError(f"operation must be one of {', '.join(map(repr, KINDS))}; got {kind!r}")
+

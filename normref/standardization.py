@@ -1,0 +1,1126 @@
+"""The standardization family (survey §5.1.1–§5.1.2, Table 1): named presets over NAP × NOP × NRR.
+
+Every function here is a registered :class:`~normref.registry.Method`: calling it computes the
+forward; ``.forward``/``.backward`` and :func:`normref.vjp` give the analytic backward, which is the
+composition of the recovery's, the operation's and the partition's backwards
+(:mod:`normref.framework`).
+
+Running statistics (survey Eqn 18) are pure: when a function is called with ``training=True`` (or
+``use_input_stats=True``) *and* running statistics, it returns a ``NamedTuple``
+``(output, running_mean, running_var)`` holding the updated statistics instead of mutating them:
+
+    y, running_mean, running_var = normref.batch_norm(x, running_mean, running_var, training=True)
+
+so a port of ``F.batch_norm(x, rm, rv, training=True)`` cannot lose the update silently (using the
+tuple as an array fails at once). Otherwise the output array itself is returned. The running
+variance is updated with the unbiased batch variance, as torch does; ``momentum=None`` gives the
+cumulative average 1/(k+1) with ``k = num_batches_tracked`` batches seen before this one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Sequence
+
+import numpy as _np
+
+from . import operation as _op
+from ._validate import check_int, check_momentum, check_ndim, check_p, check_positive
+from ._xp import compute_dtype, finfo_eps, namespace, to_compute, to_numpy
+from .framework import channel_param, check_param_shape, pack, run_forward, unpack_backward
+from .partition import Partition
+from .recovery import tlu_backward, tlu_forward
+from .registry import Example, Invariant, Residuals, method
+
+__all__ = [
+    "NormResult",
+    "MeanOnlyResult",
+    "LpNormResult",
+    "batch_norm",
+    "instance_norm",
+    "layer_norm",
+    "group_norm",
+    "rms_norm",
+    "mean_only_batch_norm",
+    "position_norm",
+    "pixel_norm",
+    "batch_group_norm",
+    "filter_response_norm",
+    "lp_batch_norm",
+    "batch_renorm",
+    "ghost_batch_norm",
+]
+
+
+class NormResult(NamedTuple):
+    """Output and updated running statistics of a training-mode call given running statistics."""
+
+    output: Any
+    running_mean: Any
+    running_var: Any
+
+
+class MeanOnlyResult(NamedTuple):
+    output: Any
+    running_mean: Any
+
+
+class LpNormResult(NamedTuple):
+    output: Any
+    running_mean: Any
+    running_scale: Any
+
+
+# --------------------------------------------------------------------------------------------------
+# shared helpers (validation, running statistics, the composed backward)
+
+
+def _out(xp, y, dtype):
+    return y if y.dtype == dtype else xp.astype(y, dtype)
+
+
+def _check_channels(fn, input, **params):
+    c = input.shape[1]
+    for name, a in params.items():
+        check_param_shape(fn, name, a, (c,), f"one value per channel, input.shape[1] = {c}")
+
+
+def _check_training_count(fn, part: Partition, shape):
+    if part.count(shape) < 2:
+        raise ValueError(
+            f"{fn}: expected more than 1 value per channel when training; got input of shape {tuple(shape)}"
+        )
+
+
+def _running_pair(fn, rm, rv, names=("running_mean", "running_var")):
+    if (rm is None) != (rv is None):
+        given, missing = (names[0], names[1]) if rv is None else (names[1], names[0])
+        raise ValueError(f"{fn}: {given} and {missing} go together; got {given} but {missing}=None")
+
+
+def _factor(fn, momentum, num_batches_tracked):
+    if momentum is not None:
+        return momentum
+    if num_batches_tracked is None:
+        raise ValueError(
+            f"{fn}: momentum=None (cumulative average) needs num_batches_tracked, the number of batches "
+            f"seen before this one; got num_batches_tracked=None"
+        )
+    k = check_int(fn, "num_batches_tracked", num_batches_tracked, minimum=0)
+    return 1.0 / (k + 1)
+
+
+def _ema(xp, running, stat, f):
+    """(1 − f)·running + f·stat (survey Eqn 18), in the running statistic's own dtype."""
+    new = (1.0 - f) * to_compute(xp, running, stat.dtype) + f * stat
+    return _out(xp, new, running.dtype)
+
+
+def _to_channels(xp, stat, c):
+    return xp.reshape(stat, (c,))
+
+
+def _backward_for(*layout: str | None):
+    """A backward for a preset whose array parameters map to ``layout`` ('x', 'w', 'b' or None)."""
+
+    def backward(res: Residuals, g):
+        xp = namespace("backward", cotangent=g)
+        dx, dg, db, _ = unpack_backward(xp, res, g)
+        wshape, bshape = res.static.extra[:2]
+        grads = {
+            "x": dx,
+            "w": None if dg is None else xp.reshape(dg, wshape),
+            "b": None if db is None else xp.reshape(db, bshape),
+        }
+        return tuple(None if k is None else grads[k] for k in layout)
+
+    return backward
+
+
+def _shapes(weight, bias):
+    return (None if weight is None else tuple(weight.shape), None if bias is None else tuple(bias.shape))
+
+
+# --------------------------------------------------------------------------------------------------
+# examples and invariants the registry hands to the tests and the conformance suite
+
+
+def _np_moments_err(x, y, axes, eps, kind):
+    """Largest deviation of y's moments over ``axes`` from their exact values for input x (float64).
+
+    standardizing: mean 0, variance σ²/(σ²+ε); scaling: mean square m/(m+ε); centering: mean 0.
+    """
+    x = _np.asarray(x, _np.float64)
+    y = _np.asarray(y, _np.float64)
+    if kind == "scaling":
+        ms = (x * x).mean(axis=axes)
+        return float(_np.max(_np.abs((y * y).mean(axis=axes) - ms / (ms + eps))))
+    err = float(_np.max(_np.abs(y.mean(axis=axes))))
+    if kind == "standardizing":
+        v = x.var(axis=axes)
+        err = max(err, float(_np.max(_np.abs(y.var(axis=axes) - v / (v + eps)))))
+    return err
+
+
+def moment_invariant(kind: str, partition_of) -> Invariant:
+    """Invariant: the output (before recovery) has the moments its operation promises over its partition.
+
+    ``partition_of(args, kwargs)`` returns ``(Partition, eps)`` or ``None`` when the call has a
+    recovery or uses population statistics (then the invariant does not apply to it).
+    """
+
+    def check(m, xp, out, args, kwargs):
+        spec = partition_of(args, kwargs)
+        if spec is None:
+            return None
+        part, eps = spec
+        x = to_numpy(args[0])
+        y = to_numpy(m.primary(out))
+        vs = part.view_shape(x.shape)
+        axes = part.axes(x.shape)
+        return _np_moments_err(x.reshape(vs), y.reshape(vs), axes, eps, kind)
+
+    return Invariant(f"{kind} moments over the partition", check, scale=64.0)
+
+
+def scale_invariant(a: float = 3.5) -> Invariant:
+    """Invariant (survey Eqn 32): f(a·x) = f(x) for a > 0, for calls that use batch statistics."""
+
+    def check(m, xp, out, args, kwargs):
+        if kwargs.get("_no_scale_invariance"):
+            return None
+        x = args[0]
+        y2 = m.primary(m(*((x * a,) + tuple(args[1:])), **kwargs))
+        y1, y2 = to_numpy(m.primary(out)), to_numpy(y2)
+        return float(_np.max(_np.abs(y1 - y2)) / max(1.0, float(_np.max(_np.abs(y1)))))
+
+    return Invariant("scale invariance f(a·x) = f(x)", check, scale=64.0)
+
+
+def _plain(args, kwargs, names=("weight", "bias"), positions=(3, 4)):
+    """True when no recovery parameter is given (positionally or by keyword)."""
+    for n, i in zip(names, positions):
+        if kwargs.get(n) is not None or (len(args) > i and args[i] is not None):
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# batch normalization
+
+
+def _ex_batch_norm(rng):
+    for shape in [(8, 3), (4, 3, 5), (4, 3, 2, 3), (2, 2, 2, 3, 2)]:
+        x = rng.standard_normal(shape) * 2.0 + 1.0
+        c = shape[1]
+        w, b = rng.standard_normal(c), rng.standard_normal(c)
+        rm, rv = rng.standard_normal(c), rng.uniform(0.5, 2.0, c)
+        yield Example((x, None, None), dict(training=True), label=f"{shape} batch statistics, no affine")
+        yield Example((x, rm, rv, w, b), dict(training=True, momentum=0.2), label=f"{shape} training, running update")
+        yield Example((x, rm, rv, w, b), dict(training=False), label=f"{shape} inference (population statistics)")
+
+
+def _bn_partition(args, kwargs):
+    if not kwargs.get("training") or not _plain(args, kwargs):
+        return None
+    return Partition("batch"), kwargs.get("eps", 1e-5)
+
+
+@method(
+    array_params=("input", "running_mean", "running_var", "weight", "bias"),
+    nondiff=("running_mean", "running_var"),
+    survey="§5.1.1 Eqns 17-19 (running statistics Eqn 18; population statistics §4 Eqn 16)",
+    paper="Ioffe & Szegedy, Batch Normalization, ICML 2015",
+    examples=_ex_batch_norm,
+    invariants=(moment_invariant("standardizing", _bn_partition),),
+)
+def batch_norm(
+    input: Any,
+    running_mean: Any,
+    running_var: Any,
+    weight: Any = None,
+    bias: Any = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    num_batches_tracked: int | None = None,
+):
+    """Batch normalization, with ``torch.nn.functional.batch_norm``'s arguments and results.
+
+    y = γ·(x − μ_B)/√(σ_B² + ε) + β, statistics per channel over (N, *spatial) (Π_BN, survey Eqn 20),
+    σ_B² biased. With ``training=False`` the running statistics are the population statistics
+    (constants in the backward, survey Eqn 16). With ``training=True`` and running statistics the
+    result is ``NormResult(output, running_mean, running_var)`` with
+    running ← (1 − momentum)·running + momentum·batch statistic (Eqn 18; variance unbiased).
+    Ioffe & Szegedy, ICML 2015.
+    """
+    fn = "batch_norm"
+    xp = namespace(fn, input=input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
+    _check_channels(fn, input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    eps = check_positive(fn, "eps", eps)
+    momentum = check_momentum(fn, momentum)
+    _running_pair(fn, running_mean, running_var)
+    shape = tuple(input.shape)
+    part = Partition("batch")
+    if training:
+        _check_training_count(fn, part, shape)
+        f = _factor(fn, momentum, num_batches_tracked) if running_mean is not None else None
+    elif running_mean is None:
+        raise ValueError(f"{fn}: running_mean and running_var are required when training=False; got None")
+    cd = compute_dtype(xp, input.dtype)
+    x = to_compute(xp, input, cd)
+    nd, c = len(shape), shape[1]
+    gamma = channel_param(xp, to_compute(xp, weight, cd), nd)
+    beta = channel_param(xp, to_compute(xp, bias, cd), nd)
+    if training:
+        op = _op.Standardizing(eps)
+        y, op_res, st = run_forward(xp, x, part, op, gamma, beta)
+    else:
+        op = _op.PopulationStandardizing(eps)
+        y, op_res, st = run_forward(
+            xp, x, part, op, gamma, beta,
+            mean=channel_param(xp, to_compute(xp, running_mean, cd), nd),
+            var=channel_param(xp, to_compute(xp, running_var, cd), nd),
+        )
+    res = pack(part, op, x, op_res, gamma, beta, extra=_shapes(weight, bias))
+    y = _out(xp, y, input.dtype)
+    if training and running_mean is not None:
+        n = part.count(shape)
+        rm = _ema(xp, running_mean, _to_channels(xp, st["mean"], c), f)
+        rv = _ema(xp, running_var, _to_channels(xp, st["var"], c) * (n / (n - 1)), f)
+        return NormResult(y, rm, rv), res
+    return y, res
+
+
+batch_norm.defbackward(_backward_for("x", None, None, "w", "b"))
+
+
+# --------------------------------------------------------------------------------------------------
+# instance normalization
+
+
+def _ex_instance_norm(rng):
+    for shape in [(2, 3, 5), (2, 3, 3, 4), (1, 2, 2, 2, 3)]:
+        x = rng.standard_normal(shape) * 1.5 - 0.5
+        c = shape[1]
+        w, b = rng.standard_normal(c), rng.standard_normal(c)
+        rm, rv = rng.standard_normal(c), rng.uniform(0.5, 2.0, c)
+        yield Example((x,), {}, label=f"{shape} no affine")
+        yield Example((x, rm, rv, w, b), dict(use_input_stats=True, momentum=0.3), label=f"{shape} running update")
+        yield Example((x, rm, rv, w, b), dict(use_input_stats=False), label=f"{shape} running statistics")
+
+
+def _in_partition(args, kwargs):
+    if not kwargs.get("use_input_stats", True) or not _plain(args, kwargs):
+        return None
+    return Partition("instance"), kwargs.get("eps", 1e-5)
+
+
+@method(
+    array_params=("input", "running_mean", "running_var", "weight", "bias"),
+    nondiff=("running_mean", "running_var"),
+    survey="§5.1.1 (Table 1: Π_IN ∈ R^{md×hw}, standardizing)",
+    paper="Ulyanov, Vedaldi & Lempitsky, Instance Normalization, arXiv 2016",
+    examples=_ex_instance_norm,
+    invariants=(moment_invariant("standardizing", _in_partition),),
+)
+def instance_norm(
+    input: Any,
+    running_mean: Any = None,
+    running_var: Any = None,
+    weight: Any = None,
+    bias: Any = None,
+    use_input_stats: bool = True,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    num_batches_tracked: int | None = None,
+):
+    """Instance normalization, with ``torch.nn.functional.instance_norm``'s arguments and results.
+
+    y = γ·(x − μ_nc)/√(σ_nc² + ε) + β, statistics per sample and channel over the spatial axes.
+    With ``use_input_stats`` and running statistics, returns ``NormResult`` whose running statistics
+    move toward the batch average of the instance statistics (variance unbiased over the spatial
+    count), as torch does. Ulyanov et al. 2016.
+    """
+    fn = "instance_norm"
+    xp = namespace(fn, input=input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    check_ndim(fn, "input", input, min_ndim=3, what="(N, C, *spatial) with at least one spatial axis")
+    _check_channels(fn, input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    eps = check_positive(fn, "eps", eps)
+    momentum = check_momentum(fn, momentum)
+    _running_pair(fn, running_mean, running_var)
+    shape = tuple(input.shape)
+    part = Partition("instance")
+    if use_input_stats:
+        _check_training_count(fn, part, shape)
+        f = _factor(fn, momentum, num_batches_tracked) if running_mean is not None else None
+    elif running_mean is None:
+        raise ValueError(f"{fn}: running_mean and running_var are required when use_input_stats=False; got None")
+    cd = compute_dtype(xp, input.dtype)
+    x = to_compute(xp, input, cd)
+    nd, c = len(shape), shape[1]
+    gamma = channel_param(xp, to_compute(xp, weight, cd), nd)
+    beta = channel_param(xp, to_compute(xp, bias, cd), nd)
+    if use_input_stats:
+        op = _op.Standardizing(eps)
+        y, op_res, st = run_forward(xp, x, part, op, gamma, beta)
+    else:
+        op = _op.PopulationStandardizing(eps)
+        y, op_res, st = run_forward(
+            xp, x, part, op, gamma, beta,
+            mean=channel_param(xp, to_compute(xp, running_mean, cd), nd),
+            var=channel_param(xp, to_compute(xp, running_var, cd), nd),
+        )
+    res = pack(part, op, x, op_res, gamma, beta, extra=_shapes(weight, bias))
+    y = _out(xp, y, input.dtype)
+    if use_input_stats and running_mean is not None:
+        n = part.count(shape)
+        mean_c = xp.mean(xp.reshape(st["mean"], (shape[0], c)), axis=0)
+        var_c = xp.mean(xp.reshape(st["var"], (shape[0], c)), axis=0) * (n / (n - 1))
+        return NormResult(y, _ema(xp, running_mean, mean_c, f), _ema(xp, running_var, var_c, f)), res
+    return y, res
+
+
+instance_norm.defbackward(_backward_for("x", None, None, "w", "b"))
+
+
+# --------------------------------------------------------------------------------------------------
+# layer normalization and RMS normalization (the layer partition over normalized_shape)
+
+
+def _normalized_shape(fn, input, normalized_shape) -> tuple[int, ...]:
+    if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
+        ns = (normalized_shape,)
+    else:
+        try:
+            ns = tuple(int(d) for d in normalized_shape)
+        except TypeError:
+            raise TypeError(f"{fn}: normalized_shape must be an int or a sequence of ints; got {normalized_shape!r}") from None
+    shape = tuple(input.shape)
+    if len(ns) == 0 or len(ns) > len(shape) or shape[len(shape) - len(ns):] != ns:
+        raise ValueError(
+            f"{fn}: normalized_shape must equal the trailing dimensions of input; input has shape {shape}, "
+            f"got normalized_shape={ns}"
+        )
+    return ns
+
+
+def _ex_layer_norm(rng):
+    for shape, k in [((7,), 1), ((3, 5), 1), ((2, 3, 4), 2), ((2, 2, 3, 2), 3), ((2, 1, 2, 2, 3), 2)]:
+        x = rng.standard_normal(shape) * 3.0 + 2.0
+        ns = shape[len(shape) - k:]
+        w, b = rng.standard_normal(ns), rng.standard_normal(ns)
+        yield Example((x, ns), {}, label=f"{shape} normalized {ns}")
+        yield Example((x, ns, w, b), {}, label=f"{shape} normalized {ns}, affine")
+
+
+def _ln_partition(args, kwargs):
+    if not _plain(args, kwargs, positions=(2, 3)):
+        return None
+    ns = args[1]
+    k = 1 if isinstance(ns, int) else len(ns)
+    return Partition("layer", normalized_ndim=k), kwargs.get("eps", 1e-5)
+
+
+@method(
+    array_params=("input", "weight", "bias"),
+    survey="§5.1.1 (Table 1: Π_LN ∈ R^{m×dhw}, standardizing)",
+    paper="Ba, Kiros & Hinton, Layer Normalization, arXiv 2016",
+    examples=_ex_layer_norm,
+    invariants=(moment_invariant("standardizing", _ln_partition), scale_invariant()),
+)
+def layer_norm(input: Any, normalized_shape: int | Sequence[int], weight: Any = None, bias: Any = None, eps: float = 1e-5):
+    """Layer normalization, with ``torch.nn.functional.layer_norm``'s arguments and results.
+
+    y = γ ⊙ (x − μ)/√(σ² + ε) + β, statistics per sample over the trailing ``normalized_shape``
+    dimensions; γ, β have ``normalized_shape``. Ba et al. 2016.
+    """
+    fn = "layer_norm"
+    xp = namespace(fn, input=input, weight=weight, bias=bias)
+    ns = _normalized_shape(fn, input, normalized_shape)
+    check_param_shape(fn, "weight", weight, ns, "normalized_shape")
+    check_param_shape(fn, "bias", bias, ns, "normalized_shape")
+    eps = check_positive(fn, "eps", eps)
+    part = Partition("layer", normalized_ndim=len(ns))
+    cd = compute_dtype(xp, input.dtype)
+    x = to_compute(xp, input, cd)
+    gamma, beta = to_compute(xp, weight, cd), to_compute(xp, bias, cd)
+    op = _op.Standardizing(eps)
+    y, op_res, _ = run_forward(xp, x, part, op, gamma, beta)
+    return _out(xp, y, input.dtype), pack(part, op, x, op_res, gamma, beta, extra=_shapes(weight, bias))
+
+
+layer_norm.defbackward(_backward_for("x", "w", "b"))
+
+
+def _ex_rms_norm(rng):
+    for shape, k in [((6,), 1), ((3, 5), 1), ((2, 3, 4), 2), ((2, 2, 2, 3, 2), 1)]:
+        x = rng.standard_normal(shape) + 0.5
+        ns = shape[len(shape) - k:]
+        yield Example((x, ns), dict(eps=1e-6), label=f"{shape} normalized {ns}")
+        yield Example((x, ns, rng.standard_normal(ns)), {}, label=f"{shape} normalized {ns}, weight, eps=None")
+
+
+def _rms_partition(args, kwargs):
+    if kwargs.get("weight") is not None or (len(args) > 2 and args[2] is not None):
+        return None
+    ns = args[1]
+    eps = kwargs.get("eps")
+    if eps is None:
+        eps = float(_np.finfo(to_numpy(args[0]).dtype).eps)
+    return Partition("layer", normalized_ndim=1 if isinstance(ns, int) else len(ns)), eps
+
+
+@method(
+    array_params=("input", "weight"),
+    survey="§5.1.1 (Table 1: Π_LN, scaling; root mean square LN)",
+    paper="Zhang & Sennrich, Root Mean Square Layer Normalization, NeurIPS 2019",
+    examples=_ex_rms_norm,
+    invariants=(moment_invariant("scaling", _rms_partition),),
+)
+def rms_norm(input: Any, normalized_shape: int | Sequence[int], weight: Any = None, eps: float | None = None):
+    """RMS normalization, with ``torch.nn.functional.rms_norm``'s arguments and results.
+
+    y = γ ⊙ x/√(mean(x²) + ε) over the trailing ``normalized_shape`` dimensions; ``eps=None`` means
+    the machine epsilon of the input's dtype, as in torch. Zhang & Sennrich, NeurIPS 2019.
+    """
+    fn = "rms_norm"
+    xp = namespace(fn, input=input, weight=weight)
+    ns = _normalized_shape(fn, input, normalized_shape)
+    check_param_shape(fn, "weight", weight, ns, "normalized_shape")
+    eps = finfo_eps(xp, input.dtype) if eps is None else check_positive(fn, "eps", eps)
+    part = Partition("layer", normalized_ndim=len(ns))
+    cd = compute_dtype(xp, input.dtype)
+    x = to_compute(xp, input, cd)
+    gamma = to_compute(xp, weight, cd)
+    op = _op.Scaling(eps)
+    y, op_res, _ = run_forward(xp, x, part, op, gamma, None)
+    return _out(xp, y, input.dtype), pack(part, op, x, op_res, gamma, None, extra=_shapes(weight, None))
+
+
+rms_norm.defbackward(_backward_for("x", "w"))
+
+
+# --------------------------------------------------------------------------------------------------
+# group normalization and batch-group normalization
+
+
+def _ex_group_norm(rng):
+    for shape, g in [((2, 6), 3), ((2, 6, 4), 2), ((3, 4, 2, 3), 4), ((2, 6, 2, 2, 2), 1)]:
+        x = rng.standard_normal(shape) - 1.0
+        c = shape[1]
+        yield Example((x, g), {}, label=f"{shape} G={g}")
+        yield Example((x, g, rng.standard_normal(c), rng.standard_normal(c)), dict(eps=1e-3), label=f"{shape} G={g}, affine")
+
+
+def _gn_partition(args, kwargs):
+    if not _plain(args, kwargs, positions=(2, 3)):
+        return None
+    return Partition("group", num_groups=args[1]), kwargs.get("eps", 1e-5)
+
+
+def _group_like(fn, input, weight, bias, eps, part):
+    xp = namespace(fn, input=input, weight=weight, bias=bias)
+    check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
+    part.validate(fn, tuple(input.shape))
+    _check_channels(fn, input, weight=weight, bias=bias)
+    eps = check_positive(fn, "eps", eps)
+    cd = compute_dtype(xp, input.dtype)
+    x = to_compute(xp, input, cd)
+    nd = input.ndim
+    gamma = channel_param(xp, to_compute(xp, weight, cd), nd)
+    beta = channel_param(xp, to_compute(xp, bias, cd), nd)
+    op = _op.Standardizing(eps)
+    y, op_res, _ = run_forward(xp, x, part, op, gamma, beta)
+    return _out(xp, y, input.dtype), pack(part, op, x, op_res, gamma, beta, extra=_shapes(weight, bias))
+
+
+@method(
+    array_params=("input", "weight", "bias"),
+    survey="§5.1.1 (Table 1: Π_GN ∈ R^{mg×shw}, standardizing)",
+    paper="Wu & He, Group Normalization, ECCV 2018",
+    examples=_ex_group_norm,
+    invariants=(moment_invariant("standardizing", _gn_partition), scale_invariant()),
+)
+def group_norm(input: Any, num_groups: int, weight: Any = None, bias: Any = None, eps: float = 1e-5):
+    """Group normalization, with ``torch.nn.functional.group_norm``'s arguments and results.
+
+    The C channels are split into ``num_groups`` groups; y = γ·(x − μ_ng)/√(σ_ng² + ε) + β with
+    statistics per sample and group over (C/G, *spatial). Wu & He, ECCV 2018.
+    """
+    fn = "group_norm"
+    num_groups = check_int(fn, "num_groups", num_groups)
+    return _group_like(fn, input, weight, bias, eps, Partition("group", num_groups=num_groups))
+
+
+group_norm.defbackward(_backward_for("x", "w", "b"))
+
+
+def _ex_batch_group_norm(rng):
+    x = rng.standard_normal((4, 6, 3, 2))
+    yield Example((x, 3), dict(batch_groups=2), label="G=3, 2 batch groups")
+    yield Example((x, 2, rng.standard_normal(6), rng.standard_normal(6)), dict(batch_groups=1), label="G=2, whole batch, affine")
+    yield Example((rng.standard_normal((6, 4)), 2), dict(batch_groups=3), label="2-D")
+
+
+def _bgn_partition(args, kwargs):
+    if not _plain(args, kwargs, positions=(2, 3)):
+        return None
+    return Partition("batch_group", num_groups=args[1], batch_groups=kwargs.get("batch_groups", 1)), kwargs.get("eps", 1e-5)
+
+
+@method(
+    array_params=("input", "weight", "bias"),
+    survey="§5.1.1 (Table 1: Π_BGN ∈ R^{g_m g×s_m s hw}, standardizing)",
+    paper="Zhou et al., Towards Stabilizing Batch Statistics in Backward Propagation of BN (BGN), ICLR 2020",
+    examples=_ex_batch_group_norm,
+    invariants=(moment_invariant("standardizing", _bgn_partition), scale_invariant()),
+)
+def batch_group_norm(
+    input: Any, num_groups: int, weight: Any = None, bias: Any = None, eps: float = 1e-5, *, batch_groups: int = 1
+):
+    """Batch group normalization: statistics per group of C/G channels *and* group of N/Gb samples.
+
+    The view (Gb, N/Gb, G, C/G, *spatial) is standardized over (N/Gb, C/G, *spatial); γ, β per
+    channel. ``batch_groups=1`` pools the whole batch (the paper's setting); statistics always come
+    from the batch (no running statistics). Zhou et al., ICLR 2020.
+    """
+    fn = "batch_group_norm"
+    num_groups = check_int(fn, "num_groups", num_groups)
+    batch_groups = check_int(fn, "batch_groups", batch_groups)
+    part = Partition("batch_group", num_groups=num_groups, batch_groups=batch_groups)
+    return _group_like(fn, input, weight, bias, eps, part)
+
+
+batch_group_norm.defbackward(_backward_for("x", "w", "b"))
+
+
+# --------------------------------------------------------------------------------------------------
+# position normalization and pixel normalization (the position partition)
+
+
+def _ex_position(rng):
+    for shape in [(2, 5), (2, 4, 3), (2, 3, 2, 3)]:
+        x = rng.standard_normal(shape) * 2.0
+        yield Example((x,), {}, label=f"{shape}")
+        yield Example((x, rng.standard_normal(shape[1]), rng.standard_normal(shape[1])), {}, label=f"{shape} affine")
+
+
+def _pn_partition(args, kwargs):
+    if not _plain(args, kwargs, positions=(1, 2)):
+        return None
+    return Partition("position"), kwargs.get("eps", 1e-5)
+
+
+@method(
+    array_params=("input", "weight", "bias"),
+    survey="§5.1.1 (Table 1: Π_PN ∈ R^{mhw×d}, standardizing)",
+    paper="Li et al., Positional Normalization, NeurIPS 2019",
+    examples=_ex_position,
+    invariants=(moment_invariant("standardizing", _pn_partition), scale_invariant()),
+)
+def position_norm(input: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5):
+    """Positional normalization (PONO): standardize each sample's channel vector at every position.
+
+    y = γ·(x − μ_nhw)/√(σ_nhw² + ε) + β with μ, σ² over the C channels; σ² biased, as in the paper's
+    equation (its public code uses the unbiased variance). Li et al., NeurIPS 2019.
+    """
+    return _group_like("position_norm", input, weight, bias, eps, Partition("position"))
+
+
+position_norm.defbackward(_backward_for("x", "w", "b"))
+
+
+def _ex_pixel(rng):
+    for shape in [(2, 5), (2, 4, 3), (2, 3, 2, 3)]:
+        yield Example((rng.standard_normal(shape),), {}, label=f"{shape}")
+    yield Example((rng.standard_normal((2, 3, 2)),), dict(eps=1e-3), label="eps=1e-3")
+
+
+def _pixel_partition(args, kwargs):
+    return Partition("position"), kwargs.get("eps", 1e-8)
+
+
+@method(
+    array_params=("input",),
+    survey="§5.1.1 (Table 1: Π_PN ∈ R^{mhw×d}, scaling)",
+    paper="Karras et al., Progressive Growing of GANs, ICLR 2018",
+    examples=_ex_pixel,
+    invariants=(moment_invariant("scaling", _pixel_partition),),
+)
+def pixel_norm(input: Any, eps: float = 1e-8):
+    """Pixelwise feature vector normalization: y = x/√(mean_C(x²) + ε), ε = 1e-8 as in the paper.
+
+    Karras et al., ICLR 2018 (ProGAN), Eqn of §4.2.
+    """
+    fn = "pixel_norm"
+    xp = namespace(fn, input=input)
+    check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
+    eps = check_positive(fn, "eps", eps)
+    part = Partition("position")
+    cd = compute_dtype(xp, input.dtype)
+    x = to_compute(xp, input, cd)
+    op = _op.Scaling(eps)
+    y, op_res, _ = run_forward(xp, x, part, op)
+    return _out(xp, y, input.dtype), pack(part, op, x, op_res, None, None, extra=(None, None))
+
+
+pixel_norm.defbackward(_backward_for("x"))
+
+
+# --------------------------------------------------------------------------------------------------
+# mean-only batch normalization
+
+
+def _ex_mean_only(rng):
+    x = rng.standard_normal((4, 3, 2, 2)) + 3.0
+    yield Example((x,), dict(training=True), label="batch statistics")
+    yield Example((x, rng.standard_normal(3), rng.standard_normal(3)), dict(training=True, momentum=0.5), label="running update, bias")
+    yield Example((x, rng.standard_normal(3), rng.standard_normal(3)), dict(training=False), label="inference")
+
+
+def _mo_partition(args, kwargs):
+    if not kwargs.get("training") or not _plain(args, kwargs, names=("bias",), positions=(2,)):
+        return None
+    return Partition("batch"), 0.0
+
+
+@method(
+    array_params=("input", "running_mean", "bias"),
+    nondiff=("running_mean",),
+    survey="§5.1.1 (Table 1: Π_BN, centering)",
+    paper="Salimans & Kingma, Weight Normalization, NeurIPS 2016 (mean-only BN)",
+    examples=_ex_mean_only,
+    invariants=(moment_invariant("centering", _mo_partition),),
+)
+def mean_only_batch_norm(
+    input: Any,
+    running_mean: Any = None,
+    bias: Any = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    *,
+    num_batches_tracked: int | None = None,
+):
+    """Mean-only batch normalization: y = x − μ_B + β (centering over Π_BN, no scaling).
+
+    Used with weight normalization, which fixes the scale (Salimans & Kingma, NeurIPS 2016). At
+    inference the running mean replaces μ_B; with ``training=True`` and a running mean, returns
+    ``MeanOnlyResult(output, running_mean)``.
+    """
+    fn = "mean_only_batch_norm"
+    xp = namespace(fn, input=input, running_mean=running_mean, bias=bias)
+    check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
+    _check_channels(fn, input, running_mean=running_mean, bias=bias)
+    momentum = check_momentum(fn, momentum)
+    shape, part = tuple(input.shape), Partition("batch")
+    if training:
+        _check_training_count(fn, part, shape)
+        f = _factor(fn, momentum, num_batches_tracked) if running_mean is not None else None
+    elif running_mean is None:
+        raise ValueError(f"{fn}: running_mean is required when training=False; got None")
+    cd = compute_dtype(xp, input.dtype)
+    x = to_compute(xp, input, cd)
+    nd = len(shape)
+    beta = channel_param(xp, to_compute(xp, bias, cd), nd)
+    if training:
+        op = _op.Centering()
+        y, op_res, st = run_forward(xp, x, part, op, None, beta)
+    else:
+        # x − μ̂ is standardizing by population statistics with σ̂² + ε = 1
+        op = _op.PopulationStandardizing(eps=1.0)
+        rm = channel_param(xp, to_compute(xp, running_mean, cd), nd)
+        y, op_res, st = run_forward(xp, x, part, op, None, beta, mean=rm, var=xp.zeros_like(rm))
+    res = pack(part, op, x, op_res, None, beta, extra=(None, None if bias is None else tuple(bias.shape)))
+    y = _out(xp, y, input.dtype)
+    if training and running_mean is not None:
+        return MeanOnlyResult(y, _ema(xp, running_mean, _to_channels(xp, st["mean"], shape[1]), f)), res
+    return y, res
+
+
+mean_only_batch_norm.defbackward(_backward_for("x", None, "b"))
+
+
+# --------------------------------------------------------------------------------------------------
+# filter response normalization (+ TLU)
+
+
+def _ex_frn(rng):
+    for shape in [(2, 3, 4), (2, 3, 3, 2)]:
+        x = rng.standard_normal(shape)
+        c = shape[1]
+        yield Example((x,), {}, label=f"{shape} plain")
+        yield Example((x, rng.standard_normal(c), rng.standard_normal(c), rng.standard_normal(c) * 0.3), {}, label=f"{shape} affine + TLU")
+
+
+def _frn_partition(args, kwargs):
+    if len(args) > 1 or any(kwargs.get(k) is not None for k in ("weight", "bias", "tau")):
+        return None
+    return Partition("instance"), kwargs.get("eps", 1e-6)
+
+
+@method(
+    array_params=("input", "weight", "bias", "tau"),
+    survey="§5.1.1 (scaling over Π_IN; NRR affine + thresholded linear unit)",
+    paper="Singh & Krishnan, Filter Response Normalization Layer, CVPR 2020",
+    examples=_ex_frn,
+    invariants=(moment_invariant("scaling", _frn_partition),),
+)
+def filter_response_norm(input: Any, weight: Any = None, bias: Any = None, tau: Any = None, eps: float = 1e-6):
+    """Filter response normalization with optional TLU.
+
+    ν² = mean_{H,W}(x²), x̂ = x/√(ν² + ε), y = γ·x̂ + β, and with ``tau`` (per channel) the thresholded
+    linear unit z = max(y, τ). ε = 1e-6 as in the paper (fixed here, not learned).
+    Singh & Krishnan, CVPR 2020.
+    """
+    fn = "filter_response_norm"
+    xp = namespace(fn, input=input, weight=weight, bias=bias, tau=tau)
+    check_ndim(fn, "input", input, min_ndim=3, what="(N, C, *spatial) with at least one spatial axis")
+    _check_channels(fn, input, weight=weight, bias=bias, tau=tau)
+    eps = check_positive(fn, "eps", eps)
+    part = Partition("instance")
+    cd = compute_dtype(xp, input.dtype)
+    x = to_compute(xp, input, cd)
+    nd = input.ndim
+    gamma = channel_param(xp, to_compute(xp, weight, cd), nd)
+    beta = channel_param(xp, to_compute(xp, bias, cd), nd)
+    t = channel_param(xp, to_compute(xp, tau, cd), nd)
+    op = _op.Scaling(eps)
+    y, op_res, _ = run_forward(xp, x, part, op, gamma, beta)
+    extra_arrays = ()
+    if t is not None:
+        extra_arrays = (y, t)
+        y = tlu_forward(xp, y, t)
+    res = pack(part, op, x, op_res, gamma, beta, extra_arrays=extra_arrays,
+               extra=_shapes(weight, bias) + (None if tau is None else tuple(tau.shape),))
+    return _out(xp, y, input.dtype), res
+
+
+@filter_response_norm.defbackward
+def _frn_backward(res: Residuals, g):
+    xp = namespace("filter_response_norm.backward", cotangent=g)
+    plan = res.static
+    extra_arrays = res.arrays[plan.n_op + 1:]
+    dtau = None
+    if extra_arrays:
+        y, t = extra_arrays
+        g, dtau = tlu_backward(xp, y, t, to_compute(xp, g, y.dtype))
+        dtau = xp.reshape(dtau, plan.extra[2])
+    dx, dw, db = _backward_for("x", "w", "b")(res, g)
+    return dx, dw, db, dtau
+
+
+# --------------------------------------------------------------------------------------------------
+# Lp-norm batch normalization
+
+
+def _ex_lp(rng):
+    x = rng.standard_normal((6, 3, 2, 2))
+    c = 3
+    for p in (1.0, 2.0, 3.0, float("inf")):
+        yield Example((x,), dict(training=True, p=p), label=f"p={p}")
+    yield Example((x, rng.standard_normal(c), rng.uniform(0.5, 2, c), rng.standard_normal(c), rng.standard_normal(c)),
+                  dict(training=True, p=1.0, momentum=0.3), label="p=1 (√(π/2) factor), running update, affine")
+    yield Example((x, rng.standard_normal(c), rng.uniform(0.5, 2, c), rng.standard_normal(c), rng.standard_normal(c)),
+                  dict(training=False, p=1.5), label="inference")
+
+
+def _lp_dev_invariant() -> Invariant:
+    """Invariant: the Lp deviation of x̂ over Π_BN is σ_p/(c·σ_p + ε), and its mean is 0."""
+
+    def check(m, xp, out, args, kwargs):
+        if not kwargs.get("training") or not _plain(args, kwargs):
+            return None
+        p, eps = kwargs.get("p", 2.0), kwargs.get("eps", 1e-5)
+        c = math.sqrt(math.pi / 2) if (p == 1.0 and kwargs.get("l1_factor", True)) else 1.0
+        x, y = to_numpy(args[0]).astype(_np.float64), to_numpy(m.primary(out)).astype(_np.float64)
+        axes = (0,) + tuple(range(2, x.ndim))
+
+        def dev(t):
+            u = _np.abs(t - t.mean(axis=axes, keepdims=True))
+            return u.max(axis=axes) if math.isinf(p) else (u**p).mean(axis=axes) ** (1 / p)
+
+        sx = dev(x)
+        return max(float(_np.max(_np.abs(dev(y) - sx / (c * sx + eps)))), float(_np.max(_np.abs(y.mean(axis=axes)))))
+
+    return Invariant("unit Lp deviation", check)
+
+
+@method(
+    array_params=("input", "running_mean", "running_scale", "weight", "bias"),
+    nondiff=("running_mean", "running_scale"),
+    survey="§5.1.1 (Table 1: Lp-norm BN and L1-norm BN; standardizing by the Lp deviation)",
+    paper="Liao, Kawaguchi & Poggio, Streaming Normalization, 2016; Hoffer et al., Norm matters, NeurIPS 2018",
+    examples=_ex_lp,
+    invariants=(_lp_dev_invariant(),),
+)
+def lp_batch_norm(
+    input: Any,
+    running_mean: Any = None,
+    running_scale: Any = None,
+    weight: Any = None,
+    bias: Any = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    p: float = 2.0,
+    l1_factor: bool = True,
+    *,
+    num_batches_tracked: int | None = None,
+):
+    """Lp-norm batch normalization: y = γ·(x − μ_B)/(c·σ_p + ε) + β, σ_p = (mean_B|x − μ_B|^p)^{1/p}.
+
+    Over Π_BN; p = ∞ gives σ = max|x − μ|; p = 1 with ``l1_factor`` uses c = √(π/2), which makes σ₁ an
+    estimate of the standard deviation for Gaussian data (Hoffer et al. 2018; Wu et al. 2018),
+    otherwise c = 1. ε is added *outside* the deviation. The running scale tracks σ_p (no bias
+    correction); at inference x̂ = (x − μ̂)/(c·σ̂_p + ε) with constants. Liao et al. 2016.
+    """
+    fn = "lp_batch_norm"
+    xp = namespace(fn, input=input, running_mean=running_mean, running_scale=running_scale, weight=weight, bias=bias)
+    check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
+    _check_channels(fn, input, running_mean=running_mean, running_scale=running_scale, weight=weight, bias=bias)
+    eps = check_positive(fn, "eps", eps)
+    p = check_p(fn, p)
+    momentum = check_momentum(fn, momentum)
+    _running_pair(fn, running_mean, running_scale, ("running_mean", "running_scale"))
+    shape, part = tuple(input.shape), Partition("batch")
+    if training:
+        _check_training_count(fn, part, shape)
+        f = _factor(fn, momentum, num_batches_tracked) if running_mean is not None else None
+    elif running_mean is None:
+        raise ValueError(f"{fn}: running_mean and running_scale are required when training=False; got None")
+    cd = compute_dtype(xp, input.dtype)
+    x = to_compute(xp, input, cd)
+    nd, c = len(shape), shape[1]
+    gamma = channel_param(xp, to_compute(xp, weight, cd), nd)
+    beta = channel_param(xp, to_compute(xp, bias, cd), nd)
+    if training:
+        op = _op.LpStandardizing(p=p, eps=eps, l1_factor=l1_factor)
+        y, op_res, st = run_forward(xp, x, part, op, gamma, beta)
+    else:
+        op = _op.PopulationLp(eps=eps, c=_op.LpStandardizing(p=p, l1_factor=l1_factor).c)
+        y, op_res, st = run_forward(
+            xp, x, part, op, gamma, beta,
+            mean=channel_param(xp, to_compute(xp, running_mean, cd), nd),
+            scale=channel_param(xp, to_compute(xp, running_scale, cd), nd),
+        )
+    res = pack(part, op, x, op_res, gamma, beta, extra=_shapes(weight, bias))
+    y = _out(xp, y, input.dtype)
+    if training and running_mean is not None:
+        rm = _ema(xp, running_mean, _to_channels(xp, st["mean"], c), f)
+        rs = _ema(xp, running_scale, _to_channels(xp, st["scale"], c), f)
+        return LpNormResult(y, rm, rs), res
+    return y, res
+
+
+lp_batch_norm.defbackward(_backward_for("x", None, None, "w", "b"))
+
+
+# --------------------------------------------------------------------------------------------------
+# batch renormalization
+
+
+def _ex_renorm(rng):
+    x = rng.standard_normal((6, 3, 2, 2)) * 1.5 + 0.5
+    c = 3
+    rm, rv = rng.standard_normal(c) * 0.3, rng.uniform(0.8, 1.5, c)
+    yield Example((x, rm, rv), dict(training=True), label="r, d inside the clip range")
+    yield Example((x, rm * 10, rv * 0.01, rng.standard_normal(c), rng.standard_normal(c)),
+                  dict(training=True, rmax=1.5, dmax=0.5), label="r, d clipped, affine")
+    yield Example((x, rm, rv), dict(training=False), label="inference")
+
+
+def _renorm_frozen(args, kwargs):
+    """batch_renorm with r and d frozen at the base call's values (what its backward differentiates)."""
+    m = batch_renorm
+    b = m.bind(*args, **kwargs)
+    a = b.arguments
+    if not a["training"]:
+        return None
+    xp = namespace("batch_renorm", input=a["input"])
+    x, eps = a["input"], a["eps"]
+    axes = (0,) + tuple(range(2, x.ndim))
+    mu, var = _op.moments(xp, x, axes)
+    nd = x.ndim
+    rm = channel_param(xp, a["running_mean"], nd)
+    rv = channel_param(xp, a["running_var"], nd)
+    srun = xp.sqrt(rv + eps)
+    r = xp.clip(xp.sqrt(var + eps) / srun, 1.0 / a["rmax"], a["rmax"])
+    d = xp.clip((mu - rm) / srun, -a["dmax"], a["dmax"])
+
+    def frozen(input, running_mean, running_var, weight=None, bias=None, *rest, **kw):
+        y = batch_norm(input, None, None, None, None, True, eps=eps) * r + d
+        if weight is not None:
+            y = y * channel_param(xp, weight, nd)
+        if bias is not None:
+            y = y + channel_param(xp, bias, nd)
+        return y
+
+    return frozen
+
+
+@method(
+    array_params=("input", "running_mean", "running_var", "weight", "bias"),
+    nondiff=("running_mean", "running_var"),
+    survey="§5.4.1 (more robust estimation: batch renormalization)",
+    paper="Ioffe, Batch Renormalization, NeurIPS 2017",
+    examples=_ex_renorm,
+    fd_target=_renorm_frozen,
+)
+def batch_renorm(
+    input: Any,
+    running_mean: Any,
+    running_var: Any,
+    weight: Any = None,
+    bias: Any = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    rmax: float = 3.0,
+    dmax: float = 5.0,
+    *,
+    num_batches_tracked: int | None = None,
+):
+    """Batch renormalization: x̂ = ((x − μ_B)/σ_B)·r + d, y = γ·x̂ + β.
+
+    σ_B = √(σ_B² + ε), σ = √(running_var + ε), r = clip(σ_B/σ, 1/r_max, r_max),
+    d = clip((μ_B − μ)/σ, −d_max, d_max); r and d are constants of the backward (stop-gradient), so
+    dx = r·(the standardization backward). The running statistics are required in training, are
+    updated as in :func:`batch_norm` (unbiased variance) and returned in a ``NormResult``; at inference
+    this is :func:`batch_norm` with running statistics. Ioffe, NeurIPS 2017 (Algorithm 1).
+    """
+    fn = "batch_renorm"
+    xp = namespace(fn, input=input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
+    if running_mean is None or running_var is None:
+        raise ValueError(f"{fn}: running_mean and running_var are required (r and d are measured against them); got None")
+    _check_channels(fn, input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    eps = check_positive(fn, "eps", eps)
+    momentum = check_momentum(fn, momentum)
+    rmax, dmax = check_positive(fn, "rmax", rmax), check_positive(fn, "dmax", dmax)
+    if rmax < 1.0:
+        raise ValueError(f"{fn}: rmax must be >= 1 (r is clipped to [1/rmax, rmax]); got {rmax}")
+    shape, part = tuple(input.shape), Partition("batch")
+    if training:
+        _check_training_count(fn, part, shape)
+        f = _factor(fn, momentum, num_batches_tracked)
+    cd = compute_dtype(xp, input.dtype)
+    x = to_compute(xp, input, cd)
+    nd, c = len(shape), shape[1]
+    gamma = channel_param(xp, to_compute(xp, weight, cd), nd)
+    beta = channel_param(xp, to_compute(xp, bias, cd), nd)
+    rm = channel_param(xp, to_compute(xp, running_mean, cd), nd)
+    rv = channel_param(xp, to_compute(xp, running_var, cd), nd)
+    if training:
+        op = _op.BatchRenormalizing(eps=eps, rmax=rmax, dmax=dmax)
+        y, op_res, st = run_forward(xp, x, part, op, gamma, beta, running_mean=rm, running_var=rv)
+    else:
+        op = _op.PopulationStandardizing(eps)
+        y, op_res, st = run_forward(xp, x, part, op, gamma, beta, mean=rm, var=rv)
+    res = pack(part, op, x, op_res, gamma, beta, extra=_shapes(weight, bias))
+    y = _out(xp, y, input.dtype)
+    if training:
+        n = part.count(shape)
+        new_rm = _ema(xp, running_mean, _to_channels(xp, st["mean"], c), f)
+        new_rv = _ema(xp, running_var, _to_channels(xp, st["var"], c) * (n / (n - 1)), f)
+        return NormResult(y, new_rm, new_rv), res
+    return y, res
+
+
+batch_renorm.defbackward(_backward_for("x", None, None, "w", "b"))
+
+
+# --------------------------------------------------------------------------------------------------
+# ghost batch normalization
+
+
+def _ex_ghost(rng):
+    x = rng.standard_normal((8, 3, 2, 2)) + 0.5
+    c = 3
+    yield Example((x, None, None), dict(training=True, virtual_batch_size=4), label="2 virtual batches")
+    yield Example((x, rng.standard_normal(c), rng.uniform(0.5, 2, c), rng.standard_normal(c), rng.standard_normal(c)),
+                  dict(training=True, virtual_batch_size=2, momentum=0.2), label="4 virtual batches, running update")
+    yield Example((x, rng.standard_normal(c), rng.uniform(0.5, 2, c)), dict(training=False, virtual_batch_size=2), label="inference")
+
+
+def _ghost_partition(args, kwargs):
+    if not kwargs.get("training") or not _plain(args, kwargs):
+        return None
+    x = args[0]
+    v = kwargs.get("virtual_batch_size") or x.shape[0]
+    return Partition("batch_group", num_groups=x.shape[1], batch_groups=x.shape[0] // v), kwargs.get("eps", 1e-5)
+
+
+@method(
+    array_params=("input", "running_mean", "running_var", "weight", "bias"),
+    nondiff=("running_mean", "running_var"),
+    survey="§5.4.1 (small/large batch: statistics over virtual batches)",
+    paper="Hoffer, Hubara & Soudry, Train longer, generalize better, NeurIPS 2017 (ghost BN)",
+    examples=_ex_ghost,
+    invariants=(moment_invariant("standardizing", _ghost_partition),),
+)
+def ghost_batch_norm(
+    input: Any,
+    running_mean: Any,
+    running_var: Any,
+    weight: Any = None,
+    bias: Any = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    virtual_batch_size: int | None = None,
+    *,
+    num_batches_tracked: int | None = None,
+):
+    """Ghost batch normalization: batch normalization on each virtual batch of ``virtual_batch_size``.
+
+    The batch is split into k = N / virtual_batch_size consecutive virtual batches, each standardized
+    with its own statistics (the batch-group partition with one channel per group). The running
+    statistics are updated once per virtual batch, in order — exactly what calling
+    :func:`batch_norm` on each chunk in turn gives. ``virtual_batch_size=None`` uses the whole batch.
+    Hoffer et al., NeurIPS 2017.
+    """
+    fn = "ghost_batch_norm"
+    xp = namespace(fn, input=input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
+    _check_channels(fn, input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    eps = check_positive(fn, "eps", eps)
+    momentum = check_momentum(fn, momentum)
+    _running_pair(fn, running_mean, running_var)
+    shape = tuple(input.shape)
+    vbs = shape[0] if virtual_batch_size is None else check_int(fn, "virtual_batch_size", virtual_batch_size)
+    if shape[0] % vbs:
+        raise ValueError(f"{fn}: virtual_batch_size must divide the batch size input.shape[0] = {shape[0]}; got {vbs}")
+    if not training:
+        if running_mean is None:
+            raise ValueError(f"{fn}: running_mean and running_var are required when training=False; got None")
+        return batch_norm.forward(input, running_mean, running_var, weight, bias, False, momentum, eps)
+    k, c = shape[0] // vbs, shape[1]
+    part = Partition("batch_group", num_groups=c, batch_groups=k)
+    _check_training_count(fn, part, shape)
+    f = _factor(fn, momentum, num_batches_tracked) if running_mean is not None else None
+    cd = compute_dtype(xp, input.dtype)
+    x = to_compute(xp, input, cd)
+    nd = len(shape)
+    gamma = channel_param(xp, to_compute(xp, weight, cd), nd)
+    beta = channel_param(xp, to_compute(xp, bias, cd), nd)
+    op = _op.Standardizing(eps)
+    y, op_res, st = run_forward(xp, x, part, op, gamma, beta)
+    res = pack(part, op, x, op_res, gamma, beta, extra=_shapes(weight, bias))
+    y = _out(xp, y, input.dtype)
+    if running_mean is None:
+        return y, res
+    n = part.count(shape)
+    means = xp.reshape(st["mean"], (k, c))
+    vars_ = xp.reshape(st["var"], (k, c)) * (n / (n - 1))
+    rm, rv = running_mean, running_var
+    for i in range(k):
+        rm = _ema(xp, rm, means[i, :], f)
+        rv = _ema(xp, rv, vars_[i, :], f)
+    return NormResult(y, rm, rv), res
+
+
+ghost_batch_norm.defbackward(_backward_for("x", None, None, "w", "b"))
