@@ -35,6 +35,11 @@ from .standardization import (
     rms_norm,
 )
 
+from . import gradient, weight, whitening
+from .gradient import *  # noqa: F401,F403
+from .weight import *  # noqa: F401,F403
+from .whitening import *  # noqa: F401,F403
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -69,4 +74,7 @@ __all__ = [
     "recovery",
     "framework",
     "registry",
+    *whitening.__all__,
+    *weight.__all__,
+    *gradient.__all__,
 ]

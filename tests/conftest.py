@@ -1,0 +1,45 @@
+"""Shared fixtures: ``backend`` parametrizes a test over every array library normref supports.
+
+A library that is not installed (or has no device here) is skipped with its reason, never dropped
+silently. Arrays are made in NumPy float64 and converted, so every backend sees the same numbers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import normref
+from normref.conformance.backends import all_backends
+
+
+def _params():
+    out = []
+    for b in all_backends():
+        marks = [] if b.available else [pytest.mark.skip(reason=f"{b.name}: {b.reason}")]
+        out.append(pytest.param(b.name, marks=marks, id=b.name))
+    return out
+
+
+@pytest.fixture(params=_params())
+def backend(request):
+    """A :class:`normref.conformance.backends.Backend`; kernels on or off as the backend says."""
+    from normref.conformance.backends import get_backend
+
+    b = get_backend(request.param)
+    with normref.use_kernels(b.kernels):
+        yield b
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20261124)
+
+
+def assert_same_kind(result, like):
+    """The result is an array of ``like``'s library, on its device, with its dtype and shape."""
+    import array_api_compat
+
+    assert type(result) is type(like), f"expected {type(like).__name__}, got {type(result).__name__}"
+    assert array_api_compat.device(result) == array_api_compat.device(like)
+    assert result.dtype == like.dtype, f"dtype {result.dtype} != {like.dtype}"
