@@ -141,7 +141,10 @@ def to_numpy(a):
     if isinstance(a, np.ndarray):
         return a
     if array_api_compat.is_torch_array(a):
-        return a.detach().cpu().numpy()
+        a = a.detach().cpu()
+        if a.dtype not in (a.new_zeros(()).double().dtype, a.new_zeros(()).float().dtype, a.new_zeros(()).half().dtype):
+            a = a.float()  # bfloat16 has no NumPy dtype: widen (exactly) to float32
+        return a.numpy()
     if array_api_compat.is_cupy_array(a):
         return a.get()
     try:

@@ -184,17 +184,21 @@ def moment_invariant(kind: str, partition_of) -> Invariant:
 
 
 def scale_invariant(a: float = 3.5) -> Invariant:
-    """Invariant (survey Eqn 32): f(a·x) = f(x) for a > 0, for calls that use batch statistics."""
+    """Invariant (survey Eqn 32): scale invariance. With ε the identity is exact in the form
+    f_ε(a·x) = f_{ε/a²}(x), since (a·x − a·μ)/√(a²σ² + ε) = (x − μ)/√(σ² + ε/a²)."""
 
     def check(m, xp, out, args, kwargs):
-        if kwargs.get("_no_scale_invariance"):
-            return None
-        x = args[0]
-        y2 = m.primary(m(*((x * a,) + tuple(args[1:])), **kwargs))
-        y1, y2 = to_numpy(m.primary(out)), to_numpy(y2)
+        b = m.bind(*args, **kwargs)
+        eps = b.arguments["eps"]
+        b.arguments[next(iter(b.arguments))] = args[0] * a
+        y_scaled = m.primary(m(*b.args, **b.kwargs))
+        b.arguments[next(iter(b.arguments))] = args[0]
+        b.arguments["eps"] = eps / (a * a)
+        y_ref = m.primary(m(*b.args, **b.kwargs))
+        y1, y2 = to_numpy(y_ref), to_numpy(y_scaled)
         return float(_np.max(_np.abs(y1 - y2)) / max(1.0, float(_np.max(_np.abs(y1)))))
 
-    return Invariant("scale invariance f(a·x) = f(x)", check, scale=64.0)
+    return Invariant("scale invariance f_ε(a·x) = f_{ε/a²}(x)", check, scale=64.0)
 
 
 def _plain(args, kwargs, names=("weight", "bias"), positions=(3, 4)):
@@ -392,13 +396,20 @@ instance_norm.defbackward(_backward_for("x", None, None, "w", "b"))
 
 
 def _normalized_shape(fn, input, normalized_shape) -> tuple[int, ...]:
-    if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
-        ns = (normalized_shape,)
+    import numbers
+
+    def _is_int(d):
+        return isinstance(d, numbers.Integral) and not isinstance(d, bool)
+
+    if _is_int(normalized_shape):
+        ns = (int(normalized_shape),)
+    elif isinstance(normalized_shape, (tuple, list)) and all(_is_int(d) for d in normalized_shape):
+        ns = tuple(int(d) for d in normalized_shape)
     else:
-        try:
-            ns = tuple(int(d) for d in normalized_shape)
-        except TypeError:
-            raise TypeError(f"{fn}: normalized_shape must be an int or a sequence of ints; got {normalized_shape!r}") from None
+        raise TypeError(
+            f"{fn}: normalized_shape must be an int or a tuple/list of ints; got {type(normalized_shape).__name__} "
+            f"{normalized_shape!r}"
+        )
     shape = tuple(input.shape)
     if len(ns) == 0 or len(ns) > len(shape) or shape[len(shape) - len(ns):] != ns:
         raise ValueError(
