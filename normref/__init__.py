@@ -35,7 +35,9 @@ from .standardization import (
     rms_norm,
 )
 
-from . import gradient, weight, whitening
+from . import combination, gradient, local, weight, whitening
+from .combination import *  # noqa: F401,F403
+from .local import *  # noqa: F401,F403
 from .gradient import *  # noqa: F401,F403
 from .weight import *  # noqa: F401,F403
 from .whitening import *  # noqa: F401,F403
@@ -74,6 +76,8 @@ __all__ = [
     "recovery",
     "framework",
     "registry",
+    *local.__all__,
+    *combination.__all__,
     *whitening.__all__,
     *weight.__all__,
     *gradient.__all__,

@@ -27,7 +27,8 @@ from tests.conftest import assert_same_kind
 EPS64 = float(np.finfo(np.float64).eps)
 TOL64 = 1e3 * EPS64
 
-FAMILY = [m for m in normref.methods() if m.__module__ in ("normref.standardization", "normref.framework")]
+FAMILY = [m for m in normref.methods()
+          if m.__module__ in ("normref.standardization", "normref.framework", "normref.local", "normref.combination")]
 FAMILY_IDS = [m.name for m in FAMILY]
 
 

@@ -1,0 +1,170 @@
+"""Combinational normalization (survey §5.2, "Combination"): statistics mixed across partitions.
+
+Switchable normalization (Luo et al., ICLR 2019) standardizes with a learned convex combination of
+the instance (IN), layer (LN) and batch (BN) statistics of the same input. For x viewed (N, C, M):
+
+    μ_IN, σ²_IN  per (n, c) over M;   μ_LN = mean_c μ_IN,  σ²_LN = mean_c(σ²_IN + μ_IN²) − μ_LN²;
+    μ_BN = mean_n μ_IN,  σ²_BN = mean_n(σ²_IN + μ_IN²) − μ_BN²          (σ² biased; computed in the
+                                                                       stable form mean σ² + var μ)
+    μ = Σ_k w_k μ_k,  σ² = Σ_k v_k σ²_k,  w = softmax(λ_μ),  v = softmax(λ_σ)
+    x̂ = (x − μ)/√(σ² + ε),  y = γ·x̂ + β.
+
+Backward (one pass of reductions per partition, nothing derived per combination):
+with ĝ = ∂L/∂x̂ and s = (σ² + ε)^{−½},
+
+    a = −Σ_M ĝ·s                 (∂L/∂μ, per (n, c)),     b = −½·Σ_M ĝ·x̂·s²   (∂L/∂σ²)
+    dx = ĝ·s + Σ_k [ w_k·R_k(a)/n_k + v_k·R_k(b)·2(x − μ_k)/n_k ]
+
+where R_k sums a per-(n, c) quantity over partition k's group (IN: itself, LN: over c, BN: over n) and
+broadcasts it back, n_k the partition's element count (∂μ_k/∂x = 1/n_k, ∂σ²_k/∂x = 2(x − μ_k)/n_k).
+The logits get dλ_μ = w ∘ (p − ⟨w, p⟩) with p_k = Σ a·μ_k, and likewise dλ_σ with q_k = Σ b·σ²_k.
+At inference the BN statistics are the running ones (constants).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._validate import check_momentum, check_ndim, check_positive, check_shape
+from ._xp import compute_dtype, namespace, to_compute
+from .framework import channel_param
+from .registry import Example, Residuals, method
+from .standardization import NormResult, _check_training_count, _factor, _running_pair
+from .partition import Partition
+
+__all__ = ["switchable_norm"]
+
+
+def _softmax(xp, z):
+    e = xp.exp(z - xp.max(z))
+    return e / xp.sum(e)
+
+
+def _ex_switchable(rng):
+    x = rng.standard_normal((4, 3, 3, 2)) * 1.5 + 0.5
+    lm, lv = rng.standard_normal(3), rng.standard_normal(3)
+    c = 3
+    yield Example((x, lm, lv), dict(training=True), label="training, no affine")
+    yield Example((x, lm, lv, rng.standard_normal(c), rng.standard_normal(c), rng.standard_normal(c), rng.uniform(0.5, 2, c)),
+                  dict(training=True, momentum=0.2), label="training, affine, running update")
+    yield Example((x, lm, lv, rng.standard_normal(c), rng.standard_normal(c), rng.standard_normal(c), rng.uniform(0.5, 2, c)),
+                  dict(training=False), label="inference (BN statistics from the running ones)")
+    yield Example((rng.standard_normal((3, 4, 5)), lm, lv), dict(training=True), label="1-D spatial")
+
+
+@method(
+    array_params=("input", "mean_weight", "var_weight", "weight", "bias", "running_mean", "running_var"),
+    nondiff=("running_mean", "running_var"),
+    survey="§5.2 (combination: switchable normalization over IN, LN and BN statistics)",
+    paper="Luo, Ren, Peng & Zhang, Differentiable Learning-to-Normalize via Switchable Normalization, ICLR 2019",
+    examples=_ex_switchable,
+)
+def switchable_norm(
+    input: Any,
+    mean_weight: Any,
+    var_weight: Any,
+    weight: Any = None,
+    bias: Any = None,
+    running_mean: Any = None,
+    running_var: Any = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    num_batches_tracked: int | None = None,
+):
+    """Switchable normalization: x̂ = (x − Σ_k w_k μ_k)/√(Σ_k v_k σ²_k + ε), k ∈ (IN, LN, BN).
+
+    ``mean_weight`` and ``var_weight`` are the 3 logits λ (order IN, LN, BN) whose softmax gives w and
+    v; they receive gradients. σ² biased (the paper's equations; its public code uses the unbiased
+    instance variance). The running BN statistics follow :func:`normref.batch_norm` (unbiased
+    variance; ``NormResult`` when training with running statistics); at inference they replace the
+    batch statistics. Luo et al., ICLR 2019, Eqns 1–4.
+    """
+    fn = "switchable_norm"
+    xp = namespace(fn, input=input, mean_weight=mean_weight, var_weight=var_weight, weight=weight, bias=bias,
+                   running_mean=running_mean, running_var=running_var)
+    check_ndim(fn, "input", input, min_ndim=3, what="(N, C, *spatial) with at least one spatial axis")
+    check_shape(fn, "mean_weight", mean_weight, (3,), "logits for IN, LN, BN")
+    check_shape(fn, "var_weight", var_weight, (3,), "logits for IN, LN, BN")
+    c = input.shape[1]
+    for name, a in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        check_shape(fn, name, a, (c,), f"one value per channel, input.shape[1] = {c}")
+    eps = check_positive(fn, "eps", eps)
+    momentum = check_momentum(fn, momentum)
+    _running_pair(fn, running_mean, running_var)
+    shape = tuple(input.shape)
+    if training:
+        _check_training_count(fn, Partition("instance"), shape)
+        f = _factor(fn, momentum, num_batches_tracked) if running_mean is not None else None
+    elif running_mean is None:
+        raise ValueError(f"{fn}: running_mean and running_var are required when training=False; got None")
+    cd = compute_dtype(xp, input.dtype)
+    n, m = shape[0], 1
+    for d in shape[2:]:
+        m *= d
+    x = xp.reshape(to_compute(xp, input, cd), (n, c, m))
+    w = _softmax(xp, to_compute(xp, mean_weight, cd))
+    v = _softmax(xp, to_compute(xp, var_weight, cd))
+    mu_in = xp.mean(x, axis=2, keepdims=True)
+    var_in = xp.mean((x - mu_in) ** 2, axis=2, keepdims=True)
+    mu_ln = xp.mean(mu_in, axis=1, keepdims=True)
+    var_ln = xp.mean(var_in, axis=1, keepdims=True) + xp.mean((mu_in - mu_ln) ** 2, axis=1, keepdims=True)
+    if training:
+        mu_bn = xp.mean(mu_in, axis=0, keepdims=True)
+        var_bn = xp.mean(var_in, axis=0, keepdims=True) + xp.mean((mu_in - mu_bn) ** 2, axis=0, keepdims=True)
+    else:
+        mu_bn = xp.reshape(to_compute(xp, running_mean, cd), (1, c, 1))
+        var_bn = xp.reshape(to_compute(xp, running_var, cd), (1, c, 1))
+    mu = w[0] * mu_in + w[1] * mu_ln + w[2] * mu_bn
+    var = v[0] * var_in + v[1] * var_ln + v[2] * var_bn
+    s = 1.0 / xp.sqrt(var + eps)
+    xhat = xp.reshape((x - mu) * s, shape)
+    gamma = channel_param(xp, to_compute(xp, weight, cd), len(shape))
+    beta = channel_param(xp, to_compute(xp, bias, cd), len(shape))
+    y = xhat if gamma is None else xhat * gamma
+    if beta is not None:
+        y = y + beta
+    if y.dtype != input.dtype:
+        y = xp.astype(y, input.dtype)
+    res = Residuals(
+        (x, xhat, s, w, v, mu_in, mu_ln, mu_bn, var_in, var_ln, var_bn, gamma),
+        (shape, bool(training), beta is not None),
+    )
+    if training and running_mean is not None:
+        nb = n * m
+        rm = (1.0 - f) * to_compute(xp, running_mean, cd) + f * xp.reshape(mu_bn, (c,))
+        rv = (1.0 - f) * to_compute(xp, running_var, cd) + f * xp.reshape(var_bn, (c,)) * (nb / (nb - 1))
+        return NormResult(y, xp.astype(rm, running_mean.dtype), xp.astype(rv, running_var.dtype)), res
+    return y, res
+
+
+@switchable_norm.defbackward
+def _switchable_backward(res: Residuals, g):
+    x, xhat, s, w, v, mu_in, mu_ln, mu_bn, var_in, var_ln, var_bn, gamma = res.arrays
+    shape, training, has_beta = res.static
+    xp = namespace("switchable_norm.backward", cotangent=g)
+    g = to_compute(xp, g, x.dtype)
+    n, c, m = x.shape
+    nd = len(shape)
+    red = (0,) + tuple(range(2, nd))
+    dgamma = None if gamma is None else xp.reshape(xp.sum(g * xhat, axis=red), (c,))
+    dbeta = xp.sum(g, axis=red) if has_beta else None
+    gh = g if gamma is None else g * gamma
+    gh = xp.reshape(gh, (n, c, m))
+    xh = xp.reshape(xhat, (n, c, m))
+    a = -xp.sum(gh, axis=2, keepdims=True) * s  # ∂L/∂μ per (n, c)
+    b = -0.5 * xp.sum(gh * xh, axis=2, keepdims=True) * s * s  # ∂L/∂σ² per (n, c)
+    # R_k: sum over partition k's group, broadcast back; n_k its element count
+    a_ln, b_ln = xp.sum(a, axis=1, keepdims=True), xp.sum(b, axis=1, keepdims=True)
+    dx = gh * s + w[0] * a / m + v[0] * b * 2.0 * (x - mu_in) / m
+    dx = dx + w[1] * a_ln / (c * m) + v[1] * b_ln * 2.0 * (x - mu_ln) / (c * m)
+    if training:  # at inference the BN statistics are constants
+        a_bn, b_bn = xp.sum(a, axis=0, keepdims=True), xp.sum(b, axis=0, keepdims=True)
+        dx = dx + w[2] * a_bn / (n * m) + v[2] * b_bn * 2.0 * (x - mu_bn) / (n * m)
+    # softmax backward: dλ = w ∘ (p − ⟨w, p⟩)
+    p = xp.stack([xp.sum(a * mu_in), xp.sum(a * mu_ln), xp.sum(a * mu_bn)])
+    q = xp.stack([xp.sum(b * var_in), xp.sum(b * var_ln), xp.sum(b * var_bn)])
+    dlm = w * (p - xp.sum(w * p))
+    dlv = v * (q - xp.sum(v * q))
+    return xp.reshape(dx, shape), dlm, dlv, dgamma, dbeta, None, None

@@ -1,0 +1,94 @@
+"""Local normalization: statistics over a sliding window of neighbouring channels (survey Table 1,
+Π_PN with local channels: local response normalization).
+
+Local response normalization (Krizhevsky, Sutskever & Hinton, NeurIPS 2012), with torch's window:
+
+    s_i = k + (α/n)·Σ_{j = i − ⌊n/2⌋}^{i + ⌊(n−1)/2⌋} x_j²        (zero outside the channels)
+    y_i = x_i·s_i^{−β}
+
+Backward: with W(i) the window of channel i, j ∈ W(i) ⟺ i ∈ Wᵀ(j) = [j − ⌊(n−1)/2⌋, j + ⌊n/2⌋], so
+
+    dx_j = g_j·s_j^{−β} − (2αβ/n)·x_j·Σ_{i ∈ Wᵀ(j)} g_i·x_i·s_i^{−β−1}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._validate import check_int, check_ndim, check_nonnegative, check_positive
+from ._xp import compute_dtype, namespace, to_compute
+from .registry import Example, Residuals, method
+
+__all__ = ["local_response_norm"]
+
+
+def _shift(xp, t, d: int):
+    """out[:, i] = t[:, i + d] along the channel axis, zero where i + d falls outside."""
+    c = t.shape[1]
+    if d == 0:
+        return t
+    if abs(d) >= c:
+        return xp.zeros_like(t)
+    pad = xp.zeros_like(t[:, : abs(d), ...])
+    if d > 0:
+        return xp.concat([t[:, d:, ...], pad], axis=1)
+    return xp.concat([pad, t[:, : c + d, ...]], axis=1)
+
+
+def _window_sum(xp, t, lo: int, hi: int):
+    """Σ_{d=−lo}^{hi} t[:, i + d]: the channel-window sum (n small: a few shifted adds)."""
+    acc = t
+    for d in range(-lo, hi + 1):
+        if d != 0:
+            acc = acc + _shift(xp, t, d)
+    return acc
+
+
+def _ex_lrn(rng):
+    yield Example((rng.standard_normal((2, 7, 3)), 3), {}, label="size 3, 1-D spatial")
+    yield Example((rng.standard_normal((2, 6, 3, 2)), 4), dict(alpha=0.5, beta=0.75, k=1.0), label="even size 4, strong alpha")
+    yield Example((rng.standard_normal((1, 5, 2, 2, 2)), 5), dict(alpha=1.0, beta=0.5, k=2.0), label="3-D spatial")
+    yield Example((rng.standard_normal((2, 3, 4)), 9), dict(alpha=2.0), label="window wider than the channels")
+
+
+@method(
+    array_params=("input",),
+    survey="Table 1 (local response normalization: Π_PN over local channels, scaling)",
+    paper="Krizhevsky, Sutskever & Hinton, ImageNet Classification with Deep CNNs, NeurIPS 2012",
+    examples=_ex_lrn,
+)
+def local_response_norm(input: Any, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0):
+    """Local response normalization, with ``torch.nn.functional.local_response_norm``'s arguments.
+
+    y_i = x_i·(k + (α/n)·Σ_{j∈W(i)} x_j²)^{−β}, W(i) the ``size`` = n channels around i (⌊n/2⌋ before,
+    ⌊(n−1)/2⌋ after, zero-padded; torch's window). Krizhevsky et al., NeurIPS 2012, §3.3.
+    """
+    fn = "local_response_norm"
+    xp = namespace(fn, input=input)
+    check_ndim(fn, "input", input, min_ndim=3, what="(N, C, *spatial) with at least one spatial axis")
+    size = check_int(fn, "size", size)
+    alpha = check_nonnegative(fn, "alpha", alpha)
+    beta = check_nonnegative(fn, "beta", beta)
+    k = check_positive(fn, "k", k)
+    cd = compute_dtype(xp, input.dtype)
+    x = to_compute(xp, input, cd)
+    lo, hi = size // 2, (size - 1) // 2
+    s = k + (alpha / size) * _window_sum(xp, x * x, lo, hi)
+    y = x * s ** (-beta)
+    if y.dtype != input.dtype:
+        y = xp.astype(y, input.dtype)
+    return y, Residuals((x, s), (size, alpha, beta))
+
+
+@local_response_norm.defbackward
+def _lrn_backward(res: Residuals, g):
+    x, s = res.arrays
+    size, alpha, beta = res.static
+    xp = namespace("local_response_norm.backward", cotangent=g)
+    g = to_compute(xp, g, x.dtype)
+    lo, hi = size // 2, (size - 1) // 2
+    q = g * x * s ** (-beta - 1.0)
+    # the adjoint of the window sum is the sum over the transposed window [−hi, lo]
+    dx = g * s ** (-beta) - (2.0 * alpha * beta / size) * x * _window_sum(xp, q, hi, lo)
+    return (dx,)
+
