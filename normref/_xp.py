@@ -40,13 +40,18 @@ def library_name(x: Any) -> str:
         return "jax"
     if array_api_compat.is_cupy_array(x):
         return "cupy"
-    if array_api_compat.is_array_api_strict_namespace(getattr(x, "__array_namespace__", lambda: None)()):
-        return "array_api_strict"
     return type(x).__module__.split(".")[0]
 
 
 def device_of(x: Any) -> Any:
     return array_api_compat.device(x)
+
+
+def _device_or_none(x: Any) -> Any:
+    try:
+        return device_of(x)
+    except Exception:  # a tracer or lazy array with no concrete device
+        return None
 
 
 def namespace(fn: str, **arrays: Any):
@@ -68,16 +73,18 @@ def namespace(fn: str, **arrays: Any):
         if first is None:
             first_name, first = name, a
             continue
-        if library_name(a) != library_name(first) or type(a) is not type(first):
+        # compare libraries, not types: a torch Parameter is a Tensor, a JAX tracer is a jax array
+        if library_name(a) != library_name(first):
             raise TypeError(
                 f"{fn}: all arrays must come from one library; {first_name} is a "
                 f"{library_name(first)} array ({type(first).__name__}) but {name} is a "
                 f"{library_name(a)} array ({type(a).__name__})"
             )
-        if device_of(a) != device_of(first):
+        da, df = _device_or_none(a), _device_or_none(first)
+        # a traced JAX value has no device until it runs: only known devices are compared
+        if da is not None and df is not None and da != df:
             raise ValueError(
-                f"{fn}: all arrays must be on one device; {first_name} is on {device_of(first)!r} "
-                f"but {name} is on {device_of(a)!r}"
+                f"{fn}: all arrays must be on one device; {first_name} is on {df!r} but {name} is on {da!r}"
             )
     if first is None:
         raise TypeError(f"{fn}: expected at least one array argument, got none")

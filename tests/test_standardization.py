@@ -414,3 +414,25 @@ def test_non_contiguous_numpy_inputs(rng):
     for m, args in [(normref.group_norm, (5,)), (normref.layer_norm, (x.shape[1:],)), (normref.instance_norm, ())]:
         # same values, possibly another summation order (kernels walk memory as it lies): TOL64
         assert _rel(m(x, *args), m(xc, *args)) <= TOL64
+
+
+def test_torch_parameters_mix_with_tensors(rng):
+    """nn.Parameter is a Tensor subclass: it must be accepted beside plain tensors (one library)."""
+    x = torch.tensor(rng.standard_normal((4, 6, 3)))
+    w = torch.nn.Parameter(torch.ones(6, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.zeros(6, dtype=torch.float64))
+    assert _rel(normref.group_norm(x, 3, w, b).detach().numpy(), F.group_norm(x, 3).numpy()) <= TOL64
+
+
+def test_jax_traced_inputs_mix_with_concrete_arrays(rng):
+    """Under jit a traced input has no concrete device and another type than a captured constant."""
+    jax = pytest.importorskip("jax")
+    jnp = pytest.importorskip("jax.numpy")
+    from normref.conformance.backends import get_backend
+
+    get_backend("jax")  # enables float64
+    x = rng.standard_normal((4, 6, 3))
+    w = jnp.asarray(rng.standard_normal(6))
+    eager = normref.group_norm(jnp.asarray(x), 3, w)
+    jitted = jax.jit(lambda t: normref.group_norm(t, 3, w))(jnp.asarray(x))
+    assert _rel(np.asarray(jitted), np.asarray(eager)) <= TOL64
