@@ -32,7 +32,7 @@ from .registry import Example, Residuals, method
 from .standardization import NormResult, _check_training_count, _factor, _running_pair
 from .partition import Partition
 
-__all__ = ["switchable_norm"]
+__all__ = ["switchable_norm", "batch_instance_norm", "adaptive_layer_instance_norm"]
 
 
 def _softmax(xp, z):
@@ -168,3 +168,215 @@ def _switchable_backward(res: Residuals, g):
     dlm = w * (p - xp.sum(w * p))
     dlv = v * (q - xp.sum(v * q))
     return xp.reshape(dx, shape), dlm, dlv, dgamma, dbeta, None, None
+
+
+# --------------------------------------------------------------------------------------------------
+# gated mixtures of two standardizations: batch-instance normalization and AdaLIN
+#
+#     x̂ = ρ·x̂_A + (1 − ρ)·x̂_B,   y = γ·x̂ + β      (ρ per channel, broadcast; A, B two partitions)
+#
+# Backward, composed from the parts (nothing new is derived): with ĝ = γ·g,
+#     dρ = Σ_broadcast ĝ·(x̂_A − x̂_B),   dx = Φ_A'(ρ·ĝ) + Φ_B'((1 − ρ)·ĝ)
+# where Φ_k' is partition k's standardizing backward (normref.operation.Standardizing).
+
+
+def _mixture_forward(xp, x, parts, ops, rho_b, gamma_b, beta_b, op_arrays=({}, {})):
+    from .framework import run_forward
+    from .recovery import affine_forward
+
+    (ya, ra, sa), (yb, rb, sb) = (run_forward(xp, x, p, o, **kw) for p, o, kw in zip(parts, ops, op_arrays))
+    mix = rho_b * ya + (1.0 - rho_b) * yb
+    return affine_forward(xp, mix, gamma_b, beta_b), (ra, rb), (sa, sb), mix
+
+
+def _mixture_backward(xp, parts, ops, shape, op_res, rho_b, gamma_b, beta_shape, g):
+    from .recovery import affine_backward
+    from ._xp import sum_to_shape
+
+    (ra, rb) = op_res
+    xa = parts[0].unview(xp, ra[0], shape)
+    xb = parts[1].unview(xp, rb[0], shape)
+    mix = rho_b * xa + (1.0 - rho_b) * xb
+    gh, dgamma, dbeta = affine_backward(xp, mix, gamma_b, beta_shape, g)
+    drho = sum_to_shape(xp, gh * (xa - xb), rho_b.shape)
+    dx = 0
+    for part, op, res, c in ((parts[0], ops[0], ra, rho_b), (parts[1], ops[1], rb, 1.0 - rho_b)):
+        axes = part.axes(shape)
+        dx = dx + part.unview(xp, op.backward(xp, res, axes, part.view(xp, gh * c)), shape)
+    return dx, drho, dgamma, dbeta
+
+
+def _ex_bin(rng):
+    x = rng.standard_normal((4, 3, 3, 2)) * 1.5 + 0.5
+    c = 3
+    rho = rng.uniform(0, 1, c)
+    yield Example((x, rho), dict(training=True), label="training, no affine")
+    yield Example((x, rho, rng.standard_normal(c), rng.standard_normal(c), rng.standard_normal(c), rng.uniform(0.5, 2, c)),
+                  dict(training=True, momentum=0.2), label="training, affine, running update")
+    yield Example((x, rho, rng.standard_normal(c), rng.standard_normal(c), rng.standard_normal(c), rng.uniform(0.5, 2, c)),
+                  dict(training=False), label="inference")
+
+
+@method(
+    array_params=("input", "rho", "weight", "bias", "running_mean", "running_var"),
+    nondiff=("running_mean", "running_var"),
+    survey="§5.2 (combination: batch-instance normalization, a learned gate between BN and IN)",
+    paper="Nam & Kim, Batch-Instance Normalization for Adaptively Style-Invariant Neural Networks, NeurIPS 2018",
+    examples=_ex_bin,
+)
+def batch_instance_norm(
+    input: Any,
+    rho: Any,
+    weight: Any = None,
+    bias: Any = None,
+    running_mean: Any = None,
+    running_var: Any = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    num_batches_tracked: int | None = None,
+):
+    """Batch-instance normalization: y = γ·(ρ·x̂_BN + (1 − ρ)·x̂_IN) + β, ρ ∈ [0, 1] per channel.
+
+    ρ receives a gradient (the paper clips it to [0, 1] after each update: the optimizer's step, not
+    this function's). The BN part follows :func:`normref.batch_norm` (running statistics returned in a
+    ``NormResult`` when training with them; at inference they replace the batch statistics).
+    Nam & Kim, NeurIPS 2018, Eqn 3.
+    """
+    from . import operation as _op
+
+    fn = "batch_instance_norm"
+    xp = namespace(fn, input=input, rho=rho, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    check_ndim(fn, "input", input, min_ndim=3, what="(N, C, *spatial) with at least one spatial axis")
+    c = input.shape[1]
+    for name, a in (("rho", rho), ("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        check_shape(fn, name, a, (c,), f"one value per channel, input.shape[1] = {c}")
+    eps = check_positive(fn, "eps", eps)
+    momentum = check_momentum(fn, momentum)
+    _running_pair(fn, running_mean, running_var)
+    shape = tuple(input.shape)
+    if training:
+        _check_training_count(fn, Partition("batch"), shape)
+        f = _factor(fn, momentum, num_batches_tracked) if running_mean is not None else None
+    elif running_mean is None:
+        raise ValueError(f"{fn}: running_mean and running_var are required when training=False; got None")
+    _check_training_count(fn, Partition("instance"), shape)
+    cd = compute_dtype(xp, input.dtype)
+    x = to_compute(xp, input, cd)
+    nd = len(shape)
+    rho_b = channel_param(xp, to_compute(xp, rho, cd), nd)
+    gamma_b = channel_param(xp, to_compute(xp, weight, cd), nd)
+    beta_b = channel_param(xp, to_compute(xp, bias, cd), nd)
+    parts = (Partition("batch"), Partition("instance"))
+    if training:
+        ops, kw = (_op.Standardizing(eps), _op.Standardizing(eps)), ({}, {})
+    else:
+        ops = (_op.PopulationStandardizing(eps), _op.Standardizing(eps))
+        kw = ({"mean": channel_param(xp, to_compute(xp, running_mean, cd), nd),
+               "var": channel_param(xp, to_compute(xp, running_var, cd), nd)}, {})
+    y, (ra, rb), (sa, _), _ = _mixture_forward(xp, x, parts, ops, rho_b, gamma_b, beta_b, kw)
+    res = Residuals(tuple(ra) + tuple(rb) + (rho_b, gamma_b),
+                    (parts, ops, shape, len(ra), None if bias is None else tuple(bias.shape)))
+    if y.dtype != input.dtype:
+        y = xp.astype(y, input.dtype)
+    if training and running_mean is not None:
+        n = parts[0].count(shape)
+        rm = (1.0 - f) * to_compute(xp, running_mean, cd) + f * xp.reshape(sa["mean"], (c,))
+        rv = (1.0 - f) * to_compute(xp, running_var, cd) + f * xp.reshape(sa["var"], (c,)) * (n / (n - 1))
+        return NormResult(y, xp.astype(rm, running_mean.dtype), xp.astype(rv, running_var.dtype)), res
+    return y, res
+
+
+@batch_instance_norm.defbackward
+def _bin_backward(res: Residuals, g):
+    parts, ops, shape, na, bshape = res.static
+    arrays = res.arrays
+    ra, rb = arrays[:na], arrays[na:-2]
+    rho_b, gamma_b = arrays[-2:]
+    xp = namespace("batch_instance_norm.backward", cotangent=g)
+    g = to_compute(xp, g, rho_b.dtype)
+    c = shape[1]
+    dx, drho, dgamma, dbeta = _mixture_backward(xp, parts, ops, shape, (ra, rb), rho_b, gamma_b, bshape and (1, c) + (1,) * (len(shape) - 2), g)
+    rs = lambda t: None if t is None else xp.reshape(t, (c,))  # noqa: E731
+    return dx, rs(drho), rs(dgamma), rs(dbeta), None, None
+
+
+def _ex_adalin(rng):
+    x = rng.standard_normal((3, 4, 3, 2)) * 1.5 - 0.5
+    c = 4
+    rho = rng.uniform(0, 1, c)
+    yield Example((x, rho), {}, label="no affine")
+    yield Example((x, rho, rng.standard_normal(c), rng.standard_normal(c)), {}, label="per-channel γ, β")
+    yield Example((x, rho, rng.standard_normal((3, c, 1, 1)), rng.standard_normal((3, c, 1, 1))), {},
+                  label="generated γ, β per sample (U-GAT-IT)")
+
+
+@method(
+    array_params=("input", "rho", "weight", "bias"),
+    survey="§5.2 (combination: adaptive layer-instance normalization, a learned gate between IN and LN)",
+    paper="Kim et al., U-GAT-IT, ICLR 2020",
+    examples=_ex_adalin,
+)
+def adaptive_layer_instance_norm(input: Any, rho: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5):
+    """AdaLIN: y = γ·(ρ·x̂_IN + (1 − ρ)·x̂_LN) + β, ρ ∈ [0, 1] per channel.
+
+    γ, β are per channel (C,) or generated: broadcastable to the input, e.g. (N, C, 1, 1) computed per
+    sample as in U-GAT-IT; both receive gradients, as does ρ. Variances biased (the paper's equation).
+    Kim et al., ICLR 2020, Eqn 1.
+    """
+    from . import operation as _op
+    from .framework import check_broadcastable
+
+    fn = "adaptive_layer_instance_norm"
+    xp = namespace(fn, input=input, rho=rho, weight=weight, bias=bias)
+    check_ndim(fn, "input", input, min_ndim=3, what="(N, C, *spatial) with at least one spatial axis")
+    c = input.shape[1]
+    check_shape(fn, "rho", rho, (c,), f"one value per channel, input.shape[1] = {c}")
+    shape = tuple(input.shape)
+    nd = len(shape)
+    per_channel = {}
+    for name, a in (("weight", weight), ("bias", bias)):
+        if a is not None and a.ndim == 1:
+            check_shape(fn, name, a, (c,), f"one value per channel, input.shape[1] = {c}")
+            per_channel[name] = True
+        else:
+            check_broadcastable(fn, name, a, shape)
+    eps = check_positive(fn, "eps", eps)
+    _check_training_count(fn, Partition("instance"), shape)
+    cd = compute_dtype(xp, input.dtype)
+    x = to_compute(xp, input, cd)
+    rho_b = channel_param(xp, to_compute(xp, rho, cd), nd)
+    gamma_b, beta_b = to_compute(xp, weight, cd), to_compute(xp, bias, cd)
+    if per_channel.get("weight"):
+        gamma_b = channel_param(xp, gamma_b, nd)
+    if per_channel.get("bias"):
+        beta_b = channel_param(xp, beta_b, nd)
+    parts = (Partition("instance"), Partition("layer", normalized_ndim=nd - 1))
+    ops = (_op.Standardizing(eps), _op.Standardizing(eps))
+    y, (ra, rb), _, _ = _mixture_forward(xp, x, parts, ops, rho_b, gamma_b, beta_b)
+    res = Residuals(tuple(ra) + tuple(rb) + (rho_b, gamma_b),
+                    (parts, ops, shape, len(ra),
+                     None if weight is None else tuple(weight.shape),
+                     None if bias is None else tuple(bias.shape),
+                     None if beta_b is None else tuple(beta_b.shape)))
+    if y.dtype != input.dtype:
+        y = xp.astype(y, input.dtype)
+    return y, res
+
+
+@adaptive_layer_instance_norm.defbackward
+def _adalin_backward(res: Residuals, g):
+    parts, ops, shape, na, wshape, bshape, beta_b_shape = res.static
+    arrays = res.arrays
+    ra, rb = arrays[:na], arrays[na:-2]
+    rho_b, gamma_b = arrays[-2:]
+    xp = namespace("adaptive_layer_instance_norm.backward", cotangent=g)
+    g = to_compute(xp, g, rho_b.dtype)
+    dx, drho, dgamma, dbeta = _mixture_backward(xp, parts, ops, shape, (ra, rb), rho_b, gamma_b, beta_b_shape, g)
+    return (
+        dx,
+        xp.reshape(drho, (shape[1],)),
+        None if dgamma is None else xp.reshape(dgamma, wshape),
+        None if dbeta is None else xp.reshape(dbeta, bshape),
+    )

@@ -100,3 +100,37 @@ def test_switchable_norm_running_statistics_follow_batch_norm(rng):
 def test_bad_input(call, exc, pattern, rng):
     with pytest.raises(exc, match=pattern):
         call(rng.standard_normal((2, 4, 3, 2)))
+
+
+def test_gated_mixtures_reduce_to_their_parts(rng):
+    """ρ = 1 and ρ = 0 select one standardization exactly (the mixture is linear in ρ)."""
+    x = rng.standard_normal((4, 3, 3, 2))
+    one, zero = np.ones(3), np.zeros(3)
+    bn = normref.batch_norm(x, None, None, training=True)
+    inn = normref.instance_norm(x)
+    ln = normref.layer_norm(x, x.shape[1:])
+    assert _rel(normref.batch_instance_norm(x, one, training=True), bn) <= TOL64
+    assert _rel(normref.batch_instance_norm(x, zero, training=True), inn) <= TOL64
+    assert _rel(normref.adaptive_layer_instance_norm(x, one), inn) <= TOL64
+    assert _rel(normref.adaptive_layer_instance_norm(x, zero), ln) <= TOL64
+    # and halfway is the average, with the running statistics of batch norm
+    rm, rv = rng.standard_normal(3), rng.uniform(0.5, 2, 3)
+    y, brm, brv = normref.batch_instance_norm(x, 0.5 * one, None, None, rm, rv, True, 0.2)
+    _, rrm, rrv = normref.batch_norm(x, rm, rv, None, None, True, 0.2)
+    assert _rel(y, 0.5 * (bn + inn)) <= TOL64 and _rel(brm, rrm) <= TOL64 and _rel(brv, rrv) <= TOL64
+
+
+def test_adalin_generated_affine_against_torch_autograd(rng):
+    x = rng.standard_normal((3, 4, 3, 2))
+    rho, gam, bet = rng.uniform(0, 1, 4), rng.standard_normal((3, 4, 1, 1)), rng.standard_normal((3, 4, 1, 1))
+    ts = [torch.tensor(a, requires_grad=True) for a in (x, rho, gam, bet)]
+    t_in = F.instance_norm(ts[0])
+    t_ln = F.layer_norm(ts[0], x.shape[1:])
+    r = ts[1].reshape(1, 4, 1, 1)
+    y = ts[2] * (r * t_in + (1 - r) * t_ln) + ts[3]
+    g = rng.standard_normal(x.shape)
+    y.backward(torch.tensor(g))
+    out, pb = normref.vjp(normref.adaptive_layer_instance_norm, x, rho, gam, bet)
+    assert _rel(out, y.detach().numpy()) <= TOL64
+    for ours, t in zip(pb(g), ts):
+        assert _rel(ours, t.grad.numpy()) <= TOL64
