@@ -232,7 +232,7 @@ def methods(category: str | None = None) -> list[Method]:
 
 
 def vjp(fn: "Method | str", *args: Any, **kwargs: Any):
-    """``(out, pullback)`` for a registered method, like ``jax.vjp`` but analytic.
+    """``(out, pullback)`` for a registered method: the vector-Jacobian product, analytic (JAX's vjp shape).
 
     ``pullback(cotangent)`` takes the cotangent of the primary (differentiable) output and returns a
     tuple with one gradient per array parameter of ``fn`` in signature order (``None`` for a parameter
