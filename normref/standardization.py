@@ -976,7 +976,7 @@ def _renorm_frozen(args, kwargs):
 @method(
     array_params=("input", "running_mean", "running_var", "weight", "bias"),
     nondiff=("running_mean", "running_var"),
-    survey="§5.4.1 (more robust estimation: batch renormalization)",
+    survey="§5.3.1 (functions combining population and batch statistics: batch renormalization)",
     paper="Ioffe, Batch Renormalization, NeurIPS 2017",
     examples=_ex_renorm,
     fd_target=_renorm_frozen,
@@ -1068,7 +1068,7 @@ def _ghost_partition(args, kwargs):
 @method(
     array_params=("input", "running_mean", "running_var", "weight", "bias"),
     nondiff=("running_mean", "running_var"),
-    survey="§5.4.1 (small/large batch: statistics over virtual batches)",
+    survey="§8.3 (stochasticity for generalization: statistics over ghost batches)",
     paper="Hoffer, Hubara & Soudry, Train longer, generalize better, NeurIPS 2017 (ghost BN)",
     examples=_ex_ghost,
     invariants=(moment_invariant("standardizing", _ghost_partition),),
