@@ -25,7 +25,7 @@ import dataclasses
 import math
 from . import _kernels
 
-__all__ = ["Operation", "Centering", "Scaling", "Standardizing", "LpStandardizing", "PopulationStandardizing", "KINDS", "make"]
+__all__ = ["moments", "mean_square", "fused_forward", "Operation", "Centering", "Scaling", "Standardizing", "LpStandardizing", "PopulationStandardizing", "KINDS", "make"]
 
 KINDS = ("centering", "scaling", "standardizing", "lp")
 
@@ -44,6 +44,63 @@ def moments(xp, x, axes):
     mu = _mean(xp, x, axes)
     xc = x - mu
     return mu, _mean(xp, xc * xc, axes)
+
+
+def mean_square(xp, x, axes):
+    """mean(x²) over ``axes`` (keepdims); a kernel when one is registered for ``xp``."""
+    k = _kernels.lookup(xp, "mean_square")
+    if k is not None:
+        r = k(x, axes)
+        if r is not None:
+            return r
+    return _mean(xp, x * x, axes)
+
+
+def fused_forward(xp, op, xv, axes, shape, gamma_b=None, beta_b=None, out=None, **op_arrays):
+    """The kernel path of Φ then Ψ (affine): ``(y, op_residuals, stats)``, or ``None`` (run the formula).
+
+    For standardizing, scaling and population standardizing the statistics are computed (kernel
+    ``moments``/``mean_square``), then the ``normalize_affine`` kernel writes x̂ = (x − shift)·scale
+    and y = γ·x̂ + β in one pass over x. The residuals are those of the operation's own forward
+    (x̂ first, then the per-statistic scale), so :func:`normref.framework.run_backward` runs either
+    path on them. ``xv`` is the partition's view of the input of ``shape``; γ, β broadcast to ``shape``.
+    """
+    kind = type(op)
+    if kind not in (Standardizing, Scaling, PopulationStandardizing):
+        return None
+    k = _kernels.lookup(xp, "normalize_affine")
+    if k is None or not getattr(k, "accepts", lambda a: True)(xv):
+        return None
+    kf = _kernels.lookup(xp, "standardize_affine")
+    if kf is not None:
+        # statistics and normalization in one task per statistic (one read of x from memory)
+        if kind is PopulationStandardizing:
+            mode, shift, scale = "population", op_arrays["mean"], 1.0 / xp.sqrt(op_arrays["var"] + op.eps)
+        else:
+            mode, shift, scale = ("standardizing" if kind is Standardizing else "scaling"), None, None
+        r = kf(xv, axes, mode, op.eps, shift, scale, gamma_b, beta_b, shape, out)
+        if r is not None:
+            xhat, y, mu, var, scale = r
+            stats = {"standardizing": {"mean": mu, "var": var}, "scaling": {"mean_square": var}}.get(mode, {})
+            return y, (xhat, scale), stats
+    if kind is Standardizing:
+        shift, var = moments(xp, xv, axes)
+        scale = 1.0 / xp.sqrt(var + op.eps)
+        stats = {"mean": shift, "var": var}
+    elif kind is Scaling:
+        ms = mean_square(xp, xv, axes)
+        shift, scale, stats = None, 1.0 / xp.sqrt(ms + op.eps), {"mean_square": ms}
+    else:
+        shift = op_arrays["mean"]
+        scale = 1.0 / xp.sqrt(op_arrays["var"] + op.eps)
+        stats = {}
+        if tuple(shift.shape) != tuple(scale.shape) or shift.ndim != xv.ndim:
+            return None
+    r = k(xv, axes, shift, scale, gamma_b, beta_b, shape, out)
+    if r is None:
+        return None
+    xhat, y = r
+    return y, (xhat, scale), stats
 
 
 class Operation:

@@ -79,6 +79,44 @@ def _out(xp, y, dtype):
     return y if y.dtype == dtype else xp.astype(y, dtype)
 
 
+def _check_out(fn, xp, input, out):
+    """Validate an ``out=`` buffer: same library, shape and dtype as ``input``, writable, not input's memory."""
+    if out is None:
+        return
+    from ._xp import is_array, library_name
+
+    lib = library_name(input)
+    if not is_array(out) or library_name(out) != lib:
+        raise TypeError(f"{fn}: out must be a {lib} array like input; got {type(out).__name__}")
+    if lib not in ("numpy", "cupy"):
+        raise TypeError(
+            f"{fn}: out= needs a library whose arrays are written in place (NumPy, CuPy); got a {lib} out "
+            f"(return values of {lib} cannot be written into a given buffer: call without out=)"
+        )
+    if tuple(out.shape) != tuple(input.shape):
+        raise ValueError(f"{fn}: out must have input's shape {tuple(input.shape)}; got shape {tuple(out.shape)}")
+    if out.dtype != input.dtype:
+        raise TypeError(f"{fn}: out must have input's dtype {input.dtype}; got dtype {out.dtype}")
+    flags = getattr(out, "flags", None)
+    if flags is not None and not flags.writeable:
+        raise ValueError(f"{fn}: out must be writeable; got a read-only array")
+    if lib == "numpy" and _np.may_share_memory(out, input):
+        raise ValueError(f"{fn}: out must not share memory with input (normref never modifies its inputs); got overlapping arrays")
+
+
+def _into(y, out):
+    """Honour ``out=`` on the formula path (the kernel path has already written y into it)."""
+    if out is None or y is out:
+        return y
+    out[...] = y
+    return out
+
+
+def _kernel_out(out, input, cd):
+    """``out`` for the kernel to write into directly (only when y needs no cast afterwards)."""
+    return out if out is not None and input.dtype == cd else None
+
+
 def _check_channels(fn, input, **params):
     c = input.shape[1]
     for name, a in params.items():
@@ -249,6 +287,7 @@ def batch_norm(
     eps: float = 1e-5,
     *,
     num_batches_tracked: int | None = None,
+    out: Any = None,
 ):
     """Batch normalization, with ``torch.nn.functional.batch_norm``'s arguments and results.
 
@@ -257,10 +296,12 @@ def batch_norm(
     (constants in the backward, survey Eqn 16). With ``training=True`` and running statistics the
     result is ``NormResult(output, running_mean, running_var)`` with
     running ← (1 − momentum)·running + momentum·batch statistic (Eqn 18; variance unbiased).
+    ``out``: an optional NumPy/CuPy array of input's shape and dtype that receives the output.
     Ioffe & Szegedy, ICML 2015.
     """
     fn = "batch_norm"
     xp = namespace(fn, input=input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    _check_out(fn, xp, input, out)
     check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
     _check_channels(fn, input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     eps = check_positive(fn, "eps", eps)
@@ -280,16 +321,16 @@ def batch_norm(
     beta = channel_param(xp, to_compute(xp, bias, cd), nd)
     if training:
         op = _op.Standardizing(eps)
-        y, op_res, st = run_forward(xp, x, part, op, gamma, beta)
+        y, op_res, st = run_forward(xp, x, part, op, gamma, beta, out=_kernel_out(out, input, cd))
     else:
         op = _op.PopulationStandardizing(eps)
         y, op_res, st = run_forward(
-            xp, x, part, op, gamma, beta,
+            xp, x, part, op, gamma, beta, out=_kernel_out(out, input, cd),
             mean=channel_param(xp, to_compute(xp, running_mean, cd), nd),
             var=channel_param(xp, to_compute(xp, running_var, cd), nd),
         )
     res = pack(part, op, x, op_res, gamma, beta, extra=_shapes(weight, bias))
-    y = _out(xp, y, input.dtype)
+    y = _into(_out(xp, y, input.dtype), out)
     if training and running_mean is not None:
         n = part.count(shape)
         rm = _ema(xp, running_mean, _to_channels(xp, st["mean"], c), f)
@@ -341,16 +382,18 @@ def instance_norm(
     eps: float = 1e-5,
     *,
     num_batches_tracked: int | None = None,
+    out: Any = None,
 ):
     """Instance normalization, with ``torch.nn.functional.instance_norm``'s arguments and results.
 
     y = γ·(x − μ_nc)/√(σ_nc² + ε) + β, statistics per sample and channel over the spatial axes.
     With ``use_input_stats`` and running statistics, returns ``NormResult`` whose running statistics
     move toward the batch average of the instance statistics (variance unbiased over the spatial
-    count), as torch does. Ulyanov et al. 2016.
+    count), as torch does. ``out``: as in :func:`batch_norm`. Ulyanov et al. 2016.
     """
     fn = "instance_norm"
     xp = namespace(fn, input=input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    _check_out(fn, xp, input, out)
     check_ndim(fn, "input", input, min_ndim=3, what="(N, C, *spatial) with at least one spatial axis")
     _check_channels(fn, input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     eps = check_positive(fn, "eps", eps)
@@ -370,16 +413,16 @@ def instance_norm(
     beta = channel_param(xp, to_compute(xp, bias, cd), nd)
     if use_input_stats:
         op = _op.Standardizing(eps)
-        y, op_res, st = run_forward(xp, x, part, op, gamma, beta)
+        y, op_res, st = run_forward(xp, x, part, op, gamma, beta, out=_kernel_out(out, input, cd))
     else:
         op = _op.PopulationStandardizing(eps)
         y, op_res, st = run_forward(
-            xp, x, part, op, gamma, beta,
+            xp, x, part, op, gamma, beta, out=_kernel_out(out, input, cd),
             mean=channel_param(xp, to_compute(xp, running_mean, cd), nd),
             var=channel_param(xp, to_compute(xp, running_var, cd), nd),
         )
     res = pack(part, op, x, op_res, gamma, beta, extra=_shapes(weight, bias))
-    y = _out(xp, y, input.dtype)
+    y = _into(_out(xp, y, input.dtype), out)
     if use_input_stats and running_mean is not None:
         n = part.count(shape)
         mean_c = xp.mean(xp.reshape(st["mean"], (shape[0], c)), axis=0)
@@ -443,14 +486,18 @@ def _ln_partition(args, kwargs):
     examples=_ex_layer_norm,
     invariants=(moment_invariant("standardizing", _ln_partition), scale_invariant()),
 )
-def layer_norm(input: Any, normalized_shape: int | Sequence[int], weight: Any = None, bias: Any = None, eps: float = 1e-5):
+def layer_norm(
+    input: Any, normalized_shape: int | Sequence[int], weight: Any = None, bias: Any = None, eps: float = 1e-5,
+    *, out: Any = None,
+):
     """Layer normalization, with ``torch.nn.functional.layer_norm``'s arguments and results.
 
     y = γ ⊙ (x − μ)/√(σ² + ε) + β, statistics per sample over the trailing ``normalized_shape``
-    dimensions; γ, β have ``normalized_shape``. Ba et al. 2016.
+    dimensions; γ, β have ``normalized_shape``. ``out``: as in :func:`batch_norm`. Ba et al. 2016.
     """
     fn = "layer_norm"
     xp = namespace(fn, input=input, weight=weight, bias=bias)
+    _check_out(fn, xp, input, out)
     ns = _normalized_shape(fn, input, normalized_shape)
     check_param_shape(fn, "weight", weight, ns, "normalized_shape")
     check_param_shape(fn, "bias", bias, ns, "normalized_shape")
@@ -460,8 +507,8 @@ def layer_norm(input: Any, normalized_shape: int | Sequence[int], weight: Any = 
     x = to_compute(xp, input, cd)
     gamma, beta = to_compute(xp, weight, cd), to_compute(xp, bias, cd)
     op = _op.Standardizing(eps)
-    y, op_res, _ = run_forward(xp, x, part, op, gamma, beta)
-    return _out(xp, y, input.dtype), pack(part, op, x, op_res, gamma, beta, extra=_shapes(weight, bias))
+    y, op_res, _ = run_forward(xp, x, part, op, gamma, beta, out=_kernel_out(out, input, cd))
+    return _into(_out(xp, y, input.dtype), out), pack(part, op, x, op_res, gamma, beta, extra=_shapes(weight, bias))
 
 
 layer_norm.defbackward(_backward_for("x", "w", "b"))
@@ -492,14 +539,19 @@ def _rms_partition(args, kwargs):
     examples=_ex_rms_norm,
     invariants=(moment_invariant("scaling", _rms_partition),),
 )
-def rms_norm(input: Any, normalized_shape: int | Sequence[int], weight: Any = None, eps: float | None = None):
+def rms_norm(
+    input: Any, normalized_shape: int | Sequence[int], weight: Any = None, eps: float | None = None,
+    *, out: Any = None,
+):
     """RMS normalization, with ``torch.nn.functional.rms_norm``'s arguments and results.
 
     y = γ ⊙ x/√(mean(x²) + ε) over the trailing ``normalized_shape`` dimensions; ``eps=None`` means
-    the machine epsilon of the input's dtype, as in torch. Zhang & Sennrich, NeurIPS 2019.
+    the machine epsilon of the input's dtype, as in torch. ``out``: as in :func:`batch_norm`.
+    Zhang & Sennrich, NeurIPS 2019.
     """
     fn = "rms_norm"
     xp = namespace(fn, input=input, weight=weight)
+    _check_out(fn, xp, input, out)
     ns = _normalized_shape(fn, input, normalized_shape)
     check_param_shape(fn, "weight", weight, ns, "normalized_shape")
     eps = finfo_eps(xp, input.dtype) if eps is None else check_positive(fn, "eps", eps)
@@ -508,8 +560,8 @@ def rms_norm(input: Any, normalized_shape: int | Sequence[int], weight: Any = No
     x = to_compute(xp, input, cd)
     gamma = to_compute(xp, weight, cd)
     op = _op.Scaling(eps)
-    y, op_res, _ = run_forward(xp, x, part, op, gamma, None)
-    return _out(xp, y, input.dtype), pack(part, op, x, op_res, gamma, None, extra=_shapes(weight, None))
+    y, op_res, _ = run_forward(xp, x, part, op, gamma, None, out=_kernel_out(out, input, cd))
+    return _into(_out(xp, y, input.dtype), out), pack(part, op, x, op_res, gamma, None, extra=_shapes(weight, None))
 
 
 rms_norm.defbackward(_backward_for("x", "w"))
@@ -533,8 +585,9 @@ def _gn_partition(args, kwargs):
     return Partition("group", num_groups=args[1]), kwargs.get("eps", 1e-5)
 
 
-def _group_like(fn, input, weight, bias, eps, part):
+def _group_like(fn, input, weight, bias, eps, part, out=None):
     xp = namespace(fn, input=input, weight=weight, bias=bias)
+    _check_out(fn, xp, input, out)
     check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
     part.validate(fn, tuple(input.shape))
     _check_channels(fn, input, weight=weight, bias=bias)
@@ -545,8 +598,8 @@ def _group_like(fn, input, weight, bias, eps, part):
     gamma = channel_param(xp, to_compute(xp, weight, cd), nd)
     beta = channel_param(xp, to_compute(xp, bias, cd), nd)
     op = _op.Standardizing(eps)
-    y, op_res, _ = run_forward(xp, x, part, op, gamma, beta)
-    return _out(xp, y, input.dtype), pack(part, op, x, op_res, gamma, beta, extra=_shapes(weight, bias))
+    y, op_res, _ = run_forward(xp, x, part, op, gamma, beta, out=_kernel_out(out, input, cd))
+    return _into(_out(xp, y, input.dtype), out), pack(part, op, x, op_res, gamma, beta, extra=_shapes(weight, bias))
 
 
 @method(
@@ -556,15 +609,18 @@ def _group_like(fn, input, weight, bias, eps, part):
     examples=_ex_group_norm,
     invariants=(moment_invariant("standardizing", _gn_partition), scale_invariant()),
 )
-def group_norm(input: Any, num_groups: int, weight: Any = None, bias: Any = None, eps: float = 1e-5):
+def group_norm(
+    input: Any, num_groups: int, weight: Any = None, bias: Any = None, eps: float = 1e-5, *, out: Any = None
+):
     """Group normalization, with ``torch.nn.functional.group_norm``'s arguments and results.
 
     The C channels are split into ``num_groups`` groups; y = γ·(x − μ_ng)/√(σ_ng² + ε) + β with
-    statistics per sample and group over (C/G, *spatial). Wu & He, ECCV 2018.
+    statistics per sample and group over (C/G, *spatial). ``out``: as in :func:`batch_norm`.
+    Wu & He, ECCV 2018.
     """
     fn = "group_norm"
     num_groups = check_int(fn, "num_groups", num_groups)
-    return _group_like(fn, input, weight, bias, eps, Partition("group", num_groups=num_groups))
+    return _group_like(fn, input, weight, bias, eps, Partition("group", num_groups=num_groups), out)
 
 
 group_norm.defbackward(_backward_for("x", "w", "b"))

@@ -1,0 +1,60 @@
+"""numba options for every normref kernel, in one place (no ``fastmath=`` scattered across kernels).
+
+- ``parallel=True``: the kernels split their work over channels, rows or chunks of the batch with
+  ``prange`` (numba's thread pool; ``NUMBA_NUM_THREADS`` sets its size).
+- ``fastmath={"reassoc", "contract"}``: lets LLVM reorder the float64 accumulations into vector lanes
+  and fuse multiply-adds. It keeps NaN and inf semantics (no ``nnan``/``ninf``), so a NaN in the
+  input still comes out as NaN, as on the array-API path. Reassociation changes only the rounding
+  of the float64 sums (relative 1e-16 per term), far below float32's and float64's output rounding.
+- ``cache=True``: compiled machine code is written beside the package (``__pycache__``) or, when
+  that folder is read-only, in numba's user-wide cache; if no cache location is usable, the kernels
+  are compiled per process instead (:func:`jit` falls back to ``cache=False``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numba
+
+__all__ = ["FASTMATH", "PARALLEL", "CACHE", "SERIAL_BELOW", "MIN_SIZE", "jit", "pair"]
+
+# Inputs with fewer elements than this run the single-threaded build of a kernel: waking the thread
+# pool costs more than the work (an 8 × 16 layer norm must stay in the tens of microseconds).
+SERIAL_BELOW = int(os.environ.get("NORMREF_NUMBA_SERIAL_BELOW", 1 << 16))
+# Inputs with fewer elements than this are declined (the array-API formula runs): below it the
+# Python-side set-up of a kernel call (layout analysis, strided views, dispatch) costs more than the
+# few NumPy passes of the formula.
+MIN_SIZE = int(os.environ.get("NORMREF_NUMBA_MIN_SIZE", 4096))
+
+FASTMATH = frozenset({"reassoc", "contract"})
+PARALLEL = True
+CACHE = os.environ.get("NORMREF_NUMBA_CACHE", "1") not in ("0", "false", "off")
+
+
+def jit(fn=None, *, parallel: bool = PARALLEL):
+    """``numba.njit`` with normref's options; caching is dropped (not fatal) where it cannot work."""
+
+    def wrap(f):
+        opts = dict(parallel=parallel, fastmath=set(FASTMATH), nogil=True, error_model="numpy")
+        if CACHE:
+            try:
+                return numba.njit(cache=True, **opts)(f)
+            except Exception as e:  # no writable cache location (read-only install, no home)
+                warnings.warn(f"normref numba kernels: caching disabled ({e}); compiling per process",
+                              RuntimeWarning, stacklevel=2)
+        return numba.njit(**opts)(f)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def pair(f):
+    """(parallel build, single-threaded build) of one kernel; the serial one is a renamed copy so that
+    the two have their own cache files."""
+    import types
+
+    g = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
+    g.__qualname__ = f.__qualname__ + "_serial"
+    g.__module__ = f.__module__
+    return jit(f), jit(g, parallel=False)
