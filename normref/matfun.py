@@ -1,0 +1,426 @@
+"""Functions of batched symmetric positive-definite matrices, each with an analytic backward.
+
+The shared machinery of whitening (survey §5.1.2, Eqn 23) and orthogonalization of weights (OWN, ONI,
+survey §6.2, Eqn 31). Every function takes a namespace ``xp`` and batched matrices of shape
+(..., d, d) (typically (G, d, d): one matrix per group, all groups in ONE batched ``eigh`` /
+``cholesky`` call), is written in array-API operations only (so the backward is itself
+differentiable by a framework's autodiff), and never mutates its inputs.
+
+API (``S`` symmetric positive definite; ``res`` is a plain tuple of arrays, opaque to the caller,
+that fits in :class:`normref.registry.Residuals`; every ``*_backward(xp, res, dW) -> dS`` returns
+the gradient of ⟨dW, W(S)⟩ with respect to S, a *symmetric* matrix: the forward reads only
+sym(S) = (S + Sᵀ)/2, so dS is the gradient of W(sym(S)) for any direction, symmetric or not)
+
+====================================  =========================================================
+``inv_sqrt_eigh_forward(xp, S)``      W = S^-1/2 = D·Λ^-1/2·Dᵀ (ZCA). Backward: Loewner
+``inv_sqrt_eigh_backward(xp, res, dW)``  divided differences, exact at equal eigenvalues.
+``sqrt_eigh_forward(xp, S)``          W = S^1/2 = D·Λ^1/2·Dᵀ (coloring, WCT). Same backward form.
+``sqrt_eigh_backward(xp, res, dW)``
+``pca_eigh_forward(xp, S)``           W = Λ^-1/2·Dᵀ (PCA whitening; rows in ascending eigenvalue
+``pca_eigh_backward(xp, res, dW)``      order, each eigenvector's sign fixed so that its largest-
+                                        magnitude entry is positive). Backward has 1/(λj − λi).
+``cholesky_inv_forward(xp, S)``       W = L^-1 with S = L·Lᵀ (Cholesky whitening).
+``cholesky_inv_backward(xp, res, dW)``
+``newton_inv_sqrt_forward(xp, S, T)`` IterNorm: t = tr S, S_N = S/t, P_0 = I,
+``newton_inv_sqrt_backward(xp, res, dW)``  P_k = ½(3·P_{k−1} − P_{k−1}³·S_N), W = P_T/√t.
+``newton_schulz_forward(xp, S, T)``   coupled Newton–Schulz on S_N = S/tr S: Y_0 = S_N, Z_0 = I,
+``newton_schulz_backward(xp, res, dW)``   M_k = ½(3I − Z·Y), Y ← Y·M_k, Z ← M_k·Z; W = Z_T/√t.
+====================================  =========================================================
+
+Helpers: ``sym(xp, A)``, ``mT(xp, A)``, ``eye_like(xp, S)``, ``trace(xp, S)``, ``eigh(xp, S)`` (pass
+its result as ``eig=`` to the eigh-based forwards to inspect λ first), ``min_eigenvalue_ok``,
+``FORWARD``/``BACKWARD`` (dicts: method name → function, for ``"zca"``, ``"pca"``,
+``"cholesky"``, ``"iternorm"``, ``"newton_schulz"``; the iterative ones take ``T`` as a third
+argument) and :func:`whitening_matrix_forward` / :func:`whitening_matrix_backward`, which dispatch
+on the method name.
+
+Example (OWN: W = (Vc·Vcᵀ)^-1/2·Vc)::
+
+    from normref import matfun
+    S = Vc @ Vc.mT                           # (G, d, d)
+    B, res = matfun.inv_sqrt_eigh_forward(xp, S)
+    ...
+    dS = matfun.inv_sqrt_eigh_backward(xp, res, dB)     # symmetric (G, d, d)
+
+The mathematics (../shared/math/BACKWARD.md):
+
+- Loewner form. For W = f(S) = D·f(Λ)·Dᵀ, the Fréchet derivative is
+  Df(S)[E] = D·(K ∘ (Dᵀ·E·D))·Dᵀ with K_ij = (f(λi) − f(λj))/(λi − λj), K_ii = f′(λi). K is symmetric,
+  so the adjoint is the same map: dS = D·(K ∘ (Dᵀ·sym(dW)·D))·Dᵀ. For f = λ^-1/2,
+  K_ij = −1/(√λi·√λj·(√λi + √λj)); for f = λ^1/2, K_ij = 1/(√λi + √λj). Both closed forms hold on the
+  diagonal too (they equal f′) and contain no 1/(λi − λj): exact when eigenvalues coincide, where
+  autograd through ``eigh`` divides by λi − λj.
+- PCA. W = f(Λ)·Dᵀ depends on the eigenvectors themselves: dD = dWᵀ·diag(f(λ)),
+  dλ_k = f′(λ_k)·(dW·D)_kk, dS = sym(D·(diag(dλ) + F ∘ (Dᵀ·dD))·Dᵀ), F_ij = 1/(λj − λi) (i ≠ j).
+  At exactly equal eigenvalues PCA whitening is not differentiable (its rows are not even
+  continuous functions of S); there F_ij is set to 0, the derivative along perturbations that keep
+  the computed eigenbasis (documented, not a claim of correctness; the survey's point is that PCA
+  whitening is unstable there).
+- Cholesky (Murray 2016). dL = tril(−Wᵀ·dW·Wᵀ) (from d(L⁻¹) = −L⁻¹·dL·L⁻¹),
+  P = Φ(Lᵀ·dL) (lower triangle with the diagonal halved), dS = sym(Wᵀ·P·W) (W = L⁻¹, so
+  L⁻ᵀ·P·L⁻¹ is two products with the factor's inverse that the forward computed anyway).
+- Newton iterations: the backward runs the unrolled iterations in reverse (reverse-mode through the
+  matrix products, A·dP·B ↦ Aᵀ·G·Bᵀ), then through S_N = S/t and W = P_T/√t:
+  dt = −½·t^-3/2·⟨dW, P_T⟩ − ⟨dS_N, S⟩/t², dS = dS_N/t + dt·I.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._xp import device_of
+
+__all__ = [
+    "sym",
+    "mT",
+    "eye_like",
+    "trace",
+    "min_eigenvalue_ok",
+    "eigh",
+    "inv_sqrt_eigh_forward",
+    "inv_sqrt_eigh_backward",
+    "sqrt_eigh_forward",
+    "sqrt_eigh_backward",
+    "pca_eigh_forward",
+    "pca_eigh_backward",
+    "cholesky_inv_forward",
+    "cholesky_inv_backward",
+    "newton_inv_sqrt_forward",
+    "newton_inv_sqrt_backward",
+    "newton_schulz_forward",
+    "newton_schulz_backward",
+    "METHODS",
+    "ITERATIVE",
+    "FORWARD",
+    "BACKWARD",
+    "whitening_matrix_forward",
+    "whitening_matrix_backward",
+]
+
+METHODS = ("zca", "pca", "cholesky", "iternorm", "newton_schulz")
+ITERATIVE = ("iternorm", "newton_schulz")
+
+
+# --------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def mT(xp, a):
+    """The transpose of the last two axes."""
+    return xp.matrix_transpose(a)
+
+
+def sym(xp, a):
+    """sym(A) = (A + Aᵀ)/2."""
+    return 0.5 * (a + xp.matrix_transpose(a))
+
+
+def eye_like(xp, s):
+    """The d × d identity in ``s``'s dtype and device (broadcasts against (..., d, d))."""
+    d = s.shape[-1]
+    try:
+        dev = device_of(s)
+    except Exception:  # a traced value without a device
+        dev = None
+    if dev is None:
+        return xp.eye(d, dtype=s.dtype)
+    return xp.eye(d, dtype=s.dtype, device=dev)
+
+
+def trace(xp, s):
+    """tr S over the last two axes, shape (...)."""
+    return xp.sum(s * eye_like(xp, s), axis=(-2, -1))
+
+
+def _diag_embed(xp, v, like):
+    """diag(v) for v of shape (..., d): (..., d, d)."""
+    return v[..., None] * eye_like(xp, like)
+
+
+def _diag(xp, a):
+    return xp.linalg.diagonal(a)
+
+
+def _eigh(xp, s):
+    """(λ ascending, D) of sym(S): one batched call for every matrix of the batch."""
+    lam, d = xp.linalg.eigh(sym(xp, s))
+    return lam, d
+
+
+def min_eigenvalue_ok(xp, lam, rtol: float | None = None):
+    """Whether every matrix's smallest eigenvalue exceeds ``rtol``·max(λ) (concrete arrays only).
+
+    Returns ``None`` when the values cannot be inspected (a traced JAX value). ``rtol`` defaults to
+    d·ε of the dtype: below it the matrix is numerically singular and λ^-1/2 is rounding noise.
+    """
+    d = lam.shape[-1]
+    if rtol is None:
+        rtol = d * float(xp.finfo(lam.dtype).eps)
+    try:
+        lo = xp.min(lam, axis=-1)
+        hi = xp.max(xp.abs(lam), axis=-1)
+        ok = xp.all(lo > rtol * hi)
+        return bool(ok)
+    except Exception:  # jax.core.ConcretizationTypeError and friends under tracing
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# spectral functions through eigh (Loewner / divided-difference backward)
+
+
+def _loewner_backward(xp, lam, d, dw, kernel):
+    """dS = D·(K ∘ (Dᵀ·sym(dW)·D))·Dᵀ for the divided-difference matrix K = kernel(√λi, √λj)."""
+    r = xp.sqrt(lam)
+    ri, rj = r[..., :, None], r[..., None, :]
+    k = kernel(ri, rj)
+    inner = xp.matmul(mT(xp, d), xp.matmul(sym(xp, dw), d))
+    return xp.matmul(d, xp.matmul(k * inner, mT(xp, d)))
+
+
+def eigh(xp, s):
+    """(λ ascending, D) of sym(S), one batched call: pass it as ``eig=`` to the eigh-based forwards
+    to inspect λ (e.g. for definiteness) before λ^-1/2 is taken."""
+    return _eigh(xp, s)
+
+
+def inv_sqrt_eigh_forward(xp, s, eig=None):
+    """W = S^-1/2 = D·Λ^-1/2·Dᵀ (ZCA whitening matrix) through one batched ``eigh``.
+
+    Returns ``(W, res)`` with ``res = (λ, D)``; W is symmetric. ``eig``: a precomputed
+    ``eigh(xp, S)``. Survey Eqn 23; Huang et al., Decorrelated Batch Normalization, CVPR 2018.
+    """
+    lam, d = _eigh(xp, s) if eig is None else eig
+    w = xp.matmul(d * (1.0 / xp.sqrt(lam))[..., None, :], mT(xp, d))
+    return w, (lam, d)
+
+
+def inv_sqrt_eigh_backward(xp, res, dw):
+    """dS of W = S^-1/2: D·(K ∘ (Dᵀ·sym(dW)·D))·Dᵀ, K_ij = −1/(√λi·√λj·(√λi + √λj)) (exact at λi = λj)."""
+    lam, d = res
+    return _loewner_backward(xp, lam, d, dw, lambda a, b: -1.0 / (a * b * (a + b)))
+
+
+def sqrt_eigh_forward(xp, s, eig=None):
+    """W = S^1/2 = D·Λ^1/2·Dᵀ (the coloring matrix of WCT, Li et al. NeurIPS 2017). ``res = (λ, D)``."""
+    lam, d = _eigh(xp, s) if eig is None else eig
+    w = xp.matmul(d * xp.sqrt(lam)[..., None, :], mT(xp, d))
+    return w, (lam, d)
+
+
+def sqrt_eigh_backward(xp, res, dw):
+    """dS of W = S^1/2: D·(K ∘ (Dᵀ·sym(dW)·D))·Dᵀ, K_ij = 1/(√λi + √λj) (exact at λi = λj)."""
+    lam, d = res
+    return _loewner_backward(xp, lam, d, dw, lambda a, b: 1.0 / (a + b))
+
+
+# --------------------------------------------------------------------------------------------------
+# PCA whitening (eigenvector backward)
+
+
+def _fix_signs(xp, d):
+    """Each eigenvector (column) with its largest-magnitude entry made positive: a canonical sign, so
+    that every library returns the same PCA rows (eigh's sign is otherwise arbitrary)."""
+    a = xp.abs(d)
+    top = a >= xp.max(a, axis=-2, keepdims=True)
+    s = xp.sum(xp.where(top, d, xp.zeros_like(d)), axis=-2, keepdims=True)
+    sign = xp.where(s >= 0, xp.ones_like(s), -xp.ones_like(s))
+    return d * sign
+
+
+def pca_eigh_forward(xp, s, eig=None):
+    """W = Λ^-1/2·Dᵀ (PCA whitening matrix): row k is the k-th eigenvector (ascending λ) over √λ_k.
+
+    Unstable in training (stochastic axis swapping, Huang et al. CVPR 2018 §3.1): W jumps when two
+    eigenvalues cross. ``res = (λ, D)`` with the canonical eigenvector signs.
+    """
+    lam, d = _eigh(xp, s) if eig is None else eig
+    d = _fix_signs(xp, d)
+    w = (1.0 / xp.sqrt(lam))[..., :, None] * mT(xp, d)
+    return w, (lam, d)
+
+
+def pca_eigh_backward(xp, res, dw):
+    """dS of W = Λ^-1/2·Dᵀ: sym(D·(diag(dλ) + F ∘ (Dᵀ·dD))·Dᵀ), F_ij = 1/(λj − λi) (0 where λi = λj)."""
+    lam, d = res
+    f = 1.0 / xp.sqrt(lam)                      # f(λ) = λ^-1/2
+    fp = -0.5 * f / lam                          # f′(λ) = −½·λ^-3/2
+    dd = mT(xp, dw) * f[..., None, :]            # dD = dWᵀ·diag(f(λ))
+    dlam = fp * _diag(xp, xp.matmul(dw, d))      # dλ_k = f′(λ_k)·(dW·D)_kk
+    diff = lam[..., None, :] - lam[..., :, None]  # λj − λi
+    same = diff == 0
+    f_mat = xp.where(same, xp.zeros_like(diff), 1.0 / xp.where(same, xp.ones_like(diff), diff))
+    inner = _diag_embed(xp, dlam, d) + f_mat * xp.matmul(mT(xp, d), dd)
+    return sym(xp, xp.matmul(d, xp.matmul(inner, mT(xp, d))))
+
+
+# --------------------------------------------------------------------------------------------------
+# Cholesky whitening
+
+
+def cholesky_inv_forward(xp, s):
+    """W = L^-1 with sym(S) = L·Lᵀ (Cholesky whitening; Siarohin et al., ICLR 2019).
+
+    W is lower triangular. The array API has no triangular solve; L^-1 is computed once per group
+    with ``xp.linalg.solve(L, I)`` (O(d³), like the factorization), so that applying W to the m
+    samples is one matrix product. ``res = (L, W)``.
+    """
+    l = xp.linalg.cholesky(sym(xp, s))
+    eye = eye_like(xp, l)
+    w = xp.linalg.solve(l, eye + xp.zeros_like(l))
+    w = xp.tril(w)  # exact zeros above the diagonal (the solve leaves rounding-level values there)
+    return w, (l, w)
+
+
+def cholesky_inv_backward(xp, res, dw):
+    """dS of W = L^-1, S = L·Lᵀ: dL = tril(−Wᵀ·dW·Wᵀ), P = Φ(Lᵀ·dL), dS = sym(Wᵀ·P·W) (Murray 2016)."""
+    l, w = res
+    wt = mT(xp, w)
+    dl = xp.tril(-xp.matmul(wt, xp.matmul(dw, wt)))
+    p = xp.tril(xp.matmul(mT(xp, l), dl))
+    p = p - 0.5 * _diag_embed(xp, _diag(xp, p), p)  # Φ: lower triangle, diagonal halved
+    return sym(xp, xp.matmul(wt, xp.matmul(p, w)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Newton iterations (IterNorm) and coupled Newton–Schulz
+
+
+def _normalize_trace(xp, s):
+    t = trace(xp, s)
+    return sym(xp, s) / t[..., None, None], t
+
+
+def _trace_tail(xp, s, t, w_unscaled, dw, ds_n):
+    """dS from dS_N and dW through S_N = S/t, W = W̃/√t (t = tr S): dS = dS_N/t + dt·I."""
+    t2 = t[..., None, None]
+    dt = -0.5 * t ** -1.5 * xp.sum(dw * w_unscaled, axis=(-2, -1)) - xp.sum(ds_n * sym(xp, s), axis=(-2, -1)) / t**2
+    return sym(xp, ds_n / t2 + dt[..., None, None] * eye_like(xp, s))
+
+
+def newton_inv_sqrt_forward(xp, s, iterations: int):
+    """IterNorm's W ≈ S^-1/2 by ``iterations`` (T) Newton steps on the trace-normalized matrix.
+
+    t = tr S, S_N = S/t, P_0 = I, P_k = ½(3·P_{k−1} − P_{k−1}³·S_N), W = P_T/√t (Huang et al.,
+    Iterative Normalization, CVPR 2019, Algorithm 1). The eigenvalues of S_N lie in (0, 1], where the
+    scalar iteration p ↦ ½(3p − p³λ) increases monotonically to λ^-1/2: with finite T, small
+    eigenvalues are only partly whitened ("stretched progressively", survey §5.1.2).
+    ``res = (S, t, P_0, …, P_T)``.
+
+    Numerical stability: this uncoupled iteration is unstable once an eigen-direction has converged
+    (Higham, Functions of Matrices, 2008, §6.4/§7.3): a rounding error E_ij (in S's eigenbasis) is
+    multiplied each step by 1.5 − 0.5·(1 + r + r²), r = √(λj/λi), i.e. by up to ≈ κ(S)/2. With the
+    paper's T = 5 this is harmless; for T ≳ 10 on κ ≳ 10² the result drifts and then diverges (float64:
+    eigenvalues of W·S·Wᵀ off by 1e-9 at T = 9, overflow by T = 25 with κ = 100). Use
+    :func:`newton_schulz_forward` (coupled, stable) for many iterations.
+    """
+    s_n, t = _normalize_trace(xp, s)
+    p = eye_like(xp, s) + xp.zeros_like(s_n)
+    ps = [p]
+    for _ in range(iterations):
+        p = 1.5 * p - 0.5 * xp.matmul(xp.matmul(xp.matmul(p, p), p), s_n)
+        ps.append(p)
+    w = p / xp.sqrt(t)[..., None, None]
+    return w, (s, t, *ps)
+
+
+def newton_inv_sqrt_backward(xp, res, dw):
+    """dS of IterNorm's W: reverse through P_k = 1.5·P − 0.5·P³·S_N (P = P_{k−1}), k = T…1:
+
+    dP += 1.5·dP_k − 0.5·(dP_k·(P²·S_N)ᵀ + Pᵀ·dP_k·(P·S_N)ᵀ + (P²)ᵀ·dP_k·S_Nᵀ),
+    dS_N += −0.5·(P³)ᵀ·dP_k; then the trace normalization (module docstring).
+    """
+    s, t, *ps = res
+    s_n = sym(xp, s) / t[..., None, None]
+    sq = xp.sqrt(t)[..., None, None]
+    dp = dw / sq
+    ds_n = xp.zeros_like(s_n)
+    for k in range(len(ps) - 1, 0, -1):
+        p = ps[k - 1]
+        p2 = xp.matmul(p, p)
+        ps_ = xp.matmul(p, s_n)
+        new = 1.5 * dp - 0.5 * (
+            xp.matmul(dp, mT(xp, xp.matmul(p2, s_n)))
+            + xp.matmul(mT(xp, p), xp.matmul(dp, mT(xp, ps_)))
+            + xp.matmul(mT(xp, p2), xp.matmul(dp, mT(xp, s_n)))
+        )
+        ds_n = ds_n - 0.5 * xp.matmul(mT(xp, xp.matmul(p2, p)), dp)
+        dp = new
+    return _trace_tail(xp, s, t, ps[-1], dw, ds_n)
+
+
+def newton_schulz_forward(xp, s, iterations: int):
+    """Coupled Newton–Schulz iteration for S^-1/2 (Higham 2008, Eqn 6.35; Lin & Maji, BMVC 2017):
+
+    t = tr S, Y_0 = S_N = S/t, Z_0 = I, M_k = ½(3I − Z_{k−1}·Y_{k−1}), Y_k = Y_{k−1}·M_k,
+    Z_k = M_k·Z_{k−1}; Y_T → S_N^1/2, Z_T → S_N^-1/2, W = Z_T/√t. In exact arithmetic Z_k equals
+    IterNorm's P_k (both are the same polynomial in S_N); the coupled form is the one quoted by the
+    survey for GPUs (matrix products only), and unlike IterNorm's uncoupled form it is numerically
+    stable for any T. ``res = (S, t, Y_0, Z_0, …, Y_T, Z_T)``.
+    """
+    s_n, t = _normalize_trace(xp, s)
+    eye = eye_like(xp, s)
+    y, z = s_n, eye + xp.zeros_like(s_n)
+    seq = [y, z]
+    for _ in range(iterations):
+        m = 0.5 * (3.0 * eye - xp.matmul(z, y))
+        y, z = xp.matmul(y, m), xp.matmul(m, z)
+        seq += [y, z]
+    w = z / xp.sqrt(t)[..., None, None]
+    return w, (s, t, *seq)
+
+
+def newton_schulz_backward(xp, res, dw):
+    """dS of the coupled Newton–Schulz W, reverse through Y' = Y·M, Z' = M·Z, M = ½(3I − Z·Y):
+
+    dY = dY'·Mᵀ − ½·Zᵀ·dM, dZ = Mᵀ·dZ' − ½·dM·Yᵀ with dM = Yᵀ·dY' + dZ'·Zᵀ; dS_N = dY_0.
+    """
+    s, t, *seq = res
+    eye = eye_like(xp, s)
+    ys, zs = seq[0::2], seq[1::2]
+    sq = xp.sqrt(t)[..., None, None]
+    dz = dw / sq
+    dy = xp.zeros_like(dz)
+    for k in range(len(ys) - 1, 0, -1):
+        y, z = ys[k - 1], zs[k - 1]
+        m = 0.5 * (3.0 * eye - xp.matmul(z, y))
+        dm = xp.matmul(mT(xp, y), dy) + xp.matmul(dz, mT(xp, z))
+        dy, dz = (
+            xp.matmul(dy, mT(xp, m)) - 0.5 * xp.matmul(mT(xp, z), dm),
+            xp.matmul(mT(xp, m), dz) - 0.5 * xp.matmul(dm, mT(xp, y)),
+        )
+    return _trace_tail(xp, s, t, zs[-1], dw, dy)
+
+
+# --------------------------------------------------------------------------------------------------
+# dispatch by name
+
+FORWARD = {
+    "zca": inv_sqrt_eigh_forward,
+    "pca": pca_eigh_forward,
+    "cholesky": cholesky_inv_forward,
+    "iternorm": newton_inv_sqrt_forward,
+    "newton_schulz": newton_schulz_forward,
+}
+BACKWARD = {
+    "zca": inv_sqrt_eigh_backward,
+    "pca": pca_eigh_backward,
+    "cholesky": cholesky_inv_backward,
+    "iternorm": newton_inv_sqrt_backward,
+    "newton_schulz": newton_schulz_backward,
+}
+
+
+def whitening_matrix_forward(xp, s, method: str = "zca", iterations: int = 5, eig=None) -> tuple[Any, tuple]:
+    """``(W, res)`` for the whitening matrix of ``method`` (one of :data:`METHODS`) of sym(S);
+    ``eig`` (zca, pca): a precomputed :func:`eigh` of S."""
+    if method in ITERATIVE:
+        return FORWARD[method](xp, s, iterations)
+    if eig is not None and method in ("zca", "pca"):
+        return FORWARD[method](xp, s, eig)
+    return FORWARD[method](xp, s)
+
+
+def whitening_matrix_backward(xp, res, dw, method: str = "zca"):
+    """dS (symmetric) of :func:`whitening_matrix_forward`'s W for the cotangent dW."""
+    return BACKWARD[method](xp, res, dw)
