@@ -1,3 +1,932 @@
-"""(filled in by its issue)"""
+"""Normalizing weights (survey §6): re-parameterizations W = ψ(V) with analytic backwards to the proxy V,
+soft-orthogonality penalties, and cosine normalization.
 
-__all__: list[str] = []
+A weight is a matrix (d_out, d_in) or a convolution kernel (d_out, d_in, k...) flattened per output
+neuron: row i is neuron i's input weight W_i ∈ R^{d_in·k...} (survey §6, Eqn 28). Every method here is a
+registered :class:`~normref.registry.Method`; the gradient it returns for V is the re-parameterization's
+backward (survey §6.2, "Re-Parameterization"): ∂L/∂V = (∂W/∂V)ᵀ·∂L/∂W.
+
+Notation for one row v (n = fan-in elements), ĉ the normalized row, dŵ the cotangent:
+
+- unit rows (WN, survey Eqn 29): ŵ = v/‖v‖;     dv = (dŵ − ŵ·⟨ŵ, dŵ⟩)/‖v‖.
+- centred unit rows (CWN, Eqn 30): c = v − mean(v), ŵ = c/‖c‖; dc as above, dv = dc − mean(dc).
+- standardized rows (WS): the standardization operation of :mod:`normref.operation` on each row.
+- orthogonal rows (OWN, ONI, Eqn 31): W = Σ^-1/2·Vc, Σ = Vc·Vcᵀ, through :mod:`normref.matfun`.
+- spectral norm: W/σ with σ = uᵀ·W·v, u and v power-iteration constants.
+
+The scale invariance of the proxy (survey Eqns 32-33), ψ(a·V) = ψ(V) for a > 0, so that ∂L/∂V at a·V
+is (1/a)·∂L/∂V at V and ⟨∂L/∂V, V⟩ = 0, holds exactly for WN, CWN, spectral norm, OWN and ONI (eps = 0),
+row by row for cosine normalization, up to the ε term for weight standardization and cosine
+normalization (relative effect ε/σ²), and not for the penalty.
+
+Zero rows (and an all-zero proxy) have no direction: methods without an eps raise ``ValueError``
+naming the row when the values are concrete (under ``jax.jit`` or ``torch.func`` tracing there is no
+Python boolean to test, the check is skipped and the result is inf/NaN as in torch); methods with an
+eps say in their docstring what a zero row gives.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import numpy as _np
+
+from . import matfun as _mf
+from . import operation as _op
+from ._validate import check_choice, check_int, check_nonnegative, check_positive
+from ._xp import compute_dtype, device_of, namespace, to_compute, to_numpy
+from .registry import Example, Invariant, Residuals, method
+
+__all__ = [
+    "SpectralNormResult",
+    "weight_norm",
+    "centered_weight_norm",
+    "weight_standardization",
+    "spectral_norm",
+    "orthogonal_weight_norm",
+    "oni",
+    "orthogonal_penalty",
+    "cosine_norm",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def _out(xp, y, dtype):
+    return y if y.dtype == dtype else xp.astype(y, dtype)
+
+
+def _check_weight(fn: str, name: str, v) -> None:
+    """A weight has at least 2 dimensions: (d_out, d_in, k...)."""
+    if v.ndim < 2:
+        raise ValueError(
+            f"{fn}: {name} must have at least 2 dimensions (d_out, d_in, *kernel); got {v.ndim} "
+            f"dimensions, shape {tuple(v.shape)}"
+        )
+    if any(s == 0 for s in v.shape):
+        raise ValueError(f"{fn}: {name} must not be empty; got shape {tuple(v.shape)}")
+
+
+def _check_dim(fn: str, dim, ndim: int) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"{fn}: dim must be an integer (or None); got {type(dim).__name__} {dim!r}")
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"{fn}: dim must lie in [{-ndim}, {ndim - 1}] for a {ndim}-dimensional weight; got {dim}")
+    return dim % ndim
+
+
+def _concrete_any(xp, cond) -> bool:
+    """``bool(any(cond))`` for concrete arrays. Traced values (``jax.jit``, ``torch.func``) have no
+    Python boolean: the check is then skipped (False), as the module docstring says."""
+    try:
+        return bool(xp.any(cond))
+    except (TypeError, RuntimeError):  # jax's ConcretizationTypeError is a TypeError
+        return False
+
+
+def _first_zero(xp, norms) -> int:
+    """Index (in flattened order) of the first zero entry of ``norms`` (called only after a hit)."""
+    return int(_np.flatnonzero(to_numpy(norms).reshape(-1) == 0)[0])
+
+
+def _rows(xp, v):
+    """The weight as a (d_out, fan_in) matrix (row i = neuron i's input weight)."""
+    return xp.reshape(v, (v.shape[0], -1))
+
+
+def _norms(xp, v, axes):
+    """‖v‖ over ``axes`` (keepdims)."""
+    return xp.sqrt(xp.sum(v * v, axis=axes, keepdims=True))
+
+
+def _unit_backward(xp, what, n, axes, g):
+    """Backward of ŵ = v/‖v‖: dv = (g − ŵ·⟨ŵ, g⟩)/‖v‖ (the projection onto ŵ's orthogonal complement)."""
+    return (g - what * xp.sum(g * what, axis=axes, keepdims=True)) / n
+
+
+def _np_rows(a):
+    a = _np.asarray(to_numpy(a), dtype=_np.float64)
+    return a.reshape(a.shape[0], -1)
+
+
+def _rel(a, b) -> float:
+    a, b = _np.asarray(to_numpy(a), _np.float64), _np.asarray(to_numpy(b), _np.float64)
+    return float(_np.max(_np.abs(a - b)) / max(1.0, float(_np.max(_np.abs(b)))))
+
+
+def scale_invariant(a: float = 3.5, index: int = 0, applies=None) -> Invariant:
+    """Invariant (survey Eqn 32): ψ(a·V) = ψ(V) for a > 0 (argument ``index`` scaled); ``applies(kwargs)``
+    says whether a call is exactly scale invariant (an eps added to a Gram matrix breaks it)."""
+
+    def check(m, xp, out, args, kwargs):
+        if applies is not None and not applies(kwargs):
+            return None
+        args2 = list(args)
+        args2[index] = args[index] * a
+        return _rel(m.primary(m(*args2, **kwargs)), m.primary(out))
+
+    return Invariant("scale invariance ψ(a·V) = ψ(V)", check, scale=64.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# weight normalization (Salimans & Kingma 2016), torch's weight-norm parametrization
+
+
+def _g_shape(shape, dim):
+    """torch's shape of g: the size along ``dim``, 1 elsewhere (dim None: a scalar per tensor)."""
+    return tuple(s if i == dim else 1 for i, s in enumerate(shape)) if dim is not None else ()
+
+
+def _ex_weight_norm(rng):
+    for shape, dim in [((4, 3), 0), ((5, 3, 2, 2), 0), ((3, 4, 3), 1), ((3, 5), -1), ((4, 2, 3), None)]:
+        v = rng.standard_normal(shape)
+        d = None if dim is None else dim % len(shape)
+        g = rng.standard_normal(_g_shape(shape, d) if d is not None else (1,) * len(shape))
+        yield Example((v, g), dict(dim=dim), label=f"{shape} dim={dim}")
+    v = rng.standard_normal((6, 4))
+    yield Example((v, rng.uniform(0.5, 2.0, 6)), dict(dim=0), label="(6, 4) g as a vector (d_out,)")
+    yield Example((v * 1e3, rng.standard_normal((6, 1))), dict(dim=0), label="large proxy", cond=1.0)
+
+
+def _wn_row_norms(m, xp, out, args, kwargs):
+    v, g = args[0], args[1]
+    dim = kwargs.get("dim", 0)
+    w = _np.asarray(to_numpy(m.primary(out)), _np.float64)
+    gg = _np.abs(_np.asarray(to_numpy(g), _np.float64))
+    if dim is None:
+        return abs(float(_np.linalg.norm(w)) - float(gg.reshape(()))) / max(1.0, float(gg.reshape(())))
+    d = dim % w.ndim
+    wm = _np.moveaxis(w, d, 0).reshape(w.shape[d], -1)
+    return float(_np.max(_np.abs(_np.linalg.norm(wm, axis=1) - gg.reshape(-1))) / max(1.0, float(gg.max())))
+
+
+@method(
+    array_params=("v", "g"),
+    category="weight",
+    survey="§6.1 Eqn 29 (constraint), §6.2 re-parameterization",
+    paper="Salimans & Kingma, Weight Normalization, NeurIPS 2016",
+    examples=_ex_weight_norm,
+    invariants=(
+        Invariant("row norms equal |g|", _wn_row_norms, scale=64.0),
+        scale_invariant(),
+    ),
+)
+def weight_norm(v: Any, g: Any, dim: int | None = 0):
+    """Weight normalization: w = g·v/‖v‖, the norm over every axis but ``dim`` (survey Eqn 29).
+
+    The same result as ``torch._weight_norm(v, g, dim)``, i.e. torch's
+    ``torch.nn.utils.parametrizations.weight_norm`` with ``original0 = g``, ``original1 = v``.
+    ``g`` has torch's shape (the size of ``dim``, 1 elsewhere: ``(d_out, 1, ...)`` for ``dim=0``) or
+    is the vector ``(v.shape[dim],)``; its gradient comes back in its own shape. ``dim=None`` takes
+    the norm of the whole tensor with a scalar (0-d or all-ones shape) ``g``. A negative ``dim``
+    counts from the end, as everywhere in Python (torch's own ``dim=-1`` means "whole tensor"; here
+    that is ``dim=None``).
+
+    Backward: dg = ⟨dw, v̂⟩ (summed over the normalized axes), dv = g·(dw − v̂·⟨dw, v̂⟩)/‖v‖.
+    A zero slice of v raises ``ValueError`` (no direction; torch returns NaN).
+    Salimans & Kingma, NeurIPS 2016.
+    """
+    fn = "weight_norm"
+    xp = namespace(fn, v=v, g=g)
+    _check_weight(fn, "v", v)
+    shape = tuple(v.shape)
+    if dim is None:
+        axes = tuple(range(v.ndim))
+        if g.ndim > v.ndim or any(s != 1 for s in g.shape):
+            raise ValueError(f"{fn}: with dim=None, g must hold one value (shape () or all ones); got shape {tuple(g.shape)}")
+    else:
+        dim = _check_dim(fn, dim, v.ndim)
+        axes = tuple(i for i in range(v.ndim) if i != dim)
+        keep = _g_shape(shape, dim)
+        if tuple(g.shape) not in (keep, (shape[dim],)):
+            raise ValueError(
+                f"{fn}: g must have shape {keep} (torch's) or {(shape[dim],)} (one value per slice along "
+                f"dim={dim} of v with shape {shape}); got shape {tuple(g.shape)}"
+            )
+    cd = compute_dtype(xp, v.dtype)
+    vc = to_compute(xp, v, cd)
+    gb = xp.reshape(to_compute(xp, g, cd), _g_shape(shape, dim) if dim is not None else (1,) * v.ndim)
+    n = _norms(xp, vc, axes)
+    if _concrete_any(xp, n == 0):
+        raise ValueError(f"{fn}: v has a zero slice (index {_first_zero(xp, n)} along dim={dim}); its direction is undefined")
+    vhat = vc / n
+    w = gb * vhat
+    return _out(xp, w, v.dtype), Residuals((vhat, n, gb), (axes, tuple(g.shape)))
+
+
+@weight_norm.defbackward
+def _weight_norm_backward(res, dw):
+    vhat, n, gb = res.arrays
+    axes, gshape = res.static
+    xp = namespace("weight_norm.backward", cotangent=dw)
+    dw = to_compute(xp, dw, vhat.dtype)
+    dg = xp.sum(dw * vhat, axis=axes, keepdims=True)
+    dv = _unit_backward(xp, vhat, n, axes, gb * dw)
+    return dv, xp.reshape(dg, gshape)
+
+
+# --------------------------------------------------------------------------------------------------
+# centered weight normalization (Huang et al., ICCV 2017)
+
+
+def _ex_cwn(rng):
+    for shape in [(4, 5), (3, 2, 3, 3), (6, 4, 2)]:
+        v = rng.standard_normal(shape) + 0.5
+        yield Example((v,), {}, label=f"{shape} no scale")
+        yield Example((v, rng.standard_normal(shape[0])), {}, label=f"{shape} with g")
+
+
+def _cwn_rows(m, xp, out, args, kwargs):
+    w = _np_rows(m.primary(out))
+    g = args[1] if len(args) > 1 else kwargs.get("g")
+    gg = _np.ones(w.shape[0]) if g is None else _np.abs(_np.asarray(to_numpy(g), _np.float64).reshape(-1))
+    err = float(_np.max(_np.abs(w.mean(axis=1))))
+    return max(err, float(_np.max(_np.abs(_np.linalg.norm(w, axis=1) - gg)) / max(1.0, float(gg.max()))))
+
+
+def _check_row_gain(fn, g, d_out, ndim):
+    if g is None:
+        return
+    ok = (d_out,) + (1,) * (ndim - 1)
+    if tuple(g.shape) not in ((d_out,), ok):
+        raise ValueError(
+            f"{fn}: g must have shape ({d_out},) or {ok} (one scale per output neuron); got shape {tuple(g.shape)}"
+        )
+
+
+@method(
+    array_params=("v", "g"),
+    category="weight",
+    survey="§6.1 Eqn 30 (zero-mean, unit-norm rows), §6.2 re-parameterization",
+    paper="Huang, Liu, Lang & Tao, Centered Weight Normalization in Accelerating Training of Deep Neural Networks, ICCV 2017",
+    examples=_ex_cwn,
+    invariants=(
+        Invariant("rows have mean 0 and norm |g|", _cwn_rows, scale=64.0),
+        scale_invariant(),
+    ),
+)
+def centered_weight_norm(v: Any, g: Any = None):
+    """Centered weight normalization: w_i = g_i·(v_i − mean(v_i))/‖v_i − mean(v_i)‖ for each output row
+    (survey Eqn 30: W_iᵀ·1 = 0 and ‖W_i‖ = 1; the optional per-neuron scale g recovers capacity, §6.1).
+
+    Rows are the fan-in of each output neuron (all axes but 0). ``g`` is ``None`` (unit rows) or one
+    value per row, shape ``(d_out,)`` or ``(d_out, 1, ...)``. Backward: with ŵ = c/‖c‖,
+    dc = (g·dw − ŵ·⟨ŵ, g·dw⟩)/‖c‖ and dv = dc − mean(dc) (the centering's backward).
+    A constant row (zero after centering) raises ``ValueError``.
+    Huang et al., ICCV 2017.
+    """
+    fn = "centered_weight_norm"
+    xp = namespace(fn, v=v, g=g)
+    _check_weight(fn, "v", v)
+    _check_row_gain(fn, g, v.shape[0], v.ndim)
+    cd = compute_dtype(xp, v.dtype)
+    x = _rows(xp, to_compute(xp, v, cd))
+    c, _, _ = _op.Centering().forward(xp, x, (1,))
+    n = _norms(xp, c, (1,))
+    if _concrete_any(xp, n == 0):
+        raise ValueError(f"{fn}: row {_first_zero(xp, n)} of v is constant; after centering it has no direction")
+    what = c / n
+    gb = None if g is None else xp.reshape(to_compute(xp, g, cd), (v.shape[0], 1))
+    w = what if gb is None else gb * what
+    w = xp.reshape(w, tuple(v.shape))
+    return _out(xp, w, v.dtype), Residuals((what, n, gb), (tuple(v.shape), None if g is None else tuple(g.shape)))
+
+
+@centered_weight_norm.defbackward
+def _cwn_backward(res, dw):
+    what, n, gb = res.arrays
+    shape, gshape = res.static
+    xp = namespace("centered_weight_norm.backward", cotangent=dw)
+    dw = xp.reshape(to_compute(xp, dw, what.dtype), what.shape)
+    dg = None if gb is None else xp.reshape(xp.sum(dw * what, axis=1), gshape)
+    dc = _unit_backward(xp, what, n, (1,), dw if gb is None else gb * dw)
+    dv = _op.Centering().backward(xp, (), (1,), dc)
+    return xp.reshape(dv, shape), dg
+
+
+# --------------------------------------------------------------------------------------------------
+# weight standardization (Qiao et al., 2019)
+
+
+def _ex_ws(rng):
+    for shape in [(4, 6), (3, 2, 3, 3), (5, 3, 4)]:
+        yield Example((rng.standard_normal(shape) * 0.1 + 0.02,), dict(eps=1e-5), label=f"{shape} eps=1e-5")
+        yield Example((rng.standard_normal(shape),), dict(eps=1e-3), label=f"{shape} eps=1e-3")
+    # σ² ≈ 1e-3 ≪ ε = 1e-2: ε dominates (rows shrink towards 0). The function varies on the scale
+    # √(σ²+ε) ≈ 0.1, kept ≫ the finite-difference step (6e-6): the truncation error of first and second
+    # differences grows like (h/√(σ²+ε))² and beyond.
+    yield Example((rng.standard_normal((3, 5)) * 3e-2,), dict(eps=1e-2), label="small rows (eps dominates)")
+    # rows ≈ μ with deviations ~0.1 (|μ|/σ ≈ 20): x − μ carries an absolute error ~ε₆₄·|μ| which
+    # 1/√(σ²+ε) ≈ 10 amplifies, so the output's error is ~10·|μ|·ε₆₄ rather than ε₆₄: cond = 32 (|μ| ≤ 2).
+    yield Example((_np.ones((3, 4)) * _np.array([[1.0], [2.0], [-1.0]]) + rng.standard_normal((3, 4)) * 0.1,),
+                  dict(eps=1e-5), label="large mean, small spread", cond=32.0)
+
+
+def _ws_rows(m, xp, out, args, kwargs):
+    """Rows have mean 0 and (biased) variance σ²/(σ² + ε) exactly."""
+    v = _np_rows(args[0])
+    w = _np_rows(m.primary(out))
+    eps = kwargs.get("eps", 1e-5)
+    var = v.var(axis=1)
+    return max(float(_np.max(_np.abs(w.mean(axis=1)))), float(_np.max(_np.abs(w.var(axis=1) - var / (var + eps)))))
+
+
+@method(
+    array_params=("v",),
+    category="weight",
+    survey="§6.1 (WS: W_iᵀ·1 = 0, ‖W_i‖ = √fan_in), §6.2 re-parameterization",
+    paper="Qiao, Wang, Liu, Shen & Yuille, Micro-Batch Training with Batch-Channel Normalization and Weight Standardization, arXiv 2019",
+    examples=_ex_ws,
+    invariants=(Invariant("rows have mean 0 and variance σ²/(σ²+ε)", _ws_rows, scale=64.0),),
+)
+def weight_standardization(v: Any, eps: float = 1e-5):
+    """Weight standardization: w_i = (v_i − μ_i)/√(σ_i² + ε) for each output row (fan-in of a neuron).
+
+    μ_i and σ_i² are the mean and the *biased* variance over the row (all axes but 0), ε *inside* the
+    square root: the convention of timm's ``StdConv2d`` and BiT (which call ``F.batch_norm`` on the
+    rows). Qiao et al.'s reference code differs: unbiased standard deviation with ε added outside,
+    ``(v − μ)/(std_unbiased + 1e-5)``; rows then have variance ≈ (n−1)/n instead of ≈ 1.
+    Rows come out with mean 0 and variance σ²/(σ²+ε) (≈ 1, and ‖w_i‖ ≈ √fan_in). A constant row gives
+    a zero row (ε > 0 is required; no NaN). The forward and the backward are the standardizing
+    operation of :mod:`normref.operation` on each row (survey Eqn 17):
+    dv = s·(dw − mean(dw) − ŵ·mean(dw·ŵ)), s = (σ²+ε)^-1/2.
+    Qiao et al., arXiv:1903.10520, 2019.
+    """
+    fn = "weight_standardization"
+    xp = namespace(fn, v=v)
+    _check_weight(fn, "v", v)
+    eps = check_positive(fn, "eps", eps)
+    cd = compute_dtype(xp, v.dtype)
+    op = _op.Standardizing(eps)
+    w, op_res, _ = op.forward(xp, _rows(xp, to_compute(xp, v, cd)), (1,))
+    return _out(xp, xp.reshape(w, tuple(v.shape)), v.dtype), Residuals(op_res, (tuple(v.shape), eps))
+
+
+@weight_standardization.defbackward
+def _ws_backward(res, dw):
+    shape, eps = res.static
+    xp = namespace("weight_standardization.backward", cotangent=dw)
+    what = res.arrays[0]
+    dw = xp.reshape(to_compute(xp, dw, what.dtype), what.shape)
+    return (xp.reshape(_op.Standardizing(eps).backward(xp, res.arrays, (1,), dw), shape),)
+
+
+# --------------------------------------------------------------------------------------------------
+# spectral normalization (Miyato et al., ICLR 2018)
+
+
+class SpectralNormResult(NamedTuple):
+    """The spectrally normalized weight and the updated power-iteration vector u (no gradient)."""
+
+    weight: Any
+    u: Any
+
+
+def _to_matrix(xp, w, dim):
+    """torch's ``_reshape_weight_to_matrix``: ``dim`` to the front, then flatten the rest."""
+    if dim != 0:
+        w = xp.permute_dims(w, (dim,) + tuple(d for d in range(w.ndim) if d != dim))
+    return xp.reshape(w, (w.shape[0], -1))
+
+
+def _l2_normalize(xp, x, eps):
+    """``F.normalize(x, dim=0, eps)``: x / max(‖x‖, eps)."""
+    n = xp.sqrt(xp.sum(x * x))
+    return x / xp.maximum(n, xp.asarray(eps, dtype=x.dtype, device=device_of(x)))
+
+
+def _power_iteration(xp, wm, u, n_iter, eps):
+    """torch.nn.utils.spectral_norm's loop: v = N(Wᵀ·u), u = N(W·v), n times; then v = N(Wᵀ·u) if n = 0.
+
+    Returns (u, v) for σ = uᵀ·W·v (both constants of the backward).
+    """
+    v = _l2_normalize(xp, xp.matmul(xp.matrix_transpose(wm), u), eps)
+    for k in range(n_iter):
+        if k:
+            v = _l2_normalize(xp, xp.matmul(xp.matrix_transpose(wm), u), eps)
+        u = _l2_normalize(xp, xp.matmul(wm, v), eps)
+    return u, v
+
+
+def _ex_spectral(rng):
+    for shape, dim, it in [((5, 4), 0, 1), ((4, 3, 2, 2), 0, 3), ((3, 4, 2), 1, 2), ((6, 3), -1, 1), ((4, 5), 0, 0)]:
+        w = rng.standard_normal(shape)
+        u = rng.standard_normal(shape[dim % len(shape)])
+        u /= _np.linalg.norm(u)
+        yield Example((w, u), dict(n_power_iterations=it, dim=dim), label=f"{shape} dim={dim} iterations={it}")
+
+
+def _spectral_top(m, xp, out, args, kwargs):
+    """After many power iterations the largest singular value is 1 (error ~ (σ₂/σ₁)^(2k))."""
+    w, u = args[0], args[1]
+    dim = kwargs.get("dim", 0)
+    ws = m.primary(m(w, u, n_power_iterations=200, dim=dim))
+    a = _np.asarray(to_numpy(ws), _np.float64)
+    a = _np.moveaxis(a, dim % a.ndim, 0).reshape(a.shape[dim % a.ndim], -1)
+    return abs(float(_np.linalg.svd(a, compute_uv=False)[0]) - 1.0)
+
+
+def _spectral_fd_target(args, kwargs):
+    """The function the backward differentiates: W/σ with σ = uᵀ·W·v, u and v frozen at the call's values
+    (computed here from the given arrays, in their own library, before any autodiff leaf is made)."""
+    bound = spectral_norm.bind(*args, **kwargs)
+    a = bound.arguments
+    w, u = a["w"], a["u"]
+    xp = namespace("spectral_norm", w=w, u=u)
+    dim = _check_dim("spectral_norm", a["dim"], w.ndim)
+    uu, vv = _power_iteration(xp, _to_matrix(xp, w, dim), u, a["n_power_iterations"], a["eps"])
+
+    def frozen(w2, *rest, **kw):
+        sigma = xp.sum(uu * xp.matmul(_to_matrix(xp, w2, dim), vv))
+        return w2 / sigma
+
+    return frozen
+
+
+@method(
+    array_params=("w", "u"),
+    nondiff=("u",),
+    category="weight",
+    survey="§6.1 (spectral normalization bounds the largest singular value by 1)",
+    paper="Miyato, Kataoka, Koyama & Yoshida, Spectral Normalization for Generative Adversarial Networks, ICLR 2018",
+    examples=_ex_spectral,
+    invariants=(
+        Invariant("largest singular value 1 after 200 power iterations", _spectral_top, scale=64.0),
+        scale_invariant(),
+    ),
+    fd_target=_spectral_fd_target,
+)
+def spectral_norm(w: Any, u: Any, n_power_iterations: int = 1, eps: float = 1e-12, dim: int = 0):
+    """Spectral normalization: W_SN = W/σ(W), σ estimated by power iteration from the state ``u``.
+
+    W is reshaped to a matrix with ``dim`` first (torch's ``_reshape_weight_to_matrix``); ``u`` has
+    shape ``(w.shape[dim],)``. Each of the ``n_power_iterations`` steps is v = N(Wᵀ·u), u = N(W·v)
+    with N(x) = x/max(‖x‖, eps); then σ = uᵀ·W·v. This is ``torch.nn.utils.spectral_norm`` (whose
+    state is u) exactly. ``n_power_iterations=0`` (evaluation: u is not updated) takes v = N(Wᵀ·u):
+    σ = uᵀ·W·N(Wᵀ·u), which is also what ``torch.nn.utils.parametrizations.spectral_norm`` computes
+    from its own updated u (it keeps v = N(Wᵀ·u) as a second state vector).
+
+    Returns ``SpectralNormResult(weight, u)`` with the updated u (pure: the given u is untouched;
+    carry the new one to the next call). u and v are constants of the backward, as in torch:
+    dW = dW_SN/σ − (⟨dW_SN, W⟩/σ²)·u·vᵀ. σ = 0 (a zero weight) raises ``ValueError``.
+    Miyato et al., ICLR 2018.
+    """
+    fn = "spectral_norm"
+    xp = namespace(fn, w=w, u=u)
+    _check_weight(fn, "w", w)
+    dim = _check_dim(fn, dim, w.ndim)
+    if tuple(u.shape) != (w.shape[dim],):
+        raise ValueError(
+            f"{fn}: u must have shape ({w.shape[dim]},) (w.shape[dim] for dim={dim}, w of shape "
+            f"{tuple(w.shape)}); got shape {tuple(u.shape)}"
+        )
+    n_power_iterations = check_int(fn, "n_power_iterations", n_power_iterations, minimum=0)
+    eps = check_positive(fn, "eps", eps)
+    cd = compute_dtype(xp, w.dtype)
+    wc = to_compute(xp, w, cd)
+    wm = _to_matrix(xp, wc, dim)
+    uu, vv = _power_iteration(xp, wm, to_compute(xp, u, cd), n_power_iterations, eps)
+    sigma = xp.sum(uu * xp.matmul(wm, vv))
+    if _concrete_any(xp, sigma == 0):
+        raise ValueError(f"{fn}: the estimated spectral norm σ = uᵀ·W·v is 0 (w is zero, or u is orthogonal to its range)")
+    y = wc / sigma
+    res = Residuals((wc, uu, vv, sigma), (dim, tuple(w.shape)))
+    return SpectralNormResult(_out(xp, y, w.dtype), _out(xp, uu, u.dtype)), res
+
+
+@spectral_norm.defbackward
+def _spectral_norm_backward(res, dy):
+    wc, uu, vv, sigma = res.arrays
+    dim, shape = res.static
+    xp = namespace("spectral_norm.backward", cotangent=dy)
+    dy = to_compute(xp, dy, wc.dtype)
+    # y = W/σ, σ = uᵀ·W·v with u, v constant: ∂σ/∂W = u·vᵀ (in the matrix layout of W).
+    c = xp.sum(dy * wc) / (sigma * sigma)
+    outer = xp.reshape(uu, (-1, 1)) * xp.reshape(vv, (1, -1))
+    if dim != 0:
+        perm_shape = (shape[dim],) + tuple(s for d, s in enumerate(shape) if d != dim)
+        outer = xp.reshape(outer, perm_shape)
+        inv = [0] * len(shape)
+        order = (dim,) + tuple(d for d in range(len(shape)) if d != dim)
+        for i, d in enumerate(order):
+            inv[d] = i
+        outer = xp.permute_dims(outer, tuple(inv))
+    else:
+        outer = xp.reshape(outer, shape)
+    return dy / sigma - c * outer, None
+
+
+# --------------------------------------------------------------------------------------------------
+# orthogonalization: OWN (eigendecomposition) and ONI (Newton's iteration), sharing normref.matfun
+
+
+ITERATIONS = ("newton_schulz", "newton")
+_MATFUN = {"newton_schulz": "newton_schulz", "newton": "iternorm"}
+
+
+def _orth_forward(fn, xp, v, group_size, eps, iterations, iteration="newton_schulz"):
+    """W = f(S)·Zc per group, Zc the centred rows, S = Zc·Zcᵀ + ε·I; f = S^-1/2 (eigh, matfun's "zca")
+    when ``iterations`` is None, else T trace-normalized Newton steps (matfun's "newton_schulz" or
+    "iternorm")."""
+    _check_weight(fn, "v", v)
+    d_out = v.shape[0]
+    n = math.prod(v.shape[1:])
+    if group_size is None:
+        group_size = d_out
+    c = check_int(fn, "group_size", group_size, minimum=1)
+    if d_out % c:
+        raise ValueError(f"{fn}: group_size must divide d_out = v.shape[0] = {d_out} (rows are orthogonalized in "
+                         f"groups of group_size consecutive rows); got group_size={c}")
+    eps = check_nonnegative(fn, "eps", eps)
+    if iterations is None and eps == 0 and c > n - 1:
+        raise ValueError(
+            f"{fn}: group_size must be at most fan_in − 1 = {n - 1} (v of shape {tuple(v.shape)}): centred rows "
+            f"span at most fan_in − 1 dimensions, so a group of {c} rows cannot be orthonormal and Vc·Vcᵀ is "
+            f"singular; use a smaller group_size (a divisor of {d_out}) or eps > 0"
+        )
+    cd = compute_dtype(xp, v.dtype)
+    z = xp.reshape(to_compute(xp, v, cd), (d_out // c, c, n))
+    zc = z - xp.mean(z, axis=-1, keepdims=True)  # Huang et al.: centre each row (W_iᵀ·1 = 0)
+    s = xp.matmul(zc, _mf.mT(xp, zc))
+    if eps:
+        s = s + eps * _mf.eye_like(xp, s)
+    if iterations is None:
+        kind = "zca"
+        m, mres = _mf.whitening_matrix_forward(xp, s, kind)
+        if _mf.min_eigenvalue_ok(xp, mres[0]) is False:
+            raise ValueError(
+                f"{fn}: Vc·Vcᵀ (+ eps·I) is numerically singular in some group (rows linearly dependent after "
+                f"centring, e.g. equal or constant rows); its inverse square root does not exist. Use eps > 0"
+            )
+    else:
+        if _concrete_any(xp, _mf.trace(xp, s) == 0):
+            raise ValueError(f"{fn}: a group of rows of v is zero after centring (tr(Vc·Vcᵀ) = 0); it has no direction")
+        kind = _MATFUN[iteration]
+        m, mres = _mf.whitening_matrix_forward(xp, s, kind, iterations)
+    w = xp.reshape(xp.matmul(m, zc), tuple(v.shape))
+    return _out(xp, w, v.dtype), Residuals((zc, m) + tuple(mres), (tuple(v.shape), kind))
+
+
+def _orth_backward(res, dw):
+    """W = M·Zc, M = f(S), S = Zc·Zcᵀ (+ εI): dZc = Mᵀ·dW + 2·dS·Zc with dS = f's backward of dM = dW·Zcᵀ
+    (symmetric, from normref.matfun), then dV = dZc − mean(dZc) along each row (the centring)."""
+    zc, m, *mres = res.arrays
+    shape, kind = res.static
+    xp = namespace("orthogonalization.backward", cotangent=dw)
+    dw = xp.reshape(to_compute(xp, dw, zc.dtype), zc.shape)
+    dm = xp.matmul(dw, _mf.mT(xp, zc))
+    ds = _mf.whitening_matrix_backward(xp, tuple(mres), dm, kind)
+    dzc = xp.matmul(_mf.mT(xp, m), dw) + 2.0 * xp.matmul(ds, zc)
+    dv = dzc - xp.mean(dzc, axis=-1, keepdims=True)
+    return (xp.reshape(dv, shape),)
+
+
+def _gram_cond(v, c):
+    """κ(Vc·Vcᵀ) of the worst group: the eigendecomposition's error grows like κ·ε."""
+    z = _np_rows(v)
+    z = z.reshape(z.shape[0] // c, c, -1)
+    z = z - z.mean(axis=-1, keepdims=True)
+    lam = _np.linalg.eigvalsh(z @ _np.swapaxes(z, -1, -2))
+    return float(_np.max(lam[..., -1] / lam[..., 0]))
+
+
+def _ex_own(rng):
+    for shape, c in [((4, 6), None), ((6, 3, 2, 2), 3), ((8, 3), 2), ((4, 2, 3), 4), ((6, 5), 2)]:
+        v = rng.standard_normal(shape) + 0.5
+        k = c or shape[0]
+        yield Example((v,), dict(group_size=c), label=f"{shape} group_size={c}", cond=_gram_cond(v, k))
+    v = rng.standard_normal((3, 5))
+    yield Example((v,), dict(eps=1e-3), label="(3, 5) eps=1e-3", cond=_gram_cond(v, 3))
+
+
+def _orthonormal_groups(m, xp, out, args, kwargs):
+    """Each group's rows are orthonormal (W_g·W_gᵀ = I; with eps > 0, = S·(S + εI)^-1) and have mean 0."""
+    v = _np_rows(args[0])
+    w = _np_rows(m.primary(out))
+    c = kwargs.get("group_size") or w.shape[0]
+    eps = kwargs.get("eps", 0.0)
+    wg = w.reshape(w.shape[0] // c, c, -1)
+    gram = wg @ _np.swapaxes(wg, -1, -2)
+    z = v.reshape(wg.shape)
+    z = z - z.mean(axis=-1, keepdims=True)
+    s = z @ _np.swapaxes(z, -1, -2)
+    target = s @ _np.linalg.inv(s + eps * _np.eye(c)) if eps else _np.broadcast_to(_np.eye(c), gram.shape)
+    return max(float(_np.max(_np.abs(gram - target))), float(_np.max(_np.abs(w.mean(axis=1)))))
+
+
+_exact_scale = lambda kw: not kw.get("eps")  # noqa: E731 (ε·I in the Gram matrix breaks f(a·V) = f(V))
+
+
+@method(
+    array_params=("v",),
+    category="weight",
+    survey="§6.1 Eqn 31 (W·Wᵀ = I), §6.2 re-parameterization",
+    paper="Huang, Liu, Lang, Yu, Wang & Li, Orthogonal Weight Normalization: Solution to Optimization over Multiple "
+          "Dependent Stiefel Manifolds in Deep Neural Networks, AAAI 2018",
+    examples=_ex_own,
+    invariants=(
+        Invariant("groups of rows are orthonormal with mean 0", _orthonormal_groups, scale=64.0),
+        scale_invariant(applies=_exact_scale),
+    ),
+)
+def orthogonal_weight_norm(v: Any, group_size: int | None = None, eps: float = 0.0):
+    """Orthogonal weight normalization (OWN): W = (Vc·Vcᵀ)^-1/2·Vc per group of rows (survey Eqn 31).
+
+    Vc is V (rows = output neurons, fan-in flattened) with each row centred; rows are taken in groups
+    of ``group_size`` consecutive rows (default: all d_out rows in one group), each group orthogonalized
+    on its own, so W_g·W_gᵀ = I: the rows of a group are orthonormal and have zero mean. Centred rows
+    span at most fan_in − 1 dimensions, so a group must have at most fan_in − 1 rows (the reason for
+    groups when d_out ≥ d_in). The inverse square root is the ZCA one of :mod:`normref.matfun`
+    (one batched ``eigh``; eigenvalues Λ, eigenvectors D), with its Loewner backward:
+    dM = dW·Vcᵀ, dS = D·(K ∘ (Dᵀ·sym(dM)·D))·Dᵀ, dVc = M·dW + 2·dS·Vc, dV = dVc − mean(dVc).
+    ``eps`` > 0 adds ε·I to Vc·Vcᵀ (rows then only approximately orthonormal); the default 0 is the
+    paper's. A numerically singular group raises ``ValueError``.
+    Huang et al., AAAI 2018.
+    """
+    fn = "orthogonal_weight_norm"
+    xp = namespace(fn, v=v)
+    return _orth_forward(fn, xp, v, group_size, eps, None)
+
+
+orthogonal_weight_norm.defbackward(_orth_backward)
+
+
+def _newton_amplification(v, c, iterations, eps=0.0) -> float:
+    """How much the literal Newton recurrence P ← 1.5·P − 0.5·P³·S_N amplifies its rounding errors.
+
+    Linearized around the exact (commuting) iterates P_k = diag(p_k) in S_N's eigenbasis (eigenvalues λ),
+    an error E_ij is multiplied at step k by f_ij = 1.5 − 0.5·λ_j·(p_i² + p_i·p_j + p_j²); at convergence
+    (p = λ^-1/2) f_ij = 1 − ½·r·(1 + r), r = √(λ_j/λ_i), which exceeds 1 in modulus once λ_j/λ_i > 2.44:
+    the recurrence is then unstable (Higham, Functions of Matrices, 2008, §6.4). Returns
+    1 + max_ij Σ_k Π_{l≥k} |f_ij(l)|: the factor on ε of the computed W's error (Example.cond).
+    """
+    z = _np_rows(v)
+    z = z.reshape(z.shape[0] // c, c, -1)
+    z = z - z.mean(axis=-1, keepdims=True)
+    s = z @ _np.swapaxes(z, -1, -2) + eps * _np.eye(c)
+    lam = _np.linalg.eigvalsh(s) / _np.trace(s, axis1=-2, axis2=-1)[:, None]
+    worst = 1.0
+    for lg in lam:
+        p = _np.ones_like(lg)
+        factors = []
+        for _ in range(iterations):
+            pi, pj = p[:, None], p[None, :]
+            factors.append(_np.abs(1.5 - 0.5 * lg[None, :] * (pi * pi + pi * pj + pj * pj)))
+            p = 1.5 * p - 0.5 * p**3 * lg
+        total, prod = _np.zeros_like(factors[0]), _np.ones_like(factors[0])
+        for f in reversed(factors):
+            prod = prod * f
+            total = total + prod
+        worst = max(worst, 1.0 + float(total.max()))
+    return worst
+
+
+def _ex_oni(rng):
+    for shape, c, t in [((4, 6), None, 5), ((6, 3, 2, 2), 3, 2), ((8, 3), 2, 7), ((4, 2, 3), 2, 1), ((3, 5), None, 30)]:
+        v = rng.standard_normal(shape) + 0.3
+        yield Example((v,), dict(iterations=t, group_size=c), label=f"{shape} group_size={c} T={t}",
+                      cond=_gram_cond(v, c or shape[0]))
+    v = rng.standard_normal((4, 5))
+    yield Example((v,), dict(iterations=4, eps=1e-2), label="(4, 5) T=4 eps=1e-2", cond=_gram_cond(v, 4))
+    # the paper's literal recurrence, where it is stable enough to test (see _newton_amplification)
+    for shape, c, t in [((4, 6), None, 5), ((6, 3, 2, 2), 3, 2), ((8, 3), 2, 3)]:
+        v = rng.standard_normal(shape) + 0.3
+        k = c or shape[0]
+        cond = max(_gram_cond(v, k), _newton_amplification(v, k, t))
+        yield Example((v,), dict(iterations=t, group_size=c, iteration="newton"),
+                      label=f"{shape} group_size={c} T={t} literal Newton", cond=cond)
+
+
+def _oni_singular_values(m, xp, out, args, kwargs):
+    """Singular values of each group's W lie in [σ_i(V̂), 1], V̂ = Vc/‖Vc‖_F (Huang et al. 2020, §3.2):
+    the excess over 1 and the shortfall below σ_i(V̂) (both 0 exactly)."""
+    v = _np_rows(args[0])
+    w = _np_rows(m.primary(out))
+    c = kwargs.get("group_size") or w.shape[0]
+    eps = kwargs.get("eps", 0.0)
+    z = v.reshape(v.shape[0] // c, c, -1)
+    z = z - z.mean(axis=-1, keepdims=True)
+    t = _np.einsum("gij,gij->g", z, z) + eps * c
+    lo = _np.sqrt(_np.clip(_np.linalg.eigvalsh(z @ _np.swapaxes(z, -1, -2)) / t[:, None], 0, None))[:, ::-1]
+    sv = _np.linalg.svd(w.reshape(z.shape), compute_uv=False)
+    if eps:  # with ε·I the lower bound is σ_i(V̂)·(1 + …) only approximately: check the upper bound
+        return float(max(0.0, _np.max(sv) - 1.0))
+    return float(max(0.0, _np.max(sv) - 1.0, _np.max(lo - sv)))
+
+
+@method(
+    array_params=("v",),
+    category="weight",
+    survey="§6.1 (ONI bounds singular values in (σ_min, 1]; interpolates spectral normalization and Eqn 31)",
+    paper="Huang, Liu, Zhu, Liu & Shao, Controllable Orthogonalization in Training DNNs, CVPR 2020",
+    examples=_ex_oni,
+    invariants=(
+        Invariant("singular values in [σ(V̂), 1]", _oni_singular_values, scale=64.0),
+        scale_invariant(applies=_exact_scale),
+    ),
+)
+def oni(v: Any, iterations: int = 5, group_size: int | None = None, eps: float = 0.0,
+        iteration: str = "newton_schulz"):
+    """Orthogonalization by Newton's iteration (ONI): W = B_T·V̂ per group of rows.
+
+    Algorithm 1 of Huang et al. (CVPR 2020) on the centred rows Zc (as their code; groups of
+    ``group_size`` consecutive rows, default all rows): V̂ = Zc/‖Zc‖_F, S = V̂·V̂ᵀ, B_0 = I,
+    B_t = 3/2·B_{t−1} − 1/2·B_{t−1}³·S, W = B_T·V̂. Since ‖Zc‖_F² = tr(Zc·Zcᵀ), W = P_T·Zc with
+    P_T IterNorm's trace-normalized Newton iteration (:func:`normref.matfun.newton_inv_sqrt_forward`),
+    and the backward runs through the unrolled iterations there (T = ``iterations`` ≥ 1).
+
+    The eigenvalues λ of S lie in (0, 1]; each singular value of W is p_T(λ)·√λ, increasing in T from
+    √λ = σ(V̂) to 1: small T bounds the singular values in [σ_min(V̂), 1] (T = 0 would be Frobenius
+    normalization, close to spectral normalization when one singular value dominates), large T gives
+    W·Wᵀ = I for a group of at most fan_in − 1 rows. ``eps`` adds ε·I to Zc·Zcᵀ (the authors' code uses
+    1e-5; the default 0 is Algorithm 1). The authors' code divides S by ‖S‖_F instead of tr S
+    (faster convergence, ‖S‖_F ≤ tr S); that variant is not offered here. A group that is zero after
+    centring raises ``ValueError``.
+
+    ``iteration`` chooses how B_T is computed; both give the same polynomial in S, so the same W in
+    exact arithmetic:
+
+    - ``"newton_schulz"`` (default): the coupled form Y_0 = S, Z_0 = I, M = ½(3I − Z·Y), Y ← Y·M,
+      Z ← M·Z, B_T = Z_T (matfun's coupled Newton–Schulz). Numerically stable for any T.
+    - ``"newton"``: the paper's recurrence B ← 1.5·B − 0.5·B³·S literally (matfun's IterNorm). It is
+      unstable once converged: rounding errors grow by |1 − ½·r·(1 + r)|, r = √(λ_j/λ_i), per
+      iteration, which exceeds 1 when an eigenvalue ratio of S exceeds 2.44 (Higham 2008, §6.4). With
+      κ(S) = 27 and T = 20 we measured ‖W·Wᵀ − I‖ = 1e6 in float64 (NaN at T = 40); with the paper's
+      T ≤ 7 the loss is a few digits.
+    Huang et al., CVPR 2020.
+    """
+    fn = "oni"
+    xp = namespace(fn, v=v)
+    iterations = check_int(fn, "iterations", iterations, minimum=1)
+    iteration = check_choice(fn, "iteration", iteration, ITERATIONS)
+    return _orth_forward(fn, xp, v, group_size, eps, iterations, iteration)
+
+
+oni.defbackward(_orth_backward)
+
+
+# --------------------------------------------------------------------------------------------------
+# soft orthogonality penalties (survey §6.2, "Regularization with an Extra Penalty")
+
+PENALTIES = ("frobenius", "double", "off_diagonal")
+
+
+def _ex_penalty(rng):
+    for shape in [(3, 5), (5, 3), (2, 3, 2, 2)]:
+        for kind in PENALTIES:
+            yield Example((rng.standard_normal(shape) * 0.5,), dict(kind=kind), label=f"{shape} {kind}")
+
+
+def _penalty_zero_when_orthogonal(m, xp, out, args, kwargs):
+    """ψ(Q) = 0 for Q with orthonormal rows (rows ≤ columns; "double" needs a square Q)."""
+    w = _np_rows(args[0])
+    r, c = w.shape
+    kind = kwargs.get("kind", "frobenius")
+    if r > c or (kind == "double" and r != c):
+        return None
+    q = _np.linalg.qr(w.T)[0].T  # orthonormal rows
+    val = float(_np.asarray(to_numpy(m(xp.asarray(q), kind=kind)), _np.float64))
+    return abs(val)
+
+
+@method(
+    array_params=("w",),
+    category="weight",
+    survey="§6.2 (Regularization with an Extra Penalty), constraint Eqn 31",
+    paper="Xie, Xiong & Pu, All You Need is Beyond a Good Init, CVPR 2017; Bansal, Chen & Wang, Can We Gain More "
+          "from Orthogonality Regularizations in Training Deep CNNs?, NeurIPS 2018; Brock, Donahue & Simonyan, "
+          "Large Scale GAN Training (BigGAN), ICLR 2019",
+    examples=_ex_penalty,
+    invariants=(Invariant("zero at orthonormal rows", _penalty_zero_when_orthogonal, scale=64.0),),
+)
+def orthogonal_penalty(w: Any, kind: str = "frobenius"):
+    """A soft-orthogonality penalty on the rows of W (d_out × fan_in), a 0-d array.
+
+    - ``"frobenius"``: ‖W·Wᵀ − I‖²_F (soft orthogonality, Xie et al. 2017; "SO" of Bansal et al.
+      2018); gradient 4·(W·Wᵀ − I)·W.
+    - ``"double"``: ‖W·Wᵀ − I‖²_F + ‖Wᵀ·W − I‖²_F ("DSO", Bansal et al.); gradient adds 4·W·(Wᵀ·W − I).
+    - ``"off_diagonal"``: ‖(W·Wᵀ) ∘ (11ᵀ − I)‖²_F, orthogonality without unit norms (BigGAN's
+      orthogonal regularization, Brock et al. 2019); gradient 4·M·W with M the off-diagonal of W·Wᵀ.
+
+    Rows can be orthonormal only when d_out ≤ fan_in; for a tall W use the transpose (or "double").
+    Multiply by the regularization strength yourself.
+    """
+    fn = "orthogonal_penalty"
+    xp = namespace(fn, w=w)
+    _check_weight(fn, "w", w)
+    kind = check_choice(fn, "kind", kind, PENALTIES)
+    cd = compute_dtype(xp, w.dtype)
+    a = _rows(xp, to_compute(xp, w, cd))
+    r, c = a.shape
+    eye_r = xp.eye(r, dtype=cd, device=device_of(a))
+    gram = xp.matmul(a, xp.matrix_transpose(a))
+    if kind == "off_diagonal":
+        m1 = gram * (1.0 - eye_r)
+    else:
+        m1 = gram - eye_r
+    val = xp.sum(m1 * m1)
+    m2 = None
+    if kind == "double":
+        m2 = xp.matmul(xp.matrix_transpose(a), a) - xp.eye(c, dtype=cd, device=device_of(a))
+        val = val + xp.sum(m2 * m2)
+    if not isinstance(val, type(a)):  # NumPy's sum gives a scalar: return a 0-d array like every library
+        val = xp.asarray(val)
+    return _out(xp, val, w.dtype), Residuals((a, m1, m2), (tuple(w.shape),))
+
+
+@orthogonal_penalty.defbackward
+def _penalty_backward(res, g):
+    a, m1, m2 = res.arrays
+    (shape,) = res.static
+    xp = namespace("orthogonal_penalty.backward", cotangent=g)
+    g = to_compute(xp, g, a.dtype)
+    # d‖M‖²_F = 2⟨M, dM⟩ and dM = dW·Wᵀ + W·dWᵀ (M symmetric): ∂/∂W = 4·M·W (the mask keeps M symmetric).
+    da = 4.0 * xp.matmul(m1, a)
+    if m2 is not None:
+        da = da + 4.0 * xp.matmul(a, m2)
+    return (xp.reshape(g * da, shape),)
+
+
+# --------------------------------------------------------------------------------------------------
+# cosine normalization (Luo et al., 2018)
+
+
+def _ex_cosine(rng):
+    for xs, ws in [((5, 4), (3, 4)), ((2, 3, 6), (4, 3, 2)), ((7,), (2, 7)), ((3, 12), (5, 3, 2, 2))]:
+        yield Example((rng.standard_normal(xs), rng.standard_normal(ws)), {}, label=f"x{xs} w{ws}")
+    yield Example((rng.standard_normal((3, 4)), rng.standard_normal((2, 4))), dict(eps=1e-2), label="eps=1e-2")
+
+
+def _cos_bounded(m, xp, out, args, kwargs):
+    """Outputs are cosines (|y| ≤ 1) and equal the exact cosine up to the eps's effect."""
+    x = _np.asarray(to_numpy(args[0]), _np.float64)
+    w = _np_rows(args[1])
+    eps = kwargs.get("eps", 1e-12)
+    y = _np.asarray(to_numpy(m.primary(out)), _np.float64)
+    xn = _np.sqrt((x * x).sum(-1, keepdims=True) + eps)
+    wn = _np.sqrt((w * w).sum(-1) + eps)
+    ref = (x @ w.T) / xn / wn
+    return max(_rel(y, ref), float(max(0.0, _np.max(_np.abs(y)) - 1.0)))
+
+
+@method(
+    array_params=("x", "w"),
+    category="weight",
+    survey="§6.3 (cosine normalization merges layer and weight normalization)",
+    paper="Luo, Zhan, Xue, Wang, Ren & Yang, Cosine Normalization: Using Cosine Similarity Instead of Dot Product "
+          "in Neural Networks, ICANN 2018",
+    examples=_ex_cosine,
+    invariants=(Invariant("cosines of x with each row of w", _cos_bounded, scale=64.0),),
+)
+def cosine_norm(x: Any, w: Any, eps: float = 1e-12):
+    """Cosine normalization of a linear layer: y_{…j} = ⟨x, w_j⟩/(‖x‖·‖w_j‖), in [−1, 1].
+
+    ``x`` has shape (..., fan_in) and ``w`` (d_out, d_in, *kernel) with fan_in = d_in·Πkernel (a
+    convolution applies this to each unfolded patch); the output has shape (..., d_out). Both norms
+    are regularized as √(‖·‖² + ε) (ε inside the root, ε > 0): a zero input or a zero row gives a
+    zero output, never NaN; the relative effect of ε is ε/‖·‖² (1e-12 by default: below float32
+    round-off for norms above 1e-2). The paper's bias variant folds b into w and a constant 1 into x.
+    Backward, with x̂ = x/‖x‖, ŵ = w/‖w‖ and y = x̂·ŵᵀ: dx̂ = g·ŵ, dŵ = gᵀ·x̂ (summed over samples),
+    dx = (dx̂ − x̂·⟨x̂, dx̂⟩)/‖x‖, dw = (dŵ − ŵ·⟨ŵ, dŵ⟩)/‖w‖.
+    Luo et al., ICANN 2018.
+    """
+    fn = "cosine_norm"
+    xp = namespace(fn, x=x, w=w)
+    _check_weight(fn, "w", w)
+    if x.ndim < 1:
+        raise ValueError(f"{fn}: x must have at least 1 dimension (..., fan_in); got shape {tuple(x.shape)}")
+    fan_in = math.prod(w.shape[1:])
+    if x.shape[-1] != fan_in:
+        raise ValueError(
+            f"{fn}: x's last dimension must be w's fan-in {fan_in} (w of shape {tuple(w.shape)}); "
+            f"got x of shape {tuple(x.shape)}"
+        )
+    eps = check_positive(fn, "eps", eps)
+    cd = compute_dtype(xp, x.dtype)
+    xc = to_compute(xp, x, cd)
+    wm = _rows(xp, to_compute(xp, w, cd))
+    nx = xp.sqrt(xp.sum(xc * xc, axis=-1, keepdims=True) + eps)
+    nw = xp.sqrt(xp.sum(wm * wm, axis=-1, keepdims=True) + eps)
+    xh, wh = xc / nx, wm / nw
+    y = xp.matmul(xh, xp.matrix_transpose(wh)) if xh.ndim > 1 else xp.matmul(wh, xh)
+    return _out(xp, y, x.dtype), Residuals((xh, nx, wh, nw), (tuple(w.shape),))
+
+
+@cosine_norm.defbackward
+def _cosine_backward(res, g):
+    xh, nx, wh, nw = res.arrays
+    (wshape,) = res.static
+    xp = namespace("cosine_norm.backward", cotangent=g)
+    g = to_compute(xp, g, xh.dtype)
+    dxh = xp.matmul(g, wh)  # (..., fan_in)
+    g2 = xp.reshape(g, (-1, g.shape[-1]))
+    x2 = xp.reshape(xh, (-1, xh.shape[-1]))
+    dwh = xp.matmul(xp.matrix_transpose(g2), x2)  # (d_out, fan_in)
+    # the regularized norm √(‖x‖²+ε) has the same derivative form: d(x/ν) = (dx − x̂·⟨x̂, dx⟩)/ν,
+    # since ∂ν/∂x = x/ν = x̂ whatever ε is.
+    dx = _unit_backward(xp, xh, nx, (-1,), dxh)
+    dw = _unit_backward(xp, wh, nw, (-1,), dwh)
+    return dx, xp.reshape(dw, wshape)
