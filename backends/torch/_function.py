@@ -1,0 +1,262 @@
+"""``torch.autograd.Function`` wrappers generated from the registry (one per :class:`normref.Method`).
+
+Each wrapper runs ``Method.forward`` in the forward and ``Method.backward`` (normref's analytic
+backward) in the backward; torch's autograd never traces the forward formula for first derivatives.
+
+Design (why it looks the way it does)
+- ``forward`` + ``setup_context`` style (the one ``torch.func`` supports). ``forward`` cannot reach
+  ``ctx``, so the residual arrays travel out of ``forward`` as extra outputs, marked
+  non-differentiable in ``setup_context`` and dropped by the public wrapper. A residual that *is* an
+  input or the primary output is not returned again (returning an input as an output of a custom
+  Function makes autograd treat it as a view of that input); it is recorded by position instead.
+  A residual that shares storage with an input (a reshape of x, say) or with the output (x̂ = y
+  without affine) is cloned; the output itself is never saved, so in-place ops on it stay legal.
+- First derivatives (``torch.is_grad_enabled()`` is False inside ``backward``): the saved residuals
+  are handed to ``Method.backward``; nothing is recomputed.
+- Second derivatives (``create_graph=True``, so grad mode is on inside ``backward``): the saved
+  residuals are detached non-differentiable outputs, so differentiating the backward through them would
+  drop every term that flows through the residuals (the silent-zero bug of the prototype). Instead the
+  forward is recomputed from the saved *inputs* under ``torch.enable_grad()`` and the analytic
+  backward runs on those fresh residuals: since it is written in array-API operations on torch tensors,
+  torch's autograd differentiates it exactly (the derivative of the analytic first derivative).
+- ``ctx.needs_input_grad`` is honoured: no backward at all when no differentiable input needs a
+  gradient, and ``None`` for every input that does not need one. (``Method.backward`` computes all of a
+  method's gradients together; finer skipping would need the registry to pass the mask down.)
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable
+
+import torch
+
+from normref.registry import Method, Residuals, get
+
+__all__ = ["function", "autograd_function", "apply"]
+
+# Recompute the residuals from the inputs when the backward itself is differentiated (create_graph).
+# Switching it off reproduces the prototype's silent-zero second derivatives; only the test that
+# proves gradgradcheck catches that bug does so.
+_RECOMPUTE_FOR_SECOND_ORDER = True
+
+
+class _Call:
+    """Per-call non-tensor data shared by forward, setup_context and backward (no tensors inside)."""
+
+    __slots__ = ("method", "bound", "names", "out_type", "n_fields", "layout", "static", "meta")
+
+    def __init__(self, method: Method, bound, names):
+        self.method = method
+        self.bound = bound  # inspect.BoundArguments; array entries are replaced at call time
+        self.names = names  # the method's array parameters, signature order
+        self.out_type = None
+        self.n_fields = 1
+        self.layout: tuple = ()
+        self.static = ()
+        self.meta = None
+
+    def run_forward(self, arrays):
+        """``Method.forward`` on ``arrays`` (one per array parameter) and the call's other arguments."""
+        arguments = dict(self.bound.arguments)
+        arguments.update(zip(self.names, arrays))
+        b = inspect.BoundArguments(self.bound.signature, arguments)  # signature order is kept
+        return self.method.forward(*b.args, **b.kwargs)
+
+
+def _shares_storage(a: torch.Tensor, others) -> bool:
+    try:
+        p = a.untyped_storage().data_ptr()
+    except Exception:  # tensors without storage (functorch wrappers, meta): treat as not shared
+        return False
+    for o in others:
+        if isinstance(o, torch.Tensor):
+            try:
+                if o.untyped_storage().data_ptr() == p and p != 0:
+                    return True
+            except Exception:
+                pass
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def autograd_function(name: str) -> type:
+    """The ``torch.autograd.Function`` subclass for the registered method ``name``.
+
+    ``apply(call, *arrays)`` takes a :class:`_Call` and one tensor (or ``None``) per array parameter
+    and returns ``(*output_fields, *residual_arrays)``; use :func:`function` for the public form.
+    """
+    m = get(name)
+    n_arrays = len(m.array_params)
+    diff_pos = tuple(i for i, p in enumerate(m.array_params) if p not in m.nondiff)
+    nondiff_pos = frozenset(i for i, p in enumerate(m.array_params) if p in m.nondiff)
+
+    class Fn(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(call: _Call, *arrays):
+            out, res = call.run_forward(arrays)
+            if isinstance(out, tuple):
+                call.out_type = type(out)
+                fields = list(out)
+            else:
+                call.out_type = None
+                fields = [out]
+            call.n_fields = len(fields)
+            # An auxiliary output (updated running statistics) that aliases an input is cloned, so
+            # that no output of the Function is an input or a view of one.
+            for j in range(1, len(fields)):
+                f = fields[j]
+                if isinstance(f, torch.Tensor) and (
+                    f._is_view() or any(f is a for a in arrays) or _shares_storage(f, arrays)
+                ):
+                    fields[j] = f.clone()
+            primary = fields[0]
+            # The output must not be an input, share an input's storage, or be a view (a reshape of
+            # the partitioned result): torch forbids in-place ops on view outputs of a custom
+            # Function, and layers are followed by ReLU(inplace=True) in the wild. One copy then.
+            if isinstance(primary, torch.Tensor) and (
+                primary._is_view() or any(primary is a for a in arrays) or _shares_storage(primary, arrays)
+            ):
+                primary = fields[0] = primary.clone()
+            layout = []
+            extras = []
+            for r in res.arrays:
+                if r is None:
+                    layout.append(("none",))
+                    continue
+                hit = next((i for i, a in enumerate(arrays) if r is a), None)
+                if hit is not None:
+                    layout.append(("in", hit))
+                else:
+                    # a residual that is (or shares storage with) the output is copied: the output is
+                    # not saved, so an in-place op on it (ReLU(inplace=True) after a norm layer, as
+                    # with torch's own layers) cannot invalidate the backward
+                    if _shares_storage(r, list(arrays) + fields):
+                        r = r.clone()
+                    layout.append(("extra", len(extras)))
+                    extras.append(r)
+            call.layout = tuple(layout)
+            call.static = res.static
+            call.meta = res.meta
+            return (*fields, *extras)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            call = inputs[0]
+            arrays = inputs[1:]
+            nf = call.n_fields
+            nondiff_out = [t for t in output[1:] if isinstance(t, torch.Tensor)]
+            if nondiff_out:
+                ctx.mark_non_differentiable(*nondiff_out)
+            ctx.call = call
+            # Non-differentiable array inputs (running statistics) are saved as copies: layers update
+            # them in place after the forward (as torch's own layers do), which would otherwise trip
+            # autograd's version check; their values at forward time are what the backward needs.
+            kept = [
+                a.detach().clone() if (i in nondiff_pos and isinstance(a, torch.Tensor)) else a
+                for i, a in enumerate(arrays)
+            ]
+            y = output[0]
+            ctx.out_like = (tuple(y.shape), y.dtype, y.device)
+            ctx.save_for_backward(*kept, *output[nf:])
+
+        @staticmethod
+        def backward(ctx, *grad_outputs):
+            call: _Call = ctx.call
+            needs = ctx.needs_input_grad[1:]
+            wanted = [i for i in diff_pos if needs[i]]
+            if not wanted:
+                return (None,) * (1 + n_arrays)
+            g = grad_outputs[0]
+            saved = ctx.saved_tensors
+            arrays = saved[:n_arrays]
+            if g is None:  # materialize_grads off and the output unused: its gradient is zero
+                shape, dtype, device = ctx.out_like
+                g = torch.zeros(shape, dtype=dtype, device=device)
+            if torch.is_grad_enabled() and _RECOMPUTE_FOR_SECOND_ORDER:
+                # create_graph=True: recompute the residuals from the inputs with autograd recording,
+                # so the analytic backward is differentiated through them too (second order).
+                with torch.enable_grad():
+                    _, res = call.run_forward(arrays)
+                    grads = m.backward(res, g)
+            else:
+                extras = saved[n_arrays:]
+                res_arrays = []
+                for entry in call.layout:
+                    kind = entry[0]
+                    if kind == "none":
+                        res_arrays.append(None)
+                    elif kind == "in":
+                        res_arrays.append(arrays[entry[1]])
+                    else:
+                        res_arrays.append(extras[entry[1]])
+                grads = m.backward(Residuals(res_arrays, call.static, call.meta), g)
+            result = [None] * n_arrays
+            for i in wanted:
+                result[i] = grads[i]
+            return (None, *result)
+
+    Fn.__name__ = Fn.__qualname__ = f"{_camel(name)}Function"
+    Fn.__doc__ = f"torch.autograd.Function for normref.{name} (analytic backward from the registry)."
+    return Fn
+
+
+def _camel(name: str) -> str:
+    return "".join(w.capitalize() for w in name.split("_"))
+
+
+def _check_arrays(m: Method, bound) -> list:
+    arrays = []
+    for p in m.array_params:
+        a = bound.arguments.get(p)
+        if a is not None and not isinstance(a, torch.Tensor):
+            raise TypeError(
+                f"normref.backends.torch.{m.name}: {p} must be a torch.Tensor or None; got {type(a).__name__}"
+            )
+        arrays.append(a)
+    return arrays
+
+
+def function(name_or_method: "str | Method") -> Callable:
+    """``normref.<method>`` for torch tensors, differentiable through normref's analytic backward.
+
+    The returned function has the method's signature and returns what the method returns (an array,
+    or a NamedTuple whose auxiliary fields are non-differentiable). Works for every registered method,
+    including those registered after this module was imported.
+
+    Example::
+
+        from normref.backends import torch as nt
+        y = nt.function("group_norm")(x, 4, w, b)     # or nt.group_norm(x, 4, w, b)
+        y.sum().backward()                             # normref's analytic backward
+    """
+    return _function(get(name_or_method).name)
+
+
+@functools.lru_cache(maxsize=None)
+def _function(name: str) -> Callable:
+    m = get(name)
+    Fn = autograd_function(name)
+
+    def fn(*args: Any, **kwargs: Any):
+        bound = m.bind(*args, **kwargs)
+        arrays = _check_arrays(m, bound)
+        call = _Call(m, bound, m.array_params)
+        outs = Fn.apply(call, *arrays)
+        fields = outs[: call.n_fields]
+        return call.out_type(*fields) if call.out_type is not None else fields[0]
+
+    functools.update_wrapper(fn, m._forward)
+    fn.__signature__ = m.signature
+    fn.__name__ = fn.__qualname__ = m.name
+    fn.__module__ = "normref.backends.torch"
+    fn.method = m
+    return fn
+
+
+def apply(name_or_method: "str | Method", *args: Any, **kwargs: Any):
+    """``function(name_or_method)(*args, **kwargs)``."""
+    return function(name_or_method)(*args, **kwargs)
