@@ -37,7 +37,8 @@ class Backend:
             return None
         if not isinstance(a, np.ndarray):
             return a
-        return self._asarray(np.ascontiguousarray(a, dtype=np.float64), dtype)
+        # np.asarray(order="C") keeps 0-d arrays 0-d (np.ascontiguousarray would make them 1-d)
+        return self._asarray(np.asarray(a, dtype=np.float64, order="C"), dtype)
 
     def convert(self, args: tuple, kwargs: dict, dtype: str = "float64"):
         """Convert every NumPy array in a call (args and kwargs) to this backend."""

@@ -1,0 +1,346 @@
+"""Results of the conformance suite: one :class:`Record` per check, a :class:`Report` that renders
+the methods × libraries table (with rich when it is installed) and round-trips through JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+from typing import Any, Iterable
+
+from .tolerance import legend
+
+__all__ = ["Record", "Report", "ConformanceError", "FD_COLUMN"]
+
+FD_COLUMN = "finite-diff"  # method-level float64 checks that belong to no library
+
+FORMAT_VERSION = 1
+
+
+class ConformanceError(AssertionError):
+    """Raised by :func:`normref.conformance.check` (and ``Report.raise_for_failures``) on disagreement.
+
+    An ``AssertionError``, so a pytest test that calls ``check`` fails with the report as message.
+    ``.report`` holds the :class:`Report`.
+    """
+
+    def __init__(self, message: str, report: "Report | None" = None):
+        super().__init__(message)
+        self.report = report
+
+
+def _num(x):
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else repr(x)  # "inf"/"nan": JSON has no literal for them
+
+
+def _unnum(x):
+    if x is None:
+        return None
+    return float(x)
+
+
+@dataclasses.dataclass
+class Record:
+    """One check: ``error`` against ``tol`` (``formula`` says how ``tol`` was derived).
+
+    ``status`` is ``pass``, ``fail`` (error above tolerance) or ``error`` (the check raised).
+    ``seed`` is the suite seed and ``example`` the index of the case in ``method``'s
+    ``examples(rng)`` stream for that seed: enough to rebuild the inputs (see :func:`replay`).
+    ``detail`` maps an output field, an argument or another library to its own error.
+    """
+
+    method: str
+    example: int
+    label: str
+    backend: str
+    dtype: str
+    check: str
+    error: float
+    tol: float
+    formula: str
+    status: str
+    seed: int
+    cond: float = 1.0
+    message: str = ""
+    detail: dict = dataclasses.field(default_factory=dict)
+    column: str = ""
+
+    def __post_init__(self):
+        if not self.column:
+            self.column = self.backend
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
+
+    @property
+    def ratio(self) -> float:
+        if self.status == "error":
+            return math.inf
+        if self.tol <= 0:
+            return 0.0 if self.error == 0 else math.inf
+        return self.error / self.tol
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["error"] = _num(self.error)
+        d["tol"] = _num(self.tol)
+        d["detail"] = {k: _num(v) if isinstance(v, (int, float)) else v for k, v in self.detail.items()}
+        d["passed"] = self.passed
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Record":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in fields}
+        kw["error"] = _unnum(kw["error"])
+        kw["tol"] = _unnum(kw["tol"])
+        kw["detail"] = {
+            k: (float(v) if isinstance(v, str) and v in ("inf", "nan", "-inf") else v)
+            for k, v in (kw.get("detail") or {}).items()
+        }
+        return cls(**kw)
+
+    def line(self) -> str:
+        where = f"{self.method}[{self.example}] {self.label!r} {self.backend} {self.dtype} {self.check}"
+        if self.status == "error":
+            return f"{where}: ERROR {self.message}"
+        return f"{where}: error {self.error:.3g} vs tol {self.tol:.3g} ({self.formula}) {self.status}"
+
+
+@dataclasses.dataclass
+class Report:
+    """All records of a run plus what was run and what was skipped (with reasons)."""
+
+    records: list
+    methods: list
+    columns: list
+    skipped: list  # [(backend, reason)]
+    meta: dict = dataclasses.field(default_factory=dict)
+    title: str = "normref conformance"
+
+    # -- verdict ----------------------------------------------------------------------------------
+    @property
+    def failures(self) -> list:
+        return [r for r in self.records if not r.passed]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and not self.untested
+
+    @property
+    def untested(self) -> list:
+        """Methods asked for that produced no record (e.g. registered without examples)."""
+        seen = {r.method for r in self.records}
+        return [m for m in self.methods if m not in seen]
+
+    def __bool__(self) -> bool:  # pragma: no cover - convenience
+        return self.ok
+
+    def worst(self) -> "Record | None":
+        return max(self.records, key=lambda r: r.ratio, default=None)
+
+    def summary(self) -> str:
+        n, f = len(self.records), len(self.failures)
+        w = self.worst()
+        libs = [c for c in self.columns if c != FD_COLUMN]
+        s = (
+            f"{self.title}: {len(self.methods)} methods × {len(libs)} libraries "
+            f"({', '.join(libs)}), {n} checks: {n - f} passed, {f} failed"
+        )
+        if self.untested:
+            s += f", {len(self.untested)} methods untested ({', '.join(self.untested)})"
+        if w is not None:
+            s += f"; worst error/tolerance {w.ratio:.3g}"
+        if "seconds" in self.meta:
+            s += f"; {self.meta['seconds']:.1f} s"
+        if self.skipped:
+            s += "; skipped: " + ", ".join(f"{b} ({why})" for b, why in self.skipped)
+        return s
+
+    def raise_for_failures(self) -> "Report":
+        if not self.ok:
+            lines = [self.summary()] + [r.line() for r in self.failures[:20]]
+            if len(self.failures) > 20:
+                lines.append(f"... and {len(self.failures) - 20} more")
+            for m in self.untested:
+                lines.append(f"{m}: no example to check (registered without examples?)")
+            raise ConformanceError("\n".join(lines), self)
+        return self
+
+    # -- the table --------------------------------------------------------------------------------
+    def cells(self) -> dict:
+        """{(method, column): (passed, worst ratio, n checks, worst record)}."""
+        out: dict = {}
+        for r in self.records:
+            key = (r.method, r.column)
+            ok, worst, n, wr = out.get(key, (True, -1.0, 0, None))
+            if r.ratio > worst:
+                worst, wr = r.ratio, r
+            out[key] = (ok and r.passed, worst, n + 1, wr)
+        return out
+
+    def _rich_renderables(self, verbose: bool = False, max_failures: int = 25):
+        from rich.table import Table
+        from rich.text import Text
+
+        cells = self.cells()
+        table = Table()
+        table.add_column("method", style="bold", no_wrap=True)
+        for c in self.columns:
+            table.add_column(c, justify="right", no_wrap=True, min_width=len(c))
+        for m in self.methods:
+            row = [m]
+            for c in self.columns:
+                cell = cells.get((m, c))
+                if cell is None:
+                    row.append(Text("—", style="dim") if m not in self.untested else Text("untested", style="red"))
+                    continue
+                ok, worst, n, wr = cell
+                if ok:
+                    row.append(Text(f"✓ {worst:.2g}", style="green"))
+                elif wr is not None and wr.status == "error":
+                    row.append(Text("✗ error", style="bold red"))
+                else:
+                    row.append(Text(f"✗ {worst:.3g}", style="bold red"))
+            table.add_row(*row)
+        out = [Text(self.title + "  (cell: largest error / tolerance over its checks; ✓ below 1)", style="bold"), table]
+        dts = self.meta.get("dtypes") or ["float64", "float32", "float16", "bfloat16"]
+        out.append(Text("\n".join("  " + s for s in ["tolerances:"] + legend(dts)), style="dim"))
+        if self.skipped:
+            out.append(Text("skipped: " + "; ".join(f"{b}: {why}" for b, why in self.skipped), style="yellow"))
+        if verbose:
+            t = Table(title="every check", show_lines=False)
+            for h in ("method", "example", "library", "dtype", "check", "error", "tolerance", "derivation", ""):
+                t.add_column(h)
+            for r in self.records:
+                t.add_row(r.method, f"{r.example} {r.label}", r.backend, r.dtype, r.check,
+                          "error" if r.status == "error" else f"{r.error:.3g}", f"{r.tol:.3g}", r.formula,
+                          Text("✓", style="green") if r.passed else Text("✗", style="red"))
+            out.append(t)
+        fails = self.failures
+        if fails:
+            t = Table(title=f"failures ({len(fails)}; replay with normref.conformance.replay(record) or the seed)")
+            for h in ("method", "example", "library", "dtype", "check", "error", "tolerance (derivation)", "message"):
+                t.add_column(h, overflow="fold")
+            for r in fails[:max_failures]:
+                t.add_row(r.method, f"#{r.example} {r.label} (seed {r.seed})", r.backend, r.dtype, r.check,
+                          "—" if r.status == "error" else f"{r.error:.3g}", f"{r.tol:.3g} ({r.formula})",
+                          r.message or ", ".join(f"{k}: {v:.3g}" if isinstance(v, float) else f"{k}: {v}"
+                                                 for k, v in r.detail.items()))
+            out.append(t)
+            if len(fails) > max_failures:
+                out.append(Text(f"... {len(fails) - max_failures} more failures (see --json)", style="red"))
+        out.append(Text(self.summary(), style="bold green" if self.ok else "bold red"))
+        return out
+
+    def render(self, console=None, verbose: bool = False) -> None:
+        """Print the table, the tolerance legend, the failures and the summary line."""
+        try:
+            from rich.console import Console
+        except ImportError:  # rich is the optional 'cli' extra: fall back to plain text
+            print(self.plain_text(verbose))
+            return
+        console = console or Console()
+        for r in self._rich_renderables(verbose):
+            console.print(r)
+
+    def plain_text(self, verbose: bool = False) -> str:
+        cells = self.cells()
+        w = max([len(m) for m in self.methods] + [6])
+        lines = [self.title, "method".ljust(w) + "  " + "  ".join(c.rjust(14) for c in self.columns)]
+        for m in self.methods:
+            row = []
+            for c in self.columns:
+                cell = cells.get((m, c))
+                if cell is None:
+                    row.append("—".rjust(14))
+                else:
+                    ok, worst, _, wr = cell
+                    row.append(((f"ok {worst:.2g}") if ok else ("FAIL error" if wr.status == "error" else f"FAIL {worst:.3g}")).rjust(14))
+            lines.append(m.ljust(w) + "  " + "  ".join(row))
+        lines += ["tolerances:"] + ["  " + s for s in legend(self.meta.get("dtypes") or ["float64", "float32"])]
+        if self.skipped:
+            lines.append("skipped: " + "; ".join(f"{b}: {why}" for b, why in self.skipped))
+        for r in self.records if verbose else self.failures[:25]:
+            lines.append(("  " if r.passed else "  FAIL ") + r.line())
+        lines.append(self.summary())
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        try:
+            from rich.console import Console
+        except ImportError:
+            return self.plain_text()
+        buf = io.StringIO()
+        console = Console(file=buf, width=160, force_terminal=False, color_system=None)
+        for r in self._rich_renderables():
+            console.print(r)
+        return buf.getvalue()
+
+    def __repr__(self) -> str:
+        return f"<Report {self.summary()}>"
+
+    # -- JSON -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": "normref-conformance",
+            "version": FORMAT_VERSION,
+            "title": self.title,
+            "ok": self.ok,
+            "summary": self.summary(),
+            "methods": list(self.methods),
+            "columns": list(self.columns),
+            "skipped": [list(s) for s in self.skipped],
+            "meta": self.meta,
+            "records": [r.to_dict() for r in self.records],
+        }
+
+    def to_json(self, path=None) -> str:
+        s = json.dumps(self.to_dict(), indent=1, ensure_ascii=False, default=str)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(s)
+        return s
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Report":
+        if d.get("format") != "normref-conformance":
+            raise ValueError("Report.from_dict: not a normref conformance report (missing format tag)")
+        return cls(
+            records=[Record.from_dict(r) for r in d["records"]],
+            methods=list(d["methods"]),
+            columns=list(d["columns"]),
+            skipped=[tuple(s) for s in d["skipped"]],
+            meta=dict(d.get("meta") or {}),
+            title=d.get("title", "normref conformance"),
+        )
+
+    @classmethod
+    def from_json(cls, path_or_text: Any) -> "Report":
+        """Load a report written by ``to_json`` / ``--json`` (a path or the JSON text)."""
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            with open(path_or_text, encoding="utf-8") as f:
+                text = f.read()
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def merge(cls, reports: Iterable["Report"], title: str = "normref conformance") -> "Report":
+        reports = list(reports)
+        cols: list = []
+        for r in reports:
+            cols += [c for c in r.columns if c not in cols]
+        return cls(
+            records=[x for r in reports for x in r.records],
+            methods=[m for r in reports for m in r.methods],
+            columns=cols,
+            skipped=list(dict.fromkeys(s for r in reports for s in r.skipped)),
+            meta=reports[0].meta if reports else {},
+            title=title,
+        )
