@@ -1,7 +1,7 @@
 """The ``normref`` command: ``normref conformance`` (the suite) and ``normref bench``.
 
     normref conformance                      # every method × every library × every dtype
-    normref conformance --quick              # one example per method (under a minute)
+    normref conformance --quick              # one or two examples per method (under a minute)
     normref conformance --method group_norm --backend torch --dtype float32 -v
     normref conformance --json report.json   # one record per check, with the seed to replay it
 
@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", "-d", action="append", metavar="NAME",
                    help="only these dtypes (float64, float32, float16, bfloat16); default: all a library has")
     p.add_argument("--quick", action="store_true",
-                   help="one example per method, autograd in float64 only, JAX in float64 only "
+                   help="per method the example passing the most arrays, plus the fewest more "
+                   "that cover its invariants; autograd in float64 only, JAX in float64 only "
                    "(under a minute on two cores)")
     p.add_argument("--json", metavar="PATH", help="write the machine-readable report (one record per check)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random input (default 0)")

@@ -189,31 +189,23 @@ class Report:
         from rich.table import Table
         from rich.text import Text
 
-        cells = self.cells()
         table = Table()
         table.add_column("method", style="bold", no_wrap=True)
         for c in self.columns:
             table.add_column(c, justify="right", no_wrap=True, min_width=len(c))
-        for m in self.methods:
-            row = [m]
-            for c in self.columns:
-                cell = cells.get((m, c))
-                if cell is None:
-                    row.append(Text("—", style="dim") if m not in self.untested else Text("untested", style="red"))
-                    continue
-                ok, worst, n, wr = cell
-                if ok:
-                    row.append(Text(f"✓ {worst:.2g}", style="green"))
-                elif wr is not None and wr.status == "error":
-                    row.append(Text("✗ error", style="bold red"))
-                else:
-                    row.append(Text(f"✗ {worst:.3g}", style="bold red"))
-            table.add_row(*row)
+        skipped = [b for b, _ in self.skipped]
+        for b in skipped:  # a library that is not installed keeps its column, marked skipped
+            table.add_column(b, justify="right", no_wrap=True, style="yellow")
+        for m, row in zip(self.methods, self._cell_texts()):
+            table.add_row(m, *[Text(t, style=self._STYLE[t.split(" ")[0]]) for t in row],
+                          *[Text("skipped", style="yellow") for _ in skipped])
         out = [Text(self.title + "  (cell: largest error / tolerance over its checks; ✓ below 1)", style="bold"), table]
         dts = self.meta.get("dtypes") or ["float64", "float32", "float16", "bfloat16"]
         out.append(Text("\n".join("  " + s for s in ["tolerances:"] + legend(dts)), style="dim"))
         if self.skipped:
             out.append(Text("skipped: " + "; ".join(f"{b}: {why}" for b, why in self.skipped), style="yellow"))
+        if self.without_invariants:
+            out.append(Text(self._invariant_note(), style="yellow"))
         if verbose:
             t = Table(title="every check", show_lines=False)
             for h in ("method", "example", "library", "dtype", "check", "error", "tolerance", "derivation", ""):
@@ -246,27 +238,56 @@ class Report:
         except ImportError:  # rich is the optional 'cli' extra: fall back to plain text
             print(self.plain_text(verbose))
             return
+        from rich.text import Text
+
         console = console or Console()
         for r in self._rich_renderables(verbose):
-            console.print(r)
+            # lines of text unwrapped (the summary line stays one line in a log); tables fit the width
+            console.print(r, soft_wrap=isinstance(r, Text))
 
-    def plain_text(self, verbose: bool = False) -> str:
+    _STYLE = {"✓": "green", "✗": "bold red", "—": "dim", "untested": "red"}
+
+    def _cell_texts(self) -> list:
+        """Per method, per column: ``✓ ratio``, ``✗ ratio``, ``✗ error``, ``—`` (no check) or ``untested``."""
         cells = self.cells()
-        w = max([len(m) for m in self.methods] + [6])
-        lines = [self.title, "method".ljust(w) + "  " + "  ".join(c.rjust(14) for c in self.columns)]
+        rows = []
         for m in self.methods:
             row = []
             for c in self.columns:
                 cell = cells.get((m, c))
                 if cell is None:
-                    row.append("—".rjust(14))
+                    row.append("untested" if m in self.untested else "—")
+                    continue
+                ok, worst, _, wr = cell
+                if ok:
+                    row.append(f"✓ {worst:.2g}")
                 else:
-                    ok, worst, _, wr = cell
-                    row.append(((f"ok {worst:.2g}") if ok else ("FAIL error" if wr.status == "error" else f"FAIL {worst:.3g}")).rjust(14))
-            lines.append(m.ljust(w) + "  " + "  ".join(row))
+                    row.append("✗ error" if wr is not None and wr.status == "error" else f"✗ {worst:.3g}")
+            rows.append(row)
+        return rows
+
+    @property
+    def without_invariants(self) -> dict:
+        """{method: why} for the methods whose run checked no invariant (``meta['no_invariants']``,
+        filled by :func:`normref.conformance.run`: none registered, or none applies to the examples run)."""
+        return dict(self.meta.get("no_invariants") or {})
+
+    def _invariant_note(self) -> str:
+        by: dict = {}
+        for m, why in self.without_invariants.items():
+            by.setdefault(why, []).append(m)
+        return "no invariant checked: " + "; ".join(f"{why}: {', '.join(ms)}" for why, ms in by.items())
+
+    def plain_text(self, verbose: bool = False) -> str:
+        """The report without rich (the optional ``cli`` extra): one line per method, no table."""
+        lines = [self.title + "  (install rich, normref[cli], for the table)"]
+        for m, row in zip(self.methods, self._cell_texts()):
+            lines.append(f"  {m}: " + ", ".join(f"{c} {t}" for c, t in zip(self.columns, row)))
         lines += ["tolerances:"] + ["  " + s for s in legend(self.meta.get("dtypes") or ["float64", "float32"])]
         if self.skipped:
             lines.append("skipped: " + "; ".join(f"{b}: {why}" for b, why in self.skipped))
+        if self.without_invariants:
+            lines.append(self._invariant_note())
         for r in self.records if verbose else self.failures[:25]:
             lines.append(("  " if r.passed else "  FAIL ") + r.line())
         lines.append(self.summary())
@@ -278,9 +299,7 @@ class Report:
         except ImportError:
             return self.plain_text()
         buf = io.StringIO()
-        console = Console(file=buf, width=160, force_terminal=False, color_system=None)
-        for r in self._rich_renderables():
-            console.print(r)
+        self.render(Console(file=buf, width=160, force_terminal=False, color_system=None))
         return buf.getvalue()
 
     def __repr__(self) -> str:
@@ -336,11 +355,14 @@ class Report:
         cols: list = []
         for r in reports:
             cols += [c for c in r.columns if c not in cols]
+        meta = dict(reports[0].meta) if reports else {}
+        if any(r.without_invariants for r in reports):
+            meta["no_invariants"] = {k: v for r in reports for k, v in r.without_invariants.items()}
         return cls(
             records=[x for r in reports for x in r.records],
             methods=[m for r in reports for m in r.methods],
             columns=cols,
             skipped=list(dict.fromkeys(s for r in reports for s in r.skipped)),
-            meta=reports[0].meta if reports else {},
+            meta=meta,
             title=title,
         )

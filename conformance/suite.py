@@ -18,7 +18,9 @@ normref is checked without being listed here. For each example (a case) the suit
 - ``finite-differences`` (float64 NumPy, its own column): the analytic backward against central
   differences of the forward along random directions (:mod:`normref.conformance.fd`).
 
-Tolerances come from :mod:`normref.conformance.tolerance` (dtype epsilon × the example's ``cond``).
+Tolerances come from :mod:`normref.conformance.tolerance`: dtype epsilon × the case's conditioning
+(for values, the larger of the example's ``cond`` and the measured sensitivity κ; for the finite-
+difference and second-order checks, the measured κ alone).
 Every random number is drawn from ``default_rng([seed, crc32(method), example, stream])``, so a record's
 ``seed`` and ``example`` rebuild its inputs exactly (:func:`replay`).
 """
@@ -47,7 +49,9 @@ from .report import FD_COLUMN, Record, Report
 
 __all__ = ["run", "replay", "case_inputs", "QUICK_EXAMPLES", "FD_DIRECTIONS"]
 
-QUICK_EXAMPLES = 1  # --quick: this many examples per method (those passing the most array arguments)
+# --quick: this many examples per method (those passing the most array arguments), plus as few as cover
+# the method's invariants that do not apply to those (see _select)
+QUICK_EXAMPLES = 1
 # --quick on the libraries whose every new shape and dtype costs a compilation (JAX: one XLA
 # compilation per case, ~0.5 s): only these dtypes, and no autograd (PyTorch checks autograd and the
 # second order in --quick; the full run checks JAX in every dtype, with autograd and second order).
@@ -89,13 +93,55 @@ def _n_arrays(ex) -> int:
     return sum(isinstance(a, np.ndarray) for a in list(ex.args) + list(ex.kwargs.values()))
 
 
-def _select(exs: list, quick: bool) -> list:
-    """Indices to run: all, or (quick) the QUICK_EXAMPLES examples exercising the most array arguments."""
+def applicable_invariants(m: Method, ex) -> set:
+    """Names of ``m``'s invariants that apply to example ``ex`` (return a residual, not ``None``, on
+    its float64 NumPy output). An invariant that raises counts as applicable: the check reports it."""
+    if not m.invariants:
+        return set()
+    try:
+        with use_kernels(False), np.errstate(all="ignore"):
+            out = m(*ex.args, **ex.kwargs)
+    except Exception:  # a failing forward is reported by the forward check of the case
+        return set()
+    from array_api_compat import array_namespace
+
+    like = _first_array(ex.args, ex.kwargs)
+    xp = array_namespace(like) if like is not None else np
+    names = set()
+    for inv in m.invariants:
+        try:
+            with use_kernels(False), np.errstate(all="ignore"):
+                if inv.check(m, xp, out, ex.args, ex.kwargs) is None:
+                    continue
+        except Exception:
+            pass
+        names.add(inv.name)
+    return names
+
+
+def _select(m: Method, exs: list, quick: bool, invariants: bool = True) -> list:
+    """Indices of the examples to run: all, or (``quick``) the QUICK_EXAMPLES examples exercising the
+    most array arguments plus, when ``invariants``, as few more as cover every invariant of ``m`` that
+    applies to some example but not to those (an invariant of the plain output, say, does not apply to a
+    call with an affine recovery, which is the call passing the most arrays)."""
     n = len(exs)
     if not quick or n <= QUICK_EXAMPLES:
         return list(range(n))
     order = sorted(range(n), key=lambda i: (-_n_arrays(exs[i]), i))
-    return sorted(order[:QUICK_EXAMPLES])
+    chosen = order[:QUICK_EXAMPLES]
+    if invariants and m.invariants:
+        covered: set = set()
+        for i in chosen:
+            covered |= applicable_invariants(m, exs[i])
+        rest = {i: applicable_invariants(m, exs[i]) - covered for i in order[QUICK_EXAMPLES:]}
+        while True:  # greedy cover, in the same preference order
+            best = max(rest, key=lambda i: (len(rest[i]), -order.index(i)), default=None)
+            if best is None or not rest[best]:
+                break
+            chosen.append(best)
+            gained = rest.pop(best)
+            rest = {i: s - gained for i, s in rest.items()}
+    return sorted(chosen)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,8 +287,14 @@ class _Case:
         return self._kappa
 
     def cond_for(self, kind: str) -> tuple:
-        """(cond, description) for ``forward``, ``backward`` or ``both`` comparisons."""
+        """(cond, description) for ``forward``, ``backward`` or ``both`` value comparisons (the larger
+        of the registry's estimate and the measured κ), or for ``derivatives``: the finite-difference
+        and Hessian-vector checks, which use the measured κ alone (max(1, κ_f, κ_b)), so that no
+        constant written in the registry can loosen them."""
         kf, kb = self.kappas()
+        if kind == "derivatives":
+            c = max(1.0, kf, kb)
+            return c, T.cond_text(c, measured=max(kf, kb))
         k = {"forward": kf, "backward": kb, "both": max(kf, kb)}[kind]
         c = max(self.cond, k)
         return c, T.cond_text(c, self.cond, k)
@@ -514,7 +566,8 @@ def _check_second_order(case: _Case, b: Backend, args_b, kwargs_b, g_b) -> None:
     w = {p: rng.standard_normal(np.shape(bound_np.arguments[p])) for p in names}
     g = case.cotangent()
     hv = _hvp_autograd(b, m, bound_b, names, g_b, w)
-    tol, formula = T.fd_tol(case.cond)
+    cond, desc = case.cond_for("derivatives")
+    tol, formula = T.fd_tol(cond, desc)
     drng = _stream(case.seed, m.name, case.index, _DIRECTIONS)
     detail = {}
     for p in names:
@@ -545,7 +598,7 @@ def _check_second_order(case: _Case, b: Backend, args_b, kwargs_b, g_b) -> None:
             worst = max(worst, min(errs))
         detail[p] = worst
     err = max(detail.values(), default=0.0)
-    case.record(b.name, "float64", "second-order", err, tol, formula, detail=detail)
+    case.record(b.name, "float64", "second-order", err, tol, formula, detail=detail, cond=cond)
 
 
 # -- the per-library checks -----------------------------------------------------------------------
@@ -649,7 +702,8 @@ def _run_fd(case: _Case) -> None:
     (4·D(h) − D(2h))/3 with h = ε^{1/5}; the analytic value must agree with one of them.
     """
     m, ex = case.m, case.ex
-    tol, formula = T.fd_tol(case.cond)
+    cond, desc = case.cond_for("derivatives")
+    tol, formula = T.fd_tol(cond, desc)
     rng = _stream(case.seed, m.name, case.index, _FD)
     errors: dict = {}
     try:
@@ -690,7 +744,7 @@ def _run_fd(case: _Case) -> None:
     if not errors:
         return
     case.record("numpy-reference", "float64", "finite-differences", max(errors.values()), tol, formula,
-                detail=errors, column=FD_COLUMN)
+                detail=errors, column=FD_COLUMN, cond=cond)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -741,8 +795,9 @@ def run(
 
     ``methods``/``backends``/``dtypes`` filter (``None``: everything registered / known / all four
     dtypes); a backend that is not installed is listed in ``report.skipped`` with the reason.
-    ``quick`` checks one example per method (the one passing the most array arguments), autograd in
-    float64 only, and JAX in float64 without autograd (:data:`QUICK_LIMITS`). ``examples`` restricts to those
+    ``quick`` checks one example per method (the one passing the most array arguments) plus the fewest
+    more that cover the method's invariants, autograd in float64 only, and JAX in float64 without
+    autograd (:data:`QUICK_LIMITS`). ``examples`` restricts to those
     example indices (used by :func:`replay`). ``progress(description)`` is called once per case.
     """
     t0 = time.perf_counter()
@@ -751,7 +806,7 @@ def run(
     fd_on = finite_differences and "float64" in dts
     for m in ms:
         exs = all_examples(m, seed)
-        idxs = _select(exs, quick) if examples is None else [i for i in examples if 0 <= i < len(exs)]
+        idxs = _select(m, exs, quick) if examples is None else [i for i in examples if 0 <= i < len(exs)]
         for i in idxs:
             if progress is not None:
                 progress(f"{m.name} [{i}] {exs[i].label}")
@@ -781,11 +836,15 @@ def run(
             except Exception as e:
                 case.error_record("numpy-reference", "float64", "cross-library", e)
     columns = ([FD_COLUMN] if fd_on else []) + [b.name for b in avail]
+    checked = {r.method for r in records if r.check.startswith("invariant: ")}
+    no_invariants = {m.name: "none registered" if not m.invariants else "none applies to the examples run"
+                     for m in ms if m.name not in checked and m.examples is not None and avail}
     meta = {
         "seed": seed,
         "quick": quick,
         "dtypes": dts,
         "backend_dtypes": {b.name: [d for d in dts if d in b.dtypes] for b in avail},
+        "no_invariants": no_invariants,
         "versions": _versions(),
         "seconds": time.perf_counter() - t0,
     }
@@ -794,7 +853,7 @@ def run(
 
 def count_cases(methods=None, quick: bool = False, seed: int = 0) -> int:
     ms = registered_methods() if methods is None else [get(m) for m in methods]
-    return sum(len(_select(all_examples(m, seed), quick)) for m in ms)
+    return sum(len(_select(m, all_examples(m, seed), quick)) for m in ms)
 
 
 def replay(record: "Record | dict") -> Record:

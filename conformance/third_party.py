@@ -119,13 +119,17 @@ def check(
 
     ``fn`` takes ``like``'s arguments (normref uses ``torch.nn.functional``'s signatures) in one array
     library: ``backend`` names it, else it is inferred from ``fn.__module__`` or by calling ``fn`` on
-    each installed library. Every example the registry has for ``like`` (``quick``: two of them, or
-    ``examples``: your own ``Example``/``(args, kwargs)`` list of NumPy float64 arrays) is run in each
-    of ``dtypes``; the outputs (the primary output, and auxiliary ones where ``fn`` returns a tuple)
-    are compared with normref's float64 NumPy result on the same rounded inputs. Gradients are checked
-    too: by ``backward(cotangent, *args, **kwargs)`` (a tuple with one gradient per array parameter of
+    each installed library. Every example the registry has for ``like`` (``quick``: the one passing
+    the most array arguments, as in ``normref conformance --quick``; or ``examples``: your own
+    ``Example``/``(args, kwargs)`` list of NumPy float64 arrays) is run in each of ``dtypes``; the
+    outputs (the primary output, and auxiliary ones where ``fn`` returns a tuple) are compared with
+    normref's float64 NumPy result on the same rounded inputs. Gradients are checked too: by
+    ``backward(cotangent, *args, **kwargs)`` (a tuple with one gradient per array parameter of
     ``like``, or per differentiable argument given, or a dict by name), else by autograd when ``fn``'s
-    arrays have it (PyTorch, JAX). Tolerances: 32·cond·ε(dtype) (:mod:`normref.conformance.tolerance`).
+    arrays have it (PyTorch, JAX). Tolerances: 32·cond·ε(dtype) for outputs and gradients alike
+    (:mod:`normref.conformance.tolerance`): both are one computation in ``dtype`` against the float64
+    reference, the suite's ``forward`` and ``backward`` rows; the suite's 2·32·cond·ε pair tolerance is
+    for two computations that both round in ``dtype`` (autograd vs analytic on one library).
 
     Raises :class:`ConformanceError` (an ``AssertionError``, so pytest reports it as a failure) with
     the failing checks when ``raise_on_failure``; otherwise returns the report either way.
@@ -139,7 +143,7 @@ def check(
     m = get(like)
     if examples is None:
         exs = all_examples(m, seed)
-        pairs = [(i, exs[i]) for i in _select(exs, quick)]
+        pairs = [(i, exs[i]) for i in _select(m, exs, quick, invariants=False)]
     else:
         pairs = list(enumerate(_as_examples(examples)))
     if not pairs:
@@ -214,6 +218,8 @@ def _check_one(case: _Case, fn, b: Backend, dtype: str, backward) -> None:
     except Exception as e:
         case.error_record(b.name, dtype, check, e)
         return
+    # fn's gradient in dtype against normref's float64 backward of the same rounded inputs and
+    # cotangent: one side rounds, as in the suite's ``backward`` row, hence the value tolerance
     cond, desc = case.cond_for("backward")
     tol, formula = T.value_tol(dtype, cond, desc)
     detail, problems = {}, []

@@ -10,8 +10,11 @@ libraries to keep the file fast; each bug is orders of magnitude above its toler
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,10 +50,10 @@ def _moments_invariant(m, xp, out, args, kwargs):
     return max(float(np.max(np.abs(y.mean(axis=-1)))), float(np.max(np.abs(y.var(axis=-1) - v / (v + eps)))))
 
 
-def _make(name: str, bug: str | None):
+def _make(name: str, bug: str | None, cond: float = 1.0):
     def examples(rng):
-        yield Example((rng.standard_normal((3, 5)) * 2.0 + 1.0,), {}, label="(3, 5)")
-        yield Example((rng.standard_normal((2, 4)),), dict(eps=1e-2), label="(2, 4) eps=1e-2")
+        yield Example((rng.standard_normal((3, 5)) * 2.0 + 1.0,), {}, label="(3, 5)", cond=cond)
+        yield Example((rng.standard_normal((2, 4)),), dict(eps=1e-2), label="(2, 4) eps=1e-2", cond=cond)
 
     @method(array_params=("x",), name=name, examples=examples,
             invariants=(Invariant("standardized moments", _moments_invariant, scale=64.0),))
@@ -69,12 +72,18 @@ def _make(name: str, bug: str | None):
     def _backward(res, g):
         xp = namespace(name + ".backward", g=g)
         xh, s = res.arrays
+        if bug == "detached":
+            # planted: the residuals cut from torch's graph; the values (first order) are unchanged,
+            # but autograd differentiating this backward misses ∂x̂/∂x and ∂s/∂x (second order)
+            xh, s = (a.detach() if hasattr(a, "detach") else a for a in (xh, s))
         mg = xp.mean(g, axis=-1, keepdims=True)
         if bug == "missing_mean":
             mg = 0.0 * mg  # planted: the −mean(g) term dropped
         dx = s * (g - mg - xh * xp.mean(g * xh, axis=-1, keepdims=True))
         if bug == "wrong_sign":
             dx = -dx  # planted: the sign of the backward flipped
+        if bug == "scaled":
+            dx = dx * (1.0 + 1e-4)  # planted: a gradient 1e-4 too large (a slightly wrong constant)
         return (dx,)
 
     return fake
@@ -84,11 +93,11 @@ def _make(name: str, bug: str | None):
 def planted():
     made = []
 
-    def make(bug):
+    def make(bug, cond=1.0):
         name = f"_planted_{bug or 'none'}"
         registry.REGISTRY.pop(name, None)
         made.append(name)
-        return _make(name, bug)
+        return _make(name, bug, cond)
 
     yield make
     for n in made:
@@ -138,6 +147,33 @@ def test_planted_bug_fails_its_row(planted, bug, expected):
     assert m.name in text and "✗" in text
     assert main(["conformance", "--method", m.name, "--backend", ",".join(backends), "--dtype", "float64",
                  "--no-progress"]) == 1
+
+
+def test_second_order_bug_fails_only_the_second_order_row(planted):
+    # residuals detached from torch's graph: the backward is right to first order, so the values, the
+    # finite differences and autograd through the forward all pass; only autograd differentiating the
+    # backward (the Hessian-vector check, against central differences of the NumPy backward) sees it
+    pytest.importorskip("torch")
+    m = planted("detached")
+    rep = run([m.name], ["numpy", "torch"], ["float64"])
+    assert {(r.backend, r.check) for r in rep.failures} == {("torch", "second-order")}, rep.summary()
+    assert {r.example for r in rep.failures} == {0, 1}
+    # a missing second-order term is an O(1) relative error, far above the 2^12·κ·ε^(2/3) bound
+    assert all(r.ratio > 1e3 for r in rep.failures), [r.line() for r in rep.failures]
+    cells = rep.cells()
+    assert cells[(m.name, FD_COLUMN)][0] and cells[(m.name, "numpy")][0] and not cells[(m.name, "torch")][0]
+
+
+def test_registry_cond_cannot_loosen_the_derivative_checks(planted):
+    # a gradient 1e-4 too large in examples whose registry entry claims cond = 1e6: with that constant
+    # the finite-difference bound 2^12·cond·ε^(2/3) would be 0.15 and pass it; the bound uses the
+    # measured κ instead (≈ 1–10 for standardizing well-spread values) and fails it
+    m = planted("scaled", cond=1e6)
+    rep = run([m.name], ["numpy"], ["float64"])
+    fd = [r for r in rep.records if r.check == "finite-differences"]
+    assert len(fd) == 2 and all(r.status == "fail" for r in fd), [r.line() for r in fd]
+    assert all(r.cond < 100 and "measured" in r.formula and "registry" not in r.formula for r in fd)
+    assert all(r.error > 10 * r.tol for r in fd)
 
 
 def test_planted_bug_in_a_real_operation_fails_group_norm(monkeypatch):
@@ -325,8 +361,171 @@ def test_python_dash_m():
     assert r.returncode == 0 and "--quick" in r.stdout
 
 
+SUMMARY = re.compile(r"normref conformance: (\d+) methods × (\d+) libraries \(([^)]*)\), (\d+) checks: "
+                     r"(\d+) passed, (\d+) failed")
+
+
+def _console_runs(tmp_path):
+    """The installed console script and ``python -m normref.conformance``, as argv prefixes."""
+    script = shutil.which("normref")
+    runs = [("python -m", [sys.executable, "-m", "normref.conformance", "conformance"])]
+    if script is not None:
+        runs.append(("console script", [script, "conformance"]))
+    return runs, script
+
+
+@pytest.mark.parametrize("how", ["console script", "python -m"])
+def test_command_quick_mode_in_a_subprocess(how, tmp_path):
+    # what CI runs: the installed command, its exit status, its summary line and its JSON report
+    runs, script = _console_runs(tmp_path)
+    if how == "console script" and script is None:
+        pytest.skip("the normref console script is not on PATH (pip install -e . installs it)")
+    argv = dict(runs)[how]
+    path = tmp_path / "report.json"
+    r = subprocess.run(argv + ["--quick", "--method", "group_norm,pixel_norm", "--json", str(path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    m = SUMMARY.search(r.stdout)
+    assert m, r.stdout[-3000:]
+    n_methods, n_libs, libs, n, passed, failed = m.groups()
+    assert (n_methods, failed) == ("2", "0") and n == passed
+    raw = json.loads(path.read_text())
+    assert raw["ok"] is True and raw["meta"]["quick"] is True and raw["methods"] == ["group_norm", "pixel_norm"]
+    assert len(raw["records"]) == int(n) and raw["summary"].startswith(m.group(0))
+    assert [lib.strip() for lib in libs.split(",")] == [c for c in raw["columns"] if c != FD_COLUMN]
+    assert "┃" in r.stdout or "│" in r.stdout  # rich's table, not a hand-drawn one
+    flat = " ".join(r.stdout.split())
+    for b, why in raw["skipped"]:  # a library not installed: named with its reason
+        assert f"{b}: {' '.join(why.split())}" in flat
+
+
+PLANTED_CLI = """
+import sys
+from normref.conformance.cli import main
+from tests.test_conformance import _make
+_make("_planted_cli", "wrong_sign")
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_command_exits_nonzero_on_a_planted_bug_in_a_subprocess(tmp_path):
+    path = tmp_path / "bad.json"
+    r = subprocess.run([sys.executable, "-c", PLANTED_CLI, "conformance", "--quick", "--method", "_planted_cli",
+                        "--backend", "numpy", "--json", str(path)],
+                       capture_output=True, text=True, timeout=300, cwd=str(Path(__file__).parent.parent))
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    m = SUMMARY.search(r.stdout)
+    assert m and int(m.group(6)) > 0, r.stdout[-3000:]
+    raw = json.loads(path.read_text())
+    assert raw["ok"] is False and any(not x["passed"] and x["check"] == "finite-differences" for x in raw["records"])
+
+
+def test_filters_and_seed(tmp_path):
+    path = tmp_path / "f.json"
+    libs = _available(["numpy", "array_api_strict"])
+    assert main(["conformance", "--quick", "--method", "pixel_norm", "-m", "rms_norm", "--backend", ",".join(libs),
+                 "--dtype", "float32", "--seed", "3", "--json", str(path), "--no-progress"]) == 0
+    rep = Report.from_json(path)
+    assert rep.methods == ["pixel_norm", "rms_norm"] and {r.method for r in rep.records} == set(rep.methods)
+    assert {r.backend for r in rep.records} == set(libs) and rep.columns == libs  # no float64: no FD column
+    assert {r.dtype for r in rep.records} == {"float32"} and {r.seed for r in rep.records} == {3}
+    # the seed draws other inputs, and a record replays from it exactly
+    a3, _, _ = nc.case_inputs("pixel_norm", 3, 0)
+    a0, _, _ = nc.case_inputs("pixel_norm", 0, 0)
+    assert a3[0].shape == a0[0].shape and not np.array_equal(a3[0], a0[0])
+    r = next(r for r in rep.records if r.check == "backward")
+    assert replay(r).error == pytest.approx(r.error, rel=1e-12, abs=1e-300)
+
+
+def test_a_library_not_installed_is_listed_as_skipped(monkeypatch, capsys):
+    from normref.conformance import backends
+
+    why = "jax is not installed (No module named 'jax')"
+    monkeypatch.setitem(backends._CACHE, "jax", backends.Backend("jax", False, why))
+    rep = run(["pixel_norm"], dtypes=["float64"], quick=True)
+    assert ("jax", why) in rep.skipped and "jax" not in rep.columns
+    assert not any(r.backend == "jax" for r in rep.records)
+    text = str(rep)
+    assert why in text and "skipped" in text.split("tolerances")[0]  # its column in the table says so
+    assert "jax (" + why in rep.summary()
+    assert main(["conformance", "--method", "pixel_norm", "--dtype", "float64", "--quick", "--no-progress"]) == 0
+    assert why in capsys.readouterr().out
+
+
+def test_progress_display_and_plain_fallback(monkeypatch, capsys):
+    # with rich: the progress bar (on stderr) and the table; without rich: lines, and a hint
+    assert main(["conformance", "--method", "pixel_norm", "--backend", "numpy", "--quick"]) == 0
+    out, err = capsys.readouterr()
+    assert "pixel_norm" in out and SUMMARY.search(out)
+    rep = run(["pixel_norm"], ["numpy"], ["float64"], quick=True)
+    from rich.table import Table
+
+    assert any(isinstance(r, Table) for r in rep._rich_renderables())
+    for mod in ("rich", "rich.console", "rich.table", "rich.text", "rich.progress"):
+        monkeypatch.setitem(sys.modules, mod, None)  # import fails as if rich were not installed
+    text = str(rep)
+    assert "install rich" in text and SUMMARY.search(text) and "pixel_norm: finite-diff ✓" in text
+    assert main(["conformance", "--method", "pixel_norm", "--backend", "numpy", "--quick"]) == 0
+    assert "install rich" in capsys.readouterr().out
+
+
 def test_quick_run_of_everything_registered():
     # CI's run of `normref conformance --quick`: every registered method on every installed library
     rep = run(quick=True)
     assert set(rep.methods) == {m.name for m in normref.methods()}
     assert rep.ok, rep.summary() + "\n" + "\n".join(r.line() for r in rep.failures[:30])
+    # quick mode checks every invariant that applies to any of the method's examples (it adds examples
+    # to the one passing the most arrays until they are covered), and names the methods left without
+    from normref.conformance.suite import all_examples, applicable_invariants
+
+    for m in normref.methods():
+        want = set().union(*[applicable_invariants(m, e) for e in all_examples(m, 0)])
+        got = {r.check.split(": ", 1)[1] for r in rep.records if r.method == m.name and r.check.startswith("invariant: ")}
+        assert got == want, m.name
+        assert (m.name in rep.without_invariants) == (not want), m.name
+    assert "no invariant checked" in str(rep) or not rep.without_invariants
+
+
+def test_quick_examples_cover_the_invariants():
+    from normref.conformance.suite import _select, all_examples, applicable_invariants
+
+    m = normref.registry.get("group_norm")
+    exs = all_examples(m, 0)
+    first = _select(m, exs, True, invariants=False)
+    both = _select(m, exs, True)
+    assert len(first) == 1 and set(first) < set(both)
+    # the example passing the most arrays (weight and bias) has an affine recovery, so the moments of
+    # the standardized output do not apply to it; the added example is one they apply to
+    moments = "standardizing moments over the partition"
+    assert moments not in applicable_invariants(m, exs[first[0]])
+    assert any(moments in applicable_invariants(m, exs[i]) for i in both)
+    assert len(_select(m, exs, False)) == len(exs)
+
+
+def _readme_section(title: str) -> str:
+    text = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:] if end < 0 else text[start:end]
+
+
+def test_readme_check_example_runs_and_prints_what_it_shows(capsys):
+    # the README's "Checking your own implementation": its code runs, and every output line it shows
+    # (numbers aside: errors and timings vary with the machine) is a line the code prints
+    pytest.importorskip("torch")
+    sec = _readme_section("Checking your own implementation")
+    blocks = re.findall(r"```(\w*)\n(.*?)```", sec, flags=re.S)
+    code = next(b for lang, b in blocks if lang == "python")
+    shown = next(b for lang, b in blocks if lang == "")
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+
+    def mask(line):  # numbers to #, and the table's padding (it widens with the numbers) collapsed
+        line = re.sub(r"\d+(\.\d+)?(e[-+]?\d+)?", "#", line)
+        return " ".join(re.sub(r"([━─])[━─]*", r"\1", line).split())
+
+    lines = {mask(x) for x in printed.splitlines()}
+    for line in shown.splitlines():
+        if line.strip() and line.strip() != "...":
+            assert mask(line) in lines, line
+    assert "--json" in sec and "replay" in sec
