@@ -244,6 +244,10 @@ def test_check_torch_group_norm_passes():
     assert checks == {"forward", "backward (autograd)"}
     assert {r.dtype for r in rep.records} == {"float64", "float32"}
     assert "group_norm" in str(rep)
+    # outputs and autograd gradients alike are one computation in the dtype against normref's float64
+    # evaluation of the same rounded inputs (the suite's forward/backward rows): 32·cond·ε, not 2·32·cond·ε
+    for r in rep.records:
+        assert r.tol == pytest.approx(32 * r.cond * np.finfo(r.dtype).eps) and r.formula.startswith("32·cond")
 
 
 def test_check_catches_a_wrong_implementation():
@@ -269,6 +273,7 @@ def test_check_catches_a_wrong_implementation():
     assert {r.check for r in rep.failures} >= {"forward"}
     rep2 = check(unbiased_group_norm, like="group_norm", backend="torch", quick=True, raise_on_failure=False)
     assert not rep2.ok
+    assert len({r.example for r in rep2.records}) == 1  # quick: the example passing the most arrays
 
 
 def test_check_with_an_explicit_backward_numpy():
