@@ -194,8 +194,8 @@ def _mixture_backward(xp, parts, ops, shape, op_res, rho_b, gamma_b, beta_shape,
     from ._xp import sum_to_shape
 
     (ra, rb) = op_res
-    xa = parts[0].unview(xp, ra[0], shape)
-    xb = parts[1].unview(xp, rb[0], shape)
+    xa = parts[0].unview(xp, ops[0].xhat(xp, ra), shape)
+    xb = parts[1].unview(xp, ops[1].xhat(xp, rb), shape)
     mix = rho_b * xa + (1.0 - rho_b) * xb
     gh, dgamma, dbeta = affine_backward(xp, mix, gamma_b, beta_shape, g)
     drho = sum_to_shape(xp, gh * (xa - xb), rho_b.shape)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _kernels
 from . import operation as _op
 from . import partition as _part
 from ._validate import check_choice, check_int, check_nonnegative, check_p, check_positive
@@ -58,7 +57,7 @@ def run_forward(xp, x, part: _part.Partition, op, gamma_b=None, beta_b=None, out
 
     ``gamma_b``/``beta_b`` are already broadcastable to ``x``; ``op_arrays`` go to the operation
     (population statistics, running statistics for batch renormalization). A registered
-    ``normalize_affine`` kernel runs Φ and Ψ in one pass (writing y into ``out`` when given: an
+    ``normalize_forward`` kernel runs Φ and Ψ in one pass (writing y into ``out`` when given: an
     array of x's shape and dtype); otherwise the formulas run and ``out`` is ignored here.
     """
     shape = tuple(x.shape)
@@ -72,80 +71,24 @@ def run_forward(xp, x, part: _part.Partition, op, gamma_b=None, beta_b=None, out
 
 
 def run_backward(xp, part: _part.Partition, op, shape, op_res, gamma_b, beta_shape, g):
-    """(dx, dγ_b, dβ_b): the recovery's backward, then the operation's on the view, then reshape."""
-    fused = _fused_backward(xp, part, op, shape, op_res, gamma_b, beta_shape, g)
-    if fused is not None:
-        return fused
-    xhat = part.unview(xp, op_res[0], shape)
-    dxhat, dgamma, dbeta = affine_backward(xp, xhat, gamma_b, beta_shape, g)
-    axes = part.axes(shape)
-    dxv = op.backward(xp, op_res, axes, part.view(xp, dxhat))
-    return part.unview(xp, dxv, shape), dgamma, dbeta
+    """(dx, dγ_b, dβ_b): the recovery's backward, then the operation's on the view, then reshape.
 
-
-def _broadcast_axes(pshape, shape):
-    """Axes of ``shape`` along which an array of ``pshape`` was broadcast (leading and size-1 axes)."""
-    lead = len(shape) - len(pshape)
-    return tuple(range(lead)) + tuple(lead + i for i, s in enumerate(pshape) if s == 1 and shape[lead + i] != 1)
-
-
-def _fused_backward(xp, part, op, shape, op_res, gamma_b, beta_shape, g):
-    """The kernel path of :func:`run_backward` for standardizing and scaling, or ``None``.
-
-    Same formulas, fewer passes: with g' = γ·g the ``backward_reduce`` kernel forms Σg' and Σg'·x̂ per
-    statistic in one pass, ``backward_apply`` forms dx = s·(g' − mean(g') − x̂·mean(g'·x̂)) (no mean(g')
-    term for scaling) in another, and dγ = Σ g·x̂, dβ = Σ g over the broadcast axes come from one more
-    ``backward_reduce``. When γ, β are constant over each statistic's reduce set and the partition is
-    the identity view (batch normalization), that one pass serves both: Σg' = γ·Σg, Σg'·x̂ = γ·Σg·x̂.
-    Where each statistic's elements fit the rows loop order, ``backward_fused`` does the reduction
-    and the apply in one task per statistic (the second read hits the cache). Returns ``None`` (the
-    formula runs) when a kernel declines the case.
+    A registered ``normalize_backward`` kernel runs the same composition in one pass where it
+    applies (standardizing, scaling, population statistics); otherwise the formulas run.
     """
-    if type(op) not in (_op.Standardizing, _op.Scaling):
-        return None
-    kr, ka = _kernels.lookup(xp, "backward_reduce"), _kernels.lookup(xp, "backward_apply")
-    if kr is None or ka is None or not getattr(ka, "accepts", lambda a: True)(op_res[0]):
-        return None
-    xhat_v, scale = op_res[0], op_res[1]
-    vs, axes = tuple(xhat_v.shape), part.axes(shape)
-    gv = xp.reshape(g, vs)
-    pshape = tuple(gamma_b.shape) if gamma_b is not None else (None if beta_shape is None else tuple(beta_shape))
-    if gamma_b is not None and beta_shape is not None and tuple(beta_shape) != pshape:
-        return None
-    n, centered = part.count(shape), type(op) is _op.Standardizing
-    # per statistic sums, parameter sums where they coincide (batch norm), one pass over (x̂, dy)
-    same = pshape is not None and vs == shape and len(pshape) == len(shape) and \
-        tuple(sorted(_broadcast_axes(pshape, shape))) == tuple(sorted(axes))
-    kb = _kernels.lookup(xp, "backward_fused")
-    r = None if kb is None else kb(xhat_v, gv, gamma_b, shape, axes, scale, n, centered)
-    if r is not None and (pshape is None or same):
-        dxv, sg, sgx = r
-        dx = part.unview(xp, dxv, shape)
-        if pshape is None:
-            return dx, None, None
-        sg, sgx = xp.reshape(sg, pshape), xp.reshape(sgx, pshape)
-        return dx, None if gamma_b is None else sgx, None if beta_shape is None else sg
-    dgamma = dbeta = stat = None
-    if pshape is not None:
-        paxes = _broadcast_axes(pshape, shape)
-        raw = kr(xp.reshape(g, shape), xp.reshape(xhat_v, shape), None, shape, paxes)
-        if raw is None:
-            return None
-        # sums of g and g·x̂ with the input's keepdims shape, i.e. pshape padded with leading ones
-        sg, sgx = (xp.reshape(t, pshape) for t in raw)
-        dbeta = None if beta_shape is None else sg
-        dgamma = None if gamma_b is None else sgx
-        if r is not None:  # dx came from the fused kernel; only the parameter sums were missing
-            return part.unview(xp, r[0], shape), dgamma, dbeta
-        if same:
-            stat = (sg, sgx) if gamma_b is None else (gamma_b * sg, gamma_b * sgx)
-    if stat is None:
-        stat = kr(gv, xhat_v, gamma_b, shape, axes)
-        if stat is None:
-            return None
-    dxv = ka(xhat_v, gv, gamma_b, shape, axes, stat[0], stat[1], scale, n, centered)
-    if dxv is None:
-        return None
+    axes = part.axes(shape)
+    if gamma_b is not None and beta_shape is not None and tuple(beta_shape) != tuple(gamma_b.shape):
+        fused = None  # γ and β broadcast differently: the kernel sums both over one set of axes
+    else:
+        pshape = tuple(gamma_b.shape) if gamma_b is not None else beta_shape
+        fused = _op.fused_backward(xp, op, op_res, axes, shape, gamma_b, pshape,
+                                   xp.reshape(g, tuple(op_res[0].shape)))
+    if fused is not None:
+        dxv, dgamma, dbeta = fused
+        return part.unview(xp, dxv, shape), dgamma, dbeta
+    xhat = part.unview(xp, op.xhat(xp, op_res), shape)
+    dxhat, dgamma, dbeta = affine_backward(xp, xhat, gamma_b, beta_shape, g)
+    dxv = op.backward(xp, op_res, axes, part.view(xp, dxhat))
     return part.unview(xp, dxv, shape), dgamma, dbeta
 
 

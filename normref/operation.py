@@ -16,7 +16,11 @@ Notation: mean(·) is the mean over R with the reduced axes kept, g = ∂L/∂x�
 - Standardizing by population statistics (survey §4, Eqn 16; BN at inference): x̂ = (x − μ̂)·(σ̂²+ε)^-½
   with μ̂, σ̂² constants: dx = g·(σ̂²+ε)^-½.
 
-Residuals always start with x̂ (the recovery's backward reuses it) and hold nothing else full-size.
+Residuals hold at most one full-size array. Centering, scaling, standardizing and population
+standardizing keep the *input* view x and the per-statistic (shift, scale) — the input is referenced,
+not copied, so a forward writes nothing but y — and :meth:`Operation.xhat` recomputes x̂ = (x − shift)·scale
+where a backward needs it (one fused multiply-add per element, cheaper than storing and re-reading x̂).
+Lp and batch renormalization keep what their backward needs (documented there).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import dataclasses
 import math
 from . import _kernels
 
-__all__ = ["moments", "mean_square", "fused_forward", "Operation", "Centering", "Scaling", "Standardizing", "LpStandardizing", "PopulationStandardizing", "KINDS", "make"]
+__all__ = ["moments", "mean_square", "fused_forward", "fused_backward", "Operation", "Centering", "Scaling", "Standardizing", "LpStandardizing", "PopulationStandardizing", "KINDS", "make"]
 
 KINDS = ("centering", "scaling", "standardizing", "lp")
 
@@ -59,48 +63,47 @@ def mean_square(xp, x, axes):
 def fused_forward(xp, op, xv, axes, shape, gamma_b=None, beta_b=None, out=None, **op_arrays):
     """The kernel path of Φ then Ψ (affine): ``(y, op_residuals, stats)``, or ``None`` (run the formula).
 
-    For standardizing, scaling and population standardizing the statistics are computed (kernel
-    ``moments``/``mean_square``), then the ``normalize_affine`` kernel writes x̂ = (x − shift)·scale
-    and y = γ·x̂ + β in one pass over x. The residuals are those of the operation's own forward
-    (x̂ first, then the per-statistic scale), so :func:`normref.framework.run_backward` runs either
-    path on them. ``xv`` is the partition's view of the input of ``shape``; γ, β broadcast to ``shape``.
+    For standardizing, scaling and population standardizing a registered ``normalize_forward``
+    kernel computes the statistics and y = (x − shift)·(scale·γ) + β in one pass over x (writing y
+    into ``out`` when given). The residuals are exactly those of the operation's own forward —
+    (x, shift, scale) — so :func:`normref.framework.run_backward` runs either path on them. ``xv`` is
+    the partition's view of the input of ``shape``; γ, β broadcast to ``shape``.
     """
     kind = type(op)
     if kind not in (Standardizing, Scaling, PopulationStandardizing):
         return None
-    k = _kernels.lookup(xp, "normalize_affine")
+    k = _kernels.lookup(xp, "normalize_forward")
     if k is None or not getattr(k, "accepts", lambda a: True)(xv):
         return None
-    kf = _kernels.lookup(xp, "standardize_affine")
-    if kf is not None:
-        # statistics and normalization in one task per statistic (one read of x from memory)
-        if kind is PopulationStandardizing:
-            mode, shift, scale = "population", op_arrays["mean"], 1.0 / xp.sqrt(op_arrays["var"] + op.eps)
-        else:
-            mode, shift, scale = ("standardizing" if kind is Standardizing else "scaling"), None, None
-        r = kf(xv, axes, mode, op.eps, shift, scale, gamma_b, beta_b, shape, out)
-        if r is not None:
-            xhat, y, mu, var, scale = r
-            stats = {"standardizing": {"mean": mu, "var": var}, "scaling": {"mean_square": var}}.get(mode, {})
-            return y, (xhat, scale), stats
-    if kind is Standardizing:
-        shift, var = moments(xp, xv, axes)
-        scale = 1.0 / xp.sqrt(var + op.eps)
-        stats = {"mean": shift, "var": var}
-    elif kind is Scaling:
-        ms = mean_square(xp, xv, axes)
-        shift, scale, stats = None, 1.0 / xp.sqrt(ms + op.eps), {"mean_square": ms}
+    if kind is PopulationStandardizing:
+        mode, shift, scale = "population", op_arrays["mean"], 1.0 / xp.sqrt(op_arrays["var"] + op.eps)
     else:
-        shift = op_arrays["mean"]
-        scale = 1.0 / xp.sqrt(op_arrays["var"] + op.eps)
-        stats = {}
-        if tuple(shift.shape) != tuple(scale.shape) or shift.ndim != xv.ndim:
-            return None
-    r = k(xv, axes, shift, scale, gamma_b, beta_b, shape, out)
+        mode, shift, scale = ("standardizing" if kind is Standardizing else "scaling"), None, None
+    r = k(xv, axes, mode, op.eps, shift, scale, gamma_b, beta_b, shape, out)
     if r is None:
         return None
-    xhat, y = r
-    return y, (xhat, scale), stats
+    y, mu, scale, var = r
+    stats = {"standardizing": {"mean": mu, "var": var}, "scaling": {"mean_square": var}}.get(mode, {})
+    return y, (xv, mu, scale), stats
+
+
+def fused_backward(xp, op, res, axes, shape, gamma_b, pshape, g):
+    """The kernel path of the backward of Ψ∘Φ on the view: ``(dx_view, dγ, dβ)`` or ``None``.
+
+    Same formulas as ``op.backward`` after :func:`normref.recovery.affine_backward`, in one kernel:
+    with u = ∂L/∂y, dβ = Σu, dγ = Σu·x̂ over the broadcast axes, m1 = mean(γ·u), m2 = mean(γ·u·x̂) per
+    statistic, dx = scale·(γ·u − m1 − x̂·m2) (no m1 for scaling, neither for population statistics).
+    ``g`` is the cotangent on the view, ``pshape`` the shape of γ and β (``None`` if neither exists).
+    """
+    kind = type(op)
+    if kind not in (Standardizing, Scaling, PopulationStandardizing):
+        return None
+    k = _kernels.lookup(xp, "normalize_backward")
+    if k is None or not getattr(k, "accepts", lambda a: True)(res[0]):
+        return None
+    mode = {Standardizing: "standardizing", Scaling: "scaling", PopulationStandardizing: "population"}[kind]
+    x, shift, scale = res
+    return k(x, shift, scale, g, gamma_b, pshape, shape, axes, mode)
 
 
 class Operation:
@@ -117,6 +120,18 @@ class Operation:
     def backward(self, xp, res, axes, g):  # pragma: no cover - interface
         raise NotImplementedError
 
+    def xhat(self, xp, res):
+        """x̂ from the residuals (the recovery's backward needs it for dγ)."""
+        return res[0]
+
+
+class _ShiftScale(Operation):
+    """Residuals (x, shift, scale): x̂ = (x − shift)·scale, shift ``None`` for scaling."""
+
+    def xhat(self, xp, res):
+        x, shift, scale = res[:3]
+        return (x if shift is None else x - shift) * scale
+
 
 @dataclasses.dataclass(frozen=True)
 class Centering(Operation):
@@ -124,42 +139,44 @@ class Centering(Operation):
 
     def forward(self, xp, x, axes):
         mu = _mean(xp, x, axes)
-        xhat = x - mu
-        return xhat, (xhat,), {"mean": mu}
+        return x - mu, (x, mu), {"mean": mu}
+
+    def xhat(self, xp, res):
+        return res[0] - res[1]
 
     def backward(self, xp, res, axes, g):
         return g - _mean(xp, g, axes)
 
 
 @dataclasses.dataclass(frozen=True)
-class Scaling(Operation):
+class Scaling(_ShiftScale):
     eps: float = 1e-5
     name = "scaling"
 
     def forward(self, xp, x, axes):
-        ms = _mean(xp, x * x, axes)
+        ms = mean_square(xp, x, axes)
         r = 1.0 / xp.sqrt(ms + self.eps)
-        xhat = x * r
-        return xhat, (xhat, r), {"mean_square": ms}
+        return x * r, (x, None, r), {"mean_square": ms}
 
     def backward(self, xp, res, axes, g):
-        xhat, r = res
+        r = res[2]
+        xhat = self.xhat(xp, res)
         return r * (g - xhat * _mean(xp, g * xhat, axes))
 
 
 @dataclasses.dataclass(frozen=True)
-class Standardizing(Operation):
+class Standardizing(_ShiftScale):
     eps: float = 1e-5
     name = "standardizing"
 
     def forward(self, xp, x, axes):
         mu, var = moments(xp, x, axes)
         rstd = 1.0 / xp.sqrt(var + self.eps)
-        xhat = (x - mu) * rstd
-        return xhat, (xhat, rstd), {"mean": mu, "var": var}
+        return (x - mu) * rstd, (x, mu, rstd), {"mean": mu, "var": var}
 
     def backward(self, xp, res, axes, g):
-        xhat, rstd = res
+        rstd = res[2]
+        xhat = self.xhat(xp, res)
         return rstd * (g - _mean(xp, g, axes) - xhat * _mean(xp, g * xhat, axes))
 
 
@@ -217,7 +234,7 @@ class LpStandardizing(Operation):
 
 
 @dataclasses.dataclass(frozen=True)
-class PopulationStandardizing:
+class PopulationStandardizing(_ShiftScale):
     """Standardizing by given (population / running) statistics, treated as constants (Eqn 16)."""
 
     eps: float = 1e-5
@@ -225,15 +242,14 @@ class PopulationStandardizing:
 
     def forward(self, xp, x, axes, mean, var):
         rstd = 1.0 / xp.sqrt(var + self.eps)
-        xhat = (x - mean) * rstd
-        return xhat, (xhat, rstd), {}
+        return (x - mean) * rstd, (x, mean, rstd), {}
 
     def backward(self, xp, res, axes, g):
-        return g * res[1]
+        return g * res[2]
 
 
 @dataclasses.dataclass(frozen=True)
-class PopulationLp:
+class PopulationLp(_ShiftScale):
     """Lp standardizing by given statistics (constants): x̂ = (x − μ̂)/(c·σ̂_p + ε), dx = g/(c·σ̂_p + ε)."""
 
     eps: float = 1e-5
@@ -242,15 +258,14 @@ class PopulationLp:
 
     def forward(self, xp, x, axes, mean, scale):
         inv = 1.0 / (self.c * scale + self.eps)
-        xhat = (x - mean) * inv
-        return xhat, (xhat, inv), {}
+        return (x - mean) * inv, (x, mean, inv), {}
 
     def backward(self, xp, res, axes, g):
-        return g * res[1]
+        return g * res[2]
 
 
 @dataclasses.dataclass(frozen=True)
-class BatchRenormalizing:
+class BatchRenormalizing(Operation):
     """Batch renormalization (Ioffe 2017): x̂ = ((x − μ_B)/σ_B)·r + d with σ_B = √(σ_B² + ε),
     r = clip(σ_B/σ, 1/r_max, r_max), d = clip((μ_B − μ)/σ, −d_max, d_max), σ = √(running var + ε).
     r and d are constants of the backward (stop-gradient): dx = r·(standardizing backward of g)."""
@@ -267,12 +282,16 @@ class BatchRenormalizing:
         rrun = 1.0 / xp.sqrt(running_var + self.eps)
         r = xp.clip(rrun / rstd, 1.0 / self.rmax, self.rmax)
         d = xp.clip((mu - running_mean) * rrun, -self.dmax, self.dmax)
-        xhat = x0 * r + d
-        return xhat, (xhat, x0, rstd, r), {"mean": mu, "var": var}
+        # residuals: the input and per-statistic (μ_B, 1/σ_B, r, d); x̂ is recomputed (no full-size copy)
+        return x0 * r + d, (x, mu, rstd, r, d), {"mean": mu, "var": var}
+
+    def xhat(self, xp, res):
+        x, mu, rstd, r, d = res
+        return (x - mu) * rstd * r + d
 
     def backward(self, xp, res, axes, g):
-        _, x0, rstd, r = res
-        return Standardizing(self.eps).backward(xp, (x0, rstd), axes, g * r)
+        x, mu, rstd, r, _ = res
+        return Standardizing(self.eps).backward(xp, (x, mu, rstd), axes, g * r)
 
 
 def make(kind: str, *, eps: float = 1e-5, p: float = 2.0, l1_factor: bool = False) -> Operation:

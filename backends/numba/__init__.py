@@ -7,12 +7,13 @@ are tested against). Primitives (DESIGN.md, "Kernels"):
 
 - ``moments(x, axes) -> (μ, σ²)``: mean and biased variance over the reduce axes, keepdims.
 - ``mean_square(x, axes) -> mean(x²)``.
-- ``normalize_affine(xv, axes, shift, scale, γ, β, shape, out) -> (x̂, y)``: x̂ = (x − shift)·scale
-  and y = γ·x̂ + β in one pass (survey Algorithm 1, lines 4-5).
-- ``backward_reduce(u, v, w, shape, axes) -> (Σ w·u, Σ w·u·v)``: with u = ∂L/∂y, v = x̂, w = γ the two
-  sums the standardizing backward needs, in one pass.
-- ``backward_apply(x̂, dy, γ, shape, axes, S1, S2, scale, n, centered) -> dx``:
-  dx = scale·(γ·dy − S1/n − x̂·S2/n) (survey Eqn 21's backward; S1 term absent for scaling).
+- ``normalize_forward(xv, axes, mode, eps, shift, scale, γ, β, shape, out) -> (y, μ, scale, σ²)``:
+  the statistics and y = (x − μ)·scale·γ + β in one kernel (survey Algorithm 1, lines 4-5; the
+  primitives *moments* and *normalize-affine* fused), x read once from memory where a statistic's
+  elements fit in cache.
+- ``normalize_backward(xv, shift, scale, dy, γ, pshape, shape, axes, mode, need) -> (dx, dγ, dβ)``:
+  the backward reduction (Σdy and Σdy·x̂ per statistic and per parameter) and the backward apply
+  dx = scale·(γ·dy − mean(γ·dy) − x̂·mean(γ·dy·x̂)) (survey Eqn 21's backward) in one kernel.
 
 Each returns ``None`` for a case it does not handle (dtype other than float32/float64, mixed dtypes,
 a layout that does not fit the canonical form of :mod:`._layout`); the formula then runs.
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["register", "accepts", "standardize_affine", "backward_fused", "moments", "mean_square", "normalize_affine", "backward_reduce", "backward_apply"]
+__all__ = ["register", "accepts", "moments", "mean_square", "normalize_forward", "normalize_backward"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -62,8 +63,9 @@ def _k(name: str, size: int):
     return ser if size < SERIAL_BELOW else par
 
 
-def _sums(lay, mode, ops, flag=False):
-    """(S1, S2) as float64 (K1, K2) arrays: mode "moments" (ops = (x5,)) or "dot" (u5, v5, w5)."""
+def _sums(lay, x5, shifted):
+    """(S1, S2) as float64 (K1, K2) arrays: Σ(x − s), Σ(x − s)² (s = a statistic's first element when
+    ``shifted``, else 0)."""
     from . import _kernels as K
 
     K1, R1, K2, R2, R3 = lay.sizes
@@ -71,17 +73,10 @@ def _sums(lay, mode, ops, flag=False):
     threads = 1 if size < _serial_below() else _threads()
     s1 = np.empty((K1, K2))
     s2 = np.empty((K1, K2))
-    rows = R2 * R3 > 1 and K1 * K2 >= 2 * threads
-    if mode == "moments":
-        if rows:
-            _k("moments_rows", size)(ops[0], flag, s1, s2)
-        else:
-            _k("moments_cols", size)(ops[0], flag, K._chunks(R1, K1, threads), s1, s2)
+    if R2 * R3 > 1 and K1 * K2 >= 2 * threads:
+        _k("moments_rows", size)(x5, shifted, s1, s2)
     else:
-        if rows:
-            _k("dot_rows", size)(*ops, flag, s1, s2)
-        else:
-            _k("dot_cols", size)(*ops, flag, K._chunks(R1, K1, threads), s1, s2)
+        _k("moments_cols", size)(x5, shifted, K._chunks(R1, K1, threads), s1, s2)
     return s1, s2
 
 
@@ -100,7 +95,7 @@ def _moment_sums(x, axes, shifted):
     if lay is None:
         return None
     x5 = lay.view(0, x)
-    s1, s2 = _sums(lay, "moments", (x5,), shifted)
+    s1, s2 = _sums(lay, x5, shifted)
     n = lay.sizes[1] * lay.sizes[3] * lay.sizes[4]
     return lay, x5, s1, s2, n
 
@@ -127,8 +122,12 @@ def mean_square(x, axes):
 
 
 def _param_view(a, shape, vs):
-    """γ or β (broadcastable to the input ``shape``) as a view of the partition's view shape ``vs``."""
-    return None if a is None else np.broadcast_to(a, shape).reshape(vs)
+    """γ or β (broadcastable to the input ``shape``) as a zero-copy view of the partition's view shape
+    ``vs``; ``None`` when the reshape would copy (the caller then declines)."""
+    if a is None:
+        return None
+    v = np.broadcast_to(a, shape).reshape(vs)
+    return v if np.may_share_memory(v, a) else False
 
 
 def _out_view(out, vs):
@@ -136,51 +135,131 @@ def _out_view(out, vs):
     return v if np.shares_memory(v, out) else None
 
 
-def normalize_affine(xv, axes, shift, scale, gamma, beta, shape, out=None):
-    """(x̂ on the view, y of ``shape``): x̂ = (x − shift)·scale, y = γ·x̂ + β, one pass over x.
+def _flat(lay, i, a, write=False):
+    """Operand ``i`` as (1-D view of its memory, its five element strides) over the layout ``lay``."""
+    from numpy.lib.stride_tricks import as_strided
 
-    ``shift`` (``None`` for scaling) and ``scale`` are keepdims statistics on the view; ``gamma`` and
-    ``beta`` are broadcastable to the input's ``shape``; ``out`` (of ``shape``, x's dtype) receives y.
-    """
-    if not _same_float(xv, shift, scale, gamma, beta, out):
-        return None
-    from . import _kernels as K
+    st = tuple(int(s) // a.itemsize for s in lay.perm_strides[i])
+    span = 1 + sum((n - 1) * s for n, s in zip(lay.sizes, st))
+    return as_strided(a, shape=(span,), strides=(a.itemsize,), writeable=write), st
+
+
+_NONE5 = (0, 0, 0, 0, 0)
+_MODES = {"standardizing": 0, "scaling": 1, "population": 2}
+# rows order needs its innermost (reduced) run to be at least this long to beat the cols order
+_ROWS_MIN_RUN = 16
+
+
+def _order(lay, ops, full) -> str | None:
+    """The loop order for the layout: "cols" when the innermost block (K2, R3) is contiguous in every
+    full-size operand (indices ``full`` into ``ops``), R2 = 1 and the reduced run R3 is short;
+    "rows" otherwise (contiguous inner loops where R3 has unit stride, scalar loops elsewhere)."""
+    K1, R1, K2, R2, R3 = lay.sizes
+    block = R2 == 1
+    for i in full:
+        e = [int(v) // ops[i].itemsize for v in lay.perm_strides[i]]
+        block &= (R3 == 1 or e[4] == 1) and (K2 == 1 or e[2] == R3)
+    if block and (R3 < _ROWS_MIN_RUN or R2 * R3 == 1):
+        return "cols"
+    # the rows kernel takes any strides (scalar loops where the innermost run is not contiguous)
+    return "rows"
+
+
+def _chunks(k: int, threads: int) -> int:
+    return max(1, min(k, 4 * threads))
+
+
+def _canon(vs, axes, ops):
     from ._layout import canonical
 
+    return canonical(vs, axes, ops)
+
+
+def normalize_forward(xv, axes, mode, eps, shift, scale, gamma, beta, shape, out=None):
+    """Statistics and y = (x − μ)·(scale·γ) + β in one kernel (survey Algorithm 1, lines 4-5).
+
+    ``xv``: the partition's view of the input (of ``shape``); ``mode``: "standardizing" (μ, σ² of
+    the batch), "scaling" (mean(x²), no shift), "population" (``shift`` and ``scale`` given as
+    keepdims statistics on the view); γ, β broadcastable to ``shape``; ``out`` (``shape``, x's dtype)
+    receives y. Returns (y of ``shape``, μ, scale, σ² as keepdims statistics on the view; μ is
+    ``None`` for scaling, μ and σ² are the given ones for population) or ``None`` (declined).
+    """
+    given = mode == "population"
+    if not _same_float(xv, gamma, beta, out, *((shift, scale) if given else ())) or xv.size == 0:
+        return None
     vs = tuple(xv.shape)
     g, b = _param_view(gamma, shape, vs), _param_view(beta, shape, vs)
-    affine = g is not None or b is not None
-    xhat = np.empty_like(xv)
+    if g is False or b is False:
+        return None
+    y = None
     if out is not None:
         y = _out_view(out, vs)
         if y is None:
             return None
-    else:
-        y = np.empty_like(xv) if affine else xhat
-    sh = np.broadcast_to(np.zeros((), xv.dtype) if shift is None else shift, vs)
-    sc = np.broadcast_to(scale, vs)
-    ops = [xv, xhat, y, sh, sc] + [a for a in (g, b) if a is not None]
-    lay = canonical(vs, axes, ops)
+        if y.strides != xv.strides:
+            # the loop order (and so the rounding of the statistics) follows x's layout alone: an
+            # out= buffer laid out otherwise receives a copy
+            y = None
+    copy_out = out is not None and y is None
+    if y is None:
+        y = np.empty_like(xv)
+    ops = [xv, y] + [a for a in (g, b) if a is not None]
+    if given:
+        sh_b, sc_b = np.broadcast_to(shift, vs), np.broadcast_to(scale, vs)
+        ops += [sh_b, sc_b]
+    lay = _canon(vs, axes, ops)
     if lay is None:
         return None
-    x5, h5, y5 = lay.view(0, xv), lay.view(1, xhat, True), lay.view(2, y, True)
-    sh2, sc2 = _stat2(lay, 3, sh, xv.dtype), _stat2(lay, 4, sc, xv.dtype)
-    i = 5
-    g5 = b5 = x5
+    order = _order(lay, ops, (0, 1))
+    i = 2
+    gi = bi = None
     if g is not None:
-        g5, i = lay.view(i, g), i + 1
+        gi, i = i, i + 1
     if b is not None:
-        b5 = lay.view(i, b)
-    write_y = y is not xhat
-    _k("normalize_affine", xv.size)(x5, sh2, sc2, g5, g is not None, b5, b is not None, h5, y5, write_y)
-    if out is not None:
-        return xhat, out
-    return xhat, y.reshape(shape)
+        bi, i = i, i + 1
+    if order == "cols":
+        # parameters must be constant along the reduced rows (R1) of the cols order
+        for pi in (gi, bi):
+            if pi is not None and lay.perm_strides[pi][1] != 0:
+                order = "rows"
+    K1, R1, K2, R2, R3 = lay.sizes
+    K = K1 * K2
+    dt = xv.dtype
+    xf, xs = _flat(lay, 0, xv)
+    yf, ys = _flat(lay, 1, y, True)
+    gf, gs = _flat(lay, gi, g) if g is not None else (xf, _NONE5)
+    bf, bs = _flat(lay, bi, b) if b is not None else (xf, _NONE5)
+    if given:
+        mean = _stat2(lay, i, sh_b, dt).reshape(K).copy()
+        sc = _stat2(lay, i + 1, sc_b, dt).reshape(K).copy()
+    else:
+        mean, sc = np.empty(K, dt), np.empty(K, dt)
+    var = np.empty(K, dt)
+    size = xv.size
+    threads = 1 if size < _serial_below() else _threads()
+    code = _MODES[mode]
+    from . import _fused as F
+
+    if order == "rows":
+        _kf("fwd_rows", size)(xf, xs, yf, ys, lay.sizes, code, float(eps), gf, gs, g is not None, bf, bs,
+                              b is not None, _chunks(K, threads), mean, sc, var)
+    else:
+        fused = K1 >= 2 * threads
+        _kf("fwd_cols", size)(xf, xs, yf, ys, lay.sizes, code, float(eps), gf, gs, g is not None, bf, bs,
+                              b is not None, _chunks(R1, threads) if not fused else 1, fused, mean, sc, var)
+    if copy_out:
+        np.copyto(out, y.reshape(shape))
+    y_out = out if out is not None else y.reshape(shape)
+    k2 = (K1, K2)
+    if given:
+        return y_out, shift, scale, None
+    mu = None if mode == "scaling" else lay.stat_to_view(mean.reshape(k2))
+    return y_out, mu, lay.stat_to_view(sc.reshape(k2)), lay.stat_to_view(var.reshape(k2))
 
 
 def _like(a, ref):
     """``a`` with ``ref``'s memory layout (a copy only when the strides differ): a cotangent laid out
-    unlike x̂ would not fit the canonical form shared by all operands."""
+    unlike x would not fit the canonical form shared by all operands."""
     if a.strides == ref.strides:
         return a
     c = np.empty_like(ref)
@@ -188,134 +267,91 @@ def _like(a, ref):
     return c
 
 
-def backward_reduce(u, v, w, shape, axes):
-    """(Σ w·u, Σ w·u·v) over ``axes`` of the view (keepdims, u's dtype): u = ∂L/∂y, v = x̂ on the view,
-    w = γ broadcastable to the input's ``shape`` (or ``None`` for w = 1)."""
-    if not _same_float(u, v, w):
-        return None
-    from ._layout import canonical
-
-    vs = tuple(u.shape)
-    u = _like(u, v)
-    wv = _param_view(w, shape, vs)
-    lay = canonical(vs, axes, [u, v] + ([wv] if wv is not None else []))
-    if lay is None:
-        return None
-    u5, v5 = lay.view(0, u), lay.view(1, v)
-    w5 = lay.view(2, wv) if wv is not None else u5
-    s1, s2 = _sums(lay, "dot", (u5, v5, w5), wv is not None)
-    return lay.stat_to_view(s1.astype(u.dtype)), lay.stat_to_view(s2.astype(u.dtype))
+# partial parameter-gradient buffers above this many elements per chunk are not worth it (a
+# generated, per-position γ): the formula runs
+_MAX_PARAM = 1 << 20
 
 
-def backward_apply(xhat, dy, gamma, shape, axes, s1, s2, scale, n, centered):
-    """dx on the view: scale·(γ·dy − S1/n − x̂·S2/n) (standardizing) or scale·(γ·dy − x̂·S2/n)."""
-    if not _same_float(xhat, dy, gamma, s1, s2, scale):
-        return None
-    from . import _kernels as K
-    from ._layout import canonical
+def normalize_backward(xv, shift, scale, dy, gamma, pshape, shape, axes, mode, need=(True, True, True)):
+    """(dx on the view, dγ, dβ of ``pshape``) of y = (x − shift)·scale·γ + β in one kernel.
 
-    vs = tuple(xhat.shape)
-    dy = _like(dy, xhat)
-    g = _param_view(gamma, shape, vs)
-    dx = np.empty_like(xhat)
-    b = [np.broadcast_to(a, vs) for a in (scale, s1, s2)]
-    ops = [xhat, dy, dx] + b + ([g] if g is not None else [])
-    lay = canonical(vs, axes, ops)
-    if lay is None:
-        return None
-    dt = xhat.dtype
-    sc2 = _stat2(lay, 3, b[0], dt)
-    m1 = _stat2(lay, 4, b[1], np.float64) / n if centered else np.zeros_like(sc2, dtype=np.float64)
-    m2 = _stat2(lay, 5, b[2], np.float64) / n
-    x5, d5, o5 = lay.view(0, xhat), lay.view(1, dy), lay.view(2, dx, True)
-    g5 = lay.view(6, g) if g is not None else x5
-    _k("backward_apply", xhat.size)(x5, d5, g5, g is not None, sc2, m1.astype(dt), m2.astype(dt), o5)
-    return dx
-
-
-def _rows_order(lay) -> bool:
-    K1, R1, K2, R2, R3 = lay.sizes
-    return R2 * R3 > 1 and K1 * K2 >= 2 * (1 if K1 * R1 * K2 * R2 * R3 < _serial_below() else _threads())
-
-
-def standardize_affine(xv, axes, mode, eps, shift, scale, gamma, beta, shape, out=None):
-    """Statistics, x̂ and y in one task per statistic (rows order only; ``None`` otherwise).
-
-    ``mode``: "standardizing" → (x̂, y, μ, σ², rstd); "scaling" → (x̂, y, None, mean(x²), r);
-    "population" (``shift``, ``scale`` given as keepdims statistics) → (x̂, y, None, None, scale).
+    ``xv``: the view of the input; ``shift`` (``None`` for scaling), ``scale``: keepdims statistics;
+    ``dy``: ∂L/∂y on the view; ``gamma`` broadcastable to ``shape`` or ``None``; ``pshape``: the shape
+    of γ and β (``None`` when neither exists); ``mode``: "standardizing", "scaling" or "population"
+    (statistics constant); ``need``: which of (dx, dγ, dβ) to compute (``None`` for the others).
+    Returns ``None`` when declined.
     """
-    if not _same_float(xv, shift, scale, gamma, beta, out):
+    if shift is None:
+        shift = np.zeros((), xv.dtype)
+    if not _same_float(xv, dy, gamma, shift, scale) or xv.size == 0:
         return None
-    from ._layout import canonical
-
     vs = tuple(xv.shape)
-    g, b = _param_view(gamma, shape, vs), _param_view(beta, shape, vs)
-    affine = g is not None or b is not None
-    xhat = np.empty_like(xv)
-    if out is not None:
-        y = _out_view(out, vs)
-        if y is None:
-            return None
-    else:
-        y = np.empty_like(xv) if affine else xhat
-    ops = [xv, xhat, y] + [a for a in (g, b) if a is not None]
-    given = mode == "population"
-    if given:
-        sh, sc = np.broadcast_to(shift, vs), np.broadcast_to(scale, vs)
-        ops += [sh, sc]
-    lay = canonical(vs, axes, ops)
-    if lay is None or not _rows_order(lay):
-        return None
-    K1, _, K2, _, _ = lay.sizes
-    x5, h5, y5 = lay.view(0, xv), lay.view(1, xhat, True), lay.view(2, y, True)
-    i = 3
-    g5 = b5 = x5
-    if g is not None:
-        g5, i = lay.view(i, g), i + 1
-    if b is not None:
-        b5, i = lay.view(i, b), i + 1
-    if given:
-        # copies: the kernel writes scale_in in the other modes, so it takes a writeable array
-        sh2, sc2 = _stat2(lay, i, sh, xv.dtype).copy(), _stat2(lay, i + 1, sc, xv.dtype).copy()
-    else:
-        sh2, sc2 = np.empty((K1, K2), xv.dtype), np.empty((K1, K2), xv.dtype)
-    st1, st2 = np.empty((K1, K2), xv.dtype), np.empty((K1, K2), xv.dtype)
-    code = {"standardizing": 0, "scaling": 1, "population": 2}[mode]
-    _k("standardize_rows", xv.size)(x5, code, float(eps), sh2, sc2, g5, g is not None, b5, b is not None,
-                                    h5, y5, y is not xhat, st1, st2)
-    y_out = out if out is not None else y.reshape(shape)
-    if given:
-        return xhat, y_out, None, None, scale
-    sc_v = lay.stat_to_view(sc2)
-    if mode == "scaling":
-        return xhat, y_out, None, lay.stat_to_view(st2), sc_v
-    return xhat, y_out, lay.stat_to_view(st1), lay.stat_to_view(st2), sc_v
-
-
-def backward_fused(xhat, dy, gamma, shape, axes, scale, n, centered):
-    """(dx on the view, Σdy, Σdy·x̂ per statistic): both reductions and the apply in one task per
-    statistic (rows order only; ``None`` otherwise)."""
-    if not _same_float(xhat, dy, gamma, scale):
-        return None
-    from ._layout import canonical
-
-    vs = tuple(xhat.shape)
-    dy = _like(dy, xhat)
+    dy = _like(dy, xv)
     g = _param_view(gamma, shape, vs)
-    dx = np.empty_like(xhat)
-    sc = np.broadcast_to(scale, vs)
-    lay = canonical(vs, axes, [xhat, dy, dx, sc] + ([g] if g is not None else []))
-    if lay is None or not _rows_order(lay):
+    if g is False:
         return None
-    K1, _, K2, _, _ = lay.sizes
-    dt = xhat.dtype
-    x5, d5, o5 = lay.view(0, xhat), lay.view(1, dy), lay.view(2, dx, True)
-    g5 = lay.view(4, g) if g is not None else x5
-    raw1, raw2 = np.empty((K1, K2)), np.empty((K1, K2))
-    mm1, mm2 = np.empty((K1, K2), dt), np.empty((K1, K2), dt)
-    _k("backward_rows", xhat.size)(x5, d5, g5, g is not None, _stat2(lay, 3, sc, dt), n, centered, o5,
-                                   raw1, raw2, mm1, mm2)
-    return dx, lay.stat_to_view(raw1.astype(dt)), lay.stat_to_view(raw2.astype(dt))
+    need_dx, need_g, need_b = need
+    need_g = need_g and gamma is not None
+    need_b = need_b and pshape is not None and need_b
+    need_p = pshape is not None and (need_g or need_b)
+    P = 1
+    pidx = None
+    if need_p:
+        for d in pshape:
+            P *= int(d)
+        if P > _MAX_PARAM:
+            return None
+        pidx = _param_view(np.empty(tuple(pshape), np.float64), shape, vs)
+        if pidx is False:
+            return None
+    dx = np.empty_like(xv) if need_dx else xv
+    sh_b, sc_b = np.broadcast_to(shift, vs), np.broadcast_to(scale, vs)
+    ops = [xv, dy, dx, sh_b, sc_b] + [a for a in (g, pidx) if a is not None]
+    lay = _canon(vs, axes, ops)
+    if lay is None:
+        return None
+    order = _order(lay, ops, (0, 1, 2) if need_dx else (0, 1))
+    gi = 5 if g is not None else None
+    pi = (6 if g is not None else 5) if pidx is not None else None
+    if order == "cols":
+        for q in (gi, pi):
+            if q is not None and lay.perm_strides[q][1] != 0:
+                order = "rows"
+    K1, R1, K2, R2, R3 = lay.sizes
+    K = K1 * K2
+    dt = xv.dtype
+    xf, xs = _flat(lay, 0, xv)
+    uf, us = _flat(lay, 1, dy)
+    df, ds = _flat(lay, 2, dx, True) if need_dx else (xf, xs)
+    mean = _stat2(lay, 3, sh_b, dt).reshape(K)
+    sc = _stat2(lay, 4, sc_b, dt).reshape(K)
+    gf, gs = _flat(lay, gi, g) if g is not None else (xf, _NONE5)
+    ps = tuple(int(s) // 8 for s in lay.perm_strides[pi]) if pi is not None else _NONE5
+    size = xv.size
+    threads = 1 if size < _serial_below() else _threads()
+    code = _MODES[mode]
+    if order == "rows":
+        nchunk = _chunks(K, threads)
+        pg, pb = np.zeros((nchunk, P)), np.zeros((nchunk, P))
+        _kf("bwd_rows", size)(xf, xs, uf, us, df, ds, lay.sizes, code, mean, sc, gf, gs, g is not None, ps,
+                              need_dx, need_p, nchunk, pg, pb, np.empty((K, 2), dt))
+    else:
+        fused = K1 >= 2 * threads
+        pg, pb = np.zeros((1, P)), np.zeros((1, P))
+        _kf("bwd_cols", size)(xf, xs, uf, us, df, ds, lay.sizes, code, mean, sc, gf, gs, g is not None, ps,
+                              need_dx, need_p, 1 if fused else _chunks(R1, threads), fused, pg, pb)
+    dgamma = pg.sum(axis=0).reshape(pshape).astype(dt) if need_g else None
+    dbeta = pb.sum(axis=0).reshape(pshape).astype(dt) if need_b else None
+    return (dx if need_dx else None), dgamma, dbeta
+
+
+def _kf(name: str, size: int):
+    """The parallel build of fused kernel ``name``, or its serial build for an input of few elements."""
+    from . import _fused as F
+    from .config import SERIAL_BELOW
+
+    par, ser = F.KERNELS[name]
+    return ser if size < SERIAL_BELOW else par
 
 
 def register() -> None:
@@ -324,9 +360,7 @@ def register() -> None:
 
     from normref._kernels import register_kernel
 
-    for fn in (moments, mean_square, normalize_affine, backward_reduce, backward_apply, standardize_affine,
-               backward_fused):
+    for name, fn in [("moments", moments), ("mean_square", mean_square), ("normalize_forward", normalize_forward),
+                     ("normalize_backward", normalize_backward)]:
         fn.accepts = accepts
-    for name, fn in [("standardize_affine", standardize_affine), ("backward_fused", backward_fused), ("moments", moments), ("mean_square", mean_square), ("normalize_affine", normalize_affine),
-                     ("backward_reduce", backward_reduce), ("backward_apply", backward_apply)]:
         register_kernel("numpy", name, fn)
