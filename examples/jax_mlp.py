@@ -76,8 +76,8 @@ def main(steps: int = 300, batch: int = 64) -> list[float]:
         i = (s * batch) % X.shape[0]
         params, velocity, state, loss = step(params, velocity, state, X[i : i + batch], Y[i : i + batch])
         losses.append(float(loss))
-        if s % 50 == 0 or s == steps - 1:
-            print(f"step {s:4d}  loss {losses[-1]:.4f}")
+        if (s + 1) % 50 == 0:  # minibatch losses are noisy: print the mean over each 50 steps
+            print(f"steps {s - 49:3d}-{s:3d}  mean loss {sum(losses[-50:]) / 50:.4f}")
     pred, _ = forward(params, state, X, training=False)  # inference with the running statistics
     print(f"eval loss (running statistics): {float(jnp.mean((pred - Y) ** 2)):.4f}")
     return losses

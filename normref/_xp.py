@@ -12,7 +12,13 @@ from typing import Any, Sequence
 import array_api_compat
 from array_api_compat import array_namespace
 
+#: An array of any array-API library (NumPy, PyTorch, JAX, CuPy, array-api-strict): the type of
+#: inputs and outputs in the public signatures (a dependency-free alias, so that annotating does
+#: not import a framework).
+Array = Any
+
 __all__ = [
+    "Array",
     "namespace",
     "compute_dtype",
     "to_compute",
@@ -54,7 +60,7 @@ def _device_or_none(x: Any) -> Any:
         return None
 
 
-def namespace(fn: str, **arrays: Any):
+def namespace(fn: str, **arrays: Any) -> Any:
     """The single array namespace shared by the named arrays (``None`` entries are skipped).
 
     Raises ``TypeError`` naming the argument when an argument is not an array, when arrays of
@@ -100,21 +106,21 @@ def namespace(fn: str, **arrays: Any):
     return xp
 
 
-def compute_dtype(xp, dtype):
+def compute_dtype(xp: Any, dtype: Any) -> Any:
     """The dtype statistics are accumulated in: float32 for float16/bfloat16, else the dtype itself."""
     if dtype == xp.float32 or dtype == xp.float64:
         return dtype
     return xp.float32
 
 
-def to_compute(xp, a, dtype):
+def to_compute(xp: Any, a: Array | None, dtype: Any) -> Array | None:
     """``a`` cast to the compute dtype (no copy when it already has it); ``None`` passes through."""
     if a is None or a.dtype == dtype:
         return a
     return xp.astype(a, dtype)
 
 
-def sum_to_shape(xp, t, shape: Sequence[int]):
+def sum_to_shape(xp: Any, t: Array, shape: Sequence[int]) -> Array:
     """Sum ``t`` over the axes along which an array of ``shape`` was broadcast to ``t.shape``.
 
     This is the adjoint of broadcasting: the gradient of a broadcast parameter is the cotangent summed
@@ -131,7 +137,7 @@ def sum_to_shape(xp, t, shape: Sequence[int]):
     return xp.reshape(t, shape)
 
 
-def finfo_eps(xp, dtype) -> float:
+def finfo_eps(xp: Any, dtype: Any) -> float:
     return float(xp.finfo(dtype).eps)
 
 
@@ -139,7 +145,7 @@ def prod(shape: Sequence[int]) -> int:
     return int(math.prod(shape))
 
 
-def to_numpy(a):
+def to_numpy(a: Array | None) -> Any:
     """A NumPy copy of any array (torch detached and on the CPU, JAX, CuPy, array-api-strict)."""
     import numpy as np
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._validate import check_momentum, check_ndim, check_positive, check_shape
-from ._xp import compute_dtype, namespace, to_compute
+from ._xp import Array, compute_dtype, namespace, to_compute
 from .framework import channel_param
 from .registry import Example, Residuals, method
 from .standardization import NormResult, _check_training_count, _factor, _running_pair
@@ -72,7 +72,7 @@ def switchable_norm(
     eps: float = 1e-5,
     *,
     num_batches_tracked: int | None = None,
-):
+) -> Array | NormResult:
     """Switchable normalization: x̂ = (x − Σ_k w_k μ_k)/√(Σ_k v_k σ²_k + ε), k ∈ (IN, LN, BN).
 
     ``mean_weight`` and ``var_weight`` are the 3 logits λ (order IN, LN, BN) whose softmax gives w and
@@ -236,7 +236,7 @@ def batch_instance_norm(
     eps: float = 1e-5,
     *,
     num_batches_tracked: int | None = None,
-):
+) -> Array | NormResult:
     """Batch-instance normalization: y = γ·(ρ·x̂_BN + (1 − ρ)·x̂_IN) + β, ρ ∈ [0, 1] per channel.
 
     ρ receives a gradient (the paper clips it to [0, 1] after each update: the optimizer's step, not
@@ -318,7 +318,7 @@ def _ex_adalin(rng):
     paper="Kim et al., U-GAT-IT, ICLR 2020",
     examples=_ex_adalin,
 )
-def adaptive_layer_instance_norm(input: Any, rho: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5):
+def adaptive_layer_instance_norm(input: Any, rho: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) -> Array:
     """AdaLIN: y = γ·(ρ·x̂_IN + (1 − ρ)·x̂_LN) + β, ρ ∈ [0, 1] per channel.
 
     γ, β are per channel (C,) or generated: broadcastable to the input, e.g. (N, C, 1, 1) computed per

@@ -223,10 +223,15 @@ def normalize(
     }[partition]
     shape = tuple(input.shape)
     part.validate(fn, shape)
-    if part.count(shape) < 2 and operation in ("standardizing", "lp", "centering"):
+    # One value per statistic makes x − μ ≡ 0. The presets differ on it, as torch does:
+    # batch_norm / batch_group_norm / ghost_batch_norm / instance_norm raise in training (torch's
+    # batch and instance norm do), group_norm / layer_norm / position_norm return the zeros
+    # (torch's group and layer norm do). Scaling (RMS) uses no mean and is well defined.
+    if (part.count(shape) < 2 and (operation in ("standardizing", "lp", "centering") or whitening)
+            and partition in ("batch", "batch_group", "instance")):
         raise ValueError(
             f"{fn}: the {partition} partition of input shape {shape} leaves 1 value per statistic; "
-            f"expected more than 1 value per normalization group"
+            f"expected more than 1 value per statistic for batch statistics (as batch_norm in training)"
         )
     if recovery == "none" and (weight is not None or bias is not None):
         raise ValueError(f"{fn}: recovery='none' takes no weight or bias; got weight={weight is not None}, bias={bias is not None}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._validate import check_int, check_ndim, check_nonnegative, check_positive
-from ._xp import compute_dtype, namespace, to_compute
+from ._xp import Array, compute_dtype, namespace, to_compute
 from .registry import Example, Residuals, method
 
 __all__ = ["local_response_norm"]
@@ -57,7 +57,7 @@ def _ex_lrn(rng):
     paper="Krizhevsky, Sutskever & Hinton, ImageNet Classification with Deep CNNs, NeurIPS 2012",
     examples=_ex_lrn,
 )
-def local_response_norm(input: Any, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0):
+def local_response_norm(input: Any, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> Array:
     """Local response normalization, with ``torch.nn.functional.local_response_norm``'s arguments.
 
     y_i = x_i·(k + (α/n)·Σ_{j∈W(i)} x_j²)^{−β}, W(i) the ``size`` = n channels around i (⌊n/2⌋ before,

@@ -72,8 +72,8 @@ class Partition:
             )
         if self.kind == "batch_group" and shape[0] % self.batch_groups:
             raise ValueError(
-                f"{fn}: the number of batch groups must divide the batch size input.shape[0] = {shape[0]}; "
-                f"got {self.batch_groups}"
+                f"{fn}: batch_groups must divide the batch size input.shape[0] = {shape[0]}; "
+                f"got batch_groups={self.batch_groups}"
             )
 
     def view_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
@@ -138,7 +138,7 @@ def group(num_groups: int) -> Partition:
     return Partition("group", num_groups=check_int("group", "num_groups", num_groups))
 
 
-def position(*_: int) -> Partition:
+def position() -> Partition:
     """Π_PN: statistics per sample and position over the channels (Li et al. 2019; pixel norm)."""
     return Partition("position")
 

@@ -13,7 +13,13 @@ Conventions every method follows
   other fields are auxiliary state (updated running statistics, power-iteration vectors) that carry
   no gradient. The cotangent given to ``backward`` is the primary output's only.
 - ``residuals`` is a :class:`Residuals`: a tuple of arrays (or ``None``) plus hashable static data,
-  so that JAX can treat it as a pytree and torch can ``save_for_backward`` the arrays.
+  so that JAX can treat it as a pytree and torch can ``save_for_backward`` the arrays. Its ``meta``
+  (a :class:`Meta`, filled by :meth:`Method.forward`) records the argument dtypes and the primary
+  output's shape, dtype and library, so that ``backward`` refuses a wrong cotangent before any work.
+- ``backward(residuals, cotangent, needs=mask)`` computes only the gradients whose entry in ``mask``
+  (one bool per array parameter, e.g. torch's ``ctx.needs_input_grad``) is true; the others come
+  back ``None``. A registered backward that declares a ``needs`` parameter receives the mask and can
+  skip the work; one that does not is called as usual and its unwanted gradients are discarded.
 - The backward is analytic (hand-derived) and written in array-API operations only, so that it is
   itself differentiable by a framework's autodiff (second order).
 """
@@ -25,14 +31,34 @@ import functools
 import inspect
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
-__all__ = ["Residuals", "Method", "Example", "Invariant", "method", "vjp", "REGISTRY", "get", "methods"]
+from numpy import bool_ as _np_bool
+
+from ._xp import is_array, library_name
+
+__all__ = ["Residuals", "Meta", "Method", "Example", "Invariant", "method", "vjp", "REGISTRY", "get", "methods"]
+
+
+class Meta(NamedTuple):
+    """What :meth:`Method.forward` records about a call for its backward (hashable: JAX keeps it as
+    static pytree data, so the shapes are those seen under ``jit``/``vmap`` tracing too).
+
+    ``dtypes``: the dtype of each array argument (``None`` for an argument that was ``None``), so that
+    gradients come back in each argument's own dtype; ``shape``/``dtype``/``library``: the primary
+    output's, which the cotangent must match (shape and library; any real floating dtype is accepted).
+    """
+
+    dtypes: tuple
+    shape: tuple
+    dtype: Any
+    library: str
 
 
 class Residuals:
     """What a backward needs: ``arrays`` (a tuple of arrays or ``None``) and hashable ``static`` data.
 
-    ``meta`` is filled by :class:`Method` with the dtype of every array argument (or ``None``), so that
-    gradients come back in each argument's own dtype.
+    ``meta`` is filled by :class:`Method` with a :class:`Meta` (argument dtypes, primary output shape,
+    dtype and library); a plain tuple of dtypes (older callers) is accepted and skips the cotangent
+    checks.
     """
 
     __slots__ = ("arrays", "static", "meta")
@@ -109,13 +135,22 @@ class Method:
         self.invariants = tuple(invariants)
         self.torch_reference = torch_reference
         self._backward: Callable | None = None
+        self._backward_takes_needs = False
+        self._inspected: Callable | None = None
         functools.update_wrapper(self, forward)
         self.__signature__ = self.signature
 
     # -- registration helpers -------------------------------------------------------------------
     def defbackward(self, backward: Callable) -> Callable:
-        """Register ``backward(residuals, cotangent) -> tuple`` (one entry per array parameter)."""
+        """Register ``backward(residuals, cotangent) -> tuple`` (one entry per array parameter).
+
+        If ``backward`` declares a ``needs`` parameter it is called as ``backward(residuals,
+        cotangent, needs=mask)`` with one bool per array parameter, and may skip (return ``None`` for)
+        the gradients whose entry is false.
+        """
         self._backward = backward
+        self._inspected = backward
+        self._backward_takes_needs = _declares_needs(backward)
         return backward
 
     # -- the pair -------------------------------------------------------------------------------
@@ -131,26 +166,60 @@ class Method:
         """``(out, residuals)``; ``out`` is what calling the method returns."""
         bound = self.bind(*args, **kwargs)
         out, res = self._forward(*bound.args, **bound.kwargs)
-        res.meta = tuple(
-            None if bound.arguments[p] is None else bound.arguments[p].dtype for p in self.array_params
+        y = self.primary(out)
+        res.meta = Meta(
+            dtypes=tuple(
+                None if bound.arguments[p] is None else bound.arguments[p].dtype for p in self.array_params
+            ),
+            shape=tuple(int(d) for d in y.shape),
+            dtype=y.dtype,
+            library=library_name(y),
         )
         return out, res
 
-    def backward(self, residuals: Residuals, cotangent: Any) -> tuple:
-        """One gradient per array parameter (signature order); ``None`` where there is none."""
+    def backward(
+        self, residuals: Residuals, cotangent: Any, needs: "Sequence[bool] | None" = None
+    ) -> tuple:
+        """One gradient per array parameter (signature order); ``None`` where there is none.
+
+        ``cotangent`` is the cotangent of the primary output: an array of its shape and library
+        (``ValueError``/``TypeError`` otherwise, before any work). ``needs`` (optional, one bool per
+        array parameter): the gradients wanted; the others come back ``None`` and, where the
+        registered backward supports it, are not computed. No gradient wanted: no work at all.
+        """
         if self._backward is None:
             raise NotImplementedError(f"{self.name} has no registered backward")
-        if cotangent is None:
-            raise TypeError(f"{self.name}.backward: cotangent must be an array, got None")
-        grads = tuple(self._backward(residuals, cotangent))
-        if len(grads) != len(self.array_params):
+        self._check_cotangent(residuals, cotangent)
+        n = len(self.array_params)
+        if needs is not None:
+            needs = tuple(needs)
+            if len(needs) != n or not all(isinstance(b, (bool, _np_bool)) for b in needs):
+                raise ValueError(
+                    f"{self.name}.backward: needs must hold one bool per array parameter "
+                    f"{self.array_params}; got {needs!r}"
+                )
+            needs = tuple(bool(b) and p not in self.nondiff for b, p in zip(needs, self.array_params))
+            if not any(needs):
+                return (None,) * n
+        fn = self._backward
+        # inspected once at registration; a backward swapped in later (tests) is inspected here
+        takes_needs = self._backward_takes_needs if fn is self._inspected else _declares_needs(fn)
+        if takes_needs:
+            full = tuple(p not in self.nondiff for p in self.array_params)
+            grads = tuple(fn(residuals, cotangent, needs=full if needs is None else needs))
+        else:
+            grads = tuple(fn(residuals, cotangent))
+        if len(grads) != n:
             raise AssertionError(
-                f"{self.name}.backward returned {len(grads)} gradients for {len(self.array_params)} array parameters"
+                f"{self.name}.backward returned {len(grads)} gradients for {n} array parameters"
             )
-        meta = residuals.meta or (None,) * len(grads)
+        meta = residuals.meta
+        dtypes = meta.dtypes if isinstance(meta, Meta) else (meta or (None,) * n)
+        if needs is None:
+            needs = (True,) * n
         out = []
-        for p, g, dt in zip(self.array_params, grads, meta):
-            if dt is None or p in self.nondiff or g is None:
+        for p, g, dt, want in zip(self.array_params, grads, dtypes, needs):
+            if dt is None or p in self.nondiff or g is None or not want:
                 out.append(None)
             elif g.dtype != dt:
                 from array_api_compat import array_namespace
@@ -159,6 +228,35 @@ class Method:
             else:
                 out.append(g)
         return tuple(out)
+
+    def _check_cotangent(self, residuals: Residuals, cotangent: Any) -> None:
+        """The cotangent must look like the primary output recorded at forward time: same library,
+        same shape (no silent broadcasting), real floating point."""
+        fn = f"{self.name}.backward"
+        if cotangent is None:
+            raise TypeError(f"{fn}: cotangent must be an array, got None")
+        if not is_array(cotangent):
+            raise TypeError(f"{fn}: cotangent must be an array like the primary output; got {type(cotangent).__name__}")
+        meta = residuals.meta
+        if not isinstance(meta, Meta):
+            return
+        lib = library_name(cotangent)
+        if lib != meta.library:
+            raise TypeError(
+                f"{fn}: cotangent must be a {meta.library} array, like the primary output; "
+                f"got a {lib} array ({type(cotangent).__name__})"
+            )
+        shape = tuple(cotangent.shape)
+        if shape != meta.shape:
+            raise ValueError(
+                f"{fn}: cotangent must have the primary output's shape {meta.shape}; got shape {shape}"
+            )
+        from array_api_compat import array_namespace
+
+        if not array_namespace(cotangent).isdtype(cotangent.dtype, "real floating"):
+            raise TypeError(
+                f"{fn}: cotangent must be real floating point (the output is {meta.dtype}); got dtype {cotangent.dtype}"
+            )
 
     def __call__(self, *args: Any, **kwargs: Any):
         return self.forward(*args, **kwargs)[0]
@@ -169,6 +267,14 @@ class Method:
 
     def __repr__(self) -> str:
         return f"<normref method {self.name} ({self.category}; {self.survey})>"
+
+
+def _declares_needs(backward: Callable) -> bool:
+    """Whether a registered backward takes the ``needs`` mask (a parameter of that name)."""
+    try:
+        return "needs" in inspect.signature(backward).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
 
 
 REGISTRY: dict[str, Method] = {}

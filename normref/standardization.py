@@ -15,6 +15,10 @@ so a port of ``F.batch_norm(x, rm, rv, training=True)`` cannot lose the update s
 tuple as an array fails at once). Otherwise the output array itself is returned. The running
 variance is updated with the unbiased batch variance, as torch does; ``momentum=None`` gives the
 cumulative average 1/(k+1) with ``k = num_batches_tracked`` batches seen before this one.
+
+Return annotations give what a *call* returns (``Array``, or the result tuple); the decorated body
+returns that paired with its :class:`~normref.registry.Residuals`, which :meth:`Method.forward`
+exposes and a plain call drops.
 """
 
 from __future__ import annotations
@@ -26,10 +30,10 @@ import numpy as _np
 
 from . import operation as _op
 from ._validate import check_int, check_momentum, check_ndim, check_p, check_positive
-from ._xp import compute_dtype, finfo_eps, namespace, to_compute, to_numpy
+from ._xp import Array, compute_dtype, finfo_eps, namespace, to_compute, to_numpy
 from .framework import channel_param, check_param_shape, pack, run_forward, unpack_backward
 from .partition import Partition
-from .recovery import tlu_backward, tlu_forward
+from .recovery import affine_forward, tlu_backward, tlu_forward
 from .registry import Example, Invariant, Residuals, method
 
 __all__ = [
@@ -123,10 +127,12 @@ def _check_channels(fn, input, **params):
         check_param_shape(fn, name, a, (c,), f"one value per channel, input.shape[1] = {c}")
 
 
-def _check_training_count(fn, part: Partition, shape):
+def _check_training_count(fn, part: Partition, shape, what: str = "channel when training"):
+    """Batch statistics of a single value are degenerate (σ² = 0, x̂ = 0 whatever x): torch's batch
+    and instance norm raise in training, and so does every batch-type preset here."""
     if part.count(shape) < 2:
         raise ValueError(
-            f"{fn}: expected more than 1 value per channel when training; got input of shape {tuple(shape)}"
+            f"{fn}: expected more than 1 value per {what}; got input of shape {tuple(shape)}"
         )
 
 
@@ -137,15 +143,25 @@ def _running_pair(fn, rm, rv, names=("running_mean", "running_var")):
 
 
 def _factor(fn, momentum, num_batches_tracked):
+    return _factors(fn, momentum, num_batches_tracked, 1)[0]
+
+
+def _factors(fn, momentum, num_batches_tracked, updates: int) -> list[float]:
+    """The factors f of ``updates`` successive running-statistic updates (survey Eqn 18).
+
+    A fixed momentum gives f = momentum each time; momentum=None the cumulative average: after k
+    batches the i-th further batch gets f = 1/(k + i + 1), so that the running value stays the
+    plain mean of every batch statistic seen (torch's ``_BatchNorm`` with ``momentum=None``).
+    """
     if momentum is not None:
-        return momentum
+        return [momentum] * updates
     if num_batches_tracked is None:
         raise ValueError(
             f"{fn}: momentum=None (cumulative average) needs num_batches_tracked, the number of batches "
             f"seen before this one; got num_batches_tracked=None"
         )
     k = check_int(fn, "num_batches_tracked", num_batches_tracked, minimum=0)
-    return 1.0 / (k + 1)
+    return [1.0 / (k + i + 1) for i in range(updates)]
 
 
 def _ema(xp, running, stat, f):
@@ -288,7 +304,7 @@ def batch_norm(
     *,
     num_batches_tracked: int | None = None,
     out: Any = None,
-):
+) -> Array | NormResult:
     """Batch normalization, with ``torch.nn.functional.batch_norm``'s arguments and results.
 
     y = γ·(x − μ_B)/√(σ_B² + ε) + β, statistics per channel over (N, *spatial) (Π_BN, survey Eqn 20),
@@ -383,13 +399,19 @@ def instance_norm(
     *,
     num_batches_tracked: int | None = None,
     out: Any = None,
-):
+) -> Array | NormResult:
     """Instance normalization, with ``torch.nn.functional.instance_norm``'s arguments and results.
 
     y = γ·(x − μ_nc)/√(σ_nc² + ε) + β, statistics per sample and channel over the spatial axes.
     With ``use_input_stats`` and running statistics, returns ``NormResult`` whose running statistics
     move toward the batch average of the instance statistics (variance unbiased over the spatial
     count), as torch does. ``out``: as in :func:`batch_norm`. Ulyanov et al. 2016.
+
+    ``momentum=None`` diverges from torch on purpose: ``F.instance_norm`` refuses it (``TypeError``:
+    momentum must be float) and ``nn.InstanceNorm*d(momentum=None, track_running_stats=True)``
+    passes momentum 0.0, so its running statistics never move and ``num_batches_tracked`` stays 0
+    (checked with torch 2.13). Here, as in :func:`batch_norm`, ``momentum=None`` is the cumulative
+    average and needs ``num_batches_tracked``; pass ``momentum=0.0`` to reproduce torch's module.
     """
     fn = "instance_norm"
     xp = namespace(fn, input=input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
@@ -489,7 +511,7 @@ def _ln_partition(args, kwargs):
 def layer_norm(
     input: Any, normalized_shape: int | Sequence[int], weight: Any = None, bias: Any = None, eps: float = 1e-5,
     *, out: Any = None,
-):
+) -> Array:
     """Layer normalization, with ``torch.nn.functional.layer_norm``'s arguments and results.
 
     y = γ ⊙ (x − μ)/√(σ² + ε) + β, statistics per sample over the trailing ``normalized_shape``
@@ -527,8 +549,9 @@ def _rms_partition(args, kwargs):
         return None
     ns = args[1]
     eps = kwargs.get("eps")
-    if eps is None:
-        eps = float(_np.finfo(to_numpy(args[0]).dtype).eps)
+    if eps is None:  # the compute dtype's epsilon: float32's for half inputs
+        dt = to_numpy(args[0]).dtype
+        eps = float(_np.finfo(_np.float64 if dt == _np.float64 else _np.float32).eps)
     return Partition("layer", normalized_ndim=1 if isinstance(ns, int) else len(ns)), eps
 
 
@@ -542,21 +565,24 @@ def _rms_partition(args, kwargs):
 def rms_norm(
     input: Any, normalized_shape: int | Sequence[int], weight: Any = None, eps: float | None = None,
     *, out: Any = None,
-):
+) -> Array:
     """RMS normalization, with ``torch.nn.functional.rms_norm``'s arguments and results.
 
-    y = γ ⊙ x/√(mean(x²) + ε) over the trailing ``normalized_shape`` dimensions; ``eps=None`` means
-    the machine epsilon of the input's dtype, as in torch. ``out``: as in :func:`batch_norm`.
-    Zhang & Sennrich, NeurIPS 2019.
+    y = γ ⊙ x/√(mean(x²) + ε) over the trailing ``normalized_shape`` dimensions (survey Table 1:
+    Π_LN with the scaling operation). ``eps=None`` means the machine epsilon of the dtype the
+    statistics are computed in, as in torch: ``finfo(float32).eps`` for float16/bfloat16 inputs
+    (they accumulate in float32), ``finfo(dtype).eps`` for float32 and float64 (torch 2.13:
+    ``F.rms_norm(x16, s) == F.rms_norm(x16.float(), s, eps=finfo(float32).eps).half()``).
+    ``out``: as in :func:`batch_norm`. Zhang & Sennrich, NeurIPS 2019.
     """
     fn = "rms_norm"
     xp = namespace(fn, input=input, weight=weight)
     _check_out(fn, xp, input, out)
     ns = _normalized_shape(fn, input, normalized_shape)
     check_param_shape(fn, "weight", weight, ns, "normalized_shape")
-    eps = finfo_eps(xp, input.dtype) if eps is None else check_positive(fn, "eps", eps)
-    part = Partition("layer", normalized_ndim=len(ns))
     cd = compute_dtype(xp, input.dtype)
+    eps = finfo_eps(xp, cd) if eps is None else check_positive(fn, "eps", eps)
+    part = Partition("layer", normalized_ndim=len(ns))
     x = to_compute(xp, input, cd)
     gamma = to_compute(xp, weight, cd)
     op = _op.Scaling(eps)
@@ -585,11 +611,13 @@ def _gn_partition(args, kwargs):
     return Partition("group", num_groups=args[1]), kwargs.get("eps", 1e-5)
 
 
-def _group_like(fn, input, weight, bias, eps, part, out=None):
+def _group_like(fn, input, weight, bias, eps, part, out=None, count_what=None):
     xp = namespace(fn, input=input, weight=weight, bias=bias)
     _check_out(fn, xp, input, out)
     check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
     part.validate(fn, tuple(input.shape))
+    if count_what is not None:  # statistics over the batch: one value per statistic is an error
+        _check_training_count(fn, part, tuple(input.shape), count_what)
     _check_channels(fn, input, weight=weight, bias=bias)
     eps = check_positive(fn, "eps", eps)
     cd = compute_dtype(xp, input.dtype)
@@ -611,7 +639,7 @@ def _group_like(fn, input, weight, bias, eps, part, out=None):
 )
 def group_norm(
     input: Any, num_groups: int, weight: Any = None, bias: Any = None, eps: float = 1e-5, *, out: Any = None
-):
+) -> Array:
     """Group normalization, with ``torch.nn.functional.group_norm``'s arguments and results.
 
     The C channels are split into ``num_groups`` groups; y = γ·(x − μ_ng)/√(σ_ng² + ε) + β with
@@ -648,18 +676,21 @@ def _bgn_partition(args, kwargs):
 )
 def batch_group_norm(
     input: Any, num_groups: int, weight: Any = None, bias: Any = None, eps: float = 1e-5, *, batch_groups: int = 1
-):
+) -> Array:
     """Batch group normalization: statistics per group of C/G channels *and* group of N/Gb samples.
 
     The view (Gb, N/Gb, G, C/G, *spatial) is standardized over (N/Gb, C/G, *spatial); γ, β per
     channel. ``batch_groups=1`` pools the whole batch (the paper's setting); statistics always come
-    from the batch (no running statistics). Zhou et al., ICLR 2020.
+    from the batch (no running statistics), so, like :func:`batch_norm` in training, a partition that
+    leaves one value per statistic raises ``ValueError``. Zhou et al., ICLR 2020.
     """
     fn = "batch_group_norm"
     num_groups = check_int(fn, "num_groups", num_groups)
     batch_groups = check_int(fn, "batch_groups", batch_groups)
     part = Partition("batch_group", num_groups=num_groups, batch_groups=batch_groups)
-    return _group_like(fn, input, weight, bias, eps, part)
+    return _group_like(fn, input, weight, bias, eps, part,
+                       count_what="statistic (N/batch_groups samples × C/num_groups channels × spatial "
+                                  "positions; statistics always come from the batch)")
 
 
 batch_group_norm.defbackward(_backward_for("x", "w", "b"))
@@ -689,7 +720,7 @@ def _pn_partition(args, kwargs):
     examples=_ex_position,
     invariants=(moment_invariant("standardizing", _pn_partition), scale_invariant()),
 )
-def position_norm(input: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5):
+def position_norm(input: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) -> Array:
     """Positional normalization (PONO): standardize each sample's channel vector at every position.
 
     y = γ·(x − μ_nhw)/√(σ_nhw² + ε) + β with μ, σ² over the C channels; σ² biased, as in the paper's
@@ -718,7 +749,7 @@ def _pixel_partition(args, kwargs):
     examples=_ex_pixel,
     invariants=(moment_invariant("scaling", _pixel_partition),),
 )
-def pixel_norm(input: Any, eps: float = 1e-8):
+def pixel_norm(input: Any, eps: float = 1e-8) -> Array:
     """Pixelwise feature vector normalization: y = x/√(mean_C(x²) + ε), ε = 1e-8 as in the paper.
 
     Karras et al., ICLR 2018 (ProGAN), Eqn of §4.2.
@@ -771,7 +802,7 @@ def mean_only_batch_norm(
     momentum: float | None = 0.1,
     *,
     num_batches_tracked: int | None = None,
-):
+) -> Array | MeanOnlyResult:
     """Mean-only batch normalization: y = x − μ_B + β (centering over Π_BN, no scaling).
 
     Used with weight normalization, which fixes the scale (Salimans & Kingma, NeurIPS 2016). At
@@ -836,7 +867,7 @@ def _frn_partition(args, kwargs):
     examples=_ex_frn,
     invariants=(moment_invariant("scaling", _frn_partition),),
 )
-def filter_response_norm(input: Any, weight: Any = None, bias: Any = None, tau: Any = None, eps: float = 1e-6):
+def filter_response_norm(input: Any, weight: Any = None, bias: Any = None, tau: Any = None, eps: float = 1e-6) -> Array:
     """Filter response normalization with optional TLU.
 
     ν² = mean_{H,W}(x²), x̂ = x/√(ν² + ε), y = γ·x̂ + β, and with ``tau`` (per channel) the thresholded
@@ -859,8 +890,11 @@ def filter_response_norm(input: Any, weight: Any = None, bias: Any = None, tau: 
     y, op_res, _ = run_forward(xp, x, part, op, gamma, beta)
     extra_arrays = ()
     if t is not None:
-        extra_arrays = (y, t)
-        y = tlu_forward(xp, y, t)
+        # Residuals stay minimal: the backward's mask [γ·x̂ + β ≥ τ] is recomputed from x̂ and the
+        # per-channel β, τ (no full-size pre-TLU copy). The forward's TLU applies the same
+        # elementwise formula to the same x̂, so at a tie y = τ both sides pick the same branch.
+        extra_arrays = (beta, t)
+        y = tlu_forward(xp, affine_forward(xp, part.unview(xp, op.xhat(xp, op_res), tuple(input.shape)), gamma, beta), t)
     res = pack(part, op, x, op_res, gamma, beta, extra_arrays=extra_arrays,
                extra=_shapes(weight, bias) + (None if tau is None else tuple(tau.shape),))
     return _out(xp, y, input.dtype), res
@@ -873,7 +907,9 @@ def _frn_backward(res: Residuals, g):
     extra_arrays = res.arrays[plan.n_op + 1:]
     dtau = None
     if extra_arrays:
-        y, t = extra_arrays
+        beta, t = extra_arrays
+        xhat = plan.op.xhat(xp, res.arrays[: plan.n_op])
+        y = affine_forward(xp, plan.part.unview(xp, xhat, plan.shape), res.arrays[plan.n_op], beta)
         g, dtau = tlu_backward(xp, y, t, to_compute(xp, g, y.dtype))
         dtau = xp.reshape(dtau, plan.extra[2])
     dx, dw, db = _backward_for("x", "w", "b")(res, g)
@@ -937,7 +973,7 @@ def lp_batch_norm(
     l1_factor: bool = True,
     *,
     num_batches_tracked: int | None = None,
-):
+) -> Array | LpNormResult:
     """Lp-norm batch normalization: y = γ·(x − μ_B)/(c·σ_p + ε) + β, σ_p = (mean_B|x − μ_B|^p)^{1/p}.
 
     Over Π_BN; p = ∞ gives σ = max|x − μ|; p = 1 with ``l1_factor`` uses c = √(π/2), which makes σ₁ an
@@ -1050,7 +1086,7 @@ def batch_renorm(
     dmax: float = 5.0,
     *,
     num_batches_tracked: int | None = None,
-):
+) -> Array | NormResult:
     """Batch renormalization: x̂ = ((x − μ_B)/σ_B)·r + d, y = γ·x̂ + β.
 
     σ_B = √(σ_B² + ε), σ = √(running_var + ε), r = clip(σ_B/σ, 1/r_max, r_max),
@@ -1141,14 +1177,18 @@ def ghost_batch_norm(
     virtual_batch_size: int | None = None,
     *,
     num_batches_tracked: int | None = None,
-):
+) -> Array | NormResult:
     """Ghost batch normalization: batch normalization on each virtual batch of ``virtual_batch_size``.
 
-    The batch is split into k = N / virtual_batch_size consecutive virtual batches, each standardized
-    with its own statistics (the batch-group partition with one channel per group). The running
-    statistics are updated once per virtual batch, in order — exactly what calling
-    :func:`batch_norm` on each chunk in turn gives. ``virtual_batch_size=None`` uses the whole batch.
-    Hoffer et al., NeurIPS 2017.
+    The batch is split into k = N / virtual_batch_size consecutive virtual batches B_1 … B_k, each
+    standardized with its own statistics, y = γ·(x − μ_{B_i})/√(σ²_{B_i} + ε) + β (σ² biased; the
+    batch-group partition with one channel per group). The running statistics are updated once per
+    virtual batch, in order — exactly what calling :func:`batch_norm` on each chunk in turn gives:
+    with a fixed momentum each update uses it; with ``momentum=None`` (cumulative average) and
+    ``num_batches_tracked=t`` the i-th virtual batch uses f = 1/(t + i), i = 1 … k. A call therefore
+    counts as k batches: pass ``num_batches_tracked = t + N // virtual_batch_size`` next time (torch's
+    ``BatchNorm`` adds 1 per call; a ghost layer must add k). ``virtual_batch_size=None`` uses the
+    whole batch. Hoffer et al., NeurIPS 2017 (Algorithm 1).
     """
     fn = "ghost_batch_norm"
     xp = namespace(fn, input=input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
@@ -1168,7 +1208,7 @@ def ghost_batch_norm(
     k, c = shape[0] // vbs, shape[1]
     part = Partition("batch_group", num_groups=c, batch_groups=k)
     _check_training_count(fn, part, shape)
-    f = _factor(fn, momentum, num_batches_tracked) if running_mean is not None else None
+    fs = _factors(fn, momentum, num_batches_tracked, k) if running_mean is not None else None
     cd = compute_dtype(xp, input.dtype)
     x = to_compute(xp, input, cd)
     nd = len(shape)
@@ -1184,9 +1224,9 @@ def ghost_batch_norm(
     means = xp.reshape(st["mean"], (k, c))
     vars_ = xp.reshape(st["var"], (k, c)) * (n / (n - 1))
     rm, rv = running_mean, running_var
-    for i in range(k):
-        rm = _ema(xp, rm, means[i, :], f)
-        rv = _ema(xp, rv, vars_[i, :], f)
+    for i in range(k):  # Eqn 18 once per virtual batch, in order
+        rm = _ema(xp, rm, means[i, :], fs[i])
+        rv = _ema(xp, rv, vars_[i, :], fs[i])
     return NormResult(y, rm, rv), res
 
 

@@ -1,5 +1,8 @@
 """Bad input: a clear ValueError/TypeError naming the argument, the expected and the received value,
-raised before any work (so nothing is computed, nothing is half-returned, no NaN)."""
+raised before any work (so nothing is computed, nothing is half-returned, no NaN).
+
+Every case runs on every installed array library (the ``backend`` fixture): the checks read shapes,
+dtypes and Python arguments only, so each library must be refused the same way."""
 
 from __future__ import annotations
 
@@ -20,61 +23,108 @@ def _raises(exc, pattern, fn, *args, **kwargs):
     return str(info.value)
 
 
-@pytest.mark.parametrize("call,exc,pattern", [
+class _On:
+    """Makes the arrays of a case in one backend: ``a(x)`` float64, ``a.raw(x)`` keeping x's dtype."""
+
+    def __init__(self, backend):
+        self.b = backend
+
+    def __call__(self, x):
+        return self.b.asarray(np.asarray(x, np.float64), "float64")
+
+    def raw(self, x):
+        return self.b.xp.asarray(x)
+
+
+# each case: (call taking the converter `a`, exception, pattern of the message)
+CASES = [
     # wrong number of dimensions
-    (lambda: normref.batch_norm(np.ones(5), None, None, training=True), ValueError, r"input must have at least 2 dimensions.*got 1"),
-    (lambda: normref.instance_norm(np.ones((4, 6))), ValueError, r"input must have at least 3 dimensions.*got 2"),
-    (lambda: normref.group_norm(np.ones(6), 2), ValueError, r"input must have at least 2 dimensions.*got 1"),
-    (lambda: normref.pixel_norm(np.ones(6)), ValueError, r"input must have at least 2 dimensions"),
-    # num_groups not dividing the channels
-    (lambda: normref.group_norm(X, 4), ValueError, r"num_groups must divide .* = 6; got num_groups=4"),
-    (lambda: normref.group_norm(X, 0), ValueError, r"num_groups must be an integer >= 1; got 0"),
-    (lambda: normref.group_norm(X, 2.0), TypeError, r"num_groups must be an integer"),
-    (lambda: normref.batch_group_norm(X, 2, batch_groups=3), ValueError, r"batch groups must divide the batch size .* = 4; got 3"),
-    (lambda: normref.ghost_batch_norm(X, None, None, training=True, virtual_batch_size=3), ValueError, r"virtual_batch_size must divide .* = 4; got 3"),
+    (lambda a: normref.batch_norm(a(np.ones(5)), None, None, training=True), ValueError, r"input must have at least 2 dimensions.*got 1"),
+    (lambda a: normref.instance_norm(a(np.ones((4, 6)))), ValueError, r"input must have at least 3 dimensions.*got 2"),
+    (lambda a: normref.group_norm(a(np.ones(6)), 2), ValueError, r"input must have at least 2 dimensions.*got 1"),
+    (lambda a: normref.pixel_norm(a(np.ones(6))), ValueError, r"input must have at least 2 dimensions"),
+    (lambda a: normref.filter_response_norm(a(np.ones((2, 3)))), ValueError, r"input must have at least 3 dimensions"),
+    (lambda a: normref.normalize(a(np.ones(6))), ValueError, r"input must have at least 2 dimensions .*batch partition"),
+    # num_groups / batch_groups / virtual batches not dividing
+    (lambda a: normref.group_norm(a(X), 4), ValueError, r"num_groups must divide .* = 6; got num_groups=4"),
+    (lambda a: normref.group_norm(a(X), 0), ValueError, r"num_groups must be an integer >= 1; got 0"),
+    (lambda a: normref.group_norm(a(X), 2.0), TypeError, r"num_groups must be an integer"),
+    (lambda a: normref.batch_group_norm(a(X), 2, batch_groups=3), ValueError, r"batch_groups must divide the batch size .* = 4; got batch_groups=3"),
+    (lambda a: normref.normalize(a(X), partition="batch_group", num_groups=3, batch_groups=3), ValueError, r"batch_groups must divide .* = 4; got batch_groups=3"),
+    (lambda a: normref.ghost_batch_norm(a(X), None, None, training=True, virtual_batch_size=3), ValueError, r"virtual_batch_size must divide .* = 4; got 3"),
     # normalized_shape not matching the trailing dimensions
-    (lambda: normref.layer_norm(X, (3, 3)), ValueError, r"normalized_shape must equal the trailing dimensions.*\(4, 6, 3, 2\).*\(3, 3\)"),
-    (lambda: normref.rms_norm(X, 5), ValueError, r"normalized_shape must equal the trailing dimensions"),
-    (lambda: normref.layer_norm(X, "2"), TypeError, r"normalized_shape must be an int or a tuple/list of ints; got str"),
+    (lambda a: normref.layer_norm(a(X), (3, 3)), ValueError, r"normalized_shape must equal the trailing dimensions.*\(4, 6, 3, 2\).*\(3, 3\)"),
+    (lambda a: normref.rms_norm(a(X), 5), ValueError, r"normalized_shape must equal the trailing dimensions"),
+    (lambda a: normref.layer_norm(a(X), "2"), TypeError, r"normalized_shape must be an int or a tuple/list of ints; got str"),
+    (lambda a: normref.normalize(a(X), partition="layer", normalized_ndim=5), ValueError, r"normalized_shape must name 1 to 4 trailing dimensions"),
     # parameter and running-statistic shapes
-    (lambda: normref.batch_norm(X, np.zeros(5), np.ones(5)), ValueError, r"running_mean must have shape \(6,\).*got shape \(5,\)"),
-    (lambda: normref.batch_norm(X, None, None, np.ones(3), training=True), ValueError, r"weight must have shape \(6,\).*got shape \(3,\)"),
-    (lambda: normref.group_norm(X, 2, C, np.ones((6, 1))), ValueError, r"bias must have shape \(6,\).*got shape \(6, 1\)"),
-    (lambda: normref.layer_norm(X, (3, 2), np.ones(2)), ValueError, r"weight must have shape \(3, 2\).*got shape \(2,\)"),
-    (lambda: normref.batch_norm(X, np.zeros(6), None, training=True), ValueError, r"running_mean and running_var go together"),
-    (lambda: normref.batch_norm(X, None, None), ValueError, r"running_mean and running_var are required when training=False"),
-    (lambda: normref.normalize(X, np.ones((4, 6, 2, 1)), recovery="generated"), ValueError, r"weight must be broadcastable"),
-    (lambda: normref.filter_response_norm(X, tau=np.ones(5)), ValueError, r"tau must have shape \(6,\)"),
+    (lambda a: normref.batch_norm(a(X), a(np.zeros(5)), a(np.ones(5))), ValueError, r"running_mean must have shape \(6,\).*got shape \(5,\)"),
+    (lambda a: normref.batch_norm(a(X), None, None, a(np.ones(3)), training=True), ValueError, r"weight must have shape \(6,\).*got shape \(3,\)"),
+    (lambda a: normref.group_norm(a(X), 2, a(C), a(np.ones((6, 1)))), ValueError, r"bias must have shape \(6,\).*got shape \(6, 1\)"),
+    (lambda a: normref.layer_norm(a(X), (3, 2), a(np.ones(2))), ValueError, r"weight must have shape \(3, 2\).*got shape \(2,\)"),
+    (lambda a: normref.batch_norm(a(X), a(np.zeros(6)), None, training=True), ValueError, r"running_mean and running_var go together"),
+    (lambda a: normref.batch_norm(a(X), None, None), ValueError, r"running_mean and running_var are required when training=False"),
+    (lambda a: normref.lp_batch_norm(a(X), None, a(C), training=True), ValueError, r"running_scale and running_mean go together"),
+    (lambda a: normref.normalize(a(X), a(np.ones((4, 6, 2, 1))), recovery="generated"), ValueError, r"weight must be broadcastable"),
+    (lambda a: normref.normalize(a(X), a(np.ones(5))), ValueError, r"weight must have shape \(6,\)"),
+    (lambda a: normref.filter_response_norm(a(X), tau=a(np.ones(5))), ValueError, r"tau must have shape \(6,\)"),
     # integer and boolean inputs
-    (lambda: normref.batch_norm(np.ones((4, 3), dtype=np.int64), None, None, training=True), TypeError, r"input must have a real floating-point dtype.*got int64"),
-    (lambda: normref.layer_norm(np.ones((4, 3), dtype=bool), 3), TypeError, r"input must have a real floating-point dtype.*got bool"),
-    (lambda: normref.group_norm(X, 2, np.ones(6, dtype=np.int32)), TypeError, r"weight must have a real floating-point dtype.*got int32"),
-    (lambda: normref.layer_norm([[1.0, 2.0]], 2), TypeError, r"input must be an array.*got list"),
-    # a training batch with one value per channel
-    (lambda: normref.batch_norm(np.ones((1, 3)), None, None, training=True), ValueError, r"more than 1 value per channel when training.*\(1, 3\)"),
-    (lambda: normref.instance_norm(np.ones((2, 3, 1))), ValueError, r"more than 1 value per channel when training"),
-    # eps and momentum and p
-    (lambda: normref.batch_norm(X, None, None, training=True, eps=0.0), ValueError, r"eps must be a finite number > 0; got 0.0"),
-    (lambda: normref.layer_norm(X, 2, eps=-1e-5), ValueError, r"eps must be a finite number > 0; got -1e-05"),
-    (lambda: normref.rms_norm(X, 2, eps=float("nan")), ValueError, r"eps must be a number, got nan"),
-    (lambda: normref.group_norm(X, 2, eps="1e-5"), TypeError, r"eps must be a real number; got str"),
-    (lambda: normref.batch_norm(X, C * 0, C, training=True, momentum=1.5), ValueError, r"momentum must lie in \[0, 1\].*got 1.5"),
-    (lambda: normref.instance_norm(X, C * 0, C, momentum=-0.1), ValueError, r"momentum must lie in \[0, 1\]"),
-    (lambda: normref.batch_norm(X, C * 0, C, training=True, momentum=None), ValueError, r"momentum=None .* needs num_batches_tracked"),
-    (lambda: normref.lp_batch_norm(X, training=True, p=0.5), ValueError, r"p must be >= 1.*got 0.5"),
-    (lambda: normref.normalize(X, operation="lp", p=0.0), ValueError, r"p must be >= 1"),
-    (lambda: normref.batch_renorm(X, C * 0, C, training=True, rmax=0.5), ValueError, r"rmax must be >= 1"),
-    (lambda: normref.batch_renorm(X, None, None, training=True), ValueError, r"running_mean and running_var are required"),
+    (lambda a: normref.batch_norm(a.raw(np.ones((4, 3), dtype=np.int64)), None, None, training=True), TypeError, r"input must have a real floating-point dtype.*got .*int64"),
+    (lambda a: normref.layer_norm(a.raw(np.ones((4, 3), dtype=bool)), 3), TypeError, r"input must have a real floating-point dtype.*got .*bool"),
+    (lambda a: normref.group_norm(a(X), 2, a.raw(np.ones(6, dtype=np.int32))), TypeError, r"weight must have a real floating-point dtype.*got .*int32"),
+    (lambda a: normref.normalize(a.raw(np.ones((4, 3), dtype=np.int32))), TypeError, r"input must have a real floating-point dtype"),
+    # a training batch with one value per statistic (torch's batch and instance norm raise too)
+    (lambda a: normref.batch_norm(a(np.ones((1, 3))), None, None, training=True), ValueError, r"more than 1 value per channel when training.*\(1, 3\)"),
+    (lambda a: normref.instance_norm(a(np.ones((2, 3, 1)))), ValueError, r"more than 1 value per channel when training"),
+    (lambda a: normref.batch_group_norm(a(np.ones((2, 3))), 3, batch_groups=2), ValueError, r"more than 1 value per statistic .*got input of shape \(2, 3\)"),
+    (lambda a: normref.ghost_batch_norm(a(np.ones((4, 3))), None, None, training=True, virtual_batch_size=1), ValueError, r"more than 1 value per channel when training"),
+    (lambda a: normref.lp_batch_norm(a(np.ones((1, 3))), training=True), ValueError, r"more than 1 value per channel when training"),
+    (lambda a: normref.mean_only_batch_norm(a(np.ones((1, 3))), training=True), ValueError, r"more than 1 value per channel when training"),
+    (lambda a: normref.normalize(a(np.ones((1, 3)))), ValueError, r"batch partition .* leaves 1 value per statistic"),
+    (lambda a: normref.normalize(a(np.ones((2, 3))), partition="batch_group", num_groups=3, batch_groups=2), ValueError, r"batch_group partition .* leaves 1 value per statistic"),
+    (lambda a: normref.normalize(a(np.ones((2, 3, 1))), partition="instance", operation="lp"), ValueError, r"instance partition .* leaves 1 value per statistic"),
+    # eps, momentum, p and the other scalars
+    (lambda a: normref.batch_norm(a(X), None, None, training=True, eps=0.0), ValueError, r"eps must be a finite number > 0; got 0.0"),
+    (lambda a: normref.layer_norm(a(X), 2, eps=-1e-5), ValueError, r"eps must be a finite number > 0; got -1e-05"),
+    (lambda a: normref.rms_norm(a(X), 2, eps=float("nan")), ValueError, r"eps must be a number, got nan"),
+    (lambda a: normref.group_norm(a(X), 2, eps="1e-5"), TypeError, r"eps must be a real number; got str"),
+    (lambda a: normref.normalize(a(X), eps=0.0), ValueError, r"eps must be a finite number > 0"),
+    (lambda a: normref.batch_norm(a(X), a(C * 0), a(C), training=True, momentum=1.5), ValueError, r"momentum must lie in \[0, 1\].*got 1.5"),
+    (lambda a: normref.instance_norm(a(X), a(C * 0), a(C), momentum=-0.1), ValueError, r"momentum must lie in \[0, 1\]"),
+    (lambda a: normref.ghost_batch_norm(a(X), a(C * 0), a(C), training=True, momentum=2.0, virtual_batch_size=2), ValueError, r"momentum must lie in \[0, 1\]"),
+    (lambda a: normref.batch_norm(a(X), a(C * 0), a(C), training=True, momentum=None), ValueError, r"momentum=None .* needs num_batches_tracked"),
+    (lambda a: normref.ghost_batch_norm(a(X), a(C * 0), a(C), training=True, momentum=None, virtual_batch_size=2), ValueError, r"momentum=None .* needs num_batches_tracked"),
+    (lambda a: normref.ghost_batch_norm(a(X), a(C * 0), a(C), training=True, momentum=None, virtual_batch_size=2, num_batches_tracked=-1), ValueError, r"num_batches_tracked must be an integer >= 0; got -1"),
+    (lambda a: normref.lp_batch_norm(a(X), training=True, p=0.5), ValueError, r"p must be >= 1.*got 0.5"),
+    (lambda a: normref.normalize(a(X), operation="lp", p=0.0), ValueError, r"p must be >= 1"),
+    (lambda a: normref.batch_renorm(a(X), a(C * 0), a(C), training=True, rmax=0.5), ValueError, r"rmax must be >= 1"),
+    (lambda a: normref.batch_renorm(a(X), None, None, training=True), ValueError, r"running_mean and running_var are required"),
     # choices of the framework
-    (lambda: normref.normalize(X, partition="channel"), ValueError, r"partition must be one of 'batch', 'layer'.*got 'channel'"),
-    (lambda: normref.normalize(X, operation="whiten"), ValueError, r"operation must be one of"),
-    (lambda: normref.normalize(X, C, recovery="none"), ValueError, r"recovery='none' takes no weight or bias"),
+    (lambda a: normref.normalize(a(X), partition="channel"), ValueError, r"partition must be one of 'batch', 'layer'.*got 'channel'"),
+    (lambda a: normref.normalize(a(X), operation="whiten"), ValueError, r"operation must be one of"),
+    (lambda a: normref.normalize(a(X), a(C), recovery="none"), ValueError, r"recovery='none' takes no weight or bias"),
+    (lambda a: normref.group_norm(a(X)), TypeError, r"group_norm: missing a required argument: 'num_groups'"),
+]
+
+
+def _check_message(msg):
+    assert re.match(r"^[a-z_.]+: ", msg), f"message does not name the function: {msg}"
+
+
+@pytest.mark.parametrize("i", range(len(CASES)))
+def test_bad_input(backend, i):
+    call, exc, pattern = CASES[i]
+    _check_message(_raises(exc, pattern, call, _On(backend)))
+
+
+@pytest.mark.parametrize("call,exc,pattern", [
+    (lambda: normref.layer_norm([[1.0, 2.0]], 2), TypeError, r"layer_norm: input must be an array.*got list"),
     (lambda: normref.get("batchnorm"), ValueError, r"unknown method 'batchnorm'; registered methods are: .*batch_norm"),
-    (lambda: normref.group_norm(X), TypeError, r"group_norm: missing a required argument: 'num_groups'"),
+    (lambda: normref.partition.position(1), TypeError, r"takes 0 positional arguments"),
+    (lambda: normref.partition.batch_group(2, 0), ValueError, r"batch_group: batch_groups must be an integer >= 1; got 0"),
 ])
-def test_bad_input(call, exc, pattern):
-    msg = _raises(exc, pattern, call)
-    assert re.match(r"^[a-z_.]+: ", msg) or "unknown method" in msg, f"message does not name the function: {msg}"
+def test_bad_input_without_arrays(call, exc, pattern):
+    _raises(exc, pattern, call)
 
 
 def test_errors_name_the_function():
@@ -82,12 +132,19 @@ def test_errors_name_the_function():
     assert msg.startswith("group_norm: ")
 
 
-def test_mixed_libraries_and_devices():
-    torch = pytest.importorskip("torch")
-    with pytest.raises(TypeError, match=r"all arrays must come from one library; input is a numpy array .* weight is a torch array"):
-        normref.group_norm(X, 2, torch.ones(6))
-    with pytest.raises(TypeError, match=r"one library"):
-        normref.batch_norm(torch.tensor(X), np.zeros(6), np.ones(6))
+def test_mixed_libraries(backend):
+    """An array of this backend beside a NumPy array, either way round, is refused naming both."""
+    if backend.xp is np:
+        pytest.skip("NumPy with NumPy is one library")
+    lib = {"torch": "torch", "jax": "jax", "array_api_strict": "array_api_strict"}.get(backend.name, backend.name)
+    a = _On(backend)
+    with pytest.raises(TypeError, match=rf"all arrays must come from one library; input is a numpy array .* weight is a {lib} array"):
+        normref.group_norm(X, 2, a(C))
+    with pytest.raises(TypeError, match=rf"one library; input is a {lib} array .* running_mean is a numpy array"):
+        normref.batch_norm(a(X), np.zeros(6), np.ones(6))
+
+
+def test_mixed_devices():
     import array_api_strict as xs
 
     dev = xs.Device("device1")
@@ -97,17 +154,28 @@ def test_mixed_libraries_and_devices():
         normref.group_norm(a, 2, b)
 
 
-def test_errors_before_any_work(monkeypatch):
-    """Validation precedes arithmetic: a failing call never reaches the operation's forward."""
+def test_errors_before_any_work(backend, monkeypatch):
+    """Validation precedes arithmetic: a failing call never reaches a statistic. With kernels off
+    every statistic goes through the operations' forward, which is patched to record calls."""
     from normref import operation
 
     called = []
-    orig = operation.Standardizing.forward
-    monkeypatch.setattr(operation.Standardizing, "forward", lambda *a, **k: called.append(1) or orig(*a, **k))
-    with pytest.raises(ValueError):
-        normref.batch_norm(X, np.zeros(5), np.ones(5), training=True)
-    with pytest.raises(ValueError):
-        normref.group_norm(X, 2, eps=0.0)
+    for cls in (operation.Standardizing, operation.Scaling, operation.LpStandardizing):
+        orig = cls.forward
+        monkeypatch.setattr(cls, "forward", lambda *a, _o=orig, **k: called.append(1) or _o(*a, **k))
+    a = _On(backend)
+    with normref.use_kernels(False):
+        normref.group_norm(a(X), 2)  # the patch sees a valid call: the check below can fail
+        assert called
+        called.clear()
+        with pytest.raises(ValueError):
+            normref.batch_norm(a(X), a(np.zeros(5)), a(np.ones(5)), training=True)
+        with pytest.raises(ValueError):
+            normref.group_norm(a(X), 2, eps=0.0)
+        with pytest.raises(ValueError):
+            normref.lp_batch_norm(a(X), training=True, p=0.5)
+        with pytest.raises(ValueError):
+            normref.rms_norm(a(X), 3)
     assert not called
 
 

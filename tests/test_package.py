@@ -54,3 +54,32 @@ def test_vjp_returns_one_gradient_per_array_parameter():
     dx, drm, drv, dw, db = grads
     assert dx.shape == x.shape and dw.shape == (3,)
     assert drm is None and drv is None and db is None  # running statistics carry no gradient; bias was None
+
+
+def test_readme_use_snippet_runs():
+    """The README's "Use" block runs exactly as written."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    use = text[text.index("## Use"):]
+    code = re.search(r"```python\n(.*?)```", use, re.S).group(1)
+    assert "normref.batch_norm" in code and "normref.vjp" in code
+    ns: dict = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    assert ns["y"].shape == ns["x"].shape and ns["dx"].shape == ns["x"].shape
+    assert ns["rm"].shape == (32,)
+
+
+def test_public_functions_have_type_hints():
+    """Every argument and the return value of the standardization family's functions are annotated."""
+    import inspect
+
+    owned = ("normref.standardization", "normref.local", "normref.combination")
+    for m in normref.methods():
+        if m.__module__ not in owned:
+            continue
+        sig = inspect.signature(m)
+        assert sig.return_annotation is not inspect.Signature.empty, f"{m.name}: no return annotation"
+        for p in sig.parameters.values():
+            assert p.annotation is not inspect.Parameter.empty, f"{m.name}: {p.name} has no annotation"

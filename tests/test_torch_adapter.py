@@ -327,6 +327,204 @@ def test_generic_norm_layer():
         nt.Norm("group_norm", weight=torch.ones(3))
 
 
+def test_local_response_norm_is_a_drop_in():
+    """Same constructor, same (empty) state_dict, outputs and gradients as torch.nn.LocalResponseNorm
+    (float64, 1e-13: both are a window sum of ≤ size squares and one power)."""
+    g = torch.Generator().manual_seed(12)
+    for args in [(3,), (2, 1e-2, 0.5, 2.0), (4, 0.3, 0.75, 1.0)]:
+        ours, theirs = nt.LocalResponseNorm(*args), torch.nn.LocalResponseNorm(*args)
+        assert isinstance(ours, torch.nn.LocalResponseNorm) and repr(ours) == repr(theirs)
+        assert list(ours.state_dict()) == list(theirs.state_dict()) == []
+        for shape in [(2, 5, 3), (2, 6, 3, 2)]:
+            x = torch.randn(*shape, dtype=DT, generator=g) * 2
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ya, yb = ours(xa), theirs(xb)
+            assert (ya - yb).abs().max().item() <= 1e-13
+            cot = torch.randn(*shape, dtype=DT, generator=g)
+            (ga,), (gb,) = torch.autograd.grad(ya, xa, cot), torch.autograd.grad(yb, xb, cot)
+            assert (ga - gb).abs().max().item() <= 1e-13 * max(1.0, gb.abs().max().item())
+
+
+# --------------------------------------------------------------------------------------------------
+# layers generated from the registry: parameters and running statistics as buffers
+# --------------------------------------------------------------------------------------------------
+# (layer, num_features, options, input shape); small, so that every check stays well under a second
+STATEFUL = [
+    ("BatchWhitening2d", 4, {"group_size": 2}, (6, 4, 2, 2)),
+    ("BatchWhitening", 4, {"method": "cholesky", "momentum": None}, (8, 4)),
+    ("DecorrelatedBatchNorm", 4, {"group_size": 2}, (8, 4, 3)),
+    ("IterNorm", 4, {"momentum": None, "iterations": 3}, (8, 4)),
+    ("WhiteningColoring1d", 4, {"group_size": 2}, (8, 4, 2)),
+    ("BatchRenorm2d", 3, {"momentum": 0.3}, (5, 3, 2, 2)),
+    ("GhostBatchNorm1d", 3, {"virtual_batch_size": 4}, (8, 3)),
+    ("SwitchableNorm2d", 3, {}, (4, 3, 2, 3)),
+    ("LpBatchNorm", 3, {"p": 1.0, "momentum": None}, (8, 3, 2)),
+    ("MeanOnlyBatchNorm1d", 3, {}, (6, 3, 2)),
+    ("BatchGroupNorm", 4, {"num_groups": 2, "batch_groups": 2}, (8, 4, 3)),
+    ("BatchInstanceNorm2d", 3, {}, (4, 3, 2, 3)),
+    ("FilterResponseNorm2d", 3, {}, (2, 3, 3, 3)),
+]
+_IDS = [f"{c}-{i}" for i, (c, *_) in enumerate(STATEFUL)]
+
+
+def _make(cls, c, kw, **more):
+    layer = getattr(nt, cls)(c, dtype=DT, **kw, **more)
+    with torch.no_grad():  # non-trivial parameters (kept valid: ρ in [0, 1], Γ near the identity)
+        g = torch.Generator().manual_seed(21)
+        for p in layer.parameters():
+            p.add_(0.3 * torch.rand(p.shape, dtype=DT, generator=g))
+        if getattr(layer, "rho", None) is not None:
+            layer.rho.sub_(0.5)
+    return layer
+
+
+def _by_hand(layer, x, state, training, k):
+    """The functional call the layer must make: its parameters, the given state, num_batches_tracked=k."""
+    kw = {p: getattr(layer, p) for p in layer._static_names}
+    if layer._flag is not None:
+        kw[layer._flag] = training
+    kw.update({p: getattr(layer, p) for p in layer._param_names})
+    kw.update(state)
+    if "num_batches_tracked" in normref.get(layer.normref_method).signature.parameters and state:
+        kw["num_batches_tracked"] = k
+    return nt.function(layer.normref_method)(x, **kw)
+
+
+@pytest.mark.parametrize("cls,c,kw,shape", STATEFUL, ids=_IDS)
+def test_stateful_layer_updates_its_buffers_exactly_as_the_functional_api(cls, c, kw, shape):
+    """Three training steps then eval: outputs and buffers are bit-for-bit those of calling the
+    functional API by hand with the state threaded through (the same arithmetic, so no tolerance);
+    eval uses the buffers and leaves them alone; num_batches_tracked counts training steps."""
+    layer = _make(cls, c, kw)
+    state = {p: getattr(layer, p).clone() for p in layer._state_names}
+    assert all(not getattr(layer, p).requires_grad for p in layer._state_names)
+    g = torch.Generator().manual_seed(22)
+    for k in range(3):
+        x = torch.randn(*shape, dtype=DT, generator=g) * 1.5 + 0.5
+        y = layer(x)
+        ref = _by_hand(layer, x, state, True, k)
+        if state:
+            assert isinstance(ref, tuple)
+            state = {p: getattr(ref, p) for p in layer._state_names}
+            ref = ref[0]
+        assert torch.equal(y, ref)
+        for p, v in state.items():
+            assert torch.equal(getattr(layer, p), v), p
+        if layer._counts:
+            assert int(layer.num_batches_tracked) == k + 1
+    if state:  # something was learned: the buffers moved from their initial values
+        fresh = getattr(nt, cls)(c, dtype=DT, **kw)
+        assert any(not torch.equal(getattr(layer, p), getattr(fresh, p)) for p in state)
+    layer.eval()
+    x = torch.randn(*shape, dtype=DT, generator=g)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    y = layer(x)
+    assert torch.equal(y, _by_hand(layer, x, state, False, 3))
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("cls,c,kw,shape", STATEFUL, ids=_IDS)
+def test_stateful_layer_state_dict_round_trip(cls, c, kw, shape):
+    """The keys are the method's array arguments (parameters, then running statistics, then
+    num_batches_tracked); a trained layer's state_dict loaded into a fresh one reproduces its eval
+    outputs exactly; affine=False / track_running_stats=False drop the matching entries, as in torch."""
+    layer = _make(cls, c, kw)
+    m = normref.get(layer.normref_method)
+    expected = [p for p in m.array_params[1:] if p not in m.nondiff] + [p for p in m.array_params if p in m.nondiff]
+    expected += ["num_batches_tracked"] if layer._counts else []
+    assert list(layer.state_dict()) == expected
+    g = torch.Generator().manual_seed(23)
+    for _ in range(2):
+        layer(torch.randn(*shape, dtype=DT, generator=g))
+    fresh = getattr(nt, cls)(c, dtype=DT, **kw)
+    fresh.load_state_dict(layer.state_dict())
+    layer.eval(), fresh.eval()
+    x = torch.randn(*shape, dtype=DT, generator=g)
+    assert torch.equal(layer(x), fresh(x))
+    bare = getattr(nt, cls)(c, dtype=DT, affine=False, track_running_stats=False, **kw)
+    assert not any(k in ("weight", "bias") or k.startswith("running_") or k == "num_batches_tracked"
+                   for k in bare.state_dict())
+    if cls.startswith("BatchRenorm"):
+        return  # r and d are measured against the running statistics: they are required
+    bare.eval()  # without running statistics, eval uses batch statistics (torch's convention)
+    y = bare(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("cls,c,kw,shape", STATEFUL, ids=_IDS)
+def test_stateful_layer_gradcheck(cls, c, kw, shape):
+    """gradcheck of the layer (input and every parameter) in training mode, float64 with torch's
+    default tolerances. The buffers are fresh copies on each call (torch.func.functional_call), so the
+    finite differences see one function, not one that moves its running statistics. Batch renorm's
+    r, d are stop-gradient constants: with rmax = 1 and a tiny dmax against a far running mean both
+    are saturated by their clip, so their true derivative is 0 and the check is exact."""
+    extra = {"rmax": 1.0, "dmax": 1e-3} if cls.startswith("BatchRenorm") else {}
+    layer = _make(cls, c, {**kw, **extra})
+    if extra:
+        with torch.no_grad():
+            layer.running_mean.fill_(10.0)
+    names = [n for n, _ in layer.named_parameters()]
+    buffers = {n: b for n, b in layer.named_buffers()}
+    g = torch.Generator().manual_seed(24)
+    x = (torch.randn(*shape, dtype=DT, generator=g) + 0.5).requires_grad_()
+    leaves = (x, *(p.detach().clone().requires_grad_() for p in layer.parameters()))
+
+    def fn(x, *ps):
+        fresh = {n: b.clone() for n, b in buffers.items()}
+        return torch.func.functional_call(layer, ({**dict(zip(names, ps)), **fresh},), (x,))
+
+    assert torch.autograd.gradcheck(fn, leaves)
+    layer.eval()
+    if layer._state_names:  # eval: the running statistics are constants of the backward
+        assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_stateful_layer_errors():
+    with pytest.raises(TypeError, match=r"IterNorm: unexpected argument 'groupsize'; the method's options are"):
+        nt.IterNorm(4, groupsize=2)
+    with pytest.raises(ValueError, match=r"IterNorm: group_size must be a positive divisor of num_features = 4; got 3"):
+        nt.IterNorm(4, group_size=3)
+    with pytest.raises(TypeError, match=r"BatchGroupNorm: missing required argument 'num_groups'"):
+        nt.BatchGroupNorm(4)
+    with pytest.raises(TypeError, match=r"StatefulNorm\('adain'\): a layer needs an activation method whose first array argument is input"):
+        nt.StatefulNorm("adain", 4)
+    with pytest.raises(ValueError, match=r"BatchRenorm2d: expected 4D input; got 3D input"):
+        nt.BatchRenorm2d(3)(torch.zeros(4, 3, 2))
+    with pytest.raises(ValueError, match=r"SwitchableNorm1d: expected 3D input; got 2D input"):
+        nt.SwitchableNorm1d(3)(torch.zeros(4, 3))
+    # the generic class and a named one are the same layer
+    a, b = nt.StatefulNorm("iter_norm", 4, group_size=2), nt.IterNorm(4, group_size=2)
+    assert type(b).__mro__[1] is nt.StatefulNorm and list(a.state_dict()) == list(b.state_dict())
+
+
+def test_stateful_layers_train():
+    """A small conv net with registry-generated layers trains (its loss falls) and its eval mode uses
+    the learned running statistics."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nt.IterNorm2d(4, group_size=2), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1), nt.BatchRenorm2d(4), nn.ReLU(),
+        nt.SwitchableNorm2d(4), nn.Flatten(), nn.Linear(64, 2),
+    ).double()
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.randn(64, 3, 4, 4, generator=g, dtype=DT), torch.randn(64, 2, generator=g, dtype=DT)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for s in range(60):
+        i = (s * 16) % 64
+        loss = ((model(X[i : i + 16]) - Y[i : i + 16]) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-8:]) < 0.5 * np.mean(losses[:4])
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(X)).all()
+
+
 # --------------------------------------------------------------------------------------------------
 # parametrizations for the weight methods
 # --------------------------------------------------------------------------------------------------
@@ -385,24 +583,7 @@ def _tp_weight(layer, ps):
     return layer.parametrizations.weight[0](*ps)
 
 
-def test_spectral_norm_parametrization():
-    torch.manual_seed(2)
-    layer = P.spectral_norm(torch.nn.Linear(4, 5).double())
-    assert "parametrizations.weight.0._u" in layer.state_dict()
-    w = layer.parametrizations.weight.original
-    u0 = layer.parametrizations.weight[0]._u.clone()
-    W = layer.weight  # one training-mode power iteration, u updated in the buffer
-    ref = normref.spectral_norm(w.detach().numpy(), u0.numpy(), 1)
-    np.testing.assert_allclose(W.detach().numpy(), ref.weight, rtol=0, atol=1e-13)
-    np.testing.assert_allclose(layer.parametrizations.weight[0]._u.numpy(), ref.u, rtol=0, atol=1e-13)
-    for _ in range(60):  # the power iteration converges: the top singular value tends to 1
-        W = layer.weight
-    assert abs(torch.linalg.matrix_norm(W.detach(), ord=2).item() - 1.0) <= 1e-8
-    layer.eval()
-    u = layer.parametrizations.weight[0]._u.clone()
-    layer.weight.sum().backward()
-    assert torch.equal(u, layer.parametrizations.weight[0]._u)  # eval: u is not updated
-    assert w.grad is not None and w.grad.abs().max().item() > 0
+# the spectral-norm parametrization (state (u, v), torch's initialization, loss curves): tests/test_torch_parametrize.py
 
 
 @pytest.mark.parametrize("affine", [False, True])

@@ -17,8 +17,25 @@ hashable tuple, lists are turned into tuples (``normalized_shape=[3, 4]``), and 
 raises ``TypeError`` naming the argument. Under ``jax.jit`` static arguments must be Python values
 (close over them or mark them ``static_argnums``), as for any JAX function.
 
-If the output is a NamedTuple (updated running statistics), the cotangents of its auxiliary fields
-are ignored: only the primary output is differentiable.
+Which gradients are computed: the custom_vjp is defined with ``symbolic_zeros=True``, so the forward
+rule learns which primal inputs JAX differentiates (``perturbed``); that mask is passed to
+``Method.backward(..., needs=mask)`` like torch's ``needs_input_grad`` (a registered backward that
+declares ``needs`` skips the rest), and a primary cotangent that is a symbolic zero costs no backward.
+
+Auxiliary outputs (the updated running statistics of a NamedTuple result) are state, not
+differentiable outputs, as in torch (where they are marked non-differentiable): normref's backward
+has no term for them. Their cotangent is normally a symbolic zero (state returned through
+``has_aux``, or unused) and is then free. A cotangent that is not zero means the loss was
+differentiated through the running statistics, which normref does not support; what happens then
+depends on whether the value can be seen:
+
+- eagerly (no ``jit``), the cotangent is a concrete array: a nonzero one raises ``ValueError`` naming
+  the field (a concrete zero is accepted);
+- under ``jax.jit``, ``lax.scan``/``while_loop``/``cond`` bodies (which instantiate zero
+  cotangents for their carries) or other tracing, the value cannot be inspected and raising on a
+  structurally nonzero cotangent would break legitimate scans that carry the state: the cotangent is
+  **dropped**, i.e. treated as zero. Use ``jax.lax.stop_gradient`` on running statistics you feed
+  into a loss to make that explicit.
 """
 
 from __future__ import annotations
@@ -29,6 +46,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from normref.registry import Method, Residuals, get
 
@@ -89,21 +107,66 @@ def custom_vjp_function(name: str) -> Callable:
     def core(static, *arrays):
         return run_forward(static, arrays)[0]
 
-    def fwd(static, *arrays):
+    def fwd(static, *primals):
+        # symbolic_zeros=True: each array comes as a CustomVJPPrimal (value, perturbed); None stays None
+        arrays = tuple(None if p is None else p.value for p in primals)
+        needs = tuple(p is not None and bool(p.perturbed) for p in primals)
         out, res = run_forward(static, arrays)
-        return out, res
+        return out, (res, _Static(needs))
 
-    def bwd(static, res, cotangent):
-        # only the primary output is differentiable: the auxiliary fields' cotangents are dropped
-        g = cotangent[0] if isinstance(cotangent, tuple) else cotangent
+    def bwd(static, saved, cotangent):
+        res, needs = saved[0], saved[1].value
+        if isinstance(cotangent, tuple):  # a NamedTuple result: output + auxiliary state
+            g = cotangent[0]
+            _check_aux_cotangents(m.name, type(cotangent)._fields if hasattr(cotangent, "_fields") else None,
+                                  cotangent[1:])
+        else:
+            g = cotangent
+        if isinstance(g, SymbolicZero):  # the output is not used by the loss: every gradient is zero
+            return (None,) * len(names)
         g = _as_jax(g)  # callers (jax.test_util among them) may pass a NumPy cotangent
-        grads = m.backward(res, g)
+        grads = m.backward(res, g, needs=needs)
         # None is JAX's zero cotangent for a given array (running statistics, or no gradient), and
         # the only valid cotangent for an argument that was None: Method.backward returns exactly that
         return tuple(grads)
 
-    core.defvjp(fwd, bwd)
+    core.defvjp(fwd, bwd, symbolic_zeros=True)
     return core
+
+
+class _Static:
+    """A pytree node with no leaves: hashable Python data carried through the residuals."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+
+try:  # registered once per process
+    jax.tree_util.register_pytree_node(_Static, lambda s: ((), s.value), lambda v, _: _Static(v))
+except ValueError:  # pragma: no cover - already registered
+    pass
+
+
+def _check_aux_cotangents(fn: str, fields, cts) -> None:
+    """Refuse a concrete nonzero cotangent for an auxiliary (state) output; see the module docstring.
+
+    Symbolic zeros are the normal case. A traced cotangent (jit, scan) cannot be inspected: dropped."""
+    for j, ct in enumerate(cts, start=1):
+        if ct is None or isinstance(ct, SymbolicZero):
+            continue
+        try:
+            nonzero = bool(jnp.any(ct != 0))
+        except jax.errors.ConcretizationTypeError:  # a tracer: the value is not known here
+            continue
+        if nonzero:
+            name = fields[j] if fields else f"field {j}"
+            raise ValueError(
+                f"normref.backends.jax.{fn}: the output's {name} is state (updated running statistics), not a "
+                f"differentiable output, but a nonzero cotangent arrived for it; apply jax.lax.stop_gradient "
+                f"to it before using it in a loss (under jit such a cotangent cannot be seen and is dropped)"
+            )
 
 
 def _as_jax(a: Any) -> Any:

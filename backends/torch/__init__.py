@@ -7,9 +7,12 @@ Generated from the registry, so a method registered later is covered without new
     f = nt.function("iter_norm")             # the same, looked up by name (or by Method)
 
 Gradients (first and second order) are normref's analytic backward; see ``_function`` for the
-design. Layers: ``nt.BatchNorm2d`` etc. (drop-ins for torch's, same constructor and state_dict), and
-``nt.Norm`` for any activation method; parametrizations for the weight methods in
-``normref.backends.torch.parametrize``.
+design. Layers (``modules``): ``nt.BatchNorm2d``, ``nt.LayerNorm``, ``nt.LocalResponseNorm`` etc.
+(drop-ins for torch's, same constructor and state_dict); ``nt.StatefulNorm(method, C, ...)`` for any
+activation method, with its running statistics as buffers, and named ones generated from it
+(``nt.IterNorm``, ``nt.BatchWhitening2d``, ``nt.BatchRenorm2d``, ``nt.SwitchableNorm``, ...);
+``nt.Norm`` for a stateless wrapper whose arrays are passed to ``forward``. Parametrizations for the
+weight methods are in ``normref.backends.torch.parametrize``.
 """
 
 from __future__ import annotations
@@ -25,18 +28,14 @@ def __getattr__(name: str):
 
     if name in REGISTRY:
         return function(name)
-    if name in _MODULE_NAMES:
-        from . import modules
+    if not name.startswith("_") and name != "modules":
+        import importlib
 
-        return getattr(modules, name)
+        modules = importlib.import_module(".modules", __name__)
+        if name in modules.__all__:
+            return getattr(modules, name)
     if name == "parametrize":
         import importlib
 
         return importlib.import_module(".parametrize", __name__)
     raise AttributeError(f"module 'normref.backends.torch' has no attribute {name!r}")
-
-
-_MODULE_NAMES = frozenset(
-    ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
-     "LayerNorm", "GroupNorm", "RMSNorm", "Norm"]
-)

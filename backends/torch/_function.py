@@ -20,8 +20,10 @@ Design (why it looks the way it does)
   backward runs on those fresh residuals: since it is written in array-API operations on torch tensors,
   torch's autograd differentiates it exactly (the derivative of the analytic first derivative).
 - ``ctx.needs_input_grad`` is honoured: no backward at all when no differentiable input needs a
-  gradient, and ``None`` for every input that does not need one. (``Method.backward`` computes all of a
-  method's gradients together; finer skipping would need the registry to pass the mask down.)
+  gradient, and ``None`` for every input that does not need one. The mask goes down to
+  ``Method.backward(..., needs=mask)``, which hands it to a registered backward that declares
+  ``needs`` (that backward then skips the unwanted gradients' work) and discards the unwanted
+  gradients of one that does not.
 """
 
 from __future__ import annotations
@@ -168,6 +170,7 @@ def autograd_function(name: str) -> type:
             call: _Call = ctx.call
             needs = ctx.needs_input_grad[1:]
             wanted = [i for i in diff_pos if needs[i]]
+            mask = tuple(i in wanted for i in range(n_arrays))
             if not wanted:
                 return (None,) * (1 + n_arrays)
             g = grad_outputs[0]
@@ -181,7 +184,7 @@ def autograd_function(name: str) -> type:
                 # so the analytic backward is differentiated through them too (second order).
                 with torch.enable_grad():
                     _, res = call.run_forward(arrays)
-                    grads = m.backward(res, g)
+                    grads = m.backward(res, g, needs=mask)
             else:
                 extras = saved[n_arrays:]
                 res_arrays = []
@@ -193,7 +196,7 @@ def autograd_function(name: str) -> type:
                         res_arrays.append(arrays[entry[1]])
                     else:
                         res_arrays.append(extras[entry[1]])
-                grads = m.backward(Residuals(res_arrays, call.static, call.meta), g)
+                grads = m.backward(Residuals(res_arrays, call.static, call.meta), g, needs=mask)
             result = [None] * n_arrays
             for i in wanted:
                 result[i] = grads[i]

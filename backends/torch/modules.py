@@ -13,10 +13,40 @@ mutated by normref (its functions are pure): the layer copies the updated statis
 
 ``Norm(method, **static)`` wraps any other activation method as a stateless layer (its array arguments
 other than the input are passed to ``forward``).
+
+``StatefulNorm(method, num_features, **static)`` builds a layer for any activation method from its
+registered signature: the learnable array arguments become ``nn.Parameter``s, the running statistics
+(the non-differentiable ``running_*`` arguments, which the method returns updated in its
+``NamedTuple`` result) become buffers, with ``num_batches_tracked`` where the method takes it; every
+other argument is a constructor keyword with the method's default. After a training-mode forward the
+returned statistics are written into the buffers under ``torch.no_grad`` (as torch's layers do in
+place). Initial values, by argument name:
+
+==================  ==============================  ==================================================
+argument            shape                           initial value
+==================  ==============================  ==================================================
+``running_mean``    (C,)                            0
+``running_var``     (C,)                            1
+``running_scale``   (C,)                            1 (Lp deviation, :func:`normref.lp_batch_norm`)
+``running_cov``     (C/group_size, gs, gs)          I per group (:mod:`normref.whitening`)
+``weight``          (C,); coloring: (G, gs, gs)     1; the identity (:func:`normref.whitening_coloring`)
+``bias``            (C,)                            0
+``rho``             (C,)                            1 (the BIN gate; Nam & Kim's code starts at pure BN)
+``mean_weight``,    (3,)                            1 (equal IN/LN/BN importances, Luo et al. 2019)
+``var_weight``
+``tau``             (C,)                            0 (FRN's TLU threshold, Singh & Krishnan 2020)
+==================  ==============================  ==================================================
+
+Named layers (each also as ``...1d``/``...2d``/``...3d``, which check the input rank as torch's
+``BatchNorm1d/2d/3d`` do): ``BatchWhitening``, ``DecorrelatedBatchNorm``, ``IterNorm``,
+``WhiteningColoring``, ``BatchRenorm``, ``GhostBatchNorm``, ``SwitchableNorm``, ``LpBatchNorm``,
+``MeanOnlyBatchNorm``, ``BatchGroupNorm``, ``BatchInstanceNorm``, ``FilterResponseNorm``.
+``LocalResponseNorm`` is a drop-in for ``torch.nn.LocalResponseNorm``.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -25,6 +55,23 @@ from torch import nn
 from normref.registry import get
 
 from ._function import function
+
+# registry method of each named stateful layer (suffix-less: any input rank the method accepts)
+_NAMED = {
+    "BatchWhitening": "batch_whitening",
+    "DecorrelatedBatchNorm": "decorrelated_batch_norm",
+    "IterNorm": "iter_norm",
+    "WhiteningColoring": "whitening_coloring",
+    "BatchRenorm": "batch_renorm",
+    "GhostBatchNorm": "ghost_batch_norm",
+    "SwitchableNorm": "switchable_norm",
+    "LpBatchNorm": "lp_batch_norm",
+    "MeanOnlyBatchNorm": "mean_only_batch_norm",
+    "BatchGroupNorm": "batch_group_norm",
+    "BatchInstanceNorm": "batch_instance_norm",
+    "FilterResponseNorm": "filter_response_norm",
+}
+_NAMED_LAYERS = [n + suffix for n in _NAMED for suffix in ("", "1d", "2d", "3d")]
 
 __all__ = [
     "BatchNorm1d",
@@ -36,7 +83,10 @@ __all__ = [
     "LayerNorm",
     "GroupNorm",
     "RMSNorm",
+    "LocalResponseNorm",
     "Norm",
+    "StatefulNorm",
+    *_NAMED_LAYERS,
 ]
 
 
@@ -158,3 +208,212 @@ class Norm(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join([repr(self.method)] + [f"{k}={v!r}" for k, v in self.static.items()])
+
+
+class LocalResponseNorm(nn.LocalResponseNorm):
+    """``torch.nn.LocalResponseNorm`` computed by :func:`normref.local_response_norm`
+    (Krizhevsky, Sutskever & Hinton, NeurIPS 2012): same constructor (size, alpha, beta, k)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return function("local_response_norm")(input, self.size, self.alpha, self.beta, self.k)
+
+
+# --------------------------------------------------------------------------------------------------
+# layers generated from a method's signature
+# --------------------------------------------------------------------------------------------------
+_FLAGS = ("training", "use_input_stats")  # the argument that selects batch vs population statistics
+_NOT_STATIC = frozenset(_FLAGS) | {"num_batches_tracked", "out"}
+_AFFINE = frozenset({"weight", "bias"})
+
+
+def _eye_stack(g: int, gs: int, **factory) -> torch.Tensor:
+    return torch.eye(gs, **factory).expand(g, gs, gs).clone()
+
+
+def _initial(method: str, name: str, c: int, gs: int, factory: dict) -> torch.Tensor | None:
+    """The initial value of array argument ``name`` of ``method`` (see the module docstring)."""
+    g = c // gs
+    if name == "running_cov":
+        return _eye_stack(g, gs, **factory)
+    if name == "weight" and method == "whitening_coloring":  # the coloring matrices Γ
+        return _eye_stack(g, gs, **factory)
+    if name in ("running_var", "running_scale", "weight", "rho"):
+        return torch.ones(c, **factory)
+    if name in ("running_mean", "bias", "tau"):
+        return torch.zeros(c, **factory)
+    if name in ("mean_weight", "var_weight"):
+        return torch.ones(3, **factory)
+    return None
+
+
+class StatefulNorm(nn.Module):
+    """Any activation method as a layer owning its parameters and running statistics.
+
+    ``StatefulNorm("iter_norm", 64, group_size=16, iterations=5)``; the named layers
+    (``nt.IterNorm(64, group_size=16)``, ``nt.BatchRenorm2d(64)``, ...) are this class with the
+    method fixed. Arguments:
+
+    - ``num_features``: C, the channel count (input ``(N, C, *spatial)``);
+    - ``affine``: learnable ``weight``/``bias`` (``False``: both ``None``, as in torch);
+    - ``track_running_stats``: keep the running statistics as buffers (``False``: batch statistics
+      in eval mode too, as in torch); methods without running statistics have no buffers;
+    - every other non-array argument of the method (``momentum``, ``eps``, ``group_size``,
+      ``iterations``, ``virtual_batch_size``, ``rmax``...), with the method's defaults; ``momentum=None``
+      is the cumulative average over ``num_batches_tracked`` batches, as in torch.
+
+    In training mode the method runs with batch statistics and its returned running statistics
+    replace the buffers (no gradient), ``num_batches_tracked`` is incremented; in eval mode the buffers
+    are the population statistics, which the method's backward treats as constants.
+    """
+
+    _input_ndim: "tuple[int, ...] | None" = None  # the 1d/2d/3d variants check the input rank
+
+    def __init__(
+        self,
+        method: str,
+        num_features: int,
+        /,
+        *,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        **static: Any,
+    ):
+        super().__init__()
+        m = get(method)
+        where = f"{type(self).__name__}({m.name!r})" if type(self) is StatefulNorm else type(self).__name__
+        if m.category != "activation" or not m.array_params or m.array_params[0] != "input":
+            raise TypeError(f"{where}: a layer needs an activation method whose first array argument is input; got {m!r}")
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"{where}: num_features must be a positive int; got {num_features!r}")
+        params = m.signature.parameters
+        allowed = [p for p in params if p not in m.array_params and p not in _NOT_STATIC]
+        unknown = [k for k in static if k not in allowed]
+        if unknown:
+            raise TypeError(f"{where}: unexpected argument {unknown[0]!r}; the method's options are {allowed}")
+        missing = [p for p in allowed if p not in static and params[p].default is inspect.Parameter.empty]
+        if missing:
+            raise TypeError(f"{where}: missing required argument {missing[0]!r}")
+        gs = static.get("group_size") or num_features
+        if "group_size" in static and static["group_size"] is not None and (
+            not isinstance(gs, int) or isinstance(gs, bool) or gs < 1 or num_features % gs
+        ):
+            raise ValueError(f"{where}: group_size must be a positive divisor of num_features = {num_features}; got {gs!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.normref_method = m.name
+        self.num_features = num_features
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self._flag = next((f for f in _FLAGS if f in params), None)
+        self._static_names = tuple(allowed)
+        for p in allowed:  # attributes, as torch layers keep eps / momentum
+            setattr(self, p, static.get(p, params[p].default))
+        self._param_names, self._state_names = [], []
+        for p in m.array_params[1:]:
+            if p in m.nondiff:
+                value = _initial(m.name, p, num_features, gs, factory) if track_running_stats else None
+                if track_running_stats and value is None:
+                    raise TypeError(f"{where}: no initial value is known for the state argument {p!r}")
+                self.register_buffer(p, value)
+                self._state_names.append(p)
+            else:
+                value = None if (p in _AFFINE and not affine) else _initial(m.name, p, num_features, gs, factory)
+                if value is None and not (p in _AFFINE and not affine):
+                    raise TypeError(
+                        f"{where}: no initial value is known for the array argument {p!r}; use nt.Norm and pass it to forward"
+                    )
+                self.register_parameter(p, None if value is None else nn.Parameter(value))
+                self._param_names.append(p)
+        self._counts = "num_batches_tracked" in params and bool(self._state_names)
+        if self._counts:
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.tensor(0, dtype=torch.long, device=device) if track_running_stats else None,
+            )
+
+    def reset_running_stats(self) -> None:
+        """Running statistics back to their initial values, ``num_batches_tracked`` to 0."""
+        if not self.track_running_stats:
+            return
+        gs = getattr(self, "group_size", None) or self.num_features
+        with torch.no_grad():
+            for p in self._state_names:
+                buf = getattr(self, p)
+                buf.copy_(_initial(self.normref_method, p, self.num_features, gs, {"device": buf.device, "dtype": buf.dtype}))
+            if self._counts:
+                self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """Running statistics and learnable parameters back to their initial values."""
+        self.reset_running_stats()
+        gs = getattr(self, "group_size", None) or self.num_features
+        with torch.no_grad():
+            for p in self._param_names:
+                w = getattr(self, p)
+                if w is not None:
+                    w.copy_(_initial(self.normref_method, p, self.num_features, gs, {"device": w.device, "dtype": w.dtype}))
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if self._input_ndim is not None and input.dim() not in self._input_ndim:
+            want = " or ".join(f"{d}D" for d in self._input_ndim)
+            raise ValueError(f"{type(self).__name__}: expected {want} input; got {input.dim()}D input")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        kwargs = {p: getattr(self, p) for p in self._static_names}
+        use_batch = self.training or not self.track_running_stats
+        if self._flag is not None:
+            kwargs[self._flag] = use_batch
+        for p in self._param_names + self._state_names:
+            kwargs[p] = getattr(self, p)
+        update = self.training and self.track_running_stats and bool(self._state_names)
+        if update and self._counts and kwargs.get("momentum", 0.0) is None:
+            # the cumulative average needs k, the number of batches seen before this one (a host read)
+            kwargs["num_batches_tracked"] = int(self.num_batches_tracked)
+        out = function(self.normref_method)(input, **kwargs)
+        if not isinstance(out, tuple):
+            return out
+        if update:
+            with torch.no_grad():
+                for p in self._state_names:
+                    getattr(self, p).copy_(getattr(out, p))
+                if self._counts:
+                    self.num_batches_tracked.add_(1)
+        return out[0]
+
+    def extra_repr(self) -> str:
+        parts = [repr(self.normref_method), str(self.num_features), f"affine={self.affine}"]
+        if self._state_names:
+            parts.append(f"track_running_stats={self.track_running_stats}")
+        parts += [f"{p}={getattr(self, p)!r}" for p in self._static_names]
+        return ", ".join(parts)
+
+
+def _named_layer(cls_name: str, method: str, input_ndim: "tuple[int, ...] | None") -> type:
+    def __init__(self, num_features: int, **kwargs: Any) -> None:
+        StatefulNorm.__init__(self, method, num_features, **kwargs)
+
+    m = get(method)
+    rank = "" if input_ndim is None else f" Expects {' or '.join(f'{d}D' for d in input_ndim)} input."
+    doc = (
+        f"A layer computing :func:`normref.{method}` ({m.paper or m.survey}), its running statistics as "
+        f"buffers: ``{cls_name}(num_features, **options)``; see :class:`StatefulNorm`.{rank}"
+    )
+    return type(cls_name, (StatefulNorm,), {"__init__": __init__, "__doc__": doc, "_input_ndim": input_ndim,
+                                           "__module__": __name__})
+
+
+def _input_ranks(method: str, suffix: str) -> "tuple[int, ...] | None":
+    if not suffix:
+        return None
+    d = int(suffix[0])
+    # 1d: (N, C) or (N, C, L), as torch's BatchNorm1d; methods that need spatial axes take (N, C, L) only
+    spatial = method in ("switchable_norm", "batch_instance_norm", "filter_response_norm")
+    return ((3,) if spatial else (2, 3)) if d == 1 else (d + 2,)
+
+
+for _cls, _method in _NAMED.items():
+    for _suffix in ("", "1d", "2d", "3d"):
+        globals()[_cls + _suffix] = _named_layer(_cls + _suffix, _method, _input_ranks(_method, _suffix))
+del _cls, _method, _suffix
