@@ -14,6 +14,10 @@ optimizer, a meta-gradient) like any other method:
   ∂λ/∂w = η·(‖g‖ + ε)·ŵ/D², ∂λ/∂g = −η·‖w‖·ĝ/D² with D the denominator.
 - gradient centralization (Yong et al. 2020): g̃_i = g_i − mean(g_i) over each output neuron's fan-in;
   linear, so dg = c − mean(c) (the centering operation of :mod:`normref.operation`).
+
+Return annotations state what calling a method returns (the new gradient, or a tuple of them for
+sequences); the forward functions themselves return it together with their
+:class:`~normref.registry.Residuals`, the registry's convention.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ class LayerwiseMethod(Method):
     """A :class:`Method` on one layer's ``(weight, grad)`` that, called with two sequences, maps over
     the layers and returns a tuple. ``forward``/``backward``/``normref.vjp`` take one layer."""
 
-    def __call__(self, weight: Any, grad: Any, *args: Any, **kwargs: Any):
+    def __call__(self, weight: Any, grad: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(grad, (list, tuple)):
             n = len(grad)
             if weight is None:
@@ -98,7 +102,7 @@ def _block_norm_inv(m, xp, out, args, kwargs):
                float(_np.max(_np.abs(y - target * g / _np.linalg.norm(g)))) / target)
 
 
-def _block_forward(weight: Any, grad: Any, ratio: bool = False, eps: float = 1e-12):
+def _block_forward(weight: Any, grad: Any, ratio: bool = False, eps: float = 1e-12) -> Any:
     """Block-wise gradient normalization: g̃ = g/max(‖g‖, ε), or ‖w‖·g/max(‖g‖, ε) with ``ratio=True``.
 
     One block is one layer's parameter tensor (the norm is over all of it). The unit-norm step removes
@@ -177,7 +181,7 @@ def _lars_formula(m, xp, out, args, kwargs):
     return float(_np.max(_np.abs(y - ref))) / max(1e-300, float(_np.max(_np.abs(ref))) or 1.0)
 
 
-def _lars_forward(weight: Any, grad: Any, eta: float = 1e-3, weight_decay: float = 0.0, eps: float = 1e-8):
+def _lars_forward(weight: Any, grad: Any, eta: float = 1e-3, weight_decay: float = 0.0, eps: float = 1e-8) -> Any:
     """LARS: the layer-wise trust ratio λ = η·‖w‖/(‖g‖ + β·‖w‖ + ε) applied to g + β·w (β = weight decay).
 
     Returns λ·(g + β·w), the update direction before the global learning rate and momentum
@@ -246,7 +250,7 @@ def _gc_rows(m, xp, out, args, kwargs):
     return max(float(_np.max(_np.abs(y2.mean(axis=1)))), float(_np.max(_np.abs(d - d.mean(axis=1, keepdims=True)))))
 
 
-def _gc_forward(weight: Any, grad: Any):
+def _gc_forward(weight: Any, grad: Any) -> Any:
     """Gradient centralization: g̃_i = g_i − mean(g_i) for each output neuron i (row over all axes but 0).
 
     For a linear weight (d_out, d_in) the mean is over d_in; for a convolution kernel

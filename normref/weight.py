@@ -23,12 +23,16 @@ Zero rows (and an all-zero proxy) have no direction: methods without an eps rais
 naming the row when the values are concrete (under ``jax.jit`` or ``torch.func`` tracing there is no
 Python boolean to test, the check is skipped and the result is inf/NaN as in torch); methods with an
 eps say in their docstring what a zero row gives.
+
+Return annotations state what calling a method returns (its public signature: an array, or
+:class:`SpectralNormResult`); the decorated function itself returns that together with its
+:class:`~normref.registry.Residuals`, the registry's forward convention.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as _np
 
@@ -70,9 +74,10 @@ def _check_weight(fn: str, name: str, v) -> None:
         raise ValueError(f"{fn}: {name} must not be empty; got shape {tuple(v.shape)}")
 
 
-def _check_dim(fn: str, dim, ndim: int) -> int:
+def _check_dim(fn: str, dim, ndim: int, allow_none: bool = False) -> int:
     if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"{fn}: dim must be an integer (or None); got {type(dim).__name__} {dim!r}")
+        what = "an integer or None" if allow_none else "an integer"
+        raise TypeError(f"{fn}: dim must be {what}; got {type(dim).__name__} {dim!r}")
     if not -ndim <= dim < ndim:
         raise ValueError(f"{fn}: dim must lie in [{-ndim}, {ndim - 1}] for a {ndim}-dimensional weight; got {dim}")
     return dim % ndim
@@ -117,7 +122,7 @@ def _rel(a, b) -> float:
     return float(_np.max(_np.abs(a - b)) / max(1.0, float(_np.max(_np.abs(b)))))
 
 
-def scale_invariant(a: float = 3.5, index: int = 0, applies=None) -> Invariant:
+def scale_invariant(a: float = 3.5, index: int = 0, applies: "Callable[[dict], bool] | None" = None) -> Invariant:
     """Invariant (survey Eqn 32): ψ(a·V) = ψ(V) for a > 0 (argument ``index`` scaled); ``applies(kwargs)``
     says whether a call is exactly scale invariant (an eps added to a Gram matrix breaks it)."""
 
@@ -174,7 +179,7 @@ def _wn_row_norms(m, xp, out, args, kwargs):
         scale_invariant(),
     ),
 )
-def weight_norm(v: Any, g: Any, dim: int | None = 0):
+def weight_norm(v: Any, g: Any, dim: int | None = 0) -> Any:
     """Weight normalization: w = g·v/‖v‖, the norm over every axis but ``dim`` (survey Eqn 29).
 
     The same result as ``torch._weight_norm(v, g, dim)``, i.e. torch's
@@ -198,7 +203,7 @@ def weight_norm(v: Any, g: Any, dim: int | None = 0):
         if g.ndim > v.ndim or any(s != 1 for s in g.shape):
             raise ValueError(f"{fn}: with dim=None, g must hold one value (shape () or all ones); got shape {tuple(g.shape)}")
     else:
-        dim = _check_dim(fn, dim, v.ndim)
+        dim = _check_dim(fn, dim, v.ndim, allow_none=True)
         axes = tuple(i for i in range(v.ndim) if i != dim)
         keep = _g_shape(shape, dim)
         if tuple(g.shape) not in (keep, (shape[dim],)):
@@ -268,7 +273,7 @@ def _check_row_gain(fn, g, d_out, ndim):
         scale_invariant(),
     ),
 )
-def centered_weight_norm(v: Any, g: Any = None):
+def centered_weight_norm(v: Any, g: Any = None) -> Any:
     """Centered weight normalization: w_i = g_i·(v_i − mean(v_i))/‖v_i − mean(v_i)‖ for each output row
     (survey Eqn 30: W_iᵀ·1 = 0 and ‖W_i‖ = 1; the optional per-neuron scale g recovers capacity, §6.1).
 
@@ -342,7 +347,7 @@ def _ws_rows(m, xp, out, args, kwargs):
     examples=_ex_ws,
     invariants=(Invariant("rows have mean 0 and variance σ²/(σ²+ε)", _ws_rows, scale=64.0),),
 )
-def weight_standardization(v: Any, eps: float = 1e-5):
+def weight_standardization(v: Any, eps: float = 1e-5) -> Any:
     """Weight standardization: w_i = (v_i − μ_i)/√(σ_i² + ε) for each output row (fan-in of a neuron).
 
     μ_i and σ_i² are the mean and the *biased* variance over the row (all axes but 0), ε *inside* the
@@ -379,10 +384,13 @@ def _ws_backward(res, dw):
 
 
 class SpectralNormResult(NamedTuple):
-    """The spectrally normalized weight and the updated power-iteration vector u (no gradient)."""
+    """The spectrally normalized weight and the power-iteration state after the call (no gradient):
+    ``u`` (shape ``(w.shape[dim],)``) and ``v`` (shape ``(fan,)``, the other axes flattened), the
+    vectors of σ = uᵀ·W·v."""
 
     weight: Any
     u: Any
+    v: Any
 
 
 def _to_matrix(xp, w, dim):
@@ -398,32 +406,53 @@ def _l2_normalize(xp, x, eps):
     return x / xp.maximum(n, xp.asarray(eps, dtype=x.dtype, device=device_of(x)))
 
 
-def _power_iteration(xp, wm, u, n_iter, eps):
-    """torch.nn.utils.spectral_norm's loop: v = N(Wᵀ·u), u = N(W·v), n times; then v = N(Wᵀ·u) if n = 0.
+def _power_iteration(xp, wm, u, v, n_iter, eps):
+    """(u, v) after ``n_iter`` power-iteration steps on W (wm, the matrix layout), for σ = uᵀ·W·v.
 
-    Returns (u, v) for σ = uᵀ·W·v (both constants of the backward).
+    - v is None (the state is u; ``torch.nn.utils.spectral_norm``'s hook): each step is v = N(Wᵀ·u),
+      u = N(W·v); with no step, v = N(Wᵀ·u).
+    - v given (the state is (u, v); ``torch.nn.utils.parametrizations.spectral_norm``'s
+      ``_power_method``): each step is u = N(W·v), v = N(Wᵀ·u); with no step, (u, v) as given.
+    N(x) = x/max(‖x‖, eps). Both are the power method on WᵀW for v (on W·Wᵀ for u), started from
+    a different end of the alternation.
     """
-    v = _l2_normalize(xp, xp.matmul(xp.matrix_transpose(wm), u), eps)
-    for k in range(n_iter):
-        if k:
-            v = _l2_normalize(xp, xp.matmul(xp.matrix_transpose(wm), u), eps)
+    wt = xp.matrix_transpose(wm)
+    if v is None:
+        v = _l2_normalize(xp, xp.matmul(wt, u), eps)
+        for k in range(n_iter):
+            if k:
+                v = _l2_normalize(xp, xp.matmul(wt, u), eps)
+            u = _l2_normalize(xp, xp.matmul(wm, v), eps)
+        return u, v
+    for _ in range(n_iter):
         u = _l2_normalize(xp, xp.matmul(wm, v), eps)
+        v = _l2_normalize(xp, xp.matmul(wt, u), eps)
     return u, v
+
+
+def _unit(rng, n):
+    x = rng.standard_normal(n)
+    return x / _np.linalg.norm(x)
 
 
 def _ex_spectral(rng):
     for shape, dim, it in [((5, 4), 0, 1), ((4, 3, 2, 2), 0, 3), ((3, 4, 2), 1, 2), ((6, 3), -1, 1), ((4, 5), 0, 0)]:
         w = rng.standard_normal(shape)
-        u = rng.standard_normal(shape[dim % len(shape)])
-        u /= _np.linalg.norm(u)
-        yield Example((w, u), dict(n_power_iterations=it, dim=dim), label=f"{shape} dim={dim} iterations={it}")
+        u = _unit(rng, shape[dim % len(shape)])
+        yield Example((w, u), dict(n_power_iterations=it, dim=dim), label=f"{shape} dim={dim} iterations={it} (state u)")
+    # the parametrization's state (u, v); ConvTranspose2d weights (d_in, d_out, k, k) use dim=1
+    for shape, dim, it in [((5, 4), 0, 1), ((3, 4, 2, 2), 1, 2), ((4, 3, 2), 0, 3), ((4, 5), 0, 0)]:
+        w = rng.standard_normal(shape)
+        h = shape[dim]
+        yield Example((w, _unit(rng, h)), dict(n_power_iterations=it, dim=dim, v=_unit(rng, w.size // h)),
+                      label=f"{shape} dim={dim} iterations={it} (state u, v)")
 
 
 def _spectral_top(m, xp, out, args, kwargs):
     """After many power iterations the largest singular value is 1 (error ~ (σ₂/σ₁)^(2k))."""
     w, u = args[0], args[1]
     dim = kwargs.get("dim", 0)
-    ws = m.primary(m(w, u, n_power_iterations=200, dim=dim))
+    ws = m.primary(m(w, u, n_power_iterations=200, dim=dim, v=kwargs.get("v")))
     a = _np.asarray(to_numpy(ws), _np.float64)
     a = _np.moveaxis(a, dim % a.ndim, 0).reshape(a.shape[dim % a.ndim], -1)
     return abs(float(_np.linalg.svd(a, compute_uv=False)[0]) - 1.0)
@@ -434,10 +463,10 @@ def _spectral_fd_target(args, kwargs):
     (computed here from the given arrays, in their own library, before any autodiff leaf is made)."""
     bound = spectral_norm.bind(*args, **kwargs)
     a = bound.arguments
-    w, u = a["w"], a["u"]
-    xp = namespace("spectral_norm", w=w, u=u)
+    w, u, v = a["w"], a["u"], a["v"]
+    xp = namespace("spectral_norm", w=w, u=u, v=v)
     dim = _check_dim("spectral_norm", a["dim"], w.ndim)
-    uu, vv = _power_iteration(xp, _to_matrix(xp, w, dim), u, a["n_power_iterations"], a["eps"])
+    uu, vv = _power_iteration(xp, _to_matrix(xp, w, dim), u, v, a["n_power_iterations"], a["eps"])
 
     def frozen(w2, *rest, **kw):
         sigma = xp.sum(uu * xp.matmul(_to_matrix(xp, w2, dim), vv))
@@ -447,8 +476,8 @@ def _spectral_fd_target(args, kwargs):
 
 
 @method(
-    array_params=("w", "u"),
-    nondiff=("u",),
+    array_params=("w", "u", "v"),
+    nondiff=("u", "v"),
     category="weight",
     survey="§6.1 (spectral normalization bounds the largest singular value by 1)",
     paper="Miyato, Kataoka, Koyama & Yoshida, Spectral Normalization for Generative Adversarial Networks, ICLR 2018",
@@ -459,23 +488,38 @@ def _spectral_fd_target(args, kwargs):
     ),
     fd_target=_spectral_fd_target,
 )
-def spectral_norm(w: Any, u: Any, n_power_iterations: int = 1, eps: float = 1e-12, dim: int = 0):
-    """Spectral normalization: W_SN = W/σ(W), σ estimated by power iteration from the state ``u``.
+def spectral_norm(w: Any, u: Any, n_power_iterations: int = 1, eps: float = 1e-12, dim: int = 0, *,
+                  v: Any = None) -> SpectralNormResult:
+    """Spectral normalization: W_SN = W/σ(W), σ = uᵀ·W·v estimated by power iteration (Miyato et al.,
+    Algorithm 1; survey §6.1).
 
-    W is reshaped to a matrix with ``dim`` first (torch's ``_reshape_weight_to_matrix``); ``u`` has
-    shape ``(w.shape[dim],)``. Each of the ``n_power_iterations`` steps is v = N(Wᵀ·u), u = N(W·v)
-    with N(x) = x/max(‖x‖, eps); then σ = uᵀ·W·v. This is ``torch.nn.utils.spectral_norm`` (whose
-    state is u) exactly. ``n_power_iterations=0`` (evaluation: u is not updated) takes v = N(Wᵀ·u):
-    σ = uᵀ·W·N(Wᵀ·u), which is also what ``torch.nn.utils.parametrizations.spectral_norm`` computes
-    from its own updated u (it keeps v = N(Wᵀ·u) as a second state vector).
+    W is reshaped to a matrix with ``dim`` first (torch's ``_reshape_weight_to_matrix``: d_out rows for
+    ``dim=0``; ``dim=1`` for transposed convolutions, whose weight is (d_in, d_out, k...)). ``u`` has
+    shape ``(w.shape[dim],)`` and ``v`` shape ``(fan,)``, fan = w.size/w.shape[dim]. N(x) =
+    x/max(‖x‖, eps), ``F.normalize``'s eps convention (eps outside the root, a floor on the norm).
+    The state, and so the order of the alternation, follows torch's two APIs:
 
-    Returns ``SpectralNormResult(weight, u)`` with the updated u (pure: the given u is untouched;
-    carry the new one to the next call). u and v are constants of the backward, as in torch:
-    dW = dW_SN/σ − (⟨dW_SN, W⟩/σ²)·u·vᵀ. σ = 0 (a zero weight) raises ``ValueError``.
+    - ``v`` not given — the state is u, as ``torch.nn.utils.spectral_norm`` (the forward pre-hook):
+      each of the ``n_power_iterations`` steps is v = N(Wᵀ·u), u = N(W·v); then σ = uᵀ·W·v.
+      ``n_power_iterations=0`` takes v = N(Wᵀ·u) from the given u.
+    - ``v`` given (keyword) — the state is (u, v), as ``torch.nn.utils.parametrizations.spectral_norm``
+      (buffers ``_u``, ``_v``): each step is u = N(W·v), v = N(Wᵀ·u); then σ = uᵀ·W·v.
+      ``n_power_iterations=0`` uses (u, v) as given: the evaluation mode of both torch APIs (the hook's
+      eval mode also uses its stored ``weight_v``).
+
+    Given torch's state before a call, the result equals torch's weight, its updated u and v (the
+    hook's ``weight_u``/``weight_v`` buffers, or the parametrization's ``_u``/``_v``) and its
+    gradient. Torch's parametrization initialises (u, v) from normalised Gaussians and 15 steps of the
+    second form (``normref.backends.torch.parametrize.SpectralNorm`` does the same).
+
+    Returns ``SpectralNormResult(weight, u, v)`` with the updated state (pure: the given arrays are
+    untouched; carry u, or u and v, to the next call). u and v are constants of the backward, as in
+    torch (their dependence on W is not differentiated): dW = dW_SN/σ − (⟨dW_SN, W⟩/σ²)·u·vᵀ.
+    σ = 0 (a zero weight, or a state orthogonal to W's range) raises ``ValueError``.
     Miyato et al., ICLR 2018.
     """
     fn = "spectral_norm"
-    xp = namespace(fn, w=w, u=u)
+    xp = namespace(fn, w=w, u=u, v=v)
     _check_weight(fn, "w", w)
     dim = _check_dim(fn, dim, w.ndim)
     if tuple(u.shape) != (w.shape[dim],):
@@ -483,18 +527,26 @@ def spectral_norm(w: Any, u: Any, n_power_iterations: int = 1, eps: float = 1e-1
             f"{fn}: u must have shape ({w.shape[dim]},) (w.shape[dim] for dim={dim}, w of shape "
             f"{tuple(w.shape)}); got shape {tuple(u.shape)}"
         )
+    fan = math.prod(w.shape) // w.shape[dim]
+    if v is not None and tuple(v.shape) != (fan,):
+        raise ValueError(
+            f"{fn}: v must have shape ({fan},) (the product of w's axes other than dim={dim}, w of shape "
+            f"{tuple(w.shape)}); got shape {tuple(v.shape)}"
+        )
     n_power_iterations = check_int(fn, "n_power_iterations", n_power_iterations, minimum=0)
     eps = check_positive(fn, "eps", eps)
     cd = compute_dtype(xp, w.dtype)
     wc = to_compute(xp, w, cd)
     wm = _to_matrix(xp, wc, dim)
-    uu, vv = _power_iteration(xp, wm, to_compute(xp, u, cd), n_power_iterations, eps)
+    v0 = None if v is None else to_compute(xp, v, cd)
+    uu, vv = _power_iteration(xp, wm, to_compute(xp, u, cd), v0, n_power_iterations, eps)
     sigma = xp.sum(uu * xp.matmul(wm, vv))
     if _concrete_any(xp, sigma == 0):
         raise ValueError(f"{fn}: the estimated spectral norm σ = uᵀ·W·v is 0 (w is zero, or u is orthogonal to its range)")
     y = wc / sigma
     res = Residuals((wc, uu, vv, sigma), (dim, tuple(w.shape)))
-    return SpectralNormResult(_out(xp, y, w.dtype), _out(xp, uu, u.dtype)), res
+    v_dtype = u.dtype if v is None else v.dtype
+    return SpectralNormResult(_out(xp, y, w.dtype), _out(xp, uu, u.dtype), _out(xp, vv, v_dtype)), res
 
 
 @spectral_norm.defbackward
@@ -516,7 +568,7 @@ def _spectral_norm_backward(res, dy):
         outer = xp.permute_dims(outer, tuple(inv))
     else:
         outer = xp.reshape(outer, shape)
-    return dy / sigma - c * outer, None
+    return dy / sigma - c * outer, None, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -527,6 +579,19 @@ ITERATIONS = ("newton_schulz", "newton")
 _MATFUN = {"newton_schulz": "newton_schulz", "newton": "iternorm"}
 
 
+def _own_default_group_size(d_out: int, fan_in: int) -> int:
+    """OWN's default ``group_size``: the largest divisor of d_out that is at most max(1, fan_in − 1).
+
+    Centred rows span at most fan_in − 1 dimensions, so at most fan_in − 1 of them can be orthonormal:
+    d_out ≤ fan_in − 1 gives one group of all rows (the paper's W·Wᵀ = I); a wider layer is split into
+    the fewest equal groups of consecutive rows that can each be orthonormal (Huang et al. AAAI 2018
+    orthogonalize "group-wise when d_out > d_in"). A prime d_out larger than fan_in − 1 gets groups of
+    one row (each row centred and normalized: centered weight normalization).
+    """
+    limit = max(1, fan_in - 1)
+    return max(c for c in range(1, min(d_out, limit) + 1) if d_out % c == 0)
+
+
 def _orth_forward(fn, xp, v, group_size, eps, iterations, iteration="newton_schulz"):
     """W = f(S)·Zc per group, Zc the centred rows, S = Zc·Zcᵀ + ε·I; f = S^-1/2 (eigh, matfun's "zca")
     when ``iterations`` is None, else T trace-normalized Newton steps (matfun's "newton_schulz" or
@@ -535,7 +600,7 @@ def _orth_forward(fn, xp, v, group_size, eps, iterations, iteration="newton_schu
     d_out = v.shape[0]
     n = math.prod(v.shape[1:])
     if group_size is None:
-        group_size = d_out
+        group_size = _own_default_group_size(d_out, n) if iterations is None else d_out
     c = check_int(fn, "group_size", group_size, minimum=1)
     if d_out % c:
         raise ValueError(f"{fn}: group_size must divide d_out = v.shape[0] = {d_out} (rows are orthogonalized in "
@@ -555,12 +620,19 @@ def _orth_forward(fn, xp, v, group_size, eps, iterations, iteration="newton_schu
         s = s + eps * _mf.eye_like(xp, s)
     if iterations is None:
         kind = "zca"
-        m, mres = _mf.whitening_matrix_forward(xp, s, kind)
-        if _mf.min_eigenvalue_ok(xp, mres[0]) is False:
+        # eigenvalues first, the inverse square root only once they are known to be positive: a
+        # singular group's λ_min is rounding noise of either sign (√ of a negative number is NaN)
+        eig = _mf.eigh(xp, s)
+        if _mf.min_eigenvalue_ok(xp, eig[0]) is False:
+            lam = _np.asarray(to_numpy(eig[0]), _np.float64)
+            k = int(_np.argmin(lam[:, 0] / _np.maximum(_np.abs(lam).max(axis=1), 1e-300)))  # the worst group
+            rows = f"rows {k * c}..{k * c + c - 1}"
             raise ValueError(
-                f"{fn}: Vc·Vcᵀ (+ eps·I) is numerically singular in some group (rows linearly dependent after "
-                f"centring, e.g. equal or constant rows); its inverse square root does not exist. Use eps > 0"
+                f"{fn}: Vc·Vcᵀ (+ eps·I) is numerically singular for the group of {rows} (rows linearly dependent "
+                f"after centring: a zero, constant or repeated row); its inverse square root does not exist. "
+                f"Use eps > 0 or a smaller group_size"
             )
+        m, mres = _mf.whitening_matrix_forward(xp, s, kind, eig=eig)
     else:
         if _concrete_any(xp, _mf.trace(xp, s) == 0):
             raise ValueError(f"{fn}: a group of rows of v is zero after centring (tr(Vc·Vcᵀ) = 0); it has no direction")
@@ -594,9 +666,11 @@ def _gram_cond(v, c):
 
 
 def _ex_own(rng):
-    for shape, c in [((4, 6), None), ((6, 3, 2, 2), 3), ((8, 3), 2), ((4, 2, 3), 4), ((6, 5), 2)]:
+    # (8, 3) and (6, 5) with group_size=None: d_out > fan_in − 1, the default groups (2 and 3 rows)
+    for shape, c in [((4, 6), None), ((6, 3, 2, 2), 3), ((8, 3), 2), ((4, 2, 3), 4), ((6, 5), 2), ((8, 3), None),
+                     ((6, 5), None)]:
         v = rng.standard_normal(shape) + 0.5
-        k = c or shape[0]
+        k = c or _own_default_group_size(shape[0], math.prod(shape[1:]))
         yield Example((v,), dict(group_size=c), label=f"{shape} group_size={c}", cond=_gram_cond(v, k))
     v = rng.standard_normal((3, 5))
     yield Example((v,), dict(eps=1e-3), label="(3, 5) eps=1e-3", cond=_gram_cond(v, 3))
@@ -606,7 +680,7 @@ def _orthonormal_groups(m, xp, out, args, kwargs):
     """Each group's rows are orthonormal (W_g·W_gᵀ = I; with eps > 0, = S·(S + εI)^-1) and have mean 0."""
     v = _np_rows(args[0])
     w = _np_rows(m.primary(out))
-    c = kwargs.get("group_size") or w.shape[0]
+    c = kwargs.get("group_size") or _own_default_group_size(*w.shape)
     eps = kwargs.get("eps", 0.0)
     wg = w.reshape(w.shape[0] // c, c, -1)
     gram = wg @ _np.swapaxes(wg, -1, -2)
@@ -632,18 +706,22 @@ _exact_scale = lambda kw: not kw.get("eps")  # noqa: E731 (ε·I in the Gram mat
         scale_invariant(applies=_exact_scale),
     ),
 )
-def orthogonal_weight_norm(v: Any, group_size: int | None = None, eps: float = 0.0):
+def orthogonal_weight_norm(v: Any, group_size: int | None = None, eps: float = 0.0) -> Any:
     """Orthogonal weight normalization (OWN): W = (Vc·Vcᵀ)^-1/2·Vc per group of rows (survey Eqn 31).
 
     Vc is V (rows = output neurons, fan-in flattened) with each row centred; rows are taken in groups
-    of ``group_size`` consecutive rows (default: all d_out rows in one group), each group orthogonalized
-    on its own, so W_g·W_gᵀ = I: the rows of a group are orthonormal and have zero mean. Centred rows
-    span at most fan_in − 1 dimensions, so a group must have at most fan_in − 1 rows (the reason for
-    groups when d_out ≥ d_in). The inverse square root is the ZCA one of :mod:`normref.matfun`
+    of ``group_size`` consecutive rows, each group orthogonalized on its own, so W_g·W_gᵀ = I: the
+    rows of a group are orthonormal and have zero mean. Centred rows span at most fan_in − 1
+    dimensions, so with eps = 0 a group must have at most fan_in − 1 rows (the reason for groups when
+    d_out ≥ d_in). ``group_size=None`` (default) takes the largest divisor of d_out that is at most
+    max(1, fan_in − 1): all rows in one group when d_out ≤ fan_in − 1 (the paper's W·Wᵀ = I), else the
+    fewest groups that can each be orthonormal (groups of one row, i.e. centered weight normalization,
+    when no larger divisor fits). The inverse square root is the ZCA one of :mod:`normref.matfun`
     (one batched ``eigh``; eigenvalues Λ, eigenvectors D), with its Loewner backward:
     dM = dW·Vcᵀ, dS = D·(K ∘ (Dᵀ·sym(dM)·D))·Dᵀ, dVc = M·dW + 2·dS·Vc, dV = dVc − mean(dVc).
     ``eps`` > 0 adds ε·I to Vc·Vcᵀ (rows then only approximately orthonormal); the default 0 is the
-    paper's. A numerically singular group raises ``ValueError``.
+    paper's. A numerically singular group (a zero, constant or repeated row, with eps = 0) raises
+    ``ValueError`` naming the group, after the eigendecomposition and before Λ^-1/2 is taken.
     Huang et al., AAAI 2018.
     """
     fn = "orthogonal_weight_norm"
@@ -729,7 +807,7 @@ def _oni_singular_values(m, xp, out, args, kwargs):
     ),
 )
 def oni(v: Any, iterations: int = 5, group_size: int | None = None, eps: float = 0.0,
-        iteration: str = "newton_schulz"):
+        iteration: str = "newton_schulz") -> Any:
     """Orthogonalization by Newton's iteration (ONI): W = B_T·V̂ per group of rows.
 
     Algorithm 1 of Huang et al. (CVPR 2020) on the centred rows Zc (as their code; groups of
@@ -741,10 +819,17 @@ def oni(v: Any, iterations: int = 5, group_size: int | None = None, eps: float =
     The eigenvalues λ of S lie in (0, 1]; each singular value of W is p_T(λ)·√λ, increasing in T from
     √λ = σ(V̂) to 1: small T bounds the singular values in [σ_min(V̂), 1] (T = 0 would be Frobenius
     normalization, close to spectral normalization when one singular value dominates), large T gives
-    W·Wᵀ = I for a group of at most fan_in − 1 rows. ``eps`` adds ε·I to Zc·Zcᵀ (the authors' code uses
-    1e-5; the default 0 is Algorithm 1). The authors' code divides S by ‖S‖_F instead of tr S
-    (faster convergence, ‖S‖_F ≤ tr S); that variant is not offered here. A group that is zero after
-    centring raises ``ValueError``.
+    W·Wᵀ = I for a group of at most fan_in − 1 rows. ``group_size=None`` (default) is one group of all
+    d_out rows, whatever fan_in (unlike :func:`orthogonal_weight_norm`, ONI is well defined for any
+    group: the Newton iteration needs no inverse). A group of more than fan_in − 1 rows can never
+    reach W·Wᵀ = I: S then has rank ≤ fan_in − 1, its zero eigenvalues stay zero singular values of W
+    for every T (W·Wᵀ converges to the orthogonal projector onto the range of Zc·Zcᵀ); choose
+    group_size ≤ fan_in − 1 when orthogonality is the aim. Likewise a single zero (or constant) row
+    in a group gives a zero row of W, finite for every T, never NaN. ``eps`` adds ε·I to Zc·Zcᵀ (the
+    authors' code uses 1e-5; the default 0 is Algorithm 1). The authors' code divides S by ‖S‖_F
+    instead of tr S (faster convergence, ‖S‖_F ≤ tr S); that variant is not offered here, because the
+    trace normalization and its backward live in :mod:`normref.matfun` (shared with IterNorm). A group
+    that is zero after centring raises ``ValueError``.
 
     ``iteration`` chooses how B_T is computed; both give the same polynomial in S, so the same W in
     exact arithmetic:
@@ -771,24 +856,48 @@ oni.defbackward(_orth_backward)
 # --------------------------------------------------------------------------------------------------
 # soft orthogonality penalties (survey §6.2, "Regularization with an Extra Penalty")
 
-PENALTIES = ("frobenius", "double", "off_diagonal")
+PENALTIES = ("frobenius", "double", "off_diagonal", "mc", "srip")
+GRAMS = ("rows", "columns", "auto")
+
+
+def _gram_side(gram: str, r: int, c: int) -> str:
+    """"rows" (W·Wᵀ, d_out × d_out) or "columns" (Wᵀ·W, fan_in × fan_in); "auto" takes the smaller
+    Gram matrix, the only side that can equal I (rows when d_out ≤ fan_in)."""
+    if gram == "auto":
+        return "rows" if r <= c else "columns"
+    return gram
 
 
 def _ex_penalty(rng):
     for shape in [(3, 5), (5, 3), (2, 3, 2, 2)]:
         for kind in PENALTIES:
             yield Example((rng.standard_normal(shape) * 0.5,), dict(kind=kind), label=f"{shape} {kind}")
+    # tall weights and a 1×1 convolution with more filters than inputs: the columns' Gram matrix
+    for shape, gram in [((5, 3), "columns"), ((6, 2, 1, 1), "auto")]:
+        for kind in ("frobenius", "off_diagonal", "mc", "srip"):
+            yield Example((rng.standard_normal(shape) * 0.5,), dict(kind=kind, gram=gram), label=f"{shape} {kind} gram={gram}")
 
 
 def _penalty_zero_when_orthogonal(m, xp, out, args, kwargs):
-    """ψ(Q) = 0 for Q with orthonormal rows (rows ≤ columns; "double" needs a square Q)."""
+    """ψ(Q) = 0 for Q with orthonormal rows (Gram side "rows", d_out ≤ fan_in) or orthonormal columns
+    (side "columns", fan_in ≤ d_out); "double" needs a square Q."""
     w = _np_rows(args[0])
     r, c = w.shape
     kind = kwargs.get("kind", "frobenius")
-    if r > c or (kind == "double" and r != c):
-        return None
-    q = _np.linalg.qr(w.T)[0].T  # orthonormal rows
-    val = float(_np.asarray(to_numpy(m(xp.asarray(q), kind=kind)), _np.float64))
+    side = _gram_side(kwargs.get("gram", "rows"), r, c)
+    if kind == "double":
+        if r != c:
+            return None
+        q = _np.linalg.qr(w)[0]
+    elif side == "rows":
+        if r > c:
+            return None
+        q = _np.linalg.qr(w.T)[0].T  # orthonormal rows
+    else:
+        if c > r:
+            return None
+        q = _np.linalg.qr(w)[0]  # orthonormal columns
+    val = float(_np.asarray(to_numpy(m(xp.asarray(q), **kwargs)), _np.float64))
     return abs(val)
 
 
@@ -800,53 +909,92 @@ def _penalty_zero_when_orthogonal(m, xp, out, args, kwargs):
           "from Orthogonality Regularizations in Training Deep CNNs?, NeurIPS 2018; Brock, Donahue & Simonyan, "
           "Large Scale GAN Training (BigGAN), ICLR 2019",
     examples=_ex_penalty,
-    invariants=(Invariant("zero at orthonormal rows", _penalty_zero_when_orthogonal, scale=64.0),),
+    invariants=(Invariant("zero at orthonormal rows (or columns)", _penalty_zero_when_orthogonal, scale=64.0),),
 )
-def orthogonal_penalty(w: Any, kind: str = "frobenius"):
-    """A soft-orthogonality penalty on the rows of W (d_out × fan_in), a 0-d array.
+def orthogonal_penalty(w: Any, kind: str = "frobenius", gram: str = "rows") -> Any:
+    """A soft-orthogonality penalty on W (d_out × fan_in, a kernel flattened per output row), a 0-d array.
 
-    - ``"frobenius"``: ‖W·Wᵀ − I‖²_F (soft orthogonality, Xie et al. 2017; "SO" of Bansal et al.
-      2018); gradient 4·(W·Wᵀ − I)·W.
-    - ``"double"``: ‖W·Wᵀ − I‖²_F + ‖Wᵀ·W − I‖²_F ("DSO", Bansal et al.); gradient adds 4·W·(Wᵀ·W − I).
-    - ``"off_diagonal"``: ‖(W·Wᵀ) ∘ (11ᵀ − I)‖²_F, orthogonality without unit norms (BigGAN's
-      orthogonal regularization, Brock et al. 2019); gradient 4·M·W with M the off-diagonal of W·Wᵀ.
+    With G the Gram matrix of the side ``gram`` chooses and M = G − I:
 
-    Rows can be orthonormal only when d_out ≤ fan_in; for a tall W use the transpose (or "double").
-    Multiply by the regularization strength yourself.
+    - ``"frobenius"``: ‖M‖²_F (soft orthogonality, Xie et al. 2017; "SO" of Bansal et al. 2018).
+    - ``"double"``: ‖W·Wᵀ − I‖²_F + ‖Wᵀ·W − I‖²_F ("DSO", Bansal et al.; both sides, ``gram`` is
+      ignored).
+    - ``"off_diagonal"``: ‖G ∘ (11ᵀ − I)‖²_F, orthogonality without unit norms (BigGAN's orthogonal
+      regularization, Brock et al. 2019).
+    - ``"mc"``: ‖M‖_∞ = max_ij |M_ij|, the mutual-coherence form of Bansal et al. (their "MC"; for unit
+      rows it is the largest |cosine| between two rows, the diagonal counts too).
+    - ``"srip"``: σ_max(M) = max_k |λ_k(M)|, the spectral norm of the symmetric M (Bansal et al.'s
+      "SRIP", the spectral restricted isometry property), computed exactly with one ``eigh`` where the
+      paper uses two power-iteration steps.
+
+    ``gram``: ``"rows"`` (default) takes G = W·Wᵀ (d_out × d_out: orthonormal rows), ``"columns"``
+    G = Wᵀ·W (fan_in × fan_in: orthonormal columns, Bansal et al.'s layout for a convolution's
+    (k·k·C_in) × C_out matrix), ``"auto"`` the smaller of the two, the only one that can equal I
+    (rows when d_out ≤ fan_in, so a tall weight or a 1×1 convolution with more filters than inputs
+    gets its columns). Multiply by the regularization strength yourself.
+
+    Gradients (G = W·Wᵀ: ∂/∂W = (Ω + Ωᵀ)·W; G = Wᵀ·W: W·(Ω + Ωᵀ); Ω = ∂ψ/∂G, symmetric here):
+    Ω = 2·M for the squared forms (∂ = 4·M·W on the rows); for "mc", Ω = sign(M_ij) on the entries
+    attaining the maximum; for "srip", Ω = sign(λ_k)·q_k·q_kᵀ for the eigenpair (λ_k, q_k) with the
+    largest |λ| (dσ = q_kᵀ·dM·q_k). "mc" and "srip" are maxima, not differentiable where the maximum
+    is attained twice (other than by M_ij and its mirror M_ji, which are one function): two entries
+    of equal modulus, or a repeated top |λ| (a repeated eigenvalue, or λ_max = −λ_min). There the
+    backward returns the average of the tied terms' gradients, an element of the (Clarke)
+    subdifferential (for a repeated eigenvalue, sign·P/m with P the projector onto its eigenspace:
+    independent of the eigenvectors eigh picks); ties are detected by exact floating-point equality,
+    so a near-tie gets the gradient of whichever term rounds larger. At the minimum M = 0 it is 0.
     """
     fn = "orthogonal_penalty"
     xp = namespace(fn, w=w)
     _check_weight(fn, "w", w)
     kind = check_choice(fn, "kind", kind, PENALTIES)
+    gram = check_choice(fn, "gram", gram, GRAMS)
     cd = compute_dtype(xp, w.dtype)
     a = _rows(xp, to_compute(xp, w, cd))
     r, c = a.shape
-    eye_r = xp.eye(r, dtype=cd, device=device_of(a))
-    gram = xp.matmul(a, xp.matrix_transpose(a))
-    if kind == "off_diagonal":
-        m1 = gram * (1.0 - eye_r)
-    else:
-        m1 = gram - eye_r
-    val = xp.sum(m1 * m1)
-    m2 = None
-    if kind == "double":
-        m2 = xp.matmul(xp.matrix_transpose(a), a) - xp.eye(c, dtype=cd, device=device_of(a))
-        val = val + xp.sum(m2 * m2)
-    if not isinstance(val, type(a)):  # NumPy's sum gives a scalar: return a 0-d array like every library
+    sides = ("rows", "columns") if kind == "double" else (_gram_side(gram, r, c),)
+    val = None
+    omegas = {"rows": None, "columns": None}
+    for side in sides:
+        g = xp.matmul(a, xp.matrix_transpose(a)) if side == "rows" else xp.matmul(xp.matrix_transpose(a), a)
+        g = _mf.sym(xp, g)  # exactly symmetric: the mirror entries M_ij, M_ji tie exactly in "mc"
+        eye = _mf.eye_like(xp, g)
+        m1 = g * (1.0 - eye) if kind == "off_diagonal" else g - eye
+        if kind in ("frobenius", "double", "off_diagonal"):
+            v, om = xp.sum(m1 * m1), 2.0 * m1
+        elif kind == "mc":
+            am = xp.abs(m1)
+            v = xp.max(am)
+            top = xp.astype(am == v, cd)  # the entries attaining the maximum (ties: averaged)
+            om = xp.sign(m1) * top / xp.sum(top)
+        else:  # srip
+            lam, q = _mf.eigh(xp, m1)
+            al = xp.abs(lam)
+            v = xp.max(al)
+            top = xp.astype(al == v, cd)
+            wts = xp.sign(lam) * top / xp.sum(top)
+            om = xp.matmul(q * wts[None, :], xp.matrix_transpose(q))
+        val = v if val is None else val + v
+        omegas[side] = om
+    if not isinstance(val, type(a)):  # NumPy's reductions give scalars: return a 0-d array like every library
         val = xp.asarray(val)
-    return _out(xp, val, w.dtype), Residuals((a, m1, m2), (tuple(w.shape),))
+    return _out(xp, val, w.dtype), Residuals((a, omegas["rows"], omegas["columns"]), (tuple(w.shape),))
 
 
 @orthogonal_penalty.defbackward
 def _penalty_backward(res, g):
-    a, m1, m2 = res.arrays
+    a, om_r, om_c = res.arrays
     (shape,) = res.static
     xp = namespace("orthogonal_penalty.backward", cotangent=g)
     g = to_compute(xp, g, a.dtype)
-    # d‖M‖²_F = 2⟨M, dM⟩ and dM = dW·Wᵀ + W·dWᵀ (M symmetric): ∂/∂W = 4·M·W (the mask keeps M symmetric).
-    da = 4.0 * xp.matmul(m1, a)
-    if m2 is not None:
-        da = da + 4.0 * xp.matmul(a, m2)
+    # dψ = ⟨Ω, dG⟩ with dG = dW·Wᵀ + W·dWᵀ (rows) or dWᵀ·W + Wᵀ·dW (columns), Ω symmetric:
+    # ∂ψ/∂W = 2·Ω·W (rows), 2·W·Ω (columns).
+    da = None
+    if om_r is not None:
+        da = 2.0 * xp.matmul(om_r, a)
+    if om_c is not None:
+        dc = 2.0 * xp.matmul(a, om_c)
+        da = dc if da is None else da + dc
     return (xp.reshape(g * da, shape),)
 
 
@@ -881,7 +1029,7 @@ def _cos_bounded(m, xp, out, args, kwargs):
     examples=_ex_cosine,
     invariants=(Invariant("cosines of x with each row of w", _cos_bounded, scale=64.0),),
 )
-def cosine_norm(x: Any, w: Any, eps: float = 1e-12):
+def cosine_norm(x: Any, w: Any, eps: float = 1e-12) -> Any:
     """Cosine normalization of a linear layer: y_{…j} = ⟨x, w_j⟩/(‖x‖·‖w_j‖), in [−1, 1].
 
     ``x`` has shape (..., fan_in) and ``w`` (d_out, d_in, *kernel) with fan_in = d_in·Πkernel (a

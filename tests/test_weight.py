@@ -148,9 +148,10 @@ def test_torch_autograd_through_the_forward_matches_the_analytic_backward(m, rng
     hand-derived backward (through ``fd_target`` where the backward freezes constants: spectral_norm)."""
     for ex in _cases(m, seed=5):
         args = [(_t(a, True) if isinstance(a, np.ndarray) else a) for a in ex.args]
-        fn = m.fd_target(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), ex.kwargs) \
+        kwargs = {k: (_t(a) if isinstance(a, np.ndarray) else a) for k, a in ex.kwargs.items()}  # spectral_norm's v
+        fn = m.fd_target(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kwargs) \
             if m.fd_target else m
-        y = m.primary(fn(*args, **ex.kwargs))
+        y = m.primary(fn(*args, **kwargs))
         g = rng.standard_normal(tuple(y.shape))
         y.backward(torch.tensor(g))
         _, pb = normref.vjp(m, *ex.args, **ex.kwargs)
@@ -200,44 +201,112 @@ def test_weight_norm_matches_torch_parametrization_module(rng):
     assert _rel(dg, p.original0.grad.numpy()) <= TOL64 and _rel(dv, p.original1.grad.numpy()) <= TOL64
 
 
-@pytest.mark.parametrize("shape,dim,iters", [((5, 4), 0, 1), ((4, 3, 2, 2), 0, 3), ((3, 4, 2), 1, 2), ((6, 3), 1, 1)])
-def test_spectral_norm_matches_torch_hook_given_the_same_u(shape, dim, iters, rng):
-    """torch.nn.utils.spectral_norm keeps u: v = N(Wᵀu), u = N(Wv) per iteration, σ = uᵀWv, u and v
-    detached; given its u before the call we get its weight, its updated u and its gradient."""
-    w0 = rng.standard_normal(shape)
-    mod = torch.nn.Module()
-    mod.weight = torch.nn.Parameter(torch.tensor(w0))
-    torch.nn.utils.spectral_norm(mod, n_power_iterations=iters, dim=dim)
-    u0 = mod.weight_u.detach().clone().numpy()
-    hook = mod._forward_pre_hooks[next(iter(mod._forward_pre_hooks))]
-    w_sn = hook.compute_weight(mod, do_power_iteration=True)
-    gout = rng.standard_normal(shape)
-    w_sn.backward(torch.tensor(gout))
-    (ours, u1), pb = normref.vjp(normref.spectral_norm, w0, u0, n_power_iterations=iters, dim=dim)
-    dw, du = pb(gout)
-    assert du is None
-    assert _rel(ours, w_sn.detach().numpy()) <= TOL64
-    assert _rel(u1, mod.weight_u.numpy()) <= TOL64
-    assert _rel(dw, mod.weight_orig.grad.numpy()) <= TOL64
+_SN_LAYERS = {
+    "linear": lambda: torch.nn.Linear(5, 4, dtype=torch.float64),
+    "conv2d": lambda: torch.nn.Conv2d(3, 4, 2, dtype=torch.float64),
+    # weight (d_in, d_out, k, k) = (3, 4, 2, 2): torch normalizes along dim=1 for transposed convolutions
+    "conv_transpose2d": lambda: torch.nn.ConvTranspose2d(3, 4, 2, dtype=torch.float64),
+}
+_SN_STEPS = 4
 
 
-@pytest.mark.parametrize("dim", [0, 1])
-def test_spectral_norm_matches_torch_parametrization(dim, rng):
-    """torch.nn.utils.parametrizations.spectral_norm keeps u and v = N(Wᵀu); from its updated u,
-    ``n_power_iterations=0`` gives its σ = uᵀ·W·N(Wᵀu), weight and gradient."""
+def _sgd_step(p, lr=0.3):
+    """W changes between calls, as in training (the state (u, v) then lags behind W)."""
+    with torch.no_grad():
+        p -= lr * p.grad
+    p.grad = None
+
+
+# Tolerance for the spectral-norm comparisons with torch: both sides compute the same matrix-vector
+# products and norms (≤ 16 terms each) in another order, ≤ 16·ε₆₄ per product; the power iteration
+# contracts errors in u and v (it does not amplify them: the ratio σ₂/σ₁ < 1 here), and σ and W/σ add a
+# few roundings more, so every entry agrees to ≤ 1e3·ε₆₄ = TOL64 (measured: ≤ 2e-15) over the steps.
+
+
+@pytest.mark.parametrize("iters", [1, 2, 3])
+@pytest.mark.parametrize("layer", list(_SN_LAYERS))
+def test_spectral_norm_matches_torch_parametrization(layer, iters, rng):
+    """torch.nn.utils.parametrizations.spectral_norm keeps (u, v) and iterates u = N(W·v), v = N(Wᵀ·u),
+    σ = uᵀ·W·v: given its (u, v) before each call (``v=`` keyword), normref returns its weight, its
+    updated buffers ``_u`` and ``_v`` and its gradient, over several training steps with W changing,
+    and its eval-mode weight (no iteration) too."""
     from torch.nn.utils.parametrizations import spectral_norm as sn
 
-    conv = sn(torch.nn.Conv2d(3, 4, 2, dtype=torch.float64), n_power_iterations=2, dim=dim)
-    w = conv.weight  # training mode: two power iterations, then σ
-    p = conv.parametrizations.weight
-    u = p[0]._u.detach().numpy()
-    gout = rng.standard_normal(tuple(w.shape))
-    w.backward(torch.tensor(gout))
-    worig = p.original.detach().numpy()
-    (ours, u1), pb = normref.vjp(normref.spectral_norm, worig, u, n_power_iterations=0, dim=dim)
-    assert _rel(ours, w.detach().numpy()) <= TOL64
-    np.testing.assert_array_equal(u1, u)  # no iteration: u comes back unchanged
-    assert _rel(pb(gout)[0], p.original.grad.numpy()) <= TOL64
+    torch.manual_seed(iters)
+    mod = sn(_SN_LAYERS[layer](), n_power_iterations=iters)
+    p = mod.parametrizations.weight
+    dim = p[0].dim
+    assert dim == (1 if layer == "conv_transpose2d" else 0)
+    for step in range(_SN_STEPS):
+        u0, v0 = p[0]._u.clone().numpy(), p[0]._v.clone().numpy()
+        w0 = p.original.detach().clone().numpy()
+        w = mod.weight  # training mode: `iters` power-iteration steps, then σ
+        gout = rng.standard_normal(tuple(w.shape))
+        w.backward(torch.tensor(gout))
+        (ours, u1, v1), pb = normref.vjp(normref.spectral_norm, w0, u0, iters, dim=dim, v=v0)
+        dw, du, dv = pb(gout)
+        assert du is None and dv is None
+        assert _rel(ours, w.detach().numpy()) <= TOL64, step
+        assert _rel(u1, p[0]._u.numpy()) <= TOL64 and _rel(v1, p[0]._v.numpy()) <= TOL64, step
+        assert _rel(dw, p.original.grad.numpy()) <= TOL64, step
+        _sgd_step(p.original)
+    mod.eval()
+    w = mod.weight
+    ours = normref.spectral_norm(p.original.detach().numpy(), p[0]._u.numpy(), 0, dim=dim, v=p[0]._v.numpy())
+    assert _rel(ours.weight, w.detach().numpy()) <= TOL64
+    np.testing.assert_array_equal(ours.u, p[0]._u.numpy())  # no iteration: the state comes back as given
+    np.testing.assert_array_equal(ours.v, p[0]._v.numpy())
+
+
+@pytest.mark.parametrize("iters", [1, 2, 3])
+@pytest.mark.parametrize("layer", list(_SN_LAYERS))
+def test_spectral_norm_matches_torch_hook(layer, iters, rng):
+    """torch.nn.utils.spectral_norm (the legacy forward pre-hook) keeps u and iterates v = N(Wᵀ·u),
+    u = N(W·v): given its u before each call (no ``v``), normref returns its weight, its updated
+    ``weight_u`` and ``weight_v`` and its gradient, over several steps with W changing; in eval mode the
+    hook uses its stored (u, v): normref with ``v=`` and no iteration."""
+    torch.manual_seed(10 + iters)
+    mod = _SN_LAYERS[layer]()
+    dim = 1 if layer == "conv_transpose2d" else 0
+    torch.nn.utils.spectral_norm(mod, n_power_iterations=iters)  # torch's own dim default
+    from torch.nn.utils.spectral_norm import SpectralNorm as Hook
+
+    hook = next(h for h in mod._forward_pre_hooks.values() if isinstance(h, Hook))
+    assert hook.dim == dim
+    for step in range(_SN_STEPS):
+        u0 = mod.weight_u.detach().clone().numpy()
+        w0 = mod.weight_orig.detach().clone().numpy()
+        w_sn = hook.compute_weight(mod, do_power_iteration=True)
+        gout = rng.standard_normal(tuple(w_sn.shape))
+        w_sn.backward(torch.tensor(gout))
+        (ours, u1, v1), pb = normref.vjp(normref.spectral_norm, w0, u0, n_power_iterations=iters, dim=dim)
+        dw, du, dv = pb(gout)
+        assert du is None and dv is None
+        assert _rel(ours, w_sn.detach().numpy()) <= TOL64, step
+        assert _rel(u1, mod.weight_u.numpy()) <= TOL64 and _rel(v1, mod.weight_v.numpy()) <= TOL64, step
+        assert _rel(dw, mod.weight_orig.grad.numpy()) <= TOL64, step
+        _sgd_step(mod.weight_orig)
+    w_eval = hook.compute_weight(mod, do_power_iteration=False)
+    ours = normref.spectral_norm(mod.weight_orig.detach().numpy(), mod.weight_u.numpy(), 0, dim=dim,
+                                 v=mod.weight_v.numpy())
+    assert _rel(ours.weight, w_eval.detach().numpy()) <= TOL64
+
+
+def test_spectral_norm_state_orders_differ():
+    """The two orders are different maps of the state: with the same u (and v = N(Wᵀu), what the
+    hook would compute first) one step of each gives different u (so the keyword matters)."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((4, 5))
+    u = rng.standard_normal(4)
+    u /= np.linalg.norm(u)
+    v = rng.standard_normal(5)
+    v /= np.linalg.norm(v)
+    hook = normref.spectral_norm(w, u, 1)
+    param = normref.spectral_norm(w, u, 1, v=v)
+    ref_u = w @ v / np.linalg.norm(w @ v)  # the parametrization: u = N(W·v) first
+    ref_v = w.T @ ref_u / np.linalg.norm(w.T @ ref_u)
+    assert _rel(param.u, ref_u) <= 64 * EPS64 and _rel(param.v, ref_v) <= 64 * EPS64
+    assert _rel(hook.u, ref_u) > 1e-3
 
 
 def test_weight_standardization_matches_timm_style_batch_norm(rng):
@@ -278,23 +347,70 @@ def test_centered_weight_norm_and_cosine_norm_match_torch_formulas(rng):
     assert _rel(y[:, 1], cs.numpy()) <= TOL64
 
 
-@pytest.mark.parametrize("kind", ["frobenius", "double", "off_diagonal"])
-def test_orthogonal_penalty_matches_torch_formula(kind, rng):
-    w = rng.standard_normal((4, 2, 3)) * 0.4
-    tw = _t(w, True)
-    a = tw.reshape(4, -1)
-    gram = a @ a.T
+def _torch_penalty(a, kind, side):
+    """The penalties of Bansal et al. 2018 / Xie et al. 2017 / BigGAN, written directly in torch."""
+    g = a @ a.T if side == "rows" else a.T @ a
+    eye = torch.eye(g.shape[0], dtype=torch.float64)
     if kind == "off_diagonal":
-        ref = ((gram * (1 - torch.eye(4, dtype=torch.float64))) ** 2).sum()
-    else:
-        ref = ((gram - torch.eye(4, dtype=torch.float64)) ** 2).sum()
-        if kind == "double":
-            ref = ref + ((a.T @ a - torch.eye(6, dtype=torch.float64)) ** 2).sum()
+        return ((g * (1 - eye)) ** 2).sum()
+    m = g - eye
+    if kind == "frobenius":
+        return (m**2).sum()
+    if kind == "double":
+        return (m**2).sum() + ((a.T @ a - torch.eye(a.shape[1], dtype=torch.float64)) ** 2).sum()
+    if kind == "mc":
+        return m.abs().max()
+    return torch.linalg.matrix_norm(m, ord=2)  # srip: the largest singular value of M (= max |λ|)
+
+
+@pytest.mark.parametrize("gram", ["rows", "columns", "auto"])
+@pytest.mark.parametrize("shape", [(4, 2, 3), (6, 2, 1, 1)], ids=["wide", "tall 1x1 conv"])
+@pytest.mark.parametrize("kind", ["frobenius", "double", "off_diagonal", "mc", "srip"])
+def test_orthogonal_penalty_matches_torch_formula(kind, shape, gram, rng):
+    """Value and gradient equal torch autograd through the formula (for "srip" through torch's SVD,
+    a valid oracle at distinct singular values; random draws have them)."""
+    if kind == "double" and gram != "rows":
+        pytest.skip("double uses both sides: gram is ignored")
+    w = rng.standard_normal(shape) * 0.4
+    tw = _t(w, True)
+    a = tw.reshape(shape[0], -1)
+    side = gram if gram != "auto" else ("rows" if a.shape[0] <= a.shape[1] else "columns")
+    ref = _torch_penalty(a, kind, side)
     ref.backward()
-    val, pb = normref.vjp(normref.orthogonal_penalty, w, kind=kind)
+    val, pb = normref.vjp(normref.orthogonal_penalty, w, kind=kind, gram=gram)
     assert val.shape == () and isinstance(val, np.ndarray)
     assert _rel(val, ref.item()) <= TOL64
     assert _rel(pb(np.asarray(1.0))[0], tw.grad.numpy()) <= TOL64
+
+
+def test_orthogonal_penalty_gram_sides_are_transposes(rng):
+    """gram="columns" on W is gram="rows" on Wᵀ, value and gradient (transposed)."""
+    w = rng.standard_normal((5, 3))
+    for kind in ("frobenius", "off_diagonal", "mc", "srip"):
+        v1, pb1 = normref.vjp(normref.orthogonal_penalty, w, kind=kind, gram="columns")
+        v2, pb2 = normref.vjp(normref.orthogonal_penalty, w.T.copy(), kind=kind, gram="rows")
+        assert _rel(v1, v2) <= TOL64, kind
+        assert _rel(pb1(np.asarray(1.0))[0], pb2(np.asarray(1.0))[0].T) <= TOL64, kind
+        v3 = normref.orthogonal_penalty(w, kind=kind, gram="auto")  # 5 > 3: auto takes the columns
+        assert _rel(v3, v1) <= TOL64, kind
+
+
+def test_mc_and_srip_subgradient_at_a_tie():
+    """Orthogonal rows with ‖w₁‖² = 1 + t, ‖w₂‖² = 1 − t (t = 1/4): M = W·Wᵀ − I = diag(t, −t) has two entries
+    of modulus t (MC) and the eigenvalues ±t (SRIP): both maxima are attained twice. The documented
+    subgradient is the average of the two gradients, Ω = ½·diag(1, −1), ∂ψ/∂W = 2·Ω·W = (w₁, −w₂)
+    (derived by hand); at M = 0 the gradient is 0."""
+    t = 0.25
+    # exact in binary: ‖w₁‖² = 1.25 and ‖w₂‖² = 0.75, disjoint supports (so the tie is exact, not rounded)
+    w = np.array([[1.0, 0.5, 0.0, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5, 0.5]])
+    expected = np.stack([w[0], -w[1]])
+    for kind in ("mc", "srip"):
+        val, pb = normref.vjp(normref.orthogonal_penalty, w, kind=kind)
+        assert abs(float(val) - t) <= 8 * EPS64, kind
+        np.testing.assert_allclose(pb(np.asarray(1.0))[0], expected, rtol=0, atol=8 * EPS64, err_msg=kind)
+        q = np.eye(2, 5)  # orthonormal rows: the minimum
+        val, pb = normref.vjp(normref.orthogonal_penalty, q, kind=kind)
+        assert float(val) == 0.0 and np.all(pb(np.asarray(1.0))[0] == 0), kind
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -319,14 +435,14 @@ def test_spectral_norm_converges_to_unit_top_singular_value(rng):
     w = rng.standard_normal((5, 4, 3))
     u = rng.standard_normal(5)
     for _ in range(20):  # carry u from call to call, as a layer does
-        ws, u = normref.spectral_norm(w, u, n_power_iterations=5)
+        ws, u, _ = normref.spectral_norm(w, u, n_power_iterations=5)
     s = np.linalg.svd(ws.reshape(5, -1), compute_uv=False)
     # the power iteration's error decays like (σ₂/σ₁)^(2k), k = 100 here: σ₁ = 1 to round-off
     assert abs(s[0] - 1.0) <= 64 * EPS64
     s_exact = np.linalg.svd(w.reshape(5, -1), compute_uv=False)
     np.testing.assert_allclose(s, s_exact / s_exact[0], rtol=1e3 * EPS64)
     # with one iteration from a random u, σ is underestimated: σ_max(W_SN) ≥ 1 (u·Wv ≤ σ₁)
-    ws1, _ = normref.spectral_norm(w, rng.standard_normal(5))
+    ws1 = normref.spectral_norm(w, rng.standard_normal(5)).weight
     assert np.linalg.svd(ws1.reshape(5, -1), compute_uv=False)[0] >= 1.0 - 64 * EPS64
 
 
@@ -506,7 +622,11 @@ def test_dim_out_of_range():
     v = np.ones((3, 4))
     _raises(ValueError, r"weight_norm: dim must lie in \[-2, 1\].*got 2", normref.weight_norm, v, np.ones(3), dim=2)
     _raises(ValueError, r"spectral_norm: dim must lie in \[-2, 1\].*got -3", normref.spectral_norm, v, np.ones(3), dim=-3)
-    _raises(TypeError, "weight_norm: dim must be an integer", normref.weight_norm, v, np.ones(3), dim=1.0)
+    _raises(TypeError, "weight_norm: dim must be an integer or None; got float", normref.weight_norm, v, np.ones(3), dim=1.0)
+    # spectral_norm has no whole-tensor mode: None is rejected, and the message does not offer it
+    with pytest.raises(TypeError, match="spectral_norm: dim must be an integer; got NoneType") as e:
+        normref.spectral_norm(v, np.ones(3), dim=None)
+    assert "None)" not in str(e.value).split(";")[0]
 
 
 def test_g_and_u_of_the_wrong_shape():
@@ -517,6 +637,10 @@ def test_g_and_u_of_the_wrong_shape():
     _raises(ValueError, r"centered_weight_norm: g must have shape \(3,\)", normref.centered_weight_norm, v, np.ones(8))
     _raises(ValueError, r"spectral_norm: u must have shape \(4,\).*dim=1.*got shape \(3,\)",
             normref.spectral_norm, v, np.ones(3), dim=1)
+    _raises(ValueError, r"spectral_norm: v must have shape \(8,\).*dim=0.*got shape \(6,\)",
+            normref.spectral_norm, v, np.ones(3), v=np.ones(6))
+    _raises(ValueError, r"spectral_norm: v must have shape \(6,\).*dim=1.*got shape \(8,\)",
+            normref.spectral_norm, v, np.ones(4), dim=1, v=np.ones(8))
     _raises(ValueError, "cosine_norm: x's last dimension must be w's fan-in 8", normref.cosine_norm, np.ones((2, 4)), v)
 
 
@@ -548,7 +672,7 @@ def test_group_size_and_iterations():
             normref.orthogonal_weight_norm, v, group_size=4)
     _raises(ValueError, r"oni: group_size must divide d_out", normref.oni, v, group_size=5)
     _raises(ValueError, r"orthogonal_weight_norm: group_size must be at most fan_in − 1 = 3",
-            normref.orthogonal_weight_norm, v)
+            normref.orthogonal_weight_norm, v, group_size=6)
     _raises(ValueError, "orthogonal_weight_norm: group_size must be an integer >= 1", normref.orthogonal_weight_norm,
             v, group_size=0)
     _raises(ValueError, "oni: iterations must be an integer >= 1; got 0", normref.oni, v, 0)
@@ -565,13 +689,72 @@ def test_group_size_and_iterations():
     assert np.all(np.isfinite(normref.oni(d)))
 
 
+def test_single_zero_row_own_and_oni_no_warning_no_nan():
+    """One zero row in v, under warnings-as-errors: OWN (eps = 0) raises ValueError naming the group
+    before any square root of a (rounding-noise, possibly negative) eigenvalue is taken; OWN with
+    eps > 0 and ONI (any T, both iterations) are finite, and ONI's row stays exactly zero: W = B_T·Zc
+    with B_T a polynomial in S, and S's zero row and column keep B_T's row block-diagonal there."""
+    import warnings
+
+    v = np.random.default_rng(5).standard_normal((4, 6))
+    v[2] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with np.errstate(all="raise"):
+            _raises(ValueError, r"orthogonal_weight_norm: Vc·Vcᵀ .* numerically singular for the group of rows 0..3",
+                    normref.orthogonal_weight_norm, v)
+            w, pb = normref.vjp(normref.orthogonal_weight_norm, v, eps=1e-3)
+            assert np.all(np.isfinite(w)) and np.all(np.isfinite(pb(np.ones_like(w))[0]))
+            for it in ("newton_schulz", "newton"):
+                for T in (1, 5, 12):
+                    w, pb = normref.vjp(normref.oni, v, T, iteration=it)
+                    assert np.all(np.isfinite(w)) and np.all(w[2] == 0), (it, T)
+                    assert np.all(np.isfinite(pb(np.ones_like(w))[0])), (it, T)
+    # the same in torch (its own sqrt would give NaN silently, no warning to catch)
+    tv = torch.tensor(v)
+    _raises(ValueError, "orthogonal_weight_norm: Vc·Vcᵀ .* numerically singular", normref.orthogonal_weight_norm, tv)
+
+
+def test_own_default_groups_when_d_out_exceeds_fan_in(rng):
+    """group_size=None: one group when d_out ≤ fan_in − 1; else the largest divisor of d_out that is
+    ≤ fan_in − 1, each group orthonormal; a prime d_out gets rows of one (centered WN)."""
+    from normref.weight import _own_default_group_size as dflt
+
+    assert [dflt(4, 6), dflt(8, 3), dflt(6, 5), dflt(12, 5), dflt(7, 4), dflt(3, 1)] == [4, 2, 3, 4, 1, 1]
+    for shape, c in [((8, 3), 2), ((12, 5), 4), ((6, 2, 2, 2), 6), ((7, 4), 1)]:
+        v = rng.standard_normal(shape) + 0.3
+        w = normref.orthogonal_weight_norm(v)
+        np.testing.assert_array_equal(w, normref.orthogonal_weight_norm(v, group_size=c))
+        wg = w.reshape(shape[0] // c, c, -1)
+        kappa = max(float(np.linalg.cond(z @ z.T)) for z in _centred_groups(v, c))
+        assert np.max(np.abs(wg @ np.swapaxes(wg, 1, 2) - np.eye(c))) <= 64 * kappa * EPS64, shape
+    np.testing.assert_allclose(normref.orthogonal_weight_norm(rng.standard_normal((7, 4))).shape, (7, 4))
+    v = rng.standard_normal((7, 4))
+    assert _rel(normref.orthogonal_weight_norm(v), normref.centered_weight_norm(v)) <= TOL64
+
+
+def test_oni_group_larger_than_fan_in_cannot_be_orthogonal(rng):
+    """The documented limit: a group of 5 centred rows of fan-in 3 spans ≤ 2 dimensions, so W·Wᵀ
+    tends to the projector onto range(Zc·Zcᵀ) (rank 2), not I: two singular values → 1, the rest stay
+    at round-off (‖W·Wᵀ − I‖₂ ≥ 1 for every T); the result is finite."""
+    v = rng.standard_normal((5, 3))
+    z = _centred_groups(v, 5)[0]
+    lam, q = np.linalg.eigh(z @ z.T)
+    proj = q[:, -2:] @ q[:, -2:].T  # the two nonzero eigenvalues' eigenvectors
+    w = normref.oni(v, 40)
+    assert np.all(np.isfinite(w))
+    assert np.max(np.abs(w @ w.T - proj)) <= 1e-6  # the zero eigenvalues' rounding (~1e-17), × 1.5^40
+    assert np.linalg.norm(w @ w.T - np.eye(5), 2) >= 1.0 - 1e-6  # I − P has eigenvalue 1
+
+
 def test_other_bad_arguments():
     v = np.ones((3, 4))
     _raises(ValueError, "spectral_norm: n_power_iterations must be an integer >= 0", normref.spectral_norm,
             v, np.ones(3), n_power_iterations=-1)
     _raises(TypeError, "spectral_norm: n_power_iterations must be an integer", normref.spectral_norm,
             v, np.ones(3), n_power_iterations=1.5)
-    _raises(ValueError, "orthogonal_penalty: kind must be one of", normref.orthogonal_penalty, v, kind="srip")
+    _raises(ValueError, "orthogonal_penalty: kind must be one of", normref.orthogonal_penalty, v, kind="cayley")
+    _raises(ValueError, "orthogonal_penalty: gram must be one of", normref.orthogonal_penalty, v, gram="both")
     _raises(TypeError, "weight_norm: all arrays must come from one library", normref.weight_norm, v,
             torch.ones(3, 1, dtype=torch.float64))
     _raises(TypeError, "weight_standardization: v must have a real floating-point dtype",

@@ -7,7 +7,7 @@ helper registers it on a module, like ``torch.nn.utils.parametrizations.weight_n
     from normref.backends.torch import parametrize as P
     layer = P.weight_norm(torch.nn.Linear(4, 3))           # original0 = g, original1 = v (torch's layout)
     layer = P.oni(torch.nn.Conv2d(3, 8, 3), iterations=5)
-    layer = P.spectral_norm(torch.nn.Linear(4, 3))         # power-iteration state u is a buffer
+    layer = P.spectral_norm(torch.nn.Linear(4, 3))         # state buffers _u, _v: torch's layout
 
 Formulas, survey sections and papers are in the docstrings of the normref functions named.
 """
@@ -15,6 +15,7 @@ Formulas, survey sections and papers are in the docstrings of the normref functi
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize as _tp
 
@@ -37,9 +38,12 @@ __all__ = [
 
 
 class WeightNorm(nn.Module):
-    """W = g·v/‖v‖ (:func:`normref.weight_norm`; Salimans & Kingma, NeurIPS 2016). Two originals,
-    ``original0 = g`` (norms over every axis but ``dim``, kept as size-1 axes) and ``original1 = v``,
-    exactly torch's ``parametrizations.weight_norm`` layout. ``dim=None``: one norm for the tensor."""
+    """W = g·v/‖v‖ (:func:`normref.weight_norm`; Salimans & Kingma, NeurIPS 2016): a drop-in for
+    ``torch.nn.utils.parametrizations.weight_norm``. Two originals, ``original0 = g`` (norms over every
+    axis but ``dim``, kept as size-1 axes) and ``original1 = v``, exactly torch's layout, initialised
+    as torch does (``torch.norm_except_dim``). ``dim=None``: one norm for the whole tensor (torch's
+    ``dim=None``). A negative ``dim`` counts from the end here, whereas torch reads ``dim=-1`` as
+    "whole tensor": pass ``None`` for that. The gradients are normref's analytic backward."""
 
     def __init__(self, dim: int | None = 0):
         super().__init__()
@@ -48,14 +52,10 @@ class WeightNorm(nn.Module):
     def forward(self, weight_g: torch.Tensor, weight_v: torch.Tensor) -> torch.Tensor:
         return function("weight_norm")(weight_v, weight_g, self.dim)
 
-    def right_inverse(self, weight: torch.Tensor):
-        if self.dim is None:
-            axes = list(range(weight.ndim))
-        else:
-            d = self.dim % weight.ndim
-            axes = [a for a in range(weight.ndim) if a != d]
-        g = torch.linalg.vector_norm(weight, dim=axes, keepdim=True) if axes else weight.abs()
-        return g, weight
+    def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # torch's own initialization, bit for bit (its dim=-1 is "whole tensor", our None)
+        d = -1 if self.dim is None else self.dim % weight.ndim
+        return torch.norm_except_dim(weight, 2, d), weight
 
 
 class CenteredWeightNorm(nn.Module):
@@ -74,7 +74,7 @@ class CenteredWeightNorm(nn.Module):
         (v,) = originals
         return function("centered_weight_norm")(v)
 
-    def right_inverse(self, weight: torch.Tensor):
+    def right_inverse(self, weight: torch.Tensor) -> "torch.Tensor | tuple[torch.Tensor, torch.Tensor]":
         if not self.scale:
             return weight
         c = weight.reshape(weight.shape[0], -1)
@@ -117,42 +117,70 @@ class WeightStandardization(nn.Module):
 
 
 class SpectralNorm(nn.Module):
-    """W/σ(W) with σ by power iteration (:func:`normref.spectral_norm`; Miyato et al., ICLR 2018).
+    """W/σ(W) with σ = uᵀ·W·v by power iteration (:func:`normref.spectral_norm` with its ``v=`` state;
+    Miyato et al., ICLR 2018): a drop-in for ``torch.nn.utils.parametrizations.spectral_norm``.
 
-    The state ``u`` is a buffer (saved in the state_dict as ``parametrizations.<name>.0._u``). In
-    training mode each forward runs ``n_power_iterations`` steps and stores the updated u (returned by
-    normref, then copied into the buffer); in eval mode u is not updated (``n_power_iterations=0``).
-    Like torch, u is initialised from a normalised Gaussian and 15 warm-up iterations.
+    The same state as torch's: buffers ``_u`` (``(w.shape[dim],)``) and ``_v`` (the other axes
+    flattened), saved as ``parametrizations.<name>.0._u`` / ``._v``, so state_dicts load either way;
+    the same initialization: ``_u`` then ``_v`` drawn by ``normal_(0, 1)`` from the global generator
+    (the same draws as torch's under the same seed), normalised, then 15 power-iteration steps
+    u = N(W·v), v = N(Wᵀ·u) (computed by normref; :func:`spectral_norm` then evaluates it once, as
+    torch's registration does). In training mode each forward runs
+    ``n_power_iterations`` steps and stores the updated (u, v) (returned by normref, copied into the
+    buffers); in eval mode the buffers are used as they are (``n_power_iterations=0``). The weight's
+    gradient is normref's analytic backward (u and v constants), never autograd through the forward.
+    A 1-D weight is normalized to unit norm, as torch does (:func:`normref.weight_norm` with g = 1 and
+    the norm over the whole tensor; torch floors the norm at eps, here a zero vector raises).
     """
 
     def __init__(self, weight: torch.Tensor, n_power_iterations: int = 1, eps: float = 1e-12, dim: int = 0):
         super().__init__()
-        if n_power_iterations <= 0:
+        ndim = weight.ndim
+        if isinstance(dim, bool) or not isinstance(dim, int) or not -ndim <= dim < ndim:
+            raise ValueError(f"SpectralNorm: dim must be an integer in [{-ndim}, {ndim - 1}] for a "
+                             f"{ndim}-dimensional weight; got {dim!r}")
+        if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations <= 0:
             raise ValueError(
                 f"SpectralNorm: n_power_iterations must be a positive int; got {n_power_iterations!r}"
             )
         self.n_power_iterations, self.eps = n_power_iterations, eps
-        self.dim = dim % weight.ndim
-        h = weight.shape[self.dim]
-        u = torch.randn(h, dtype=weight.dtype, device=weight.device)
-        u = u / torch.linalg.vector_norm(u).clamp_min(eps)
+        self.dim = dim % ndim
+        if ndim < 2:
+            return  # torch's 1-D path: no state
+        w = weight.detach()
+        perm = (self.dim,) + tuple(d for d in range(ndim) if d != self.dim)
+        h = w.shape[self.dim]
+        fan = w.numel() // h
+        # torch's draws, in torch's order (u first), from the global generator
+        mat = w.permute(perm).reshape(h, fan)
+        u = F.normalize(mat.new_empty(h).normal_(0, 1), dim=0, eps=eps)
+        v = F.normalize(mat.new_empty(fan).normal_(0, 1), dim=0, eps=eps)
         with torch.no_grad():
-            u = function("spectral_norm")(weight.detach(), u, 15, eps, self.dim).u
-        self.register_buffer("_u", u)
+            out = function("spectral_norm")(w, u, 15, eps, self.dim, v=v)
+        self.register_buffer("_u", out.u.clone())
+        self.register_buffer("_v", out.v.clone())
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if weight.ndim < 2:  # w/‖w‖ as a one-row weight norm with g = 1 (normref's weights have 2 axes)
+            one = torch.ones((), dtype=weight.dtype, device=weight.device)
+            return function("weight_norm")(weight.reshape(1, -1), one, None).reshape(weight.shape)
         n = self.n_power_iterations if self.training else 0
-        out = function("spectral_norm")(weight, self._u, n, self.eps, self.dim)
+        out = function("spectral_norm")(weight, self._u, n, self.eps, self.dim, v=self._v)
         if self.training:
             with torch.no_grad():
                 self._u.copy_(out.u)
+                self._v.copy_(out.v)
         return out.weight
 
+    def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
+        """Assigning a weight stores it as the original (torch's behaviour: no projection)."""
+        return value
 
-def _register(module: nn.Module, name: str, p: nn.Module) -> nn.Module:
+
+def _register(module: nn.Module, name: str, p: nn.Module, unsafe: bool = True) -> nn.Module:
     if not isinstance(getattr(module, name, None), torch.Tensor):
         raise ValueError(f"{type(module).__name__} has no parameter or buffer named {name!r}")
-    _tp.register_parametrization(module, name, p, unsafe=True)
+    _tp.register_parametrization(module, name, p, unsafe=unsafe)
     return module
 
 
@@ -185,11 +213,17 @@ def weight_standardization(module: nn.Module, name: str = "weight", eps: float =
 
 def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12,
                   dim: int | None = None) -> nn.Module:
-    """Register :class:`SpectralNorm` on ``module.<name>``; ``dim`` defaults as in torch (1 for
-    transposed convolutions, 0 otherwise)."""
+    """Register :class:`SpectralNorm` on ``module.<name>``, as ``torch.nn.utils.parametrizations.spectral_norm``
+    does (same arguments; ``dim`` defaults as in torch: 1 for transposed convolutions, 0 otherwise).
+
+    Like torch's, the registration's consistency check evaluates the parametrization once, so in
+    training mode the state has had 15 + ``n_power_iterations`` steps when this returns: the same
+    state as torch's under the same seed."""
     w = getattr(module, name, None)
     if not isinstance(w, torch.Tensor):
         raise ValueError(f"{type(module).__name__} has no parameter or buffer named {name!r}")
     if dim is None:
         dim = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0
-    return _register(module, name, SpectralNorm(w.detach(), n_power_iterations, eps, dim))
+    # registered with torch's consistency check (unsafe=False), exactly as torch registers its own: the
+    # check runs one forward in the module's mode, i.e. n_power_iterations more steps in training mode
+    return _register(module, name, SpectralNorm(w.detach(), n_power_iterations, eps, dim), unsafe=False)
