@@ -227,7 +227,7 @@ def normalize(
     # batch_norm / batch_group_norm / ghost_batch_norm / instance_norm raise in training (torch's
     # batch and instance norm do), group_norm / layer_norm / position_norm return the zeros
     # (torch's group and layer norm do). Scaling (RMS) uses no mean and is well defined.
-    if (part.count(shape) < 2 and (operation in ("standardizing", "lp", "centering") or whitening)
+    if (part.count(shape) < 2 and operation in ("standardizing", "lp", "centering")
             and partition in ("batch", "batch_group", "instance")):
         raise ValueError(
             f"{fn}: the {partition} partition of input shape {shape} leaves 1 value per statistic; "
