@@ -383,7 +383,8 @@ class StatefulNorm(nn.Module):
         return out[0]
 
     def extra_repr(self) -> str:
-        parts = [repr(self.normref_method), str(self.num_features), f"affine={self.affine}"]
+        parts = [repr(self.normref_method)] if type(self) is StatefulNorm else []
+        parts += [str(self.num_features), f"affine={self.affine}"]
         if self._state_names:
             parts.append(f"track_running_stats={self.track_running_stats}")
         parts += [f"{p}={getattr(self, p)!r}" for p in self._static_names]
