@@ -70,24 +70,31 @@ def run_forward(xp, x, part: _part.Partition, op, gamma_b=None, beta_b=None, out
     return affine_forward(xp, xhat, gamma_b, beta_b), op_res, stats
 
 
-def run_backward(xp, part: _part.Partition, op, shape, op_res, gamma_b, beta_shape, g):
+def run_backward(xp, part: _part.Partition, op, shape, op_res, gamma_b, beta_shape, g, need=(True, True, True)):
     """(dx, dγ_b, dβ_b): the recovery's backward, then the operation's on the view, then reshape.
 
-    A registered ``normalize_backward`` kernel runs the same composition in one pass where it
-    applies (standardizing, scaling, population statistics); otherwise the formulas run.
+    ``need`` says which of (dx, dγ, dβ) are wanted (the others come back ``None`` and cost nothing:
+    without dx, only the two parameter sums are formed). A registered ``normalize_backward`` kernel
+    runs the same composition in one pass where it applies (standardizing, scaling, population
+    statistics); otherwise the formulas run.
     """
+    need_dx, need_g, need_b = need
+    need_g = need_g and gamma_b is not None
+    need_b = need_b and beta_shape is not None
     axes = part.axes(shape)
     if gamma_b is not None and beta_shape is not None and tuple(beta_shape) != tuple(gamma_b.shape):
         fused = None  # γ and β broadcast differently: the kernel sums both over one set of axes
     else:
         pshape = tuple(gamma_b.shape) if gamma_b is not None else beta_shape
         fused = _op.fused_backward(xp, op, op_res, axes, shape, gamma_b, pshape,
-                                   xp.reshape(g, tuple(op_res[0].shape)))
+                                   xp.reshape(g, tuple(op_res[0].shape)), (need_dx, need_g, need_b))
     if fused is not None:
         dxv, dgamma, dbeta = fused
-        return part.unview(xp, dxv, shape), dgamma, dbeta
-    xhat = part.unview(xp, op.xhat(xp, op_res), shape)
-    dxhat, dgamma, dbeta = affine_backward(xp, xhat, gamma_b, beta_shape, g)
+        return None if dxv is None else part.unview(xp, dxv, shape), dgamma, dbeta
+    xhat = part.unview(xp, op.xhat(xp, op_res), shape) if need_g else None
+    dxhat, dgamma, dbeta = affine_backward(xp, xhat, gamma_b, beta_shape, g, (need_dx, need_g, need_b))
+    if not need_dx:
+        return None, dgamma, dbeta
     dxv = op.backward(xp, op_res, axes, part.view(xp, dxhat))
     return part.unview(xp, dxv, shape), dgamma, dbeta
 
@@ -130,14 +137,15 @@ def pack(part, op, x, op_res, gamma_b, beta_b, extra_arrays=(), extra=()) -> Res
     return Residuals(tuple(op_res) + (gamma_b,) + tuple(extra_arrays), plan)
 
 
-def unpack_backward(xp, res: Residuals, g):
-    """Run the composed backward from packed residuals: ``(dx, dγ_b, dβ_b, extra_arrays)``."""
+def unpack_backward(xp, res: Residuals, g, need=(True, True, True)):
+    """Run the composed backward from packed residuals: ``(dx, dγ_b, dβ_b, extra_arrays)``;
+    ``need`` as in :func:`run_backward`."""
     plan: Plan = res.static
     op_res = res.arrays[: plan.n_op]
     gamma_b = res.arrays[plan.n_op]
     extra_arrays = res.arrays[plan.n_op + 1 :]
     g = to_compute(xp, g, op_res[0].dtype)
-    dx, dg, db = run_backward(xp, plan.part, plan.op, plan.shape, op_res, gamma_b, plan.beta_shape, g)
+    dx, dg, db = run_backward(xp, plan.part, plan.op, plan.shape, op_res, gamma_b, plan.beta_shape, g, need)
     return dx, dg, db, extra_arrays
 
 
@@ -159,6 +167,18 @@ def _examples_normalize(rng):
     yield Example((x, gam, gam * 0.5), dict(partition="instance", recovery="generated"), label="generated affine (per sample)")
     spade = rng.standard_normal((4, 6, 3, 2))
     yield Example((x, spade, spade), dict(partition="batch", recovery="generated"), label="SPADE (per position)")
+    # whitening (survey Eqn 23) on every partition; cond: κ(Σ + εI) of the worst group
+    from .whitening import _call_cond
+
+    for part, kw, op, c in [("batch", {}, "zca", 3), ("instance", {}, "cholesky", 2),
+                            ("group", {"num_groups": 3}, "iternorm", 3), ("position", {}, "pca", 2),
+                            ("layer", {"normalized_ndim": 2}, "newton_schulz", 2),
+                            ("batch_group", {"num_groups": 3, "batch_groups": 2}, "zca", 3)]:
+        wb = (None, None) if part == "layer" else (w, b)
+        yield Example((x,) + wb, dict(partition=part, operation=op, group_size=c, **kw), label=f"{part}/{op}",
+                      cond=_call_cond(x, partition=part, group_size=c, **kw))
+    yield Example((x, gam, gam * 0.5), dict(partition="instance", operation="zca", group_size=3, recovery="generated"),
+                  label="instance/zca, generated affine", cond=_call_cond(x, partition="instance", group_size=3))
 
 
 @method(
@@ -181,6 +201,8 @@ def normalize(
     eps: float = 1e-5,
     p: float = 2.0,
     l1_factor: bool = False,
+    group_size: int | None = None,
+    iterations: int = 5,
 ):
     """Any partition × any operation × any recovery, from batch statistics (survey Algorithm 1).
 
@@ -190,25 +212,37 @@ def normalize(
       ``"group"`` (``num_groups``), ``"position"``, ``"batch_group"`` (``num_groups`` over channels,
       ``batch_groups`` over the batch);
     - ``operation`` (NOP): ``"centering"``, ``"scaling"`` (RMS), ``"standardizing"``, ``"lp"`` (Lp
-      deviation, any ``p`` ≥ 1 or ``inf``; ``l1_factor`` multiplies σ₁ by √(π/2));
+      deviation, any ``p`` ≥ 1 or ``inf``; ``l1_factor`` multiplies σ₁ by √(π/2)), or whitening
+      (survey Eqn 23, :class:`normref.whitening.Whitening`): ``"zca"``, ``"pca"``, ``"cholesky"``,
+      ``"iternorm"``, ``"newton_schulz"`` (``iterations`` = T), decorrelating the partition's rows
+      (``Partition.feature_axes``: channels for batch and instance, channel groups for group and
+      batch_group, positions for position) in groups of ``group_size`` (``None``: all of them);
     - ``recovery`` (NRR): ``"none"``, ``"affine"`` (γ, β of shape (C,), or ``normalized_shape`` for the
       layer partition), ``"generated"`` (γ, β broadcastable to the input: per sample, per position).
 
     Input layout (N, C, *spatial). ``eps`` is added to the variance (inside the square root) for
-    standardizing and scaling, and to the deviation (outside) for ``"lp"``.
+    standardizing and scaling, to the deviation (outside) for ``"lp"``, and to the covariance
+    (Σ + εI, ε ≥ 0) for whitening.
 
-    Example: group whitening aside, ``normalize(x, w, b, partition="group", num_groups=4)`` equals
-    ``group_norm(x, 4, w, b)``, and ``normalize(x, partition="position", operation="scaling")`` is
-    pixel normalization.
+    Example: ``normalize(x, w, b, partition="group", num_groups=4)`` equals ``group_norm(x, 4, w, b)``,
+    ``normalize(x, partition="position", operation="scaling")`` is pixel normalization, and
+    ``normalize(x, partition="instance", operation="zca", group_size=16)`` is the per-sample ZCA
+    whitening of style transfer (``batch_whitening(x, partition="instance", group_size=16)``).
     """
     fn = "normalize"
     xp = namespace(fn, input=input, weight=weight, bias=bias)
     check_choice(fn, "partition", partition, _part.KINDS)
-    check_choice(fn, "operation", operation, _op.KINDS)
+    from . import matfun as _mf
+
+    whitening = operation in _mf.METHODS
+    check_choice(fn, "operation", operation, tuple(_op.KINDS) + tuple(_mf.METHODS))
     check_choice(fn, "recovery", recovery, ("none", "affine", "generated"))
+    if not whitening and group_size is not None:
+        raise ValueError(f"{fn}: group_size applies to the whitening operations ({', '.join(_mf.METHODS)}); "
+                         f"got group_size={group_size!r} with operation={operation!r}")
     if operation == "lp":
         p = check_p(fn, p)
-    eps = check_positive(fn, "eps", eps) if operation != "centering" else check_nonnegative(fn, "eps", eps)
+    eps = check_nonnegative(fn, "eps", eps) if operation == "centering" or whitening else check_positive(fn, "eps", eps)
     part = {
         "batch": _part.Partition("batch"),
         "layer": _part.Partition("layer", normalized_ndim=check_int(fn, "normalized_ndim", normalized_ndim)),
@@ -227,7 +261,7 @@ def normalize(
     # batch_norm / batch_group_norm / ghost_batch_norm / instance_norm raise in training (torch's
     # batch and instance norm do), group_norm / layer_norm / position_norm return the zeros
     # (torch's group and layer norm do). Scaling (RMS) uses no mean and is well defined.
-    if (part.count(shape) < 2 and operation in ("standardizing", "lp", "centering")
+    if (part.count(shape) < 2 and (operation in ("standardizing", "lp", "centering") or whitening)
             and partition in ("batch", "batch_group", "instance")):
         raise ValueError(
             f"{fn}: the {partition} partition of input shape {shape} leaves 1 value per statistic; "
@@ -248,7 +282,12 @@ def normalize(
     gamma, beta = to_compute(xp, weight, cd), to_compute(xp, bias, cd)
     if recovery == "affine" and partition != "layer":
         gamma, beta = channel_param(xp, gamma, len(shape)), channel_param(xp, beta, len(shape))
-    op = _op.make(operation, eps=eps, p=p, l1_factor=l1_factor)
+    if whitening:
+        from .whitening import whitening_operation
+
+        op = whitening_operation(fn, part, shape, operation, group_size, iterations, eps)
+    else:
+        op = _op.make(operation, eps=eps, p=p, l1_factor=l1_factor)
     y, op_res, _ = run_forward(xp, x, part, op, gamma, beta)
     res = pack(part, op, x, op_res, gamma, beta, extra=(
         None if weight is None else tuple(weight.shape), None if bias is None else tuple(bias.shape)))

@@ -87,13 +87,14 @@ def fused_forward(xp, op, xv, axes, shape, gamma_b=None, beta_b=None, out=None, 
     return y, (xv, mu, scale), stats
 
 
-def fused_backward(xp, op, res, axes, shape, gamma_b, pshape, g):
+def fused_backward(xp, op, res, axes, shape, gamma_b, pshape, g, need=(True, True, True)):
     """The kernel path of the backward of Ψ∘Φ on the view: ``(dx_view, dγ, dβ)`` or ``None``.
 
     Same formulas as ``op.backward`` after :func:`normref.recovery.affine_backward`, in one kernel:
     with u = ∂L/∂y, dβ = Σu, dγ = Σu·x̂ over the broadcast axes, m1 = mean(γ·u), m2 = mean(γ·u·x̂) per
     statistic, dx = scale·(γ·u − m1 − x̂·m2) (no m1 for scaling, neither for population statistics).
-    ``g`` is the cotangent on the view, ``pshape`` the shape of γ and β (``None`` if neither exists).
+    ``g`` is the cotangent on the view, ``pshape`` the shape of γ and β (``None`` if neither exists),
+    ``need`` which of (dx, dγ, dβ) to form.
     """
     kind = type(op)
     if kind not in (Standardizing, Scaling, PopulationStandardizing):
@@ -103,7 +104,7 @@ def fused_backward(xp, op, res, axes, shape, gamma_b, pshape, g):
         return None
     mode = {Standardizing: "standardizing", Scaling: "scaling", PopulationStandardizing: "population"}[kind]
     x, shift, scale = res
-    return k(x, shift, scale, g, gamma_b, pshape, shape, axes, mode)
+    return k(x, shift, scale, g, gamma_b, pshape, shape, axes, mode, need)
 
 
 class Operation:

@@ -26,12 +26,13 @@ def affine_forward(xp, xhat, gamma, beta):
     return y
 
 
-def affine_backward(xp, xhat, gamma, beta_shape, g):
+def affine_backward(xp, xhat, gamma, beta_shape, g, need=(True, True, True)):
     """(dx̂, dγ, dβ) of the affine recovery; ``dγ``/``dβ`` have γ's shape and ``beta_shape`` (the
-    broadcastable shapes given to the forward; ``beta_shape=None`` when there was no β)."""
-    dxhat = g if gamma is None else g * gamma
-    dgamma = None if gamma is None else sum_to_shape(xp, g * xhat, gamma.shape)
-    dbeta = None if beta_shape is None else sum_to_shape(xp, g, beta_shape)
+    broadcastable shapes given to the forward; ``beta_shape=None`` when there was no β). ``need``:
+    which of the three to form (``None`` for the others; ``xhat`` is only read for dγ)."""
+    dxhat = None if not need[0] else (g if gamma is None else g * gamma)
+    dgamma = None if gamma is None or not need[1] else sum_to_shape(xp, g * xhat, gamma.shape)
+    dbeta = None if beta_shape is None or not need[2] else sum_to_shape(xp, g, beta_shape)
     return dxhat, dgamma, dbeta
 
 

@@ -394,3 +394,24 @@ def test_out_refused_for_immutable_libraries():
     x = jnp.ones((2, 4, 3))
     with pytest.raises(TypeError, match="layer_norm: out= needs a library whose arrays are written in place"):
         normref.layer_norm(x, 3, out=jnp.zeros((2, 4, 3)))
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "formula"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_need_mask_skips_and_matches(kernels, layout, rng):
+    """run_backward's ``need``: the gradients not asked for come back None, the others equal the full
+    backward's exactly (same path, same arithmetic), on the kernel path and on the formula path."""
+    from normref.framework import unpack_backward
+
+    x = _layout(rng.standard_normal((4, 6, 9, 8)), layout)
+    w, b, g = rng.standard_normal(6), rng.standard_normal(6), rng.standard_normal(x.shape)
+    with kernel_log() as log, normref.use_kernels(kernels):
+        _, res = normref.group_norm.forward(x, 3, w, b)
+        full = unpack_backward(np, res, g)
+        for need in [(False, True, True), (True, False, False), (False, False, True), (True, True, False)]:
+            part = unpack_backward(np, res, g, need)
+            for a, f, n in zip(part[:3], full[:3], need):
+                assert (a is None) == (not n)
+                if n:
+                    np.testing.assert_array_equal(a, f)
+    assert _backward_ran(log) == kernels

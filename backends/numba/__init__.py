@@ -322,7 +322,7 @@ def normalize_backward(xv, shift, scale, dy, gamma, pshape, shape, axes, mode, n
     dt = xv.dtype
     xf, xs = _flat(lay, 0, xv)
     uf, us = _flat(lay, 1, dy)
-    df, ds = _flat(lay, 2, dx, True) if need_dx else (xf, xs)
+    df, ds = _flat(lay, 2, dx, True) if need_dx else (np.empty(1, xv.dtype), xs)  # writeable dummy: one compiled type
     mean = _stat2(lay, 3, sh_b, dt).reshape(K)
     sc = _stat2(lay, 4, sc_b, dt).reshape(K)
     gf, gs = _flat(lay, gi, g) if g is not None else (xf, _NONE5)
