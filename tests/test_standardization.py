@@ -562,8 +562,9 @@ def test_hypothesis_layer_and_rms(case):
     ns = shape[len(shape) - k:]
     w, b = rng.standard_normal(ns), rng.standard_normal(ns)
     for m, args in [(normref.layer_norm, (x, ns, w, b)), (normref.rms_norm, (x, ns, w))]:
-        r = fd_check(m, args, dict(eps=eps), seed=seed % 1000)
-        assert r.max_error <= 1e-6, (m.name, shape, k, eps, r.errors)
+        if _fd_resolves(m, args, dict(eps=eps)):
+            r = fd_check(m, args, dict(eps=eps), seed=seed % 1000)
+            assert r.max_error <= 1e-6, (m.name, shape, k, eps, r.errors)
         y = m(*args, eps=eps)
         t = torch.tensor(x)
         ref = (F.layer_norm(t, ns, torch.tensor(w), torch.tensor(b), eps) if m is normref.layer_norm
@@ -593,8 +594,9 @@ def test_hypothesis_channel_partitions(case):
     if math.prod(shape[2:]) > 1:
         calls.append((normref.instance_norm, (x, None, None, w, b), {}))
     for m, args, kw in calls:
-        r = fd_check(m, args, kw, seed=seed % 1000)
-        assert r.max_error <= 1e-6, (m.name, shape, g, r.errors)
+        if _fd_resolves(m, args, kw):
+            r = fd_check(m, args, kw, seed=seed % 1000)
+            assert r.max_error <= 1e-6, (m.name, shape, g, r.errors)
     t = [torch.tensor(a) for a in (x, w, b)]
     assert _rel(normref.group_norm(x, g, w, b), F.group_norm(t[0], g, t[1], t[2]).numpy()) <= TOL64
     assert _rel(normref.batch_norm(x, None, None, w, b, True), F.batch_norm(t[0], None, None, t[1], t[2], True).numpy()) <= TOL64
@@ -623,8 +625,14 @@ class _Oracle:
         for a in axes:
             n *= xv.shape[a]
         self.n = max(self.n, n)
-        self.cond = max(self.cond, (float(np.max(np.abs(xv))) + float(np.max(np.abs(shift)))) / float(np.min(den)))
-        return (xv - shift) / den
+        u = xv - shift
+        # (|x| + |shift|)/denominator where the numerator is not exactly 0 (one value per statistic
+        # gives x − μ ≡ 0, an exact output however small its denominator)
+        ratio = (np.abs(xv) + np.abs(shift)) / den
+        live = np.broadcast_to(u != 0, ratio.shape)
+        if live.any():
+            self.cond = max(self.cond, float(np.max(ratio[live])))
+        return u / den
 
 
 def _chan(v, nd):
@@ -792,6 +800,15 @@ def _oracle_normalize(a, o):
     return _affine(xh, w, b)
 
 
+def _fd_resolves(m, args, kwargs) -> bool:
+    """Whether central differences can certify 1e-6 on this call. Their truncation error is
+    ~ (h·cond)² relative (a standardization's third derivative grows like 1/σ³), near 1e-6 once
+    cond ≳ 30 for h ≈ 6e-6·max|x| (measured over 600 drawn cases: ≤ 2e-7 for cond ≤ 10). Nearly
+    constant groups (hypothesis finds them: two values 0.004 apart) keep their forward checks and
+    the torch-autograd comparisons; their backward is the same formula as every other call's."""
+    return _oracle(m.name, m.bind(*args, **kwargs).arguments, "float64")[1].cond <= 10
+
+
 _PRESETS = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm", "position_norm", "pixel_norm",
             "batch_group_norm", "filter_response_norm", "lp_batch_norm", "batch_renorm", "ghost_batch_norm", "normalize"]
 
@@ -916,10 +933,7 @@ def test_hypothesis_presets_on_every_backend(backend, case, dtype):
         t = tol if i == 0 else 8 * (o.n + 8) * eps * xmax**2
         err = _rel(backend.to_numpy(got), want)
         assert err <= t, f"{name} {dtype} field {i} on {backend.name}: {err:.2e} > {t:.2e} ({kwargs})"
-    # central differences have truncation error ~ (h·cond)² relative (the third derivative of a
-    # standardization grows like 1/σ³), near 1e-6 once cond ≳ 30 for h ≈ 6e-6·max|x| (measured
-    # over 600 draws: ≤ 2e-7 for cond ≤ 10): such nearly constant groups get the forward check only
-    if backend.name == "numpy" and _oracle(name, m.bind(*args, **kwargs).arguments, "float64")[1].cond <= 10:
+    if backend.name == "numpy" and _fd_resolves(m, args, kwargs):
         r = fd_check(m, args, kwargs, seed=1, directions=2)
         assert r.max_error <= 1e-6, (name, kwargs, r.errors)
 
