@@ -1,28 +1,39 @@
 """Benchmark of batch whitening (issue 3, §5): where the time goes, against the machine's matmul speed.
 
-    python -m normref.conformance.bench_whitening [--shape 32 64 56 56] [--group-size 64] [--repeat 5]
+    normref bench whitening [--shape 32 64 56 56] [--group-size 64] [--method zca] [--repeat 5]
+    python -m normref.conformance.bench_whitening ...          (the same)
 
 For an input (N, C, H, W) in float32 on torch (CPU, or CUDA with ``--device cuda``) and groups of
 d = ``group_size`` channels, m = N·H·W samples per covariance:
 
-- the covariance Σ = Xc·Xcᵀ/m and the application X̂ = W·Xc are matrix products of 2·C·d·m flops
-  each: their speed is compared with the machine's matmul throughput, measured on a large square
-  product (peak) and on a product of the same shape (d × m)·(m × d);
-- the O(d³) part (one batched eigh / cholesky / the Newton iterations on the (C/d, d, d) matrices)
-  is timed on its own and reported as a share of the whole forward;
+- the covariance Σ = Xc·Xcᵀ/m and the application X̂ = W·Xc (for Cholesky the triangular solve
+  L·X̂ = Xc) are matrix products of 2·C·d·m flops each (the solve: C·d·m); their speed is compared
+  with the machine's matmul throughput, the best of several products: a large square one, and the
+  exact batched products normref runs (same shapes, same strides) for the covariance and the
+  application. A timing of normref's own step is at most its best matmul, so its share cannot
+  exceed 100% beyond timer noise;
+- the O(d³) part (one batched eigh / cholesky / the Newton iterations on the (C/d, d, d) matrices,
+  with normref's definiteness checks) is timed on its own and reported as a share of the whole
+  forward;
 - the whole normref forward (``normref.batch_whitening``, training mode) and forward+backward
   (``normref.vjp``) are compared with a straightforward torch ZCA (permute to (C, m), centre,
   covariance, ``torch.linalg.eigh``, W = D·Λ^-1/2·Dᵀ, W·Xc, permute back; torch autograd for the
   backward) in the same run.
 
-Timings are medians over ``--repeat`` runs after one warm-up. This is a benchmark, not a test.
+Every timing is the best (minimum) of ``--repeat`` runs after one warm-up: the least disturbed
+estimate on a shared machine. The verdict lines compare with the issue's targets: covariance and
+application ≥ 60% of the measured matmul throughput, the O(d³) part < 10% of the forward. This is a
+benchmark, not a test.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
 import time
+
+TARGET_MATMUL_SHARE = 0.60
+TARGET_SMALL_SHARE = 0.10
 
 
 def _timer(torch, device):
@@ -33,13 +44,13 @@ def _timer(torch, device):
     def timeit(fn, repeat):
         fn()
         sync()
-        ts = []
-        for _ in range(repeat):
+        best = float("inf")
+        for _ in range(max(1, repeat)):
             t0 = time.perf_counter()
             fn()
             sync()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
+            best = min(best, time.perf_counter() - t0)
+        return best
 
     return timeit
 
@@ -59,15 +70,19 @@ def torch_zca(torch, x, group_size, eps):
     return y.reshape(c, n, *x.shape[2:]).transpose(0, 1)
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", type=int, nargs="+", default=[32, 64, 56, 56])
+def _parser():
+    ap = argparse.ArgumentParser(prog="normref bench whitening", description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", type=int, nargs="+", default=[32, 64, 56, 56], help="input shape (N, C, H, W)")
     ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--method", default="zca")
+    ap.add_argument("--method", default="zca", help="zca, pca, cholesky, iternorm, newton_schulz")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> dict:
+    args = _parser().parse_args(argv)
 
     import array_api_compat
     import torch
@@ -90,39 +105,51 @@ def main(argv=None) -> dict:
     m = n * hw
     eps = 1e-5
     rep = args.repeat
+    meth = args.method
     torch.manual_seed(0)
     x = torch.randn(shape, dtype=torch.float32, device=dev)
     xp = array_api_compat.array_namespace(x)
 
-    # the machine's matmul throughput: a large square product (peak) and the covariance's own shape
+    # normref's pieces on its (I, R1, G, d, R2) layout of the batch partition (no physical transpose)
+    from normref.partition import Partition
+
+    part = Partition("batch")
+    op = W.whitening_operation("bench", part, shape, meth, d, 5, eps)
+    lay = op.layout(shape)
+    x5 = lay.orient(xp, x)
+    xc = x5 - W._sample_mean(xp, x5)
+    t_center = timeit(lambda: x5 - W._sample_mean(xp, x5), rep)
+    t_cov = timeit(lambda: W._covariance(xp, xc, lay.m), rep)
+    sigma = W._covariance(xp, xc, lay.m) + eps * torch.eye(d, device=dev)
+    t_small = timeit(lambda: W._operator("bench", xp, sigma, meth, 5, eps, "input", lay.m), rep)
+    opm, _ = W._operator("bench", xp, sigma, meth, 5, eps, "input", lay.m)
+    t_apply = timeit(lambda: matfun.apply_whitening(xp, meth, opm[:, None, ...], xc), rep)
+    flops_cov = 2 * c * d * m
+    flops_apply = flops_cov if meth != "cholesky" else c * d * m  # a triangular solve: half the products
+
+    # the machine's matmul throughput: the best of a large square product and the exact products above
     k = 2048 if dev == "cpu" else 8192
     a = torch.randn(k, k, device=dev)
-    t_sq = timeit(lambda: a @ a, rep)
-    peak = 2 * k**3 / t_sq
-    xm = torch.randn(g, d, m, device=dev)
-    t_same = timeit(lambda: xm @ xm.transpose(-1, -2), rep)
-    same = 2 * g * d * d * m / t_same
+    xct = xc.mT
+    wb = torch.randn(lay.i, 1, lay.g, d, d, device=dev)
+    xa, xb = xc.reshape(-1, d, lay.r2), xct.reshape(-1, lay.r2, d)  # contiguous copies, outside the timing
+    candidates = {
+        f"square {k}": (lambda: a @ a, 2 * k**3),
+        "covariance's batched product": (lambda: torch.matmul(xc, xct), flops_cov),
+        "application's batched product": (lambda: torch.matmul(wb, xc), 2 * c * d * m),
+        "covariance, contiguous operands": (lambda: torch.matmul(xa, xb), flops_cov),
+    }
+    rates = {name: fl / timeit(fn, rep) for name, (fn, fl) in candidates.items()}
+    best_name = max(rates, key=rates.get)
+    peak = rates[best_name]
 
-    # normref's pieces on its (N, G, d, HW) view (no physical transpose)
-    xv = x.reshape(n, g, d, hw)
-    mu = xv.mean(dim=(0, 3), keepdim=True)
-    xc = xv - mu
-    t_center = timeit(lambda: xv - xv.mean(dim=(0, 3), keepdim=True), rep)
-    t_cov = timeit(lambda: W._covariance(xp, xc, True), rep)
-    sigma = W._covariance(xp, xc, True) + eps * torch.eye(d, device=dev)
-    t_small = timeit(lambda: matfun.whitening_matrix_forward(xp, sigma, args.method, 5), rep)
-    wm, _ = matfun.whitening_matrix_forward(xp, sigma, args.method, 5)
-    t_apply = timeit(lambda: xp.matmul(wm, xc), rep)
-    flops_mm = 2 * c * d * m  # per product (covariance or application)
-
-    t_fwd = timeit(lambda: normref.batch_whitening(x, training=True, method=args.method, group_size=d), rep)
+    t_fwd = timeit(lambda: normref.batch_whitening(x, training=True, method=meth, group_size=d), rep)
 
     def nr_fb():
-        y, pb = normref.vjp(normref.batch_whitening, x, training=True, method=args.method, group_size=d)
+        y, pb = normref.vjp(normref.batch_whitening, x, training=True, method=meth, group_size=d)
         pb(torch.ones_like(y))
 
     t_fb = timeit(nr_fb, rep)
-
     t_tfwd = timeit(lambda: torch_zca(torch, x, d, eps), rep)
     xg = x.clone().requires_grad_(True)
 
@@ -133,16 +160,14 @@ def main(argv=None) -> dict:
 
     t_tfb = timeit(t_fb_fn, rep)
 
-    import os
-
     out = {
         "device": dev if dev != "cpu" else f"cpu ({torch.get_num_threads()} threads, {os.cpu_count()} cores)",
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
-        "shape": shape, "group_size": d, "method": args.method, "m": m,
-        "matmul_peak_gflops": peak / 1e9,
-        "matmul_same_shape_gflops": same / 1e9,
-        "cov_ms": t_cov * 1e3, "cov_gflops": flops_mm / t_cov / 1e9,
-        "apply_ms": t_apply * 1e3, "apply_gflops": flops_mm / t_apply / 1e9,
+        "shape": shape, "group_size": d, "method": meth, "m": m,
+        "matmul_peak_gflops": peak / 1e9, "matmul_peak_from": best_name,
+        **{f"matmul_gflops[{name}]": r / 1e9 for name, r in rates.items()},
+        "cov_ms": t_cov * 1e3, "cov_gflops": flops_cov / t_cov / 1e9,
+        "apply_ms": t_apply * 1e3, "apply_gflops": flops_apply / t_apply / 1e9,
         "center_ms": t_center * 1e3,
         "small_ms": t_small * 1e3,
         "forward_ms": t_fwd * 1e3,
@@ -152,13 +177,24 @@ def main(argv=None) -> dict:
     }
     out["cov_share_of_peak"] = out["cov_gflops"] / out["matmul_peak_gflops"]
     out["apply_share_of_peak"] = out["apply_gflops"] / out["matmul_peak_gflops"]
-    out["cov_share_of_same_shape"] = out["cov_gflops"] / out["matmul_same_shape_gflops"]
-    out["apply_share_of_same_shape"] = out["apply_gflops"] / out["matmul_same_shape_gflops"]
     out["small_share_of_forward"] = t_small / t_fwd
     out["ratio_forward_normref_over_torch"] = t_fwd / t_tfwd
     out["ratio_fb_normref_over_torch"] = t_fb / t_tfb
+    ok = lambda b: "PASS" if b else "FAIL"  # noqa: E731
+    out["verdict"] = {
+        "covariance >= 60% of matmul": ok(out["cov_share_of_peak"] >= TARGET_MATMUL_SHARE),
+        "application >= 60% of matmul": ok(out["apply_share_of_peak"] >= TARGET_MATMUL_SHARE),
+        "O(d^3) part < 10% of forward": ok(out["small_share_of_forward"] < TARGET_SMALL_SHARE),
+        "forward vs torch ZCA": f"normref takes {out['ratio_forward_normref_over_torch']:.2f}x torch's time",
+        "forward+backward vs torch ZCA": f"normref takes {out['ratio_fb_normref_over_torch']:.2f}x torch's time",
+    }
     for key, val in out.items():
-        print(f"{key:34s} {val:.4g}" if isinstance(val, float) else f"{key:34s} {val}")
+        if key == "verdict":
+            continue
+        print(f"{key:44s} {val:.4g}" if isinstance(val, float) else f"{key:44s} {val}")
+    print("verdict (issue 3 §5 targets):")
+    for key, val in out["verdict"].items():
+        print(f"  {key:42s} {val}")
     return out
 
 

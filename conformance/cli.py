@@ -102,6 +102,14 @@ def conformance_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _bench_main(argv: Sequence[str]) -> int:
+    if list(argv[:1]) == ["whitening"]:  # normref bench whitening: issue 3's benchmark
+        from . import bench_whitening
+
+        try:
+            bench_whitening.main(list(argv[1:]))
+        except SystemExit as e:  # argparse: --help or a usage error
+            return int(e.code or 0)
+        return 0
     try:
         from . import bench
     except ImportError as e:
@@ -120,7 +128,7 @@ def _bench_main(argv: Sequence[str]) -> int:
 USAGE = """usage: normref {conformance,bench} [options]
 
   conformance   check every method on every array library and dtype (normref conformance --help)
-  bench         benchmarks (normref bench --help)
+  bench         benchmarks (normref bench --help; normref bench whitening --help)
 """
 
 

@@ -29,6 +29,10 @@ sym(S) = (S + Sᵀ)/2, so dS is the gradient of W(sym(S)) for any direction, sym
 
 Helpers: ``sym(xp, A)``, ``mT(xp, A)``, ``eye_like(xp, S)``, ``trace(xp, S)``, ``eigh(xp, S)`` (pass
 its result as ``eig=`` to the eigh-based forwards to inspect λ first), ``min_eigenvalue_ok``,
+``solve_triangular(xp, L, B, lower, transpose)`` (the library's own triangular solve where it has
+one: torch, JAX, SciPy for NumPy; the array API's ``linalg.solve`` otherwise), ``cholesky``;
+``operator_forward`` / ``apply_whitening`` / ``apply_whitening_transpose`` apply W (or, for
+Cholesky, L⁻¹ by a triangular solve) to samples,
 ``FORWARD``/``BACKWARD`` (dicts: method name → function, for ``"zca"``, ``"pca"``,
 ``"cholesky"``, ``"iternorm"``, ``"newton_schulz"``; the iterative ones take ``T`` as a third
 argument) and :func:`whitening_matrix_forward` / :func:`whitening_matrix_backward`, which dispatch
@@ -56,9 +60,9 @@ The mathematics (../shared/math/BACKWARD.md):
   continuous functions of S); there F_ij is set to 0, the derivative along perturbations that keep
   the computed eigenbasis (documented, not a claim of correctness; the survey's point is that PCA
   whitening is unstable there).
-- Cholesky (Murray 2016). dL = tril(−Wᵀ·dW·Wᵀ) (from d(L⁻¹) = −L⁻¹·dL·L⁻¹),
-  P = Φ(Lᵀ·dL) (lower triangle with the diagonal halved), dS = sym(Wᵀ·P·W) (W = L⁻¹, so
-  L⁻ᵀ·P·L⁻¹ is two products with the factor's inverse that the forward computed anyway).
+- Cholesky (Murray 2016). dL = tril(−L⁻ᵀ·dW·L⁻ᵀ) (from d(L⁻¹) = −L⁻¹·dL·L⁻¹),
+  P = Φ(Lᵀ·dL) (lower triangle with the diagonal halved), dS = sym(L⁻ᵀ·P·L⁻¹); every product with
+  L⁻¹ or L⁻ᵀ is a triangular solve (:func:`solve_triangular`), no inverse is formed.
 - Newton iterations: the backward runs the unrolled iterations in reverse (reverse-mode through the
   matrix products, A·dP·B ↦ Aᵀ·G·Bᵀ), then through S_N = S/t and W = P_T/√t:
   dt = −½·t^-3/2·⟨dW, P_T⟩ − ⟨dS_N, S⟩/t², dS = dS_N/t + dt·I.
@@ -83,6 +87,10 @@ __all__ = [
     "sqrt_eigh_backward",
     "pca_eigh_forward",
     "pca_eigh_backward",
+    "solve_triangular",
+    "native_triangular_solve",
+    "cholesky",
+    "triangular_inverse",
     "cholesky_inv_forward",
     "cholesky_inv_backward",
     "newton_inv_sqrt_forward",
@@ -95,6 +103,9 @@ __all__ = [
     "BACKWARD",
     "whitening_matrix_forward",
     "whitening_matrix_backward",
+    "operator_forward",
+    "apply_whitening",
+    "apply_whitening_transpose",
 ]
 
 METHODS = ("zca", "pca", "cholesky", "iternorm", "newton_schulz")
@@ -258,28 +269,108 @@ def pca_eigh_backward(xp, res, dw):
 # Cholesky whitening
 
 
+def _resolve_triangular(xp):
+    """The namespace's own batched triangular solve ``f(L, B, lower, transpose)``, or ``None``.
+
+    torch: ``torch.linalg.solve_triangular``; JAX: ``jax.scipy.linalg.solve_triangular``; NumPy:
+    ``scipy.linalg.solve_triangular`` when SciPy is importable (batched and broadcasting since
+    SciPy 1.15). The library is recognised through array-api-compat and imported only here, on
+    first use (``import normref`` stays light). Each computes X with op(L)·X = B, op(L) = L or Lᵀ.
+    """
+    import array_api_compat as aac
+
+    if aac.is_torch_namespace(xp):
+        import torch
+
+        def solve(l, b, lower, transpose):
+            if transpose:  # Lᵀ of a lower (upper) triangular L is upper (lower) triangular
+                return torch.linalg.solve_triangular(l.mT, b, upper=lower)
+            return torch.linalg.solve_triangular(l, b, upper=not lower)
+
+        return solve
+    if aac.is_jax_namespace(xp):
+        import jax.scipy.linalg as jsl
+
+        def solve(l, b, lower, transpose):
+            return jsl.solve_triangular(l, b, trans=1 if transpose else 0, lower=lower)
+
+        return solve
+    if aac.is_numpy_namespace(xp):
+        try:
+            import scipy
+            import scipy.linalg as sl
+        except ImportError:
+            return None
+        major, minor = (int(v) for v in scipy.__version__.split(".")[:2])
+        if (major, minor) < (1, 15):  # older SciPy solves one matrix at a time
+            return None
+
+        def solve(l, b, lower, transpose):
+            return sl.solve_triangular(l, b, trans=1 if transpose else 0, lower=lower, check_finite=False)
+
+        return solve
+    return None
+
+
+_TRIANGULAR: dict = {}
+
+
+def native_triangular_solve(xp):
+    """The cached result of the namespace's native triangular solve lookup (``None``: none)."""
+    key = getattr(xp, "__name__", id(xp))
+    if key not in _TRIANGULAR:
+        _TRIANGULAR[key] = _resolve_triangular(xp)
+    return _TRIANGULAR[key]
+
+
+def solve_triangular(xp, l, b, lower: bool = True, transpose: bool = False, native: bool = True):
+    """X = L^-1·B (``transpose``: X = L^-ᵀ·B) for triangular L (..., d, d) and B (..., d, k),
+    batch axes broadcast.
+
+    The namespace's own triangular solve (forward or back substitution, d²·k flops) where it has
+    one (:func:`native_triangular_solve`; ``native=False`` skips it), else the array API's general
+    ``xp.linalg.solve`` (an LU factorization of L: the same X, ~d³ more work).
+    """
+    f = native_triangular_solve(xp) if native else None
+    if f is not None:
+        return f(l, b, lower, transpose)
+    return xp.linalg.solve(mT(xp, l) if transpose else l, b)
+
+
+def cholesky(xp, s):
+    """The lower Cholesky factor L of sym(S) = L·Lᵀ, one batched call for every matrix."""
+    return xp.linalg.cholesky(sym(xp, s))
+
+
 def cholesky_inv_forward(xp, s):
     """W = L^-1 with sym(S) = L·Lᵀ (Cholesky whitening; Siarohin et al., ICLR 2019).
 
-    W is lower triangular. The array API has no triangular solve; L^-1 is computed once per group
-    with ``xp.linalg.solve(L, I)`` (O(d³), like the factorization), so that applying W to the m
-    samples is one matrix product. ``res = (L, W)``.
+    W is lower triangular, formed by one triangular solve L·W = I. Batch whitening never forms it:
+    it applies W to the samples by solving L·X̂ = Xc (:func:`apply_whitening`). ``res = (L,)``.
     """
-    l = xp.linalg.cholesky(sym(xp, s))
-    eye = eye_like(xp, l)
-    w = xp.linalg.solve(l, eye + xp.zeros_like(l))
-    w = xp.tril(w)  # exact zeros above the diagonal (the solve leaves rounding-level values there)
-    return w, (l, w)
+    l = cholesky(xp, s)
+    return triangular_inverse(xp, l), (l,)
+
+
+def triangular_inverse(xp, l):
+    """L^-1 of a lower triangular L by one triangular solve L·W = I (exact zeros above the diagonal)."""
+    return xp.tril(solve_triangular(xp, l, eye_like(xp, l) + xp.zeros_like(l)))
 
 
 def cholesky_inv_backward(xp, res, dw):
-    """dS of W = L^-1, S = L·Lᵀ: dL = tril(−Wᵀ·dW·Wᵀ), P = Φ(Lᵀ·dL), dS = sym(Wᵀ·P·W) (Murray 2016)."""
-    l, w = res
-    wt = mT(xp, w)
-    dl = xp.tril(-xp.matmul(wt, xp.matmul(dw, wt)))
+    """dS of W = L^-1, S = L·Lᵀ (Murray 2016), by triangular solves only:
+
+    dL = tril(−L^-ᵀ·dW·L^-ᵀ) (from d(L^-1) = −L^-1·dL·L^-1), P = Φ(Lᵀ·dL) (lower triangle,
+    diagonal halved), dS = sym(L^-ᵀ·P·L^-1); each product with L^-1 or L^-ᵀ is a solve
+    (A·L^-ᵀ = (L^-1·Aᵀ)ᵀ, A·L^-1 = (L^-ᵀ·Aᵀ)ᵀ).
+    """
+    (l,) = res
+    a = solve_triangular(xp, l, dw, transpose=True)                 # L^-ᵀ·dW
+    dl = xp.tril(-mT(xp, solve_triangular(xp, l, mT(xp, a))))       # −(L^-ᵀ·dW)·L^-ᵀ, lower part
     p = xp.tril(xp.matmul(mT(xp, l), dl))
-    p = p - 0.5 * _diag_embed(xp, _diag(xp, p), p)  # Φ: lower triangle, diagonal halved
-    return sym(xp, xp.matmul(wt, xp.matmul(p, w)))
+    p = p - 0.5 * _diag_embed(xp, _diag(xp, p), p)                  # Φ: lower triangle, diagonal halved
+    b = solve_triangular(xp, l, p, transpose=True)                  # L^-ᵀ·P
+    return sym(xp, mT(xp, solve_triangular(xp, l, mT(xp, b), transpose=True)))  # (L^-ᵀ·P)·L^-1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -424,3 +515,33 @@ def whitening_matrix_forward(xp, s, method: str = "zca", iterations: int = 5, ei
 def whitening_matrix_backward(xp, res, dw, method: str = "zca"):
     """dS (symmetric) of :func:`whitening_matrix_forward`'s W for the cotangent dW."""
     return BACKWARD[method](xp, res, dw)
+
+
+# --------------------------------------------------------------------------------------------------
+# applying the whitening to samples (what batch whitening does with W)
+
+
+def operator_forward(xp, s, method: str = "zca", iterations: int = 5, eig=None) -> tuple[Any, tuple]:
+    """``(M, res)``: what :func:`apply_whitening` needs to apply the whitening of ``method`` to
+    samples. M = W for every method but ``"cholesky"``, where M = L (S = L·Lᵀ) and W = L^-1 is
+    applied by a triangular solve instead of being formed; ``res`` is the method's residual tuple,
+    the one :func:`whitening_matrix_backward` takes (for cholesky ``(L,)``)."""
+    if method == "cholesky":
+        l = cholesky(xp, s)
+        return l, (l,)
+    return whitening_matrix_forward(xp, s, method, iterations, eig=eig)
+
+
+def apply_whitening(xp, method: str, m, x):
+    """W·X for the operator M of :func:`operator_forward` (M and X batch-broadcast): a matrix product,
+    or for Cholesky the triangular solve L·Y = X (d²·k flops, no inverse formed)."""
+    if method == "cholesky":
+        return solve_triangular(xp, m, x)
+    return xp.matmul(m, x)
+
+
+def apply_whitening_transpose(xp, method: str, m, g):
+    """Wᵀ·G for the operator M of :func:`operator_forward`: Lᵀ·Y = G solved for Cholesky."""
+    if method == "cholesky":
+        return solve_triangular(xp, m, g, transpose=True)
+    return xp.matmul(mT(xp, m), g)

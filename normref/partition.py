@@ -103,6 +103,24 @@ class Partition:
             return (1,) + tuple(range(3, nd + 2))
         raise AssertionError(self.kind)
 
+    def feature_axes(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """Axes of the view that whitening couples (the rows of the survey's matrix Π(X), Eqn 20,
+        whose covariance it decorrelates; standardization treats each row alone): the channels for
+        batch and instance, the channel groups for group and batch_group, the spatial positions for
+        position, the last axis before the normalized ones for layer (the samples of an (N, C, H, W)
+        input with normalized_ndim = 3, the tokens of (N, T, D) with normalized_ndim = 1). ``()``:
+        a single row (only whitening groups of 1 are possible)."""
+        nd = len(shape)
+        if self.kind in ("batch", "instance", "group"):
+            return (1,)
+        if self.kind == "batch_group":
+            return (2,)
+        if self.kind == "position":
+            return tuple(range(2, nd))
+        if self.kind == "layer":
+            return (nd - self.normalized_ndim - 1,) if nd > self.normalized_ndim else ()
+        raise AssertionError(self.kind)
+
     def count(self, shape: Sequence[int]) -> int:
         """n: the number of elements each statistic is taken over."""
         vs = self.view_shape(shape)

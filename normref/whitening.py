@@ -1,4 +1,4 @@
-"""Whitening (survey §5.1.2, Eqn 23): decorrelate groups of channels, with exact analytic gradients.
+"""Whitening (survey §5.1.2, Eqn 23): decorrelate groups of features, with exact analytic gradients.
 
 For one group of c features with m samples X ∈ R^{c×m} (a column per sample):
 
@@ -9,66 +9,98 @@ with the whitening matrix W(Σ) of the operation (NOP, :mod:`normref.matfun`):
 ==================  ==================================================  ===================================
 ``"zca"``           W = D·Λ^-1/2·Dᵀ = Σ^-1/2 (symmetric)                 Huang et al., DBN, CVPR 2018
 ``"pca"``           W = Λ^-1/2·Dᵀ (unstable: stochastic axis swapping)   Huang et al., CVPR 2018 §3.1
-``"cholesky"``      W = L^-1, Σ = L·Lᵀ                                   Siarohin et al., ICLR 2019
+``"cholesky"``      W = L^-1, Σ = L·Lᵀ (applied by a triangular solve)   Siarohin et al., ICLR 2019
 ``"iternorm"``      W = P_T/√tr Σ, Newton on Σ/tr Σ, T = ``iterations``  Huang et al., IterNorm, CVPR 2019
 ``"newton_schulz"`` coupled Newton–Schulz Z_T/√tr Σ                      Lin & Maji, BMVC 2017 (survey [80])
 ==================  ==================================================  ===================================
 
-``"iternorm"`` and ``"newton_schulz"`` compute the same polynomial in Σ/tr Σ; IterNorm's uncoupled
-form is numerically unstable for large T (see :func:`iter_norm`), the coupled form is not.
+``"iternorm"`` and ``"newton_schulz"`` compute the same polynomial in Σ/tr Σ. IterNorm's uncoupled
+form amplifies rounding errors once an eigen-direction has converged (by ≈ 30–50× per step, measured
+on κ(Σ) = 1e2…1e6: float64 relative error 1e-10 at T = 8 and overflow by T ≈ 16; float32 error 4e-4 at
+T = 7); the coupled form does not. T > :data:`ITERNORM_STABLE_T` with ``method="iternorm"`` warns
+(``RuntimeWarning``); :func:`iter_norm` computes the coupled form there unless told otherwise.
 
-The partition (NAP) decides what a "sample" is:
+Whitening is an operation of the survey's framework (Algorithm 1): any partition (NAP) of
+:mod:`normref.partition` gives the matrix Π(X) whose rows it decorrelates (Eqn 20), and any recovery
+(NRR) follows. :class:`Whitening` is that operation; ``normref.normalize(x, partition=...,
+operation="zca", group_size=c)`` composes it with every partition and recovery, and the named
+methods below are presets over the same code. The rows (``Partition.feature_axes``) and the samples
+(the partition's reduce axes) are:
 
-- ``"batch"`` (default; Π_BN with coupled channels): X gathers every sample and position,
-  m = N·H·W, one Σ per channel group shared by the batch (decorrelated BN, IterNorm);
-- ``"instance"``: one Σ per sample and channel group, m = H·W (the whitening of style transfer, WCT);
-  the sample's own statistics are used whatever ``training`` says (there is no population);
-- ``"group"`` (group whitening, Huang et al., CVPR 2021): per sample, the C channels are cut into
-  ``num_groups`` contiguous blocks, each block (with its positions) is one *feature*, so Σ is
-  num_groups × num_groups over m = (C/num_groups)·H·W values (per-sample statistics, like "instance").
+=============  =============================================  =========================================
+partition      features (rows, in groups of ``group_size``)   samples per Σ (one Σ per …)
+=============  =============================================  =========================================
+batch          channels C                                     N·H·W (per group; decorrelated BN)
+instance       channels C                                     H·W (per sample and group; WCT)
+group          the num_groups channel blocks                  (C/G)·H·W (per sample; group whitening)
+position       the H·W positions                              C (per sample)
+layer          the last axis before the normalized ones       the normalized elements
+batch_group    the num_groups channel blocks                  (N/Gb)·(C/G)·H·W (per batch group)
+=============  =============================================  =========================================
+
+No physical transpose is made: the partition's view is reshaped to (I, R1, G, c, R2) (independent
+statistics, samples before the features, groups, group members, samples after them) and
+Σ = Σ_{R1} Xc·Xcᵀ/m is a batched matrix product over R2 (the two sample axes swap roles, as a
+strided view, when R1 is the longer one: a position partition or a 2-d (N, C) input).
 
 Features are split into consecutive groups of ``group_size`` (``None``: one group of all features).
 ``group_size`` must divide the number of features: a smaller last group is **refused** (with the
 divisors listed), because a padded group changes the trace normalization of IterNorm and the
 eigenvalue order of PCA, and all groups go through ONE batched ``eigh``/``cholesky`` call on an
-array of shape (B, G, c, c). Group size 1 is exactly standardization (:func:`normref.batch_norm`).
+array of shape (I, G, c, c). Group size 1 is exactly standardization on the same partition.
 
 Backward (../shared/math/BACKWARD.md), for one group with G = ∂L/∂X̂:
 dW = G·Xcᵀ (summed over the samples sharing Σ), dXc = Wᵀ·G + (2/m)·dΣ·Xc with the symmetric
-dΣ = matfun backward(dW), and dX = dXc − mean_cols(dXc).
+dΣ = matfun backward(dW), and dX = dXc − mean_cols(dXc). For Cholesky, W·Xc and Wᵀ·G are
+triangular solves with L (:func:`normref.matfun.solve_triangular`); W is never formed.
 
-Population statistics (survey §5.3.2, §4 Eqn 16): the *running covariance* is kept (not the running
-whitening matrix). A training call given ``running_mean``/``running_cov`` returns
+Population statistics (survey §5.3.2, §4 Eqn 16), batch partition: the *running covariance* is kept
+(not the running whitening matrix). A training call given ``running_mean``/``running_cov`` returns
 ``WhiteningResult(output, running_mean, running_cov)`` with
 running ← (1 − momentum)·running + momentum·batch statistic, the covariance unbiased
 (× m/(m − 1), as torch does for the variance) and without ε; an inference call computes W from
 ``running_cov + ε·I`` with the same operation and treats μ̂, W as constants: dX = Wᵀ·G.
-Nothing is mutated.
+Nothing is mutated. Every other partition uses each call's own statistics (there is no population).
 
-A covariance that is not positive definite raises ``ValueError`` (never a NaN): with ``eps = 0``
-``zca``/``pca`` need every eigenvalue above d·ε_dtype·λ_max and ``cholesky`` every pivot above
-d·ε_dtype·max diag Σ; with ``eps > 0`` they need positive eigenvalues/pivots. The Newton methods
-are polynomials in Σ/tr Σ and stay finite on a singular Σ (they only partly whiten it); they refuse
-tr Σ = 0. The checks need concrete values and are skipped under ``jax.jit`` tracing.
+Bad covariances raise ``ValueError`` (never a NaN), checked on the small c×c matrices before any
+factorization: non-finite values (NaN/inf in the input: the message names the argument); for zca,
+pca and cholesky a smallest eigenvalue (squared Cholesky pivot) that is not above the rounding
+noise ν = 2√c·ε_dtype·λ_max (2√c·ε_dtype·max diag Σ) of the computed covariance's eigenvalues
+(measured ≤ 5.8·ε·λ_max at c = 64 in float32): such a matrix is numerically singular, and λ^-1/2
+would be rounding noise. So a rank-deficient batch with eps > 0 whitens whenever eps is above ν
+(float32, eps = 1e-5, c = 5: λ_max up to ≈ 19), and is refused otherwise. The message says which case it is: eps = 0
+on a singular batch covariance (fewer samples than features, collinear or constant features), an eps
+that does not dominate ν (a rank-deficient float32 batch with a small eps: pass a larger eps or
+float64), or a given matrix (``running_cov``, ``cov``) that is not positive (semi)definite. The
+Newton methods are polynomials in Σ/tr Σ and stay finite on a singular Σ (they only partly whiten
+it); they refuse a zero trace and, for given matrices, an indefinite one (a Cholesky attempt on
+Σ + c·ε·tr Σ·I). The checks need concrete values and are skipped under ``jax.jit`` tracing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import numpy as _np
 
 from . import matfun as _mf
+from . import partition as _part
 from ._validate import check_choice, check_int, check_momentum, check_ndim, check_nonnegative, check_positive
 from ._xp import compute_dtype, namespace, to_compute, to_numpy
-from .framework import channel_param, check_param_shape
+from .framework import channel_param, check_param_shape, pack, run_backward, run_forward, unpack_backward
+from .operation import Operation
+from .recovery import affine_backward, affine_forward
 from .registry import Example, Invariant, Residuals, method
 
 __all__ = [
     "WhiteningResult",
     "WHITENING_METHODS",
+    "ITERNORM_STABLE_T",
+    "Whitening",
+    "whitening_operation",
     "whitening_matrix",
     "batch_whitening",
     "decorrelated_batch_norm",
@@ -79,7 +111,10 @@ __all__ = [
 ]
 
 WHITENING_METHODS = _mf.METHODS
-PARTITIONS = ("batch", "instance", "group")
+PARTITIONS = _part.KINDS
+# Largest T for which IterNorm's uncoupled iteration stays within ~1e2·ε of the coupled one for
+# κ(Σ) ≤ 1e6 (measured, float32 and float64; module docstring). Above it "iternorm" warns.
+ITERNORM_STABLE_T = 6
 
 
 class WhiteningResult(NamedTuple):
@@ -119,8 +154,15 @@ def _check_group_size(fn, group_size, features: int, what: str) -> int:
     return c
 
 
-def _eps(fn, eps):
-    return check_nonnegative(fn, "eps", eps)
+def _warn_unstable(fn, method, iterations):
+    if method == "iternorm" and iterations > ITERNORM_STABLE_T:
+        warnings.warn(
+            f"{fn}: method='iternorm' with iterations={iterations} > {ITERNORM_STABLE_T}: IterNorm's uncoupled Newton "
+            f"iteration amplifies rounding errors once converged (it diverges by T ≈ 11-16 on κ(Σ) ≥ 1e2); "
+            f"method='newton_schulz' computes the same polynomial stably",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def _factor(fn, momentum, num_batches_tracked):
@@ -134,141 +176,344 @@ def _factor(fn, momentum, num_batches_tracked):
     return 1.0 / (check_int(fn, "num_batches_tracked", num_batches_tracked, minimum=0) + 1)
 
 
-def _scalar(x) -> float:
-    return float(to_numpy(x))
+# --------------------------------------------------------------------------------------------------
+# the checks of a covariance before it is factorized (concrete values only)
 
 
-def _check_definite(fn, xp, method, wres, sigma, eps):
-    """ValueError (not NaN) when Σ + εI is not positive definite; skipped on traced values.
-
-    ``wres``: (λ, D) for zca/pca (checked before λ^-1/2 is taken), the matfun residuals otherwise."""
+def _concrete(a):
+    """A NumPy float64 copy of a small array, or ``None`` for a traced (jax.jit) value."""
     try:
-        if method in ("zca", "pca"):
-            lam = wres[0]
-            rtol = 0.0 if eps > 0 else lam.shape[-1] * float(xp.finfo(lam.dtype).eps)
-            ok = _mf.min_eigenvalue_ok(xp, lam, rtol)
-            if ok is False:
-                lo, hi = _scalar(xp.min(lam)), _scalar(xp.max(lam))
-                raise ValueError(
-                    f"{fn}: the covariance of a whitening group (+ eps·I, eps={eps}) is not positive definite: smallest "
-                    f"eigenvalue {lo:.3g}, largest {hi:.3g} (need > {rtol:.3g}·largest); pass eps > 0 or more samples"
-                )
-        elif method == "cholesky":
-            l = wres[0]
-            piv = _mf._diag(xp, l)
-            d = l.shape[-1]
-            diag_s = _mf._diag(xp, sigma)
-            rtol = 0.0 if eps > 0 else d * float(xp.finfo(l.dtype).eps)
-            ok = bool(xp.all(xp.isfinite(piv)) and xp.all(piv * piv > rtol * xp.max(diag_s, axis=-1)[..., None]))
-            if not ok:
-                raise ValueError(
-                    f"{fn}: the covariance of a whitening group (+ eps·I, eps={eps}) is not positive definite (a "
-                    f"Cholesky pivot is not above {rtol:.3g}·max diag); pass eps > 0 or more samples"
-                )
-        else:
-            t = wres[1]
-            if not bool(xp.all(t > 0)):
-                raise ValueError(
-                    f"{fn}: the covariance of a whitening group has zero trace (constant features) and eps={eps}; "
-                    f"the trace normalization of {method!r} needs eps > 0"
-                )
-    except ValueError:
-        raise
-    except Exception:  # a traced value (jax.jit): no Python boolean to test
+        return _np.asarray(to_numpy(a), dtype=_np.float64)
+    except Exception:  # jax tracers and friends: nothing to inspect
+        return None
+
+
+# what each source of a covariance is called in a message, and whether it is a Gram matrix
+# Xc·Xcᵀ/m (positive semidefinite by construction) or a matrix the caller gave
+_SOURCES = {
+    "input": ("the covariance of a whitening group of input", True),
+    "content": ("the covariance of a group of content", True),
+    "style": ("the covariance of a group of style", True),
+    "running_cov": ("running_cov + eps·I", False),
+    "cov": ("cov", False),
+}
+
+
+def _check_finite(fn, sigma, source):
+    s = _concrete(sigma)
+    if s is not None and not _np.all(_np.isfinite(s)):
+        arg = "input" if source in ("input",) else source
+        raise ValueError(
+            f"{fn}: {arg} has non-finite values (NaN or inf): {_SOURCES[source][0]} is not finite; expected finite "
+            f"{'values' if source in ('input', 'content', 'style') else 'entries'}"
+        )
+
+
+def _refuse(fn, source, eps, dtype_name, quantity, lo, hi, nu, d, m):
+    """The ValueError for a numerically singular or indefinite Σ; ``quantity`` names what was found
+    (``lo`` its value, ``None``: ``quantity`` is the whole finding), ν the noise level for the scale ``hi``."""
+    noun, gram = _SOURCES[source]
+    found = quantity if lo is None else f"its {quantity} is {lo:.3g}, not above"
+    head = (f"{fn}: {noun} (eps={eps}) is not numerically positive definite: {found} "
+            f"the {dtype_name} rounding noise {nu:.3g} (= 2·√d·ε·{hi:.3g}, d = {d})")
+    if not gram:
+        need = "positive definite" if eps == 0 else "positive semidefinite"
+        return ValueError(f"{head}; {source} must be symmetric {need}")
+    samples = f"m = {m} samples per covariance for groups of {d} features" if m else f"groups of {d} features"
+    if eps == 0:
+        return ValueError(f"{head}: the covariance is singular ({samples}, or collinear or constant features); "
+                          f"pass eps > 0, well above {nu:.2g}")
+    if eps <= nu:
+        return ValueError(f"{head}: the covariance is singular ({samples}, or collinear features) and eps={eps} does "
+                          f"not dominate the {dtype_name} rounding noise; pass eps well above {nu:.2g}, or float64 input")
+    return ValueError(f"{head}: eps={eps} exceeds the noise estimate, but the covariance's own rounding (e.g. a large "
+                      f"|mean|/std) pushed the eigenvalue below it; pass a larger eps or float64 input")
+
+
+def _noise(d, e, scale):
+    """ν = 2·√d·ε·scale: the rounding noise of the computed eigenvalues (pivots) of a d×d covariance
+    whose largest eigenvalue (diagonal entry) is ``scale``. The eigensolver's backward error is
+    p(d)·ε·‖Σ‖ with a modest p(d); measured in float32 on rank-deficient batch covariances (their
+    computation included): ≤ 2.3·ε·λ_max at d = 5, ≤ 5.8·ε·λ_max at d = 64, so 2√d covers it."""
+    return 2.0 * math.sqrt(d) * e * scale
+
+
+def _check_spectrum(fn, xp, lam, eps, source, m):
+    """zca/pca: every eigenvalue of Σ (+ εI) above ν = 2√d·ε_dtype·λ_max, per matrix."""
+    lam_np = _concrete(lam)
+    if lam_np is None:
         return
+    d = lam_np.shape[-1]
+    e = float(xp.finfo(lam.dtype).eps)
+    lo = lam_np.min(axis=-1)
+    hi = _np.abs(lam_np).max(axis=-1)
+    bad = lo <= _noise(d, e, hi)
+    if _np.any(bad):
+        k = int(_np.argmin(_np.where(bad, lo / _np.where(hi > 0, hi, 1.0), _np.inf).ravel()))
+        lo_k, hi_k = float(lo.ravel()[k]), float(hi.ravel()[k])
+        raise _refuse(fn, source, eps, _dtype_name(lam.dtype), "smallest eigenvalue", lo_k, hi_k, _noise(d, e, hi_k), d, m)
 
 
-def _matrix_forward(fn, xp, sigma, method, iterations, eps):
+def _check_pivots(fn, xp, l, sigma, eps, source, m):
+    """cholesky: every squared pivot L_ii² (a Schur complement of Σ) above ν = 2√d·ε_dtype·max diag Σ."""
+    piv = _concrete(_mf._diag(xp, l))
+    dg = _concrete(_mf._diag(xp, sigma))
+    if piv is None or dg is None:
+        return
+    d = piv.shape[-1]
+    e = float(xp.finfo(l.dtype).eps)
+    hi = dg.max(axis=-1)
+    p2 = _np.where(_np.isfinite(piv), piv * piv, -_np.inf).min(axis=-1)  # a NaN pivot (JAX): failed factorization
+    bad = p2 <= _noise(d, e, hi)
+    if _np.any(bad):
+        k = int(_np.argmax(bad.ravel()))
+        lo_k, hi_k = float(p2.ravel()[k]), float(hi.ravel()[k])
+        raise _refuse(fn, source, eps, _dtype_name(l.dtype), "smallest squared Cholesky pivot", lo_k, hi_k,
+                      _noise(d, e, hi_k), d, m)
+
+
+def _check_newton(fn, xp, sigma, eps, source, method):
+    """Newton methods: tr Σ > 0; a given matrix must also be positive semidefinite (to rounding)."""
+    t = _concrete(_mf.trace(xp, sigma))
+    if t is None:
+        return
+    noun, gram = _SOURCES[source]
+    if _np.any(t <= 0):
+        tk = float(t.ravel()[int(_np.argmin(t.ravel()))])
+        if gram or tk == 0:
+            what = "every feature of a group is constant" if gram else "a zero matrix"
+            raise ValueError(f"{fn}: {noun} has zero trace ({what}) and eps={eps}; the trace normalization of "
+                             f"{method!r} needs tr Σ > 0 (pass eps > 0)")
+        raise ValueError(f"{fn}: {noun} is not positive semidefinite: its trace is {tk:.3g} < 0; the Newton "
+                         f"iterations of {method!r} need a positive semidefinite matrix")
+    if gram:
+        return
+    # a given matrix: indefinite beyond rounding makes the iteration diverge or converge to a wrong
+    # matrix. Cholesky of Σ + d·ε·tr Σ·I (d³/3 flops, less than one Newton step) succeeds for every
+    # positive semidefinite Σ and fails for one with an eigenvalue below −d·ε·tr Σ.
+    d = sigma.shape[-1]
+    e = float(xp.finfo(sigma.dtype).eps)
+    shift = (d * e) * _mf.trace(xp, sigma)[..., None, None] * _mf.eye_like(xp, sigma)
+    try:
+        ok = bool(_np.all(_np.isfinite(_concrete(xp.linalg.cholesky(_mf.sym(xp, sigma) + shift)))))
+    except Exception as exc:  # numpy's / torch's LinAlgError
+        if not ("LinAlg" in type(exc).__name__ or "positive" in str(exc).lower()):
+            raise
+        ok = False
+    if not ok:
+        raise ValueError(f"{fn}: {noun} is not positive semidefinite (it has an eigenvalue below −d·ε·tr Σ: a "
+                         f"Cholesky factorization of Σ + d·ε·tr Σ·I failed); the Newton iterations of {method!r} "
+                         f"need a positive semidefinite matrix")
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def _operator(fn, xp, sigma, method, iterations, eps, source, m=None):
+    """``(M, res)`` of :func:`normref.matfun.operator_forward` for Σ (+ εI already added), after the checks."""
+    _check_finite(fn, sigma, source)
     if method in ("zca", "pca"):
         eig = _mf.eigh(xp, sigma)
-        _check_definite(fn, xp, method, eig, sigma, eps)
-        return _mf.whitening_matrix_forward(xp, sigma, method, iterations, eig=eig)
-    if method in _mf.ITERATIVE:  # the trace normalization divides by tr Σ: check it first
-        _check_definite(fn, xp, method, (None, _mf.trace(xp, sigma)), sigma, eps)
-        return _mf.whitening_matrix_forward(xp, sigma, method, iterations)
+        _check_spectrum(fn, xp, eig[0], eps, source, m)
+        return _mf.operator_forward(xp, sigma, method, iterations, eig=eig)
+    if method in _mf.ITERATIVE:
+        _check_newton(fn, xp, sigma, eps, source, method)
+        return _mf.operator_forward(xp, sigma, method, iterations)
     try:
-        w, wres = _mf.whitening_matrix_forward(xp, sigma, method, iterations)
-    except Exception as e:  # numpy/torch LinAlgError of a failed Cholesky (numpy's is a ValueError)
-        if "LinAlg" in type(e).__name__ or "cholesky" in str(e).lower():
-            raise ValueError(
-                f"{fn}: the covariance of a whitening group (+ eps·I, eps={eps}) is not positive definite "
-                f"({type(e).__name__}: {e}); pass eps > 0 or more samples"
-            ) from None
-        raise
-    _check_definite(fn, xp, method, wres, sigma, eps)
-    return w, wres
+        l, res = _mf.operator_forward(xp, sigma, method, iterations)
+    except Exception as exc:  # numpy/torch LinAlgError of a failed Cholesky
+        if not ("LinAlg" in type(exc).__name__ or "positive" in str(exc).lower()):
+            raise
+        s = _concrete(sigma)
+        d = sigma.shape[-1]
+        e = float(xp.finfo(sigma.dtype).eps)
+        hi = float(_np.max(_np.abs(_np.diagonal(s, axis1=-2, axis2=-1)))) if s is not None else float("nan")
+        raise _refuse(fn, source, eps, _dtype_name(sigma.dtype), f"its Cholesky factorization failed "
+                      f"({type(exc).__name__}: a pivot is not positive), i.e. a Schur complement is not above",
+                      None, hi, _noise(d, e, hi), d, m) from None
+    _check_pivots(fn, xp, l, sigma, eps, source, m)
+    return l, res
 
 
 # --------------------------------------------------------------------------------------------------
-# the whitening NOP on the view (B·, G, c, M) and its backward
+# the layout: the partition's view as (I, R1, G, c, R2), no physical transpose
+
+
+class Layout(NamedTuple):
+    """Where a partition's view keeps its independent statistics (I), samples (R1 before the features,
+    R2 after them) and features (G groups of c). ``swap``: R1 is the longer sample axis, so it is moved
+    last (a strided view) to be the contraction axis of the matrix products."""
+
+    view: tuple
+    i: int
+    r1: int
+    g: int
+    c: int
+    r2: int
+    swap: bool
+
+    @property
+    def m(self) -> int:
+        return self.r1 * self.r2
+
+    def orient(self, xp, a):
+        """(I, R1, G, c, R2) of a view-shaped array; with ``swap`` (I, R2, G, c, R1)."""
+        a5 = xp.reshape(a, (self.i, self.r1, self.g, self.c, self.r2))
+        return xp.permute_dims(a5, (0, 4, 2, 3, 1)) if self.swap else a5
+
+    def unorient(self, xp, a5):
+        if self.swap:
+            a5 = xp.permute_dims(a5, (0, 4, 2, 3, 1))
+        return xp.reshape(a5, self.view)
+
+
+def layout(view_shape, reduce_axes, feature_axes, group_size: int) -> Layout:
+    """The :class:`Layout` of a partition's view (shape, reduce axes) with the given feature axes.
+
+    The partitions of :mod:`normref.partition` lay their axes out as [independent] [reduced] [features]
+    [reduced]: I gathers the leading non-reduced axes, R1 the reduced axes before the features, R2 the
+    reduced axes after them (no features: a single feature at the end)."""
+    view_shape = tuple(int(s) for s in view_shape)
+    nd = len(view_shape)
+    red = set(reduce_axes)
+    fa = tuple(sorted(feature_axes))
+    f0, f1 = (fa[0], fa[-1] + 1) if fa else (nd, nd)
+    if fa != tuple(range(f0, f1)) or red & set(fa):
+        raise AssertionError(f"whitening layout: feature axes {fa} must be contiguous and not reduced")
+    before = list(range(f0))
+    n_ind = 0
+    while n_ind < len(before) and before[n_ind] not in red:
+        n_ind += 1
+    if any(a not in red for a in before[n_ind:]) or any(a not in red for a in range(f1, nd)):
+        raise AssertionError(f"whitening layout: view {view_shape}, reduce axes {tuple(reduce_axes)}, features {fa}")
+    size = lambda axes: math.prod(view_shape[a] for a in axes)  # noqa: E731
+    i, r1, f, r2 = size(before[:n_ind]), size(before[n_ind:]), size(fa), size(range(f1, nd))
+    return Layout(view_shape, i, r1, f // group_size, group_size, r2, r1 > r2)
+
+
+def _sample_mean(xp, t):
+    """The mean over both sample axes (1 and 4) of an oriented array (equal counts: the mean of means)."""
+    return xp.mean(xp.mean(t, axis=4, keepdims=True), axis=1, keepdims=True)
+
+
+def _covariance(xp, xc, m):
+    """Σ_{R1} Xc·Xcᵀ/m per group, (I, G, c, c): one batched matrix product, summed over axis 1."""
+    return xp.sum(xp.matmul(xc, _mf.mT(xp, xc)), axis=1) / m
+
+
+# --------------------------------------------------------------------------------------------------
+# the whitening NOP
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
-    """Static half of a whitening call (hashable): shapes, partition, operation, recovery."""
+class Whitening(Operation):
+    """The whitening operation (NOP) on a partition's view, for :func:`normref.framework.run_forward`.
 
-    shape: tuple          # the input's shape (N, C, *S)
-    view: tuple           # (N, G, c, M)
-    batch: bool           # Σ shared by the batch (Π_BN) rather than per sample
-    method: str
-    population: bool      # normalized by given (constant) statistics
-    n_w: int              # number of matfun residual arrays
-    recovery: str         # "none", "affine", "coloring"
-    wshape: Any = None
-    bshape: Any = None
+    ``forward(xp, x, axes, mean=None, cov=None)``: batch statistics, or (``population``) the given μ̂
+    (1, 1, G, c, 1) and Σ̂ (1, G, c, c) as constants. Residuals ``(x, μ, M, *res)``: the input view
+    (referenced, not copied), the mean, W (Cholesky: L) and the matrix function's residuals; x̂ is
+    recomputed by :meth:`xhat` where a recovery's backward needs it. Build it with
+    :func:`whitening_operation`, which validates the group size against the partition.
+    """
+
+    method: str = "zca"
+    group_size: int = 1
+    iterations: int = 5
+    eps: float = 1e-5
+    reduce_axes: tuple = ()
+    feature_axes: tuple = ()
+    population: bool = False
+    fn: str = "whitening"
+    name = "whitening"
+
+    def layout(self, view_shape) -> Layout:
+        return layout(view_shape, self.reduce_axes, self.feature_axes, self.group_size)
+
+    def forward(self, xp, x, axes, mean=None, cov=None):
+        lay = self.layout(x.shape)
+        x5 = lay.orient(xp, x)
+        if self.population:
+            mu = mean
+            source = "running_cov"
+        else:
+            mu = _sample_mean(xp, x5)
+            cov = _covariance(xp, x5 - mu, lay.m)
+            source = "input"
+        xc = x5 - mu
+        sigma = cov + self.eps * _mf.eye_like(xp, cov)
+        op, wres = _operator(self.fn, xp, sigma, self.method, self.iterations, self.eps, source, lay.m)
+        y5 = _mf.apply_whitening(xp, self.method, op[:, None, ...], xc)
+        res = (x, mu, op) if self.population else (x, mu, op) + tuple(wres)
+        return lay.unorient(xp, y5), res, {"mean": mu, "cov": cov}
+
+    def xhat(self, xp, res):
+        x, mu, op = res[:3]
+        lay = self.layout(x.shape)
+        return lay.unorient(xp, _mf.apply_whitening(xp, self.method, op[:, None, ...], lay.orient(xp, x) - mu))
+
+    def backward(self, xp, res, axes, g):
+        """dX = dXc − mean(dXc), dXc = Wᵀ·G + (2/m)·dΣ·Xc, dΣ = matfun backward of dW = Σ G·Xcᵀ."""
+        x, mu, op = res[:3]
+        wres = res[3:]
+        lay = self.layout(x.shape)
+        g5 = lay.orient(xp, g)
+        dxc = _mf.apply_whitening_transpose(xp, self.method, op[:, None, ...], g5)
+        if self.population:  # μ̂ and W are constants (survey Eqn 16)
+            return lay.unorient(xp, dxc)
+        xc = lay.orient(xp, x) - mu
+        dw = xp.sum(xp.matmul(g5, _mf.mT(xp, xc)), axis=1)
+        ds = _mf.whitening_matrix_backward(xp, wres, dw, self.method)  # symmetric
+        dxc = dxc + (2.0 / lay.m) * xp.matmul(ds[:, None, ...], xc)
+        return lay.unorient(xp, dxc - _sample_mean(xp, dxc))
 
 
-def _view_shape(partition, shape, num_groups, group_size):
-    n, c = shape[0], shape[1]
-    p = math.prod(shape[2:])
-    f = c if partition != "group" else num_groups
-    return (n, f // group_size, group_size, (c * p) // f)
+def _features(part: _part.Partition, shape) -> tuple[int, str]:
+    """(number of features, how the error messages call it) for a partition of ``shape``."""
+    vs = part.view_shape(shape)
+    fa = part.feature_axes(shape)
+    f = math.prod(vs[a] for a in fa)
+    if part.kind in ("group", "batch_group"):
+        return f, "num_groups"
+    if part.kind == "position":
+        return f, "the number of positions, prod(input.shape[2:])"
+    if part.kind == "layer":
+        return f, (f"input.shape[{fa[0]}]" if fa else "a single row (every axis is normalized)")
+    return f, "input.shape[1]"
 
 
-def _sample_mean(xp, t, batch: bool):
-    """The mean over the samples of each covariance: the positions (axis 3), then the batch (axis 0)
-    for Π_BN (two contiguous reductions; the counts are equal, so the mean of means is the mean)."""
-    t = xp.mean(t, axis=3, keepdims=True)
-    return xp.mean(t, axis=0, keepdims=True) if batch else t
+def whitening_operation(fn: str, part: _part.Partition, shape, method: str = "zca", group_size: int | None = None,
+                        iterations: int = 5, eps: float = 1e-5, population: bool = False) -> Whitening:
+    """The :class:`Whitening` operation of ``method`` for ``part`` on inputs of ``shape``: validates
+    ``method``, ``group_size`` (a divisor of the partition's number of features) and ``iterations``;
+    ``fn`` names the public function in error messages."""
+    method = _check_method(fn, method)
+    iterations = check_int(fn, "iterations", iterations, minimum=1)
+    eps = check_nonnegative(fn, "eps", eps)
+    feats, what = _features(part, shape)
+    c = _check_group_size(fn, group_size, feats, what)
+    _warn_unstable(fn, method, iterations)
+    return Whitening(method, c, iterations, eps, tuple(part.axes(shape)), tuple(part.feature_axes(shape)),
+                     population, fn)
 
 
-def _covariance(xp, xc, batch: bool):
-    """Xc·Xcᵀ/m per group: a batched matrix product (summed over the batch for Π_BN)."""
-    cov = xp.matmul(xc, _mf.mT(xp, xc))
-    m = xc.shape[3]
-    if batch:
-        cov = xp.sum(cov, axis=0, keepdims=True)
-        m *= xc.shape[0]
-    return cov / m
+# --------------------------------------------------------------------------------------------------
+# the coloring recovery (NRR): X̃ = Γ_g·X̂_g per group, on the whitening layout
 
 
-def _whiten_forward(fn, xp, xv, batch, eps, method, iterations, mean=None, cov=None):
-    """(X̂, Xc, W, wres, μ, cov) on the view; batch statistics unless ``mean``/``cov`` are given."""
-    if mean is None:
-        mu = _sample_mean(xp, xv, batch)
-        xc = xv - mu
-        cov = _covariance(xp, xc, batch)
-    else:
-        mu = mean
-        xc = xv - mu
-    sigma = cov + eps * _mf.eye_like(xp, cov)
-    w, wres = _matrix_forward(fn, xp, sigma, method, iterations, eps)
-    return xp.matmul(w, xc), xc, w, wres, mu, cov
+def _coloring_forward(xp, lay: Layout, xhat_v, gam):
+    return lay.unorient(xp, xp.matmul(gam[None, None, ...], lay.orient(xp, xhat_v)))
 
 
-def _whiten_backward(xp, plan_method, batch, population, xc, w, wres, dy):
-    """dX on the view from dX̂ (module docstring); population statistics are constants: dX = Wᵀ·dX̂."""
-    dxc = xp.matmul(_mf.mT(xp, w), dy)
-    if population:
-        return dxc
-    dw = xp.matmul(dy, _mf.mT(xp, xc))
-    m = xc.shape[3]
-    if batch:
-        dw = xp.sum(dw, axis=0, keepdims=True)
-        m *= xc.shape[0]
-    ds = _mf.whitening_matrix_backward(xp, wres, dw, plan_method)  # symmetric
-    dxc = dxc + (2.0 / m) * xp.matmul(ds, xc)
-    return dxc - _sample_mean(xp, dxc, batch)
+def _coloring_backward(xp, lay: Layout, xhat_v, gam, g_v):
+    """dΓ_g = Σ G_g·X̂_gᵀ (over the independent and sample axes), dX̂_g = Γ_gᵀ·G_g."""
+    g5 = lay.orient(xp, g_v)
+    dgam = xp.sum(xp.matmul(g5, _mf.mT(xp, lay.orient(xp, xhat_v))), axis=(0, 1))
+    return lay.unorient(xp, xp.matmul(_mf.mT(xp, gam)[None, None, ...], g5)), dgam
+
+
+# --------------------------------------------------------------------------------------------------
+# the presets' shared body
 
 
 def _out(xp, y, dtype):
@@ -280,35 +525,49 @@ def _ema(xp, running, stat, f):
     return _out(xp, new, running.dtype)
 
 
+def _partition(fn, kind, num_groups, batch_groups, normalized_ndim) -> _part.Partition:
+    check_choice(fn, "partition", kind, PARTITIONS)
+    if kind in ("group", "batch_group"):
+        if num_groups is None:
+            raise ValueError(f"{fn}: partition={kind!r} needs num_groups (the number of channel blocks); got None")
+        num_groups = check_int(fn, "num_groups", num_groups)
+    if kind == "group":
+        return _part.Partition("group", num_groups=num_groups)
+    if kind == "batch_group":
+        return _part.Partition("batch_group", num_groups=num_groups,
+                               batch_groups=check_int(fn, "batch_groups", batch_groups))
+    if kind == "layer":
+        return _part.Partition("layer", normalized_ndim=check_int(fn, "normalized_ndim", normalized_ndim))
+    return _part.Partition(kind)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ColorPlan:
+    """Static half of a whitening-coloring call: partition, operation, shapes (hashable)."""
+
+    part: Any
+    op: Any
+    shape: tuple
+    n_op: int
+    wshape: Any
+    bshape: Any
+
+
 def _whitening(
     fn, input, running_mean, running_cov, weight, bias, training, momentum, eps, method, group_size,
-    iterations, partition, num_groups, num_batches_tracked, recovery,
+    iterations, partition, num_groups, num_batches_tracked, recovery, batch_groups=1, normalized_ndim=1,
 ):
-    """The shared body of every batch-whitening preset: validation, NAP → NOP → NRR, residuals."""
+    """The shared body of every whitening preset: validation, then NAP → NOP → NRR by the framework."""
     xp = namespace(fn, input=input, running_mean=running_mean, running_cov=running_cov, weight=weight, bias=bias)
     check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
-    method = _check_method(fn, method)
-    check_choice(fn, "partition", partition, PARTITIONS)
-    iterations = check_int(fn, "iterations", iterations, minimum=1)
-    eps = _eps(fn, eps)
     momentum = check_momentum(fn, momentum)
+    part = _partition(fn, partition, num_groups, batch_groups, normalized_ndim)
     shape = tuple(input.shape)
+    part.validate(fn, shape)
+    op = whitening_operation(fn, part, shape, method, group_size, iterations, eps)
+    lay = op.layout(part.view_shape(shape))
     n, c = shape[0], shape[1]
-    if partition == "group":
-        if num_groups is None:
-            raise ValueError(f"{fn}: partition='group' needs num_groups (the number of channel blocks); got None")
-        num_groups = check_int(fn, "num_groups", num_groups)
-        if c % num_groups:
-            raise ValueError(f"{fn}: num_groups must divide the number of channels input.shape[1] = {c}; got {num_groups}")
-        feats, what = num_groups, "num_groups"
-    else:
-        feats, what = c, "input.shape[1]"
-        if partition == "instance" and len(shape) < 3:
-            raise ValueError(f"{fn}: the instance partition needs spatial axes, input (N, C, *spatial); got shape {shape}")
-    gs = _check_group_size(fn, group_size, feats, what)
-    view = _view_shape(partition, shape, num_groups, gs)
-    batch = partition == "batch"
-    g = view[1]
+    g, gs, batch = lay.g, lay.c, partition == "batch"
     if (running_mean is None) != (running_cov is None):
         given = "running_mean" if running_cov is None else "running_cov"
         missing = "running_cov" if running_cov is None else "running_mean"
@@ -322,9 +581,9 @@ def _whitening(
     else:
         check_param_shape(fn, "weight", weight, (c,), f"one value per channel, input.shape[1] = {c}")
     check_param_shape(fn, "bias", bias, (c,), f"one value per channel, input.shape[1] = {c}")
-    m = view[3] * (view[0] if batch else 1)
-    # the instance and group partitions always whiten with the sample's own statistics (as
-    # instance_norm does by default): there is no population to estimate for them
+    m = lay.m
+    # only the batch partition has a population to estimate; every other partition always whitens
+    # with each call's own statistics (as instance_norm does by default)
     training = bool(training) or not batch
     if training:
         if m < 2:
@@ -338,34 +597,30 @@ def _whitening(
 
     cd = compute_dtype(xp, input.dtype)
     x = to_compute(xp, input, cd)
-    xv = xp.reshape(x, view)
-    if training:
-        yv, xc, w, wres, mu, cov = _whiten_forward(fn, xp, xv, batch, eps, method, iterations)
-    else:
-        mean = xp.reshape(to_compute(xp, running_mean, cd), (1, g, gs, 1))
-        covp = xp.reshape(to_compute(xp, running_cov, cd), (1, g, gs, gs))
-        yv, xc, w, wres, mu, cov = _whiten_forward(fn, xp, xv, batch, eps, method, iterations, mean, covp)
-        wres = ()
     nd = len(shape)
+    op_arrays = {}
+    if not training:
+        op = dataclasses.replace(op, population=True)
+        op_arrays = dict(mean=xp.reshape(to_compute(xp, running_mean, cd), (1, 1, g, gs, 1)),
+                         cov=xp.reshape(to_compute(xp, running_cov, cd), (1, g, gs, gs)))
+    beta_b = channel_param(xp, to_compute(xp, bias, cd), nd)
     if recovery == "coloring":
-        gam = None if weight is None else xp.reshape(to_compute(xp, weight, cd), (1, g, gs, gs))
-        if gam is not None:
-            yv = xp.matmul(gam, yv)
-        y = xp.reshape(yv, shape)
+        gam = None if weight is None else to_compute(xp, weight, cd)
+        xhat, op_res, stats = run_forward(xp, x, part, op, **op_arrays)
+        y = xhat if gam is None else part.unview(xp, _coloring_forward(xp, lay, part.view(xp, xhat), gam), shape)
+        y = affine_forward(xp, y, None, beta_b)
+        plan = _ColorPlan(part, op, shape, len(op_res), None if weight is None else tuple(weight.shape),
+                          None if bias is None else tuple(bias.shape))
+        res = Residuals(tuple(op_res) + (gam,), plan)
     else:
-        gam = channel_param(xp, to_compute(xp, weight, cd), nd)
-        y = xp.reshape(yv, shape)
-        if gam is not None:
-            y = y * gam
-    if bias is not None:
-        y = y + channel_param(xp, to_compute(xp, bias, cd), nd)
-    plan = _Plan(shape, view, batch, method, not training, len(wres), recovery,
-                 None if weight is None else tuple(weight.shape), None if bias is None else tuple(bias.shape))
-    res = Residuals((xc, w, gam) + tuple(wres), plan)
+        gamma_b = channel_param(xp, to_compute(xp, weight, cd), nd)
+        y, op_res, stats = run_forward(xp, x, part, op, gamma_b, beta_b, **op_arrays)
+        res = pack(part, op, x, op_res, gamma_b, beta_b, extra=(
+            None if weight is None else tuple(weight.shape), None if bias is None else tuple(bias.shape)))
     y = _out(xp, y, input.dtype)
     if training and running_mean is not None:
-        rm = _ema(xp, running_mean, xp.reshape(mu, (c,)), f)
-        rc = _ema(xp, running_cov, xp.reshape(cov, (g, gs, gs)) * (m / (m - 1)), f)
+        rm = _ema(xp, running_mean, xp.reshape(stats["mean"], (c,)), f)
+        rc = _ema(xp, running_cov, xp.reshape(stats["cov"], (g, gs, gs)) * (m / (m - 1)), f)
         return WhiteningResult(y, rm, rc), res
     return y, res
 
@@ -373,32 +628,29 @@ def _whitening(
 def _whitening_backward(res: Residuals, g):
     """(dinput, None, None, dweight, dbias): the recovery's backward, then the whitening's."""
     xp = namespace("whitening.backward", cotangent=g)
-    plan: _Plan = res.static
-    xc, w, gam = res.arrays[:3]
-    wres = res.arrays[3:]
-    g = to_compute(xp, g, xc.dtype)
-    shape, view = plan.shape, plan.view
-    nd = len(shape)
-    dweight = dbias = None
-    if plan.bshape is not None:
-        axes = (0,) + tuple(range(2, nd))
-        dbias = xp.sum(g, axis=axes)
-    gv = xp.reshape(g, view)
-    if plan.recovery == "coloring":
-        if gam is not None:
-            yv = xp.matmul(w, xc)
-            dweight = xp.reshape(xp.sum(xp.matmul(gv, _mf.mT(xp, yv)), axis=0), plan.wshape)
-            gv = xp.matmul(_mf.mT(xp, gam), gv)
-    elif gam is not None:
-        yhat = xp.reshape(xp.matmul(w, xc), shape)
-        dweight = xp.sum(g * yhat, axis=(0,) + tuple(range(2, nd)))
-        gv = xp.reshape(g * gam, view)
-    dxv = _whiten_backward(xp, plan.method, plan.batch, plan.population, xc, w, wres, gv)
-    return xp.reshape(dxv, shape), None, None, dweight, dbias
+    plan = res.static
+    if not isinstance(plan, _ColorPlan):  # affine recovery: the framework's composed backward
+        dx, dweight, dbias, _ = unpack_backward(xp, res, g)
+        wshape, bshape = plan.extra
+        return (dx, None, None, None if dweight is None else xp.reshape(dweight, wshape),
+                None if dbias is None else xp.reshape(dbias, bshape))
+    op_res = res.arrays[: plan.n_op]
+    gam = res.arrays[plan.n_op]
+    g = to_compute(xp, g, op_res[0].dtype)
+    shape, part, op = plan.shape, plan.part, plan.op
+    bshape_b = None if plan.bshape is None else (1, plan.bshape[0]) + (1,) * (len(shape) - 2)
+    g, _, dbias = affine_backward(xp, None, None, bshape_b, g)  # β: dβ = Σ g over all but the channel axis
+    dweight = None
+    if gam is not None:
+        lay = op.layout(part.view_shape(shape))
+        dxhat_v, dweight = _coloring_backward(xp, lay, op.xhat(xp, op_res), gam, part.view(xp, g))
+        g = part.unview(xp, dxhat_v, shape)
+    dx, _, _ = run_backward(xp, part, op, shape, op_res, None, None, g)
+    return dx, None, None, dweight, None if dbias is None else xp.reshape(dbias, plan.bshape)
 
 
 # --------------------------------------------------------------------------------------------------
-# examples and invariants (NumPy float64; the conformance suite converts them)
+# examples and invariants (NumPy float64 references; the conformance suite converts the examples)
 
 
 def _np_matrix(method, sigma, iterations=5):
@@ -412,67 +664,115 @@ def _args(m, args, kwargs):
     return m.bind(*args, **kwargs).arguments
 
 
+def _survey_groups(x, partition="batch", num_groups=None, batch_groups=1, normalized_ndim=1, group_size=None):
+    """The groups of rows of the survey's matrix Π(X) (Eqn 20) of a NumPy array, (K, c, columns), built
+    with explicit transposes (an evaluation independent of :class:`Layout`), and its inverse map."""
+    x = _np.asarray(x, _np.float64)
+    shape = x.shape
+    n, ch = shape[0], shape[1]
+    p = int(_np.prod(shape[2:], dtype=int))
+    if partition == "batch":
+        mat = _np.moveaxis(x, 1, 0).reshape(ch, -1)
+        back = lambda r: _np.moveaxis(r.reshape((ch, n) + shape[2:]), 0, 1)  # noqa: E731
+        feats = ch
+    elif partition in ("instance", "group"):
+        rows = n * (ch if partition == "instance" else num_groups)
+        mat = x.reshape(rows, -1)
+        back = lambda r: r.reshape(shape)  # noqa: E731
+        feats = ch if partition == "instance" else num_groups
+    elif partition == "position":
+        mat = x.reshape(n, ch, p).transpose(0, 2, 1).reshape(n * p, ch)
+        back = lambda r: r.reshape(n, p, ch).transpose(0, 2, 1).reshape(shape)  # noqa: E731
+        feats = p
+    elif partition == "layer":
+        lead = shape[: len(shape) - normalized_ndim]
+        mat = x.reshape(int(_np.prod(lead, dtype=int)), -1)
+        back = lambda r: r.reshape(shape)  # noqa: E731
+        feats = lead[-1] if lead else 1
+    elif partition == "batch_group":
+        gb, gg = batch_groups, num_groups
+        v = x.reshape(gb, n // gb, gg, -1).transpose(0, 2, 1, 3)
+        mat = v.reshape(gb * gg, -1)
+        back = lambda r: r.reshape(v.shape).transpose(0, 2, 1, 3).reshape(shape)  # noqa: E731
+        feats = gg
+    else:
+        raise ValueError(partition)
+    c = group_size or feats
+    groups = mat.reshape(-1, c, mat.shape[1])
+    return groups, (lambda gr: back(gr.reshape(mat.shape)))
+
+
+def _group_cov(groups, eps=0.0):
+    xc = groups - groups.mean(axis=-1, keepdims=True)
+    return xc @ _np.swapaxes(xc, -1, -2) / groups.shape[-1] + eps * _np.eye(groups.shape[1])
+
+
+def _kappa(sig) -> float:
+    """The largest κ = λ_max/λ_min of a stack of symmetric positive definite matrices (≥ 1)."""
+    lam = _np.linalg.eigvalsh(_np.asarray(sig, _np.float64))
+    return float(max(1.0, _np.max(lam[..., -1] / lam[..., 0])))
+
+
+def _call_cond(x, eps=1e-5, **part):
+    """κ(Σ + εI) of the worst group of an example: the conditioning factor of its tolerances."""
+    return _kappa(_group_cov(_survey_groups(x, **part)[0], eps))
+
+
+_PART_KEYS = ("partition", "num_groups", "batch_groups", "normalized_ndim", "group_size")
+
+
 def _whiteness_invariant() -> Invariant:
     """Invariant: for zca, pca and cholesky, W·Σ·Wᵀ = I, i.e. the output covariance is I − ε·W·Wᵀ
-    (Σ includes ε·I), checked with W recomputed in float64 from the input (training, no recovery)."""
+    (Σ includes ε·I), on every partition, with Σ and W recomputed in float64 from the input through
+    the survey's matrix Π(X) (no recovery; batch statistics)."""
 
     def check(m, xp, out, args, kwargs):
         a = _args(m, args, kwargs)
         meth = a.get("method", "zca")
-        if meth not in ("zca", "pca", "cholesky") or not a["training"] or a.get("weight") is not None or a.get("bias") is not None:
+        part = {k: a[k] for k in _PART_KEYS if k in a}
+        if meth not in ("zca", "pca", "cholesky") or a.get("weight") is not None or a.get("bias") is not None:
             return None
-        if a.get("partition", "batch") != "batch":
+        if part.get("partition", "batch") == "batch" and not a["training"]:
             return None
-        x = _np.asarray(to_numpy(a["input"]), _np.float64)
-        y = _np.asarray(to_numpy(m.primary(out)), _np.float64)
-        c = x.shape[1]
-        gs = a.get("group_size") or c
-        view = (x.shape[0], c // gs, gs, int(_np.prod(x.shape[2:], dtype=int)))
-        xv = x.reshape(view)
-        yv = y.reshape(view)
-        mm = view[0] * view[3]
-        xc = xv - xv.mean(axis=(0, 3), keepdims=True)
-        sig = _np.einsum("ngim,ngjm->gij", xc, xc) / mm + a["eps"] * _np.eye(gs)
+        xg, _ = _survey_groups(to_numpy(a["input"]), **part)
+        yg, _ = _survey_groups(to_numpy(m.primary(out)), **part)
+        sig = _group_cov(xg, a["eps"])
         wm = _np_matrix(meth, sig)
-        cy = _np.einsum("ngim,ngjm->gij", yv, yv) / mm
-        return float(_np.max(_np.abs(cy + a["eps"] * wm @ _np.swapaxes(wm, -1, -2) - _np.eye(gs))))
+        cy = yg @ _np.swapaxes(yg, -1, -2) / yg.shape[-1]
+        return float(_np.max(_np.abs(cy + a["eps"] * wm @ _np.swapaxes(wm, -1, -2) - _np.eye(sig.shape[-1]))))
 
     return Invariant("whiteness: cov(X̂) = I − ε·W·Wᵀ (W·Σ·Wᵀ = I)", check, scale=256.0)
-
-
-def _cov_cond(x, gs):
-    """κ(Σ) of the worst group of a (N, C, ...) example (the tolerances' conditioning factor)."""
-    c = x.shape[1]
-    xv = x.reshape(x.shape[0], c // gs, gs, -1)
-    xc = xv - xv.mean(axis=(0, 3), keepdims=True)
-    s = _np.einsum("ngim,ngjm->gij", xc, xc) / (xv.shape[0] * xv.shape[3])
-    lam = _np.linalg.eigvalsh(s)
-    return float(max(1.0, _np.max(lam[:, -1] / lam[:, 0])))
 
 
 def _ex_batch_whitening(rng):
     x = rng.standard_normal((8, 4, 3, 2)) + 0.5
     x[:, 1] += 0.7 * x[:, 0]  # correlated channels
     c = 4
-    k = _cov_cond(x, 4)
+    k = _call_cond(x)
     for meth in WHITENING_METHODS:
         yield Example((x,), dict(training=True, method=meth), label=f"{meth}, one group of 4", cond=k)
-        yield Example((x,), dict(training=True, method=meth, group_size=2), label=f"{meth}, groups of 2", cond=k)
+        yield Example((x,), dict(training=True, method=meth, group_size=2), label=f"{meth}, groups of 2",
+                      cond=_call_cond(x, group_size=2))
     rm = rng.standard_normal(c) * 0.2
     a = rng.standard_normal((2, 2, 2))
     rc = a @ _np.swapaxes(a, -1, -2) + _np.eye(2)
     w, b = rng.uniform(0.5, 1.5, c), rng.standard_normal(c)
     yield Example((x, rm, rc, w, b), dict(training=True, method="zca", group_size=2, momentum=0.3),
-                  label="zca training, running update, affine", cond=k)
+                  label="zca training, running update, affine", cond=_call_cond(x, group_size=2))
     yield Example((x, rm, rc, w, b), dict(training=False, method="cholesky", group_size=2),
-                  label="cholesky inference (population statistics)", cond=k)
+                  label="cholesky inference (population statistics)", cond=_kappa(rc + 1e-5 * _np.eye(2)))
     x2 = rng.standard_normal((3, 4, 12))
-    xc2 = x2 - x2.mean(axis=2, keepdims=True)
-    lam2 = _np.linalg.eigvalsh(_np.einsum("nim,njm->nij", xc2, xc2) / 12 + 1e-5 * _np.eye(4))
-    yield Example((x2,), dict(training=True, method="zca", partition="instance"), label="zca, instance partition",
-                  cond=float(_np.max(lam2[:, -1] / lam2[:, 0])))
-    yield Example((x2,), dict(training=True, method="iternorm", partition="group", num_groups=2, iterations=3),
-                  label="iternorm T=3, group partition", cond=10.0)
+    for meth, part in (("zca", dict(partition="instance")),
+                       ("iternorm", dict(partition="group", num_groups=2)),
+                       ("cholesky", dict(partition="position")),
+                       ("pca", dict(partition="layer", normalized_ndim=1, group_size=2)),
+                       ("newton_schulz", dict(partition="batch_group", num_groups=4, batch_groups=1))):
+        kw = dict(training=True, method=meth, **part)
+        if meth == "iternorm":
+            kw["iterations"] = 3
+        xin = x2 if part["partition"] != "position" else x2.reshape(3, 4, 3, 4)[:, :, :, :2]
+        kpart = {k: v for k, v in part.items()}
+        yield Example((xin,), kw, label=f"{meth}, {part['partition']} partition", cond=_call_cond(xin, **kpart))
 
 
 @method(
@@ -499,20 +799,26 @@ def batch_whitening(
     *,
     partition: str = "batch",
     num_groups: int | None = None,
+    batch_groups: int = 1,
+    normalized_ndim: int = 1,
     num_batches_tracked: int | None = None,
 ):
     """Batch whitening: X̂ = W(Σ)·(X − μ) per group of ``group_size`` features, y = γ·X̂ + β per channel.
 
     Σ = Xc·Xcᵀ/m + ε·I (survey Eqn 23); W by ``method`` (``"zca"``, ``"pca"``, ``"cholesky"``,
-    ``"iternorm"``, ``"newton_schulz"``; the last two with ``iterations`` = T); ``partition``
-    ``"batch"`` (default), ``"instance"`` or ``"group"`` (with ``num_groups``); see the module
-    docstring for what each means, and for the running statistics: ``running_mean`` (C,) and
-    ``running_cov`` (C/group_size, group_size, group_size), unbiased, returned updated in a
-    :class:`WhiteningResult` by a training call; required by an inference call (``training=False``),
-    which whitens with W(running_cov + εI) and treats it as a constant. Huang et al., CVPR 2018.
+    ``"iternorm"``, ``"newton_schulz"``; the last two with ``iterations`` = T); ``partition`` any of
+    the framework's (``"batch"`` by default, ``"instance"``, ``"group"`` and ``"batch_group"`` with
+    ``num_groups`` (and ``batch_groups``), ``"position"``, ``"layer"`` with ``normalized_ndim``; the
+    module docstring says what the features and samples of each are; the same operation as
+    ``normalize(input, weight, bias, partition=..., operation=method, group_size=...)``). Running
+    statistics (batch partition): ``running_mean`` (C,) and ``running_cov`` (C/group_size,
+    group_size, group_size), unbiased, returned updated in a :class:`WhiteningResult` by a training
+    call; required by an inference call (``training=False``), which whitens with
+    W(running_cov + εI) and treats it as a constant. Huang et al., CVPR 2018.
     """
     return _whitening("batch_whitening", input, running_mean, running_cov, weight, bias, training, momentum, eps,
-                      method, group_size, iterations, partition, num_groups, num_batches_tracked, "affine")
+                      method, group_size, iterations, partition, num_groups, num_batches_tracked, "affine",
+                      batch_groups, normalized_ndim)
 
 
 batch_whitening.defbackward(_whitening_backward)
@@ -522,15 +828,16 @@ def _ex_preset(meth):
     def ex(rng):
         x = rng.standard_normal((6, 4, 2, 3)) - 0.3
         x[:, 2] += 0.5 * x[:, 3]
-        k = _cov_cond(x, 2)
         c = 4
-        yield Example((x,), dict(training=True, group_size=2), label="groups of 2, batch statistics", cond=k)
+        yield Example((x,), dict(training=True, group_size=2), label="groups of 2, batch statistics",
+                      cond=_call_cond(x, group_size=2))
         yield Example((x, None, None, rng.uniform(0.5, 1.5, c), rng.standard_normal(c)), dict(training=True),
-                      label="one group, affine", cond=_cov_cond(x, 4))
+                      label="one group, affine", cond=_call_cond(x))
         rm = rng.standard_normal(c) * 0.1
         a = rng.standard_normal((1, 4, 4))
         rc = a @ _np.swapaxes(a, -1, -2) / 4 + _np.eye(4)
-        yield Example((x, rm, rc), dict(training=False), label="inference (population statistics)", cond=k)
+        yield Example((x, rm, rc), dict(training=False), label="inference (population statistics)",
+                      cond=_kappa(rc + 1e-5 * _np.eye(4)))
 
     return ex
 
@@ -568,26 +875,24 @@ decorrelated_batch_norm.defbackward(_whitening_backward)
 
 def _monotone_invariant() -> Invariant:
     """Invariant (survey §5.1.2, IterNorm "stretches the dimensions along the eigenvectors
-    progressively"): the eigenvalues of W_T·Σ·W_Tᵀ increase monotonically with T and stay ≤ 1."""
+    progressively"): the eigenvalues of W_T·Σ·W_Tᵀ = cov(X̂) + ε·W_T·W_Tᵀ, taken from the output,
+    lie between those of W_{T−1}·Σ·W_{T−1}ᵀ (float64 reference) and 1."""
 
     def check(m, xp, out, args, kwargs):
         a = _args(m, args, kwargs)
-        if not a["training"]:
+        if not a["training"] or a.get("weight") is not None or a.get("bias") is not None:
             return None
-        x = _np.asarray(to_numpy(a["input"]), _np.float64)
-        c = x.shape[1]
-        gs = a.get("group_size") or c
-        xv = x.reshape(x.shape[0], c // gs, gs, -1)
-        xc = xv - xv.mean(axis=(0, 3), keepdims=True)
-        sig = _np.einsum("ngim,ngjm->gij", xc, xc) / (xv.shape[0] * xv.shape[3]) + a["eps"] * _np.eye(gs)
-        prev, worst = None, 0.0
-        for t in range(1, a["iterations"] + 3):
-            wm = _np_matrix("iternorm", sig, t)
-            ev = _np.linalg.eigvalsh(wm @ sig @ _np.swapaxes(wm, -1, -2))
-            worst = max(worst, float(_np.max(ev - 1.0)))
-            if prev is not None:
-                worst = max(worst, float(_np.max(prev - ev)))  # a decrease is a violation
-            prev = ev
+        xg, _ = _survey_groups(to_numpy(a["input"]), group_size=a.get("group_size"))
+        yg, _ = _survey_groups(to_numpy(m.primary(out)), group_size=a.get("group_size"))
+        sig = _group_cov(xg, a["eps"])
+        t = a["iterations"]
+        # the reference is the coupled form: the same polynomial, stable for every T
+        w_t = _np_matrix("newton_schulz", sig, t)
+        ev = _np.linalg.eigvalsh(yg @ _np.swapaxes(yg, -1, -2) / yg.shape[-1] + a["eps"] * w_t @ w_t)
+        worst = float(_np.max(ev - 1.0))
+        if t > 1:
+            w_p = _np_matrix("newton_schulz", sig, t - 1)
+            worst = max(worst, float(_np.max(_np.linalg.eigvalsh(w_p @ sig @ w_p) - ev)))
         return max(worst, 0.0)
 
     return Invariant("IterNorm: eigenvalues of W_T·Σ·W_Tᵀ increase with T toward 1", check, scale=64.0)
@@ -614,19 +919,55 @@ def iter_norm(
     iterations: int = 5,
     *,
     num_batches_tracked: int | None = None,
+    coupled: bool | None = None,
 ):
     """Iterative normalization: X̂ = (P_T/√tr Σ)·(X − μ), P_0 = I, P_k = ½(3·P_{k−1} − P_{k−1}³·Σ/tr Σ),
     then y = γ·X̂ + β (:func:`batch_whitening` with ``method="iternorm"``). The running covariance is
     kept and W recomputed from it at inference (the paper keeps a running W instead; survey §5.3.2).
-    The uncoupled iteration is numerically unstable once converged (errors grow by up to κ(Σ)/2 per
-    step): keep T small, as the paper does, or use ``batch_whitening(method="newton_schulz")``, the
-    same polynomial computed stably (:func:`normref.matfun.newton_inv_sqrt_forward`).
-    Huang et al., CVPR 2019 (Algorithm 1; T = 5 is their default)."""
+
+    The uncoupled iteration amplifies rounding errors once converged (module docstring: ≈ 30–50× per
+    step). ``coupled=None`` (default) computes P_T as written for T ≤ :data:`ITERNORM_STABLE_T` (6)
+    and by the coupled Newton–Schulz form (``method="newton_schulz"``, the same polynomial, stable)
+    for larger T; ``coupled=False`` forces the uncoupled form (with a ``RuntimeWarning`` above 6),
+    ``coupled=True`` the coupled one. Huang et al., CVPR 2019 (Algorithm 1; T = 5 is their default).
+    """
+    if coupled is not None and not isinstance(coupled, bool):
+        raise TypeError(f"iter_norm: coupled must be True, False or None; got {type(coupled).__name__} {coupled!r}")
+    t = check_int("iter_norm", "iterations", iterations, minimum=1)
+    stable = coupled if coupled is not None else t > ITERNORM_STABLE_T
     return _whitening("iter_norm", input, running_mean, running_cov, weight, bias, training, momentum, eps,
-                      "iternorm", group_size, iterations, "batch", None, num_batches_tracked, "affine")
+                      "newton_schulz" if stable else "iternorm", group_size, t, "batch", None, num_batches_tracked,
+                      "affine")
 
 
 iter_norm.defbackward(_whitening_backward)
+
+
+def _coloring_invariant() -> Invariant:
+    """Invariant (Siarohin et al.): X̃ = Γ·X̂ + β with a white X̂, so mean(X̃) = β and
+    cov(X̃) = Γ·(I − ε·W·Wᵀ)·Γᵀ (zca, pca, cholesky; training), relative to max|Γ·Γᵀ|."""
+
+    def check(m, xp, out, args, kwargs):
+        a = _args(m, args, kwargs)
+        if not a["training"] or a["method"] not in ("zca", "pca", "cholesky"):
+            return None
+        gs = a.get("group_size")
+        xg, _ = _survey_groups(to_numpy(a["input"]), group_size=gs)
+        yg, _ = _survey_groups(to_numpy(m.primary(out)), group_size=gs)
+        c = xg.shape[1]
+        gam = _np.eye(c)[None] if a["weight"] is None else _np.asarray(to_numpy(a["weight"]), _np.float64)
+        beta = _np.zeros(xg.shape[:2]) if a["bias"] is None else \
+            _np.asarray(to_numpy(a["bias"]), _np.float64).reshape(xg.shape[:2])
+        sig = _group_cov(xg, a["eps"])
+        wm = _np_matrix(a["method"], sig)
+        want = gam @ (_np.eye(c) - a["eps"] * wm @ _np.swapaxes(wm, -1, -2)) @ _np.swapaxes(gam, -1, -2)
+        yc = yg - beta[..., None]
+        scale = float(_np.max(_np.abs(gam @ _np.swapaxes(gam, -1, -2))))
+        got = yc @ _np.swapaxes(yc, -1, -2) / yg.shape[-1]
+        return max(float(_np.max(_np.abs(got - want))) / scale,
+                   float(_np.max(_np.abs(yc.mean(axis=-1)))) / math.sqrt(scale))
+
+    return Invariant("coloring: mean(X̃) = β, cov(X̃) = Γ·(I − ε·W·Wᵀ)·Γᵀ", check, scale=256.0)
 
 
 def _ex_coloring(rng):
@@ -634,13 +975,14 @@ def _ex_coloring(rng):
     x[:, 0] -= 0.6 * x[:, 3]
     gam = rng.standard_normal((2, 2, 2))
     yield Example((x, None, None, gam, rng.standard_normal(4)), dict(training=True, group_size=2),
-                  label="zca + coloring, groups of 2", cond=_cov_cond(x, 2))
+                  label="zca + coloring, groups of 2", cond=_call_cond(x, group_size=2))
     gam4 = rng.standard_normal((1, 4, 4))
     yield Example((x, None, None, gam4), dict(training=True, method="cholesky"),
-                  label="cholesky + coloring (Siarohin et al.)", cond=_cov_cond(x, 4))
+                  label="cholesky + coloring (Siarohin et al.)", cond=_call_cond(x))
     rm = rng.standard_normal(4) * 0.1
-    yield Example((x, rm, _np.eye(4)[None] * 1.5, gam4, rng.standard_normal(4)), dict(training=False),
-                  label="inference", cond=4.0)
+    rc = _np.eye(4)[None] * 1.5
+    yield Example((x, rm, rc, gam4, rng.standard_normal(4)), dict(training=False),
+                  label="inference", cond=_kappa(rc + 1e-5 * _np.eye(4)))
 
 
 @method(
@@ -649,6 +991,7 @@ def _ex_coloring(rng):
     survey="§5.2 (coloring recovery: a learnable d×d matrix, NRR)",
     paper="Siarohin, Sangineto & Sebe, Whitening and Coloring Batch Transform for GANs, ICLR 2019",
     examples=_ex_coloring,
+    invariants=(_coloring_invariant(),),
 )
 def whitening_coloring(
     input: Any,
@@ -683,6 +1026,25 @@ whitening_coloring.defbackward(_whitening_backward)
 # the whitening matrix itself (the NOP's core, exposed so its backward is checked on its own)
 
 
+def _matrix_invariant() -> Invariant:
+    """Invariant: W·Σ·Wᵀ = I for zca, pca and cholesky, and W = Wᵀ for zca (relative to max|W|),
+    from the output and the input in float64."""
+
+    def check(m, xp, out, args, kwargs):
+        a = _args(m, args, kwargs)
+        if a["method"] not in ("zca", "pca", "cholesky"):
+            return None
+        s = _np.asarray(to_numpy(a["cov"]), _np.float64)
+        s = 0.5 * (s + _np.swapaxes(s, -1, -2))
+        w = _np.asarray(to_numpy(m.primary(out)), _np.float64)
+        r = float(_np.max(_np.abs(w @ s @ _np.swapaxes(w, -1, -2) - _np.eye(s.shape[-1]))))
+        if a["method"] == "zca":
+            r = max(r, float(_np.max(_np.abs(w - _np.swapaxes(w, -1, -2)))) / float(_np.max(_np.abs(w))))
+        return r
+
+    return Invariant("whiteness: W·Σ·Wᵀ = I (zca: W = Wᵀ)", check, scale=64.0)
+
+
 def _ex_matrix(rng):
     def spd(d, lam):
         q, _ = _np.linalg.qr(rng.standard_normal((d, d)))
@@ -690,13 +1052,13 @@ def _ex_matrix(rng):
 
     a = _np.stack([spd(3, [0.5, 1.3, 2.9]), spd(3, [0.2, 1.0, 4.0])])
     for meth in WHITENING_METHODS:
-        yield Example((a,), dict(method=meth), label=f"{meth}, separated spectra", cond=20.0)
+        yield Example((a,), dict(method=meth), label=f"{meth}, separated spectra", cond=_kappa(a))
     # a wider spectrum (κ = 40); much wider ones (κ = 1e6) need a finite-difference step scaled to
     # λ_min, which the generic suite does not take: tests/test_whitening.py checks them with one.
     b = spd(4, [0.05, 0.3, 1.0, 2.0])[None]
-    yield Example((b,), dict(method="zca"), label="zca, κ = 40", cond=40.0)
-    yield Example((b,), dict(method="cholesky"), label="cholesky, κ = 40", cond=40.0)
-    yield Example((a,), dict(method="iternorm", iterations=1), label="iternorm T=1", cond=20.0)
+    yield Example((b,), dict(method="zca"), label="zca, κ = 40", cond=_kappa(b))
+    yield Example((b,), dict(method="cholesky"), label="cholesky, κ = 40", cond=_kappa(b))
+    yield Example((a,), dict(method="iternorm", iterations=1), label="iternorm T=1", cond=_kappa(a))
 
 
 @method(
@@ -704,14 +1066,17 @@ def _ex_matrix(rng):
     survey="§5.1.2 Eqn 23 (the whitening matrix Φ(Σ))",
     paper="Huang et al., CVPR 2018 (ZCA, PCA); Siarohin et al., ICLR 2019 (Cholesky); Huang et al., CVPR 2019 (IterNorm)",
     examples=_ex_matrix,
+    invariants=(_matrix_invariant(),),
 )
 def whitening_matrix(cov: Any, method: str = "zca", iterations: int = 5):
     """The whitening matrix W of sym(Σ) for each matrix of ``cov`` (..., d, d), one batched call.
 
-    zca: Σ^-1/2 = D·Λ^-1/2·Dᵀ; pca: Λ^-1/2·Dᵀ; cholesky: L^-1; iternorm / newton_schulz: T =
-    ``iterations`` Newton steps on Σ/tr Σ, divided by √tr Σ (:mod:`normref.matfun`). The gradient
-    is symmetric: W reads sym(Σ) = (Σ + Σᵀ)/2. Raises ``ValueError`` if Σ is not positive definite
-    (zca, pca, cholesky: eigenvalues or pivots above d·ε_dtype·max) or has zero trace (Newton).
+    zca: Σ^-1/2 = D·Λ^-1/2·Dᵀ; pca: Λ^-1/2·Dᵀ; cholesky: L^-1 (one triangular solve); iternorm /
+    newton_schulz: T = ``iterations`` Newton steps on Σ/tr Σ, divided by √tr Σ (:mod:`normref.matfun`).
+    The gradient is symmetric: W reads sym(Σ) = (Σ + Σᵀ)/2. Raises ``ValueError`` for non-finite
+    entries, for a Σ that is not numerically positive definite (zca, pca, cholesky: eigenvalues or
+    squared pivots not above 2√d·ε_dtype·max), and for a Σ with zero trace or that is indefinite
+    (Newton: a Cholesky test of Σ + d·ε·tr Σ·I). Survey Eqn 23; Huang et al., CVPR 2018.
     """
     fn = "whitening_matrix"
     xp = namespace(fn, cov=cov)
@@ -720,9 +1085,12 @@ def whitening_matrix(cov: Any, method: str = "zca", iterations: int = 5):
         raise ValueError(f"{fn}: cov must be square in its last two axes (..., d, d); got shape {tuple(cov.shape)}")
     method = _check_method(fn, method)
     iterations = check_int(fn, "iterations", iterations, minimum=1)
+    _warn_unstable(fn, method, iterations)
     cd = compute_dtype(xp, cov.dtype)
     s = to_compute(xp, cov, cd)
-    w, wres = _matrix_forward(fn, xp, s, method, iterations, 0.0)
+    w, wres = _operator(fn, xp, s, method, iterations, 0.0, "cov")
+    if method == "cholesky":  # the operator is the factor L; W = L^-1 by one triangular solve
+        w = _mf.triangular_inverse(xp, w)
     return _out(xp, w, cov.dtype), Residuals(tuple(wres), method)
 
 
@@ -737,10 +1105,41 @@ def _whitening_matrix_backward(res: Residuals, g):
 # style transfer: AdaIN and WCT (instance partition)
 
 
+def _channel_cond(*arrays) -> float:
+    """1 + max |μ|/σ over the channels of (N, C, ...) arrays: the cancellation of centering."""
+    worst = 0.0
+    for a in arrays:
+        a = _np.asarray(a, _np.float64).reshape(a.shape[0], a.shape[1], -1)
+        worst = max(worst, float(_np.max(_np.abs(a.mean(axis=2)) / a.std(axis=2))))
+    return 1.0 + worst
+
+
+def _adain_invariant() -> Invariant:
+    """Invariant (Huang & Belongie): each channel of the output has the style's mean, and the
+    variance var_y = (var_s + ε)·var_c/(var_c + ε) (= the style's variance when ε = 0); both relative
+    to the style's scale σ_s + |μ_s| and variance."""
+
+    def check(m, xp, out, args, kwargs):
+        a = _args(m, args, kwargs)
+        c = _np.asarray(to_numpy(a["content"]), _np.float64)
+        s = _np.asarray(to_numpy(a["style"]), _np.float64)
+        y = _np.asarray(to_numpy(m.primary(out)), _np.float64)
+        c, s, y = (t.reshape(t.shape[0], t.shape[1], -1) for t in (c, s, y))
+        eps = a["eps"]
+        mu_s, var_s, var_c = s.mean(axis=2), s.var(axis=2), c.var(axis=2)
+        want = (var_s + eps) * var_c / (var_c + eps)
+        r_mean = _np.abs(y.mean(axis=2) - mu_s) / (_np.sqrt(var_s) + _np.abs(mu_s))
+        r_var = _np.abs(y.var(axis=2) - want) / want
+        return float(max(_np.max(r_mean), _np.max(r_var)))
+
+    return Invariant("AdaIN: per-channel mean = style mean, var = (var_s + ε)·var_c/(var_c + ε)", check, scale=64.0)
+
+
 def _ex_adain(rng):
-    yield Example((rng.standard_normal((2, 3, 4, 3)) + 1.0, rng.standard_normal((2, 3, 5, 2)) * 2.0 - 0.5), {},
-                  label="different spatial sizes")
-    yield Example((rng.standard_normal((1, 2, 6)), rng.standard_normal((1, 2, 6))), dict(eps=1e-3), label="1-d, eps 1e-3")
+    c, s = rng.standard_normal((2, 3, 4, 3)) + 1.0, rng.standard_normal((2, 3, 5, 2)) * 2.0 - 0.5
+    yield Example((c, s), {}, label="different spatial sizes", cond=_channel_cond(c, s))
+    c, s = rng.standard_normal((1, 2, 6)), rng.standard_normal((1, 2, 6))
+    yield Example((c, s), dict(eps=1e-3), label="1-d, eps 1e-3", cond=_channel_cond(c, s))
 
 
 def _check_style(fn, content, style):
@@ -757,6 +1156,7 @@ def _check_style(fn, content, style):
     survey="§5.2 (generated affine recovery: γ, β from another input) and §8.4 (style transfer)",
     paper="Huang & Belongie, Arbitrary Style Transfer in Real-time with Adaptive Instance Normalization, ICCV 2017",
     examples=_ex_adain,
+    invariants=(_adain_invariant(),),
 )
 def adain(content: Any, style: Any, eps: float = 1e-5):
     """Adaptive instance normalization: y = σ_s·(x − μ_c)/σ_c + μ_s.
@@ -804,16 +1204,54 @@ def _adain_backward(res: Residuals, g):
     return xp.reshape(dx, cshape), xp.reshape(ds, sshape)
 
 
+def _np_sqrtm(s, p):
+    lam, d = _np.linalg.eigh(s)
+    return (d * lam[..., None, :] ** p) @ _np.swapaxes(d, -1, -2)
+
+
+def _wct_invariant() -> Invariant:
+    """Invariant (Li et al.): with α = 1 the output of each sample and group has the style's mean and
+    the covariance A·(I − ε·Σ_cε^-1)·A, A = (Σ_s + εI)^1/2, Σ_cε = Σ_c + εI (= Σ_s when ε = 0);
+    relative to max|Σ_s + εI|, computed in float64 with NumPy's eigh."""
+
+    def check(m, xp, out, args, kwargs):
+        a = _args(m, args, kwargs)
+        if a["alpha"] != 1.0:
+            return None
+        gs = a.get("group_size")
+        cg, _ = _survey_groups(to_numpy(a["content"]), "instance", group_size=gs)
+        sg, _ = _survey_groups(to_numpy(a["style"]), "instance", group_size=gs)
+        yg, _ = _survey_groups(to_numpy(m.primary(out)), "instance", group_size=gs)
+        eps = a["eps"]
+        sc, ss, sy = _group_cov(cg, eps), _group_cov(sg, eps), _group_cov(yg)
+        amat = _np_sqrtm(ss, 0.5)
+        want = amat @ (_np.eye(cg.shape[1]) - eps * _np.linalg.inv(sc)) @ amat
+        scale = float(_np.max(_np.abs(ss)))
+        r_cov = float(_np.max(_np.abs(sy - want))) / scale
+        r_mean = float(_np.max(_np.abs(yg.mean(axis=-1) - sg.mean(axis=-1)))) / math.sqrt(scale)
+        return max(r_cov, r_mean)
+
+    return Invariant("WCT: output mean = style mean, cov = A·(I − ε·Σ_cε⁻¹)·A (= Σ_s at ε = 0)", check, scale=256.0)
+
+
+def _wct_cond(c, s, eps, group_size=None) -> float:
+    """max κ over the content and style covariances (+ εI) of an example: W_c's error grows with
+    κ(Σ_c), A = Σ_s^1/2's with √κ(Σ_s) (both bounded by the larger κ)."""
+    return max(_call_cond(c, eps, partition="instance", group_size=group_size),
+               _call_cond(s, eps, partition="instance", group_size=group_size))
+
+
 def _ex_wct(rng):
     c = rng.standard_normal((2, 3, 4, 4))
     c[:, 1] += 0.5 * c[:, 0]
     s = rng.standard_normal((2, 3, 5, 3)) * 1.5 + 0.5
     s[:, 2] -= 0.8 * s[:, 1]
-    yield Example((c, s), {}, label="full channel whitening", cond=100.0)
-    yield Example((c[:, :2], s[:, :2]), dict(alpha=0.6, eps=1e-3), label="alpha = 0.6", cond=100.0)
+    yield Example((c, s), {}, label="full channel whitening", cond=_wct_cond(c, s, 1e-5))
+    yield Example((c[:, :2], s[:, :2]), dict(alpha=0.6, eps=1e-3), label="alpha = 0.6",
+                  cond=_wct_cond(c[:, :2], s[:, :2], 1e-3))
     c4 = rng.standard_normal((1, 4, 9))
     s4 = rng.standard_normal((1, 4, 7))
-    yield Example((c4, s4), dict(group_size=2), label="groups of 2", cond=100.0)
+    yield Example((c4, s4), dict(group_size=2), label="groups of 2", cond=_wct_cond(c4, s4, 1e-5, 2))
 
 
 @method(
@@ -821,67 +1259,70 @@ def _ex_wct(rng):
     survey="§8.4 (style transfer: whitening and coloring of instance statistics)",
     paper="Li, Fang, Yang, Wang, Lu & Yang, Universal Style Transfer via Feature Transforms, NeurIPS 2017",
     examples=_ex_wct,
+    invariants=(_wct_invariant(),),
 )
 def wct(content: Any, style: Any, alpha: float = 1.0, eps: float = 1e-5, group_size: int | None = None):
     """Whitening and coloring transform: y = α·(Σ_s^1/2·Σ_c^-1/2·(x − μ_c) + μ_s) + (1 − α)·x.
 
     Per sample (the instance partition) and group of ``group_size`` channels (``None``: all):
     Σ = Xc·Xcᵀ/M + ε·I (biased, ε added; Li et al. use M − 1 and drop small eigenvalues instead),
-    Σ_c^-1/2 by ZCA and Σ_s^1/2 by the symmetric square root, both through ``eigh`` with the Loewner
-    backward, so gradients reach content and style exactly even at equal eigenvalues.
-    Li et al., NeurIPS 2017.
+    Σ_c^-1/2 by the ZCA :class:`Whitening` operation and Σ_s^1/2 by the symmetric square root, both
+    through ``eigh`` with the Loewner backward, so gradients reach content and style exactly even at
+    equal eigenvalues. Li et al., NeurIPS 2017.
     """
     fn = "wct"
     xp = namespace(fn, content=content, style=style)
     _check_style(fn, content, style)
-    eps = _eps(fn, eps)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"{fn}: alpha must be a number in [0, 1]; got {alpha!r}")
     alpha = float(alpha)
-    n, c = content.shape[:2]
-    gs = _check_group_size(fn, group_size, c, "content.shape[1]")
-    mc = math.prod(content.shape[2:])
-    ms = math.prod(style.shape[2:])
-    if mc < 2 or ms < 2:
-        raise ValueError(f"{fn}: expected more than 1 spatial position in content and style; got {tuple(content.shape)}, {tuple(style.shape)}")
+    part = _part.Partition("instance")
+    cshape, sshape = tuple(content.shape), tuple(style.shape)
+    op = whitening_operation(fn, part, cshape, "zca", group_size, 1, eps)
+    if math.prod(cshape[2:]) < 2 or math.prod(sshape[2:]) < 2:
+        raise ValueError(f"{fn}: expected more than 1 spatial position in content and style; got {cshape}, {sshape}")
     cd = compute_dtype(xp, content.dtype)
     x = to_compute(xp, content, cd)
-    sv = xp.reshape(to_compute(xp, style, cd), (n, c // gs, gs, ms))
-    xv = xp.reshape(x, (n, c // gs, gs, mc))
-    yhat, xc, w, wres, _, _ = _whiten_forward(fn, xp, xv, False, eps, "zca", 1)
-    mu_s = xp.mean(sv, axis=3, keepdims=True)
-    sc = sv - mu_s
-    sig_s = _covariance(xp, sc, False) + eps * _mf.eye_like(xp, w)
+    # the content: the whitening NOP on the instance partition (x̂ = Σ_c^-1/2·(x − μ_c))
+    xhat, op_res, _ = op.forward(xp, x, part.axes(cshape))
+    lay_c = op.layout(cshape)
+    # the style: Σ_s on the same layout, then its symmetric square root A
+    lay_s = layout(sshape, part.axes(sshape), part.feature_axes(sshape), op.group_size)
+    s5 = lay_s.orient(xp, to_compute(xp, style, cd))
+    mu_s = _sample_mean(xp, s5)
+    sig_s = _covariance(xp, s5 - mu_s, lay_s.m) + op.eps * _mf.eye_like(xp, op_res[2])
+    _check_finite(fn, sig_s, "style")
     eig_s = _mf.eigh(xp, sig_s)
-    if _mf.min_eigenvalue_ok(xp, eig_s[0], 0.0 if eps > 0 else gs * float(xp.finfo(cd).eps)) is False:
-        raise ValueError(f"{fn}: the style covariance (+ eps·I, eps={eps}) of a group is not positive definite; pass eps > 0")
+    _check_spectrum(fn, xp, eig_s[0], op.eps, "style", lay_s.m)
     a, ares = _mf.sqrt_eigh_forward(xp, sig_s, eig_s)
-    y = xp.reshape(xp.matmul(a, yhat) + mu_s, tuple(content.shape))
+    y = lay_c.unorient(xp, xp.matmul(a[:, None, ...], lay_c.orient(xp, xhat)) + mu_s)
     if alpha != 1.0:
         y = alpha * y + (1.0 - alpha) * x
-    res = Residuals((xc, w, sc, a, yhat) + tuple(wres) + tuple(ares),
-                    (tuple(content.shape), tuple(style.shape), alpha, len(wres)))
+    res = Residuals(tuple(op_res) + (s5, mu_s, a) + tuple(ares), (op, lay_s, alpha, len(op_res)))
     return _out(xp, y, content.dtype), res
 
 
 @wct.defbackward
 def _wct_backward(res: Residuals, g):
     xp = namespace("wct.backward", cotangent=g)
-    xc, w, sc, a, yhat = res.arrays[:5]
-    cshape, sshape, alpha, nw = res.static
-    wres = res.arrays[5:5 + nw]
-    ares = res.arrays[5 + nw:]
-    g = to_compute(xp, g, xc.dtype)
-    gv = alpha * xp.reshape(g, xc.shape)
-    # y = A·Ŷ + μ_s: dA = G·Ŷᵀ, dŶ = Aᵀ·G, dμ_s = Σ_M G
-    da = xp.matmul(gv, _mf.mT(xp, yhat))
-    dyhat = xp.matmul(_mf.mT(xp, a), gv)
-    dxv = _whiten_backward(xp, "zca", False, False, xc, w, wres, dyhat)
-    ms = sc.shape[3]
+    op, lay_s, alpha, n_op = res.static
+    op_res = res.arrays[:n_op]
+    s5, mu_s, a = res.arrays[n_op:n_op + 3]
+    ares = res.arrays[n_op + 3:]
+    g = to_compute(xp, g, a.dtype)
+    cshape = tuple(op_res[0].shape)
+    lay_c = op.layout(cshape)
+    g5 = lay_c.orient(xp, alpha * g)
+    # y = A·X̂ + μ_s: dA = Σ G·X̂ᵀ, dX̂ = Aᵀ·G, dμ_s = Σ G (over the content's samples)
+    da = xp.sum(xp.matmul(g5, _mf.mT(xp, lay_c.orient(xp, op.xhat(xp, op_res)))), axis=1)
+    dxhat = lay_c.unorient(xp, xp.matmul(_mf.mT(xp, a)[:, None, ...], g5))
+    dx = op.backward(xp, op_res, op.reduce_axes, dxhat)
+    # the style: Σ_s = Sc·Scᵀ/M_s + εI, dSc = (2/M_s)·dΣ_s·Sc, centred; each style sample gets dμ_s/M_s
+    sc = s5 - mu_s
     dsig = _mf.sqrt_eigh_backward(xp, ares, da)  # symmetric
-    dsc = (2.0 / ms) * xp.matmul(dsig, sc)
-    ds = dsc - xp.mean(dsc, axis=3, keepdims=True) + xp.sum(gv, axis=3, keepdims=True) / ms
-    dx = xp.reshape(dxv, cshape)
+    dsc = (2.0 / lay_s.m) * xp.matmul(dsig[:, None, ...], sc)
+    dmu = xp.sum(xp.sum(g5, axis=4, keepdims=True), axis=1, keepdims=True)
+    ds = dsc - _sample_mean(xp, dsc) + dmu / lay_s.m
     if alpha != 1.0:
         dx = dx + (1.0 - alpha) * g
-    return dx, xp.reshape(ds, sshape)
+    return dx, lay_s.unorient(xp, ds)
