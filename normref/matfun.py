@@ -283,9 +283,11 @@ def _resolve_triangular(xp):
         import torch
 
         def solve(l, b, lower, transpose):
-            if transpose:  # Lᵀ of a lower (upper) triangular L is upper (lower) triangular
-                return torch.linalg.solve_triangular(l.mT, b, upper=lower)
-            return torch.linalg.solve_triangular(l, b, upper=not lower)
+            # op(L)·X = B solved as Xᵀ·op(L)ᵀ = Bᵀ (left=False): the same substitution, but torch's
+            # CPU kernel runs it 2-4× faster on the (d × m) sample blocks of whitening (measured)
+            if transpose:  # Lᵀ·X = G  ⇔  Xᵀ·L = Gᵀ
+                return torch.linalg.solve_triangular(l, b.mT, upper=not lower, left=False).mT
+            return torch.linalg.solve_triangular(l.mT, b.mT, upper=lower, left=False).mT
 
         return solve
     if aac.is_jax_namespace(xp):
@@ -400,10 +402,12 @@ def newton_inv_sqrt_forward(xp, s, iterations: int):
 
     Numerical stability: this uncoupled iteration is unstable once an eigen-direction has converged
     (Higham, Functions of Matrices, 2008, §6.4/§7.3): a rounding error E_ij (in S's eigenbasis) is
-    multiplied each step by 1.5 − 0.5·(1 + r + r²), r = √(λj/λi), i.e. by up to ≈ κ(S)/2. With the
-    paper's T = 5 this is harmless; for T ≳ 10 on κ ≳ 10² the result drifts and then diverges (float64:
-    eigenvalues of W·S·Wᵀ off by 1e-9 at T = 9, overflow by T = 25 with κ = 100). Use
-    :func:`newton_schulz_forward` (coupled, stable) for many iterations.
+    multiplied each step by 1.5 − 0.5·(1 + r + r²), r = √(λj/λi), i.e. by up to ≈ κ(S)/2. Measured
+    against the coupled form (d = 8, κ = 1e2…1e6): ≈ 30–50× error growth per step after T ≈ 5; float64
+    relative error ≤ 2e-14 for T ≤ 6, 1e-10 at T = 8, 4e-3 at T = 11 and overflow by T ≈ 16 (κ ≥ 1e4);
+    float32 ≤ 2e-5 for T ≤ 6, 4e-4 at T = 7. The paper's T = 5 is harmless; normref warns above
+    T = 6 (``normref.whitening.ITERNORM_STABLE_T``). Use :func:`newton_schulz_forward` (coupled,
+    stable) for many iterations.
     """
     s_n, t = _normalize_trace(xp, s)
     p = eye_like(xp, s) + xp.zeros_like(s_n)

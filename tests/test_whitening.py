@@ -940,8 +940,8 @@ def test_non_finite_input_names_the_argument(method, backend):
     with pytest.raises(ValueError, match=r"batch_whitening: input has non-finite values \(NaN or inf\): the covariance"):
         normref.batch_whitening(backend.asarray(x), training=True, method=method)
     x[2, 1] = np.inf
-    with pytest.raises(ValueError, match=r"normalize: input has non-finite values"):
-        normref.normalize(backend.asarray(x), operation=method)
+    with np.errstate(invalid="ignore"), pytest.raises(ValueError, match=r"normalize: input has non-finite values"):
+        normref.normalize(backend.asarray(x), operation=method)  # inf − inf in the centring: NaN, found
     s = np.eye(3)[None].copy()
     s[0, 1, 1] = np.nan
     with pytest.raises(ValueError, match=r"whitening_matrix: cov has non-finite values"):
