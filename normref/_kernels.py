@@ -46,7 +46,11 @@ def _enabled() -> bool:
     v = _ENABLED.get()
     if v is not None:
         return v
-    return os.environ.get("NORMREF_KERNELS", "1") not in ("0", "false", "False", "off")
+    return _ENV_ENABLED
+
+
+# read once: the environment variable is a process-wide switch (use_kernels() switches at run time)
+_ENV_ENABLED = os.environ.get("NORMREF_KERNELS", "1") not in ("0", "false", "False", "off")
 
 
 def _load(key: str) -> None:

@@ -6,6 +6,8 @@ a framework just to ask whether an object belongs to it.
 
 from __future__ import annotations
 
+import numpy as _np
+
 import math
 from typing import Any, Sequence
 
@@ -60,6 +62,16 @@ def _device_or_none(x: Any) -> Any:
         return None
 
 
+_NP_FLOATS = (_np.dtype(_np.float32), _np.dtype(_np.float64))
+_NP_XP: list = []
+
+
+def _numpy_namespace() -> Any:
+    if not _NP_XP:
+        _NP_XP.append(array_namespace(_np.empty(0)))
+    return _NP_XP[0]
+
+
 def namespace(fn: str, **arrays: Any) -> Any:
     """The single array namespace shared by the named arrays (``None`` entries are skipped).
 
@@ -67,6 +79,10 @@ def namespace(fn: str, **arrays: Any) -> Any:
     different libraries are mixed, or when an array is not real floating point; ``ValueError`` when
     arrays live on different devices.
     """
+    # fast path: only NumPy float32/float64 arrays (the common case; the checks below would all pass)
+    if all(a is None or (type(a) is _np.ndarray and a.dtype in _NP_FLOATS) for a in arrays.values()):
+        if any(a is not None for a in arrays.values()):
+            return _numpy_namespace()
     first_name, first = None, None
     for name, a in arrays.items():
         if a is None:

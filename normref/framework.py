@@ -62,10 +62,11 @@ def run_forward(xp, x, part: _part.Partition, op, gamma_b=None, beta_b=None, out
     """
     shape = tuple(x.shape)
     axes = part.axes(shape)
-    fused = _op.fused_forward(xp, op, part.view(xp, x), axes, shape, gamma_b, beta_b, out, **op_arrays)
+    xv = part.view(xp, x)
+    fused = _op.fused_forward(xp, op, xv, axes, shape, gamma_b, beta_b, out, **op_arrays)
     if fused is not None:
         return fused
-    xhat_v, op_res, stats = op.forward(xp, part.view(xp, x), axes, **op_arrays)
+    xhat_v, op_res, stats = op.forward(xp, xv, axes, **op_arrays)
     xhat = part.unview(xp, xhat_v, shape)
     return affine_forward(xp, xhat, gamma_b, beta_b), op_res, stats
 

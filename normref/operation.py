@@ -35,24 +35,39 @@ KINDS = ("centering", "scaling", "standardizing", "lp")
 
 
 def _mean(xp, t, axes):
-    return xp.mean(t, axis=axes, keepdims=True)
+    # Σ/n: the same rounding as xp.mean (which divides the sum by the count), one call less
+    n = 1
+    for a in axes:
+        n *= t.shape[a]
+    return xp.sum(t, axis=axes, keepdims=True) / n
+
+
+def _kernel(xp, name, x):
+    k = _kernels.lookup(xp, name)
+    return k if k is not None and getattr(k, "accepts", lambda a: True)(x) else None
+
+
+def _moments(xp, x, axes):
+    """(μ, σ², x − μ or ``None``): the centered input comes along when the formula computed it."""
+    k = _kernel(xp, "moments", x)
+    if k is not None:
+        r = k(x, axes)
+        if r is not None:
+            return r[0], r[1], None
+    mu = _mean(xp, x, axes)
+    xc = x - mu
+    return mu, _mean(xp, xc * xc, axes), xc
 
 
 def moments(xp, x, axes):
     """(μ, σ²) over ``axes`` (biased variance, two passes: stable when |μ| ≫ σ)."""
-    k = _kernels.lookup(xp, "moments")
-    if k is not None:
-        r = k(x, axes)
-        if r is not None:
-            return r
-    mu = _mean(xp, x, axes)
-    xc = x - mu
-    return mu, _mean(xp, xc * xc, axes)
+    mu, var, _ = _moments(xp, x, axes)
+    return mu, var
 
 
 def mean_square(xp, x, axes):
     """mean(x²) over ``axes`` (keepdims); a kernel when one is registered for ``xp``."""
-    k = _kernels.lookup(xp, "mean_square")
+    k = _kernel(xp, "mean_square", x)
     if k is not None:
         r = k(x, axes)
         if r is not None:
@@ -72,8 +87,8 @@ def fused_forward(xp, op, xv, axes, shape, gamma_b=None, beta_b=None, out=None, 
     kind = type(op)
     if kind not in (Standardizing, Scaling, PopulationStandardizing):
         return None
-    k = _kernels.lookup(xp, "normalize_forward")
-    if k is None or not getattr(k, "accepts", lambda a: True)(xv):
+    k = _kernel(xp, "normalize_forward", xv)
+    if k is None:
         return None
     if kind is PopulationStandardizing:
         mode, shift, scale = "population", op_arrays["mean"], 1.0 / xp.sqrt(op_arrays["var"] + op.eps)
@@ -99,8 +114,8 @@ def fused_backward(xp, op, res, axes, shape, gamma_b, pshape, g, need=(True, Tru
     kind = type(op)
     if kind not in (Standardizing, Scaling, PopulationStandardizing):
         return None
-    k = _kernels.lookup(xp, "normalize_backward")
-    if k is None or not getattr(k, "accepts", lambda a: True)(res[0]):
+    k = _kernel(xp, "normalize_backward", res[0])
+    if k is None:
         return None
     mode = {Standardizing: "standardizing", Scaling: "scaling", PopulationStandardizing: "population"}[kind]
     x, shift, scale = res
@@ -171,9 +186,9 @@ class Standardizing(_ShiftScale):
     name = "standardizing"
 
     def forward(self, xp, x, axes):
-        mu, var = moments(xp, x, axes)
+        mu, var, xc = _moments(xp, x, axes)
         rstd = 1.0 / xp.sqrt(var + self.eps)
-        return (x - mu) * rstd, (x, mu, rstd), {"mean": mu, "var": var}
+        return (x - mu if xc is None else xc) * rstd, (x, mu, rstd), {"mean": mu, "var": var}
 
     def backward(self, xp, res, axes, g):
         rstd = res[2]

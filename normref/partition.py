@@ -130,10 +130,12 @@ class Partition:
         return n
 
     def view(self, xp, x):
-        return xp.reshape(x, self.view_shape(x.shape))
+        vs = self.view_shape(x.shape)
+        return x if tuple(x.shape) == vs else xp.reshape(x, vs)
 
     def unview(self, xp, xv, shape: Sequence[int]):
-        return xp.reshape(xv, tuple(shape))
+        shape = tuple(shape)
+        return xv if tuple(xv.shape) == shape else xp.reshape(xv, shape)
 
 
 def batch() -> Partition:

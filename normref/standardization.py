@@ -23,6 +23,8 @@ exposes and a plain call drops.
 
 from __future__ import annotations
 
+import numbers
+
 import math
 from typing import Any, NamedTuple, Sequence
 
@@ -177,9 +179,12 @@ def _to_channels(xp, stat, c):
 def _backward_for(*layout: str | None):
     """A backward for a preset whose array parameters map to ``layout`` ('x', 'w', 'b' or None)."""
 
-    def backward(res: Residuals, g):
+    def backward(res: Residuals, g, needs=None):
         xp = namespace("backward", cotangent=g)
-        dx, dg, db, _ = unpack_backward(xp, res, g)
+        # which of (dx, dγ, dβ) are wanted: the composed backward skips the others' passes
+        want = dict(zip(layout, needs)) if needs is not None else {}
+        need = tuple(bool(want.get(k, True)) for k in ("x", "w", "b"))
+        dx, dg, db, _ = unpack_backward(xp, res, g, need)
         wshape, bshape = res.static.extra[:2]
         grads = {
             "x": dx,
@@ -461,8 +466,6 @@ instance_norm.defbackward(_backward_for("x", None, None, "w", "b"))
 
 
 def _normalized_shape(fn, input, normalized_shape) -> tuple[int, ...]:
-    import numbers
-
     def _is_int(d):
         return isinstance(d, numbers.Integral) and not isinstance(d, bool)
 

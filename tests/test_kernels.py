@@ -415,3 +415,24 @@ def test_need_mask_skips_and_matches(kernels, layout, rng):
                 if n:
                     np.testing.assert_array_equal(a, f)
     assert _backward_ran(log) == kernels
+
+
+@pytest.mark.parametrize("name", ["batch_norm", "group_norm", "layer_norm", "rms_norm"])
+def test_needs_mask_reaches_the_presets(name, rng):
+    """Method.backward(needs=...) on the presets: unwanted gradients are None (not computed), the
+    wanted ones equal the full backward's. Not bit for bit: without the parameter sums the kernel's
+    loop body changes and the vectorizer may reassociate the float64 sums differently (a few ulps)."""
+    x = rng.standard_normal((4, 6, 9, 8))
+    m, args, kwargs = _call(name, x, rng)
+    _, res = m.forward(*args, **kwargs)
+    g = rng.standard_normal(x.shape)
+    full = m.backward(res, g)
+    n = len(m.array_params)
+    for wanted in range(n):
+        needs = tuple(i == wanted for i in range(n))
+        part = m.backward(res, g, needs=needs)
+        for i, (a, f) in enumerate(zip(part, full)):
+            if i != wanted or f is None:
+                assert a is None
+            else:
+                _close(a, f, np.float64, f"{name} gradient {i} with needs={needs}")

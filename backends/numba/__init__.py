@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import config  # numba's options (imports numba: this package loads only where numba is installed)
+
 __all__ = ["register", "accepts", "moments", "mean_square", "normalize_forward", "normalize_backward"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -31,9 +33,7 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 def accepts(x) -> bool:
     """Whether the kernels take an input like ``x``: a float32/float64 NumPy array of at least
     ``config.MIN_SIZE`` elements (smaller ones run faster on the formula)."""
-    from . import config
-
-    return isinstance(x, np.ndarray) and x.dtype in _FLOATS and x.size >= config.MIN_SIZE
+    return isinstance(x, np.ndarray) and x.size >= config.MIN_SIZE and x.dtype in _FLOATS
 
 
 def _same_float(*arrays) -> bool:

@@ -82,6 +82,20 @@ def _shares_storage(a: torch.Tensor, others) -> bool:
     return False
 
 
+def _view_of(r: torch.Tensor, arrays) -> int | None:
+    """The position of the input whose memory ``r`` is a view of (same storage and dtype), or ``None``."""
+    if not isinstance(r, torch.Tensor) or not r._is_view():
+        return None
+    for i, a in enumerate(arrays):
+        if isinstance(a, torch.Tensor) and a.dtype == r.dtype and a.device == r.device:
+            try:
+                if a.untyped_storage().data_ptr() == r.untyped_storage().data_ptr() != 0:
+                    return i
+            except Exception:  # tensors without storage (functorch wrappers): not a plain view
+                return None
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def autograd_function(name: str) -> type:
     """The ``torch.autograd.Function`` subclass for the registered method ``name``.
@@ -130,8 +144,13 @@ def autograd_function(name: str) -> type:
                     layout.append(("none",))
                     continue
                 hit = next((i for i, a in enumerate(arrays) if r is a), None)
+                view_of = None if hit is not None else _view_of(r, arrays)
                 if hit is not None:
                     layout.append(("in", hit))
+                elif view_of is not None:
+                    # a reshape of an input (the partition's view of x): saved as the input itself
+                    # and rebuilt with the same geometry, instead of a full-size copy
+                    layout.append(("view", view_of, tuple(r.shape), tuple(r.stride()), r.storage_offset()))
                 else:
                     # a residual that is (or shares storage with) the output is copied: the output is
                     # not saved, so an in-place op on it (ReLU(inplace=True) after a norm layer, as
@@ -194,6 +213,9 @@ def autograd_function(name: str) -> type:
                         res_arrays.append(None)
                     elif kind == "in":
                         res_arrays.append(arrays[entry[1]])
+                    elif kind == "view":
+                        _, i, shape, stride, offset = entry
+                        res_arrays.append(arrays[i].as_strided(shape, stride, offset))
                     else:
                         res_arrays.append(extras[entry[1]])
                 grads = m.backward(Residuals(res_arrays, call.static, call.meta), g, needs=mask)
