@@ -81,6 +81,78 @@ def _run_dot(xr, ur, m, s):
     return a1, a2
 
 
+def _run_dot_w(xr, ur, wr, m, s):
+    """(Σw·u, Σw·u·x̂) over a contiguous run, x̂ = (x − m)·s, w varying along the run."""
+    a1 = 0.0
+    a2 = 0.0
+    for b0 in range(0, xr.size, BLOCK):
+        xb = xr[b0:b0 + BLOCK]
+        ub = ur[b0:b0 + BLOCK]
+        wb = wr[b0:b0 + BLOCK]
+        c1 = m * 0
+        c2 = m * 0
+        for i in range(xb.size):
+            v = ub[i] * wb[i]
+            c1 += v
+            c2 += v * ((xb[i] - m) * s)
+        a1 += c1
+        a2 += c2
+    return a1, a2
+
+
+def _run_dot_w_param(xr, ur, wr, has_w, m, s, pgr, pbr):
+    """(Σw·u, Σw·u·x̂) as :func:`_run_dot_w` (w = 1 unless ``has_w``), and in the same sweep
+    pgr += u·x̂, pbr += u elementwise (float64 accumulators across statistics)."""
+    a1 = 0.0
+    a2 = 0.0
+    for b0 in range(0, xr.size, BLOCK):
+        xb = xr[b0:b0 + BLOCK]
+        ub = ur[b0:b0 + BLOCK]
+        wb = wr[b0:b0 + BLOCK]
+        gb = pgr[b0:b0 + BLOCK]
+        bb = pbr[b0:b0 + BLOCK]
+        c1 = m * 0
+        c2 = m * 0
+        for i in range(xb.size):
+            v = ub[i]
+            h = (xb[i] - m) * s
+            gb[i] += v * h
+            bb[i] += v
+            if has_w:
+                v = v * wb[i]
+            c1 += v
+            c2 += v * h
+        a1 += c1
+        a2 += c2
+    return a1, a2
+
+
+def _run_dx(xr, ur, wr, has_w, dr, m, p, q, r):
+    """dx = p·w·u − q·(x − m) − r over a contiguous run (w = 1 unless ``has_w``)."""
+    if has_w:
+        for i in range(xr.size):
+            dr[i] = p * wr[i] * ur[i] - q * (xr[i] - m) - r
+    else:
+        for i in range(xr.size):
+            dr[i] = p * ur[i] - q * (xr[i] - m) - r
+
+
+def _run_y(xr, yr, wr, br, has_w, has_b, m, a, c):
+    """y = (x − m)·a·w + b over a contiguous run, w and b varying along it (else a, c constants)."""
+    if has_w and has_b:
+        for i in range(xr.size):
+            yr[i] = (xr[i] - m) * a * wr[i] + br[i]
+    elif has_w:
+        for i in range(xr.size):
+            yr[i] = (xr[i] - m) * a * wr[i] + c
+    elif has_b:
+        for i in range(xr.size):
+            yr[i] = (xr[i] - m) * a + br[i]
+    else:
+        for i in range(xr.size):
+            yr[i] = (xr[i] - m) * a + c
+
+
 # --------------------------------------------------------------------------------------------------
 # rows order
 
@@ -134,28 +206,13 @@ def fwd_rows(x, xs, y, ys, dims, mode, eps, g, gs, has_g, b, bs, has_b, nchunk, 
                         a = s * g[og] if has_g else s
                         c = b[ob] if has_b else m * 0
                         if xs[4] == 1 and ys[4] == 1:
-                            xr = x[o:o + R3]
-                            yr = y[oy:oy + R3]
-                            for r3 in range(R3):
-                                yr[r3] = (xr[r3] - m) * a + c
+                            _run_y(x[o:o + R3], y[oy:oy + R3], x[o:o + R3], x[o:o + R3], False, False, m, a, c)
                         else:
                             for r3 in range(R3):
                                 y[oy + r3 * ys[4]] = (x[o + r3 * xs[4]] - m) * a + c
                     elif xs[4] == 1 and ys[4] == 1 and (not has_g or gs[4] == 1) and (not has_b or bs[4] == 1):
                         # γ, β along the row (layer / RMS norm): y = (x − μ)·s·γ_j + β_j
-                        xr = x[o:o + R3]
-                        yr = y[oy:oy + R3]
-                        gr = g[og:og + R3]
-                        br = b[ob:ob + R3]
-                        if has_g and has_b:
-                            for r3 in range(R3):
-                                yr[r3] = (xr[r3] - m) * s * gr[r3] + br[r3]
-                        elif has_g:
-                            for r3 in range(R3):
-                                yr[r3] = (xr[r3] - m) * s * gr[r3]
-                        else:
-                            for r3 in range(R3):
-                                yr[r3] = (xr[r3] - m) * s + br[r3]
+                        _run_y(x[o:o + R3], y[oy:oy + R3], g[og:og + R3], b[ob:ob + R3], has_g, has_b, m, s, m * 0)
                     else:
                         for r3 in range(R3):
                             h = (x[o + r3 * xs[4]] - m) * s
@@ -212,19 +269,15 @@ def bwd_rows(x, xs, u, us, dx, dxs, dims, mode, mean, scale, g, gs, has_g, ps, n
                         # γ along the row (layer / RMS norm): per-element parameter sums
                         xr = x[o:o + R3]
                         ur = u[ou:ou + R3]
-                        gr = g[og:og + R3]
-                        pgr = pg[ch, op:op + R3]
-                        pbr = pb[ch, op:op + R3]
-                        for r3 in range(R3):
-                            v = np.float64(ur[r3])
-                            h = (np.float64(xr[r3]) - m64) * s64
-                            if need_p:
-                                pgr[r3] += v * h
-                                pbr[r3] += v
-                            if has_g:
-                                v = v * np.float64(gr[r3])
-                            a1 += v
-                            a2 += v * h
+                        if need_p:
+                            b1, b2 = _run_dot_w_param(xr, ur, g[og:og + R3] if has_g else ur, has_g, mean[t],
+                                                      scale[t], pg[ch][op:op + R3], pb[ch][op:op + R3])
+                        elif has_g:
+                            b1, b2 = _run_dot_w(xr, ur, g[og:og + R3], mean[t], scale[t])
+                        else:
+                            b1, b2 = _run_dot(xr, ur, mean[t], scale[t])
+                        a1 += b1
+                        a2 += b2
                     else:
                         for r3 in range(R3):
                             v = np.float64(u[ou + r3 * us[4]])
@@ -257,21 +310,12 @@ def bwd_rows(x, xs, u, us, dx, dxs, dims, mode, mean, scale, g, gs, has_g, ps, n
                     if not has_g or gs[4] == 0:
                         p = s * g[og] if has_g else s
                         if xs[4] == 1 and us[4] == 1 and dxs[4] == 1:
-                            xr = x[o:o + R3]
-                            ur = u[ou:ou + R3]
-                            dr = dx[od:od + R3]
-                            for r3 in range(R3):
-                                dr[r3] = p * ur[r3] - q * (xr[r3] - m) - rr
+                            _run_dx(x[o:o + R3], u[ou:ou + R3], x[o:o + R3], False, dx[od:od + R3], m, p, q, rr)
                         else:
                             for r3 in range(R3):
                                 dx[od + r3 * dxs[4]] = p * u[ou + r3 * us[4]] - q * (x[o + r3 * xs[4]] - m) - rr
                     elif xs[4] == 1 and us[4] == 1 and dxs[4] == 1 and gs[4] == 1:
-                        xr = x[o:o + R3]
-                        ur = u[ou:ou + R3]
-                        dr = dx[od:od + R3]
-                        gr = g[og:og + R3]
-                        for r3 in range(R3):
-                            dr[r3] = s * gr[r3] * ur[r3] - q * (xr[r3] - m) - rr
+                        _run_dx(x[o:o + R3], u[ou:ou + R3], g[og:og + R3], True, dx[od:od + R3], m, s, q, rr)
                     else:
                         for r3 in range(R3):
                             dx[od + r3 * dxs[4]] = (s * g[og + r3 * gs[4]] * u[ou + r3 * us[4]]
@@ -284,14 +328,31 @@ def bwd_rows(x, xs, u, us, dx, dxs, dims, mode, mean, scale, g, gs, has_g, ps, n
 
 def _col_sums(x, xs, k1, lo, hi, J, sh, a1, a2):
     """a1[j] += Σ_{r1∈[lo,hi)} (x − sh_j), a2[j] += Σ (x − sh_j)² over rows of the contiguous block;
-    ``sh`` has x's dtype; blocks of BLOCK rows are summed in x's dtype, then added in float64."""
+    ``sh`` has x's dtype; blocks of BLOCK rows are summed in x's dtype, then added in float64. Four
+    rows per sweep: the accumulators are loaded and stored once per four rows."""
     t1 = np.empty(J, x.dtype)
     t2 = np.empty(J, x.dtype)
     for b0 in range(lo, hi, BLOCK):
         t1[:] = 0
         t2[:] = 0
-        for r1 in range(b0, min(hi, b0 + BLOCK)):
+        bend = min(hi, b0 + BLOCK)
+        r1 = b0
+        while r1 + 4 <= bend:
             o = k1 * xs[0] + r1 * xs[1]
+            x0 = x[o:o + J]
+            x1 = x[o + xs[1]:o + xs[1] + J]
+            x2 = x[o + 2 * xs[1]:o + 2 * xs[1] + J]
+            x3 = x[o + 3 * xs[1]:o + 3 * xs[1] + J]
+            for j in range(J):
+                d0 = x0[j] - sh[j]
+                d1 = x1[j] - sh[j]
+                d2 = x2[j] - sh[j]
+                d3 = x3[j] - sh[j]
+                t1[j] += (d0 + d1) + (d2 + d3)
+                t2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+            r1 += 4
+        for r in range(r1, bend):
+            o = k1 * xs[0] + r * xs[1]
             xr = x[o:o + J]
             for j in range(J):
                 d = xr[j] - sh[j]
@@ -381,15 +442,30 @@ def fwd_cols(x, xs, y, ys, dims, mode, eps, g, gs, has_g, b, bs, has_b, nchunk, 
 
 def _col_dot(x, xs, u, us, k1, lo, hi, J, m, s, c1, c2):
     """c1[j] += Σ u, c2[j] += Σ u·x̂ with x̂ = (x − m_j)·s_j (m, s of x's dtype), in blocks of BLOCK rows
-    summed in x's dtype and added in float64."""
+    summed in x's dtype and added in float64; two rows per sweep."""
     t1 = np.empty(J, x.dtype)
     t2 = np.empty(J, x.dtype)
     for b0 in range(lo, hi, BLOCK):
         t1[:] = 0
         t2[:] = 0
-        for r1 in range(b0, min(hi, b0 + BLOCK)):
+        bend = min(hi, b0 + BLOCK)
+        r1 = b0
+        while r1 + 2 <= bend:
             o = k1 * xs[0] + r1 * xs[1]
             ou = k1 * us[0] + r1 * us[1]
+            x0 = x[o:o + J]
+            x1 = x[o + xs[1]:o + xs[1] + J]
+            u0 = u[ou:ou + J]
+            u1 = u[ou + us[1]:ou + us[1] + J]
+            for j in range(J):
+                v0 = u0[j]
+                v1 = u1[j]
+                t1[j] += v0 + v1
+                t2[j] += v0 * ((x0[j] - m[j]) * s[j]) + v1 * ((x1[j] - m[j]) * s[j])
+            r1 += 2
+        for r in range(r1, bend):
+            o = k1 * xs[0] + r * xs[1]
+            ou = k1 * us[0] + r * us[1]
             xr = x[o:o + J]
             ur = u[ou:ou + J]
             for j in range(J):
@@ -488,6 +564,10 @@ from .config import jit as _jit  # noqa: E402
 
 _run_moments = _jit(_run_moments, parallel=False)
 _run_dot = _jit(_run_dot, parallel=False)
+_run_dot_w = _jit(_run_dot_w, parallel=False)
+_run_dot_w_param = _jit(_run_dot_w_param, parallel=False)
+_run_dx = _jit(_run_dx, parallel=False)
+_run_y = _jit(_run_y, parallel=False)
 _col_sums = _jit(_col_sums, parallel=False)
 _col_dot = _jit(_col_dot, parallel=False)
 _col_apply = _jit(_col_apply, parallel=False)
