@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="normref bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small shapes and few repeats (a smoke run)")
     p.add_argument("--out", default="bench-out", help="folder for bench.json and bench.png (default: bench-out)")
-    p.add_argument("--repeat", type=int, default=None, help="timed calls per measurement (default 9; 3 with --quick)")
+    p.add_argument("--repeat", type=int, default=None, help="timed calls per measurement (default 15; 3 with --quick)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2: this machine's cores)")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch (no ratios)")
     p.add_argument("--fresh-pages", action="store_true",
@@ -340,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rich.console import Console
 
     console = Console(width=max(Console().width, 160))
-    repeat = args.repeat or (3 if args.quick else 9)
+    repeat = args.repeat or (3 if args.quick else 15)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     alloc = "glibc defaults (fresh pages)" if args.fresh_pages else _mallopt_reuse()

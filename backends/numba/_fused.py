@@ -363,10 +363,44 @@ def _col_sums(x, xs, k1, lo, hi, J, sh, a1, a2):
             a2[j] += t2[j]
 
 
+def _col_stats_fwd(k1, dims, mode, eps, x, xs, g, gs, has_g, b, bs, has_b, p1, p2, rows, shj, mean, scale, var, M, A, C):
+    """Statistics of k1 from its partial sums ``p1[rows]``, ``p2[rows]``, then the per-column
+    coefficients M (μ), A (scale·γ), C (β) of the apply pass."""
+    K1, R1, K2, R2, R3 = dims
+    n = R1 * R3
+    for k2 in range(K2):
+        k = k1 * K2 + k2
+        if mode != 2:
+            s1 = 0.0
+            s2 = 0.0
+            for row in rows:
+                for r3 in range(R3):
+                    s1 += p1[row, k2 * R3 + r3]
+                    s2 += p2[row, k2 * R3 + r3]
+            d1 = s1 / n
+            var[k] = max(s2 / n - d1 * d1, 0.0) if mode == 0 else s2 / n
+            mean[k] = shj[k1, k2 * R3] + d1 if mode == 0 else 0.0
+            scale[k] = 1.0 / np.sqrt(np.float64(var[k]) + eps)
+        for r3 in range(R3):
+            j = k2 * R3 + r3
+            M[k1, j] = mean[k]
+            A[k1, j] = scale[k] * g[k1 * gs[0] + k2 * gs[2] + r3 * gs[4]] if has_g else scale[k]
+            C[k1, j] = b[k1 * bs[0] + k2 * bs[2] + r3 * bs[4]] if has_b else mean[k] * 0
+
+
+def _col_apply_y(x, xs, y, ys, k1, lo, hi, J, Mk, Ak, Ck):
+    for r1 in range(lo, hi):
+        o = k1 * xs[0] + r1 * xs[1]
+        oy = k1 * ys[0] + r1 * ys[1]
+        xr = x[o:o + J]
+        yr = y[oy:oy + J]
+        for j in range(J):
+            yr[j] = (xr[j] - Mk[j]) * Ak[j] + Ck[j]
+
+
 def fwd_cols(x, xs, y, ys, dims, mode, eps, g, gs, has_g, b, bs, has_b, nchunk, fused, mean, scale, var):
     K1, R1, K2, R2, R3 = dims
     J = K2 * R3
-    n = R1 * R3
     step = (R1 + nchunk - 1) // nchunk
     ntask = K1 if fused else K1 * nchunk
     p1 = np.zeros((ntask, J))
@@ -381,63 +415,26 @@ def fwd_cols(x, xs, y, ys, dims, mode, eps, g, gs, has_g, b, bs, has_b, nchunk, 
     M = np.empty((K1, J), x.dtype)   # μ per column
     A = np.empty((K1, J), x.dtype)   # scale·γ per column
     C = np.empty((K1, J), x.dtype)   # β per column
-    if mode != 2 and not fused:
-        for t in prange(ntask):
-            k1 = t // nchunk
-            c = t % nchunk
-            _col_sums(x, xs, k1, c * step, min(R1, (c + 1) * step), J, shj[k1], p1[t], p2[t])
-    for t in prange(K1 if fused else 1):
-        k1lo = t if fused else 0
-        k1hi = t + 1 if fused else K1
-        for k1 in range(k1lo, k1hi):
+    if fused:
+        # one task per k1: its sums, statistics and output; the second read of the block hits the cache
+        for k1 in prange(K1):
             if mode != 2:
-                if fused:
-                    _col_sums(x, xs, k1, 0, R1, J, shj[k1], p1[k1], p2[k1])
-                for k2 in range(K2):
-                    s1 = 0.0
-                    s2 = 0.0
-                    for c in range(1 if fused else nchunk):
-                        row = k1 if fused else k1 * nchunk + c
-                        for r3 in range(R3):
-                            s1 += p1[row, k2 * R3 + r3]
-                            s2 += p2[row, k2 * R3 + r3]
-                    d1 = s1 / n
-                    k = k1 * K2 + k2
-                    var[k] = max(s2 / n - d1 * d1, 0.0) if mode == 0 else s2 / n
-                    mean[k] = shj[k1, k2 * R3] + d1 if mode == 0 else 0.0
-                    scale[k] = 1.0 / np.sqrt(np.float64(var[k]) + eps)
-            for k2 in range(K2):
-                k = k1 * K2 + k2
-                for r3 in range(R3):
-                    j = k2 * R3 + r3
-                    M[k1, j] = mean[k]
-                    A[k1, j] = scale[k] * g[k1 * gs[0] + k2 * gs[2] + r3 * gs[4]] if has_g else scale[k]
-                    C[k1, j] = b[k1 * bs[0] + k2 * bs[2] + r3 * bs[4]] if has_b else mean[k] * 0
-            if fused:
-                Mk = M[k1]
-                Ak = A[k1]
-                Ck = C[k1]
-                for r1 in range(R1):
-                    o = k1 * xs[0] + r1 * xs[1]
-                    oy = k1 * ys[0] + r1 * ys[1]
-                    xr = x[o:o + J]
-                    yr = y[oy:oy + J]
-                    for j in range(J):
-                        yr[j] = (xr[j] - Mk[j]) * Ak[j] + Ck[j]
-    if not fused:
-        for t in prange(K1 * nchunk):
-            k1 = t // nchunk
-            c = t % nchunk
-            Mk = M[k1]
-            Ak = A[k1]
-            Ck = C[k1]
-            for r1 in range(c * step, min(R1, (c + 1) * step)):
-                o = k1 * xs[0] + r1 * xs[1]
-                oy = k1 * ys[0] + r1 * ys[1]
-                xr = x[o:o + J]
-                yr = y[oy:oy + J]
-                for j in range(J):
-                    yr[j] = (xr[j] - Mk[j]) * Ak[j] + Ck[j]
+                _col_sums(x, xs, k1, 0, R1, J, shj[k1], p1[k1], p2[k1])
+            _col_stats_fwd(k1, dims, mode, eps, x, xs, g, gs, has_g, b, bs, has_b, p1, p2,
+                           np.arange(k1, k1 + 1), shj, mean, scale, var, M, A, C)
+            _col_apply_y(x, xs, y, ys, k1, 0, R1, J, M[k1], A[k1], C[k1])
+    else:
+        if mode != 2:
+            for t in prange(ntask):
+                _col_sums(x, xs, t // nchunk, (t % nchunk) * step, min(R1, (t % nchunk + 1) * step), J,
+                          shj[t // nchunk], p1[t], p2[t])
+        for k1 in range(K1):
+            _col_stats_fwd(k1, dims, mode, eps, x, xs, g, gs, has_g, b, bs, has_b, p1, p2,
+                           np.arange(k1 * nchunk, (k1 + 1) * nchunk), shj, mean, scale, var, M, A, C)
+        for t2 in prange(K1 * nchunk):
+            k1 = t2 // nchunk
+            c = t2 % nchunk
+            _col_apply_y(x, xs, y, ys, k1, c * step, min(R1, (c + 1) * step), J, M[k1], A[k1], C[k1])
 
 
 def _col_dot(x, xs, u, us, k1, lo, hi, J, m, s, c1, c2):
@@ -489,11 +486,37 @@ def _col_apply(x, xs, u, us, dx, dxs, k1, lo, hi, J, M, P, Q, R):
             dr[j] = P[j] * ur[j] - Q[j] * (xr[j] - M[j]) - R[j]
 
 
+def _col_stats_bwd(k1, dims, mode, g, gs, has_g, c1, c2, rows, m64, s64, mean, scale, M, P, Q, R):
+    """m1 = mean(γ·u), m2 = mean(γ·u·x̂) of k1's statistics from the column sums ``c1[rows]``,
+    ``c2[rows]``, then the per-column coefficients of dx = P·u − Q·(x − M) − R."""
+    K1, R1, K2, R2, R3 = dims
+    n = R1 * R3
+    for k2 in range(K2):
+        a1 = 0.0
+        a2 = 0.0
+        for r3 in range(R3):
+            j = k2 * R3 + r3
+            w = np.float64(g[k1 * gs[0] + k2 * gs[2] + r3 * gs[4]]) if has_g else 1.0
+            for row in rows:
+                a1 += w * c1[row, j]
+                a2 += w * c2[row, j]
+        m1 = a1 / n if mode == 0 else 0.0
+        m2 = a2 / n if mode != 2 else 0.0
+        k = k1 * K2 + k2
+        for r3 in range(R3):
+            j = k2 * R3 + r3
+            sk = scale[k]
+            M[k1, j] = mean[k]
+            P[k1, j] = sk * g[k1 * gs[0] + k2 * gs[2] + r3 * gs[4]] if has_g else sk
+            sj = np.float64(s64[k1, j])
+            Q[k1, j] = sj * sj * m2
+            R[k1, j] = sj * m1
+
+
 def bwd_cols(x, xs, u, us, dx, dxs, dims, mode, mean, scale, g, gs, has_g, ps, need_dx, need_p, nchunk, fused, pg, pb):
     """``pg``, ``pb`` (1, P): Σu·x̂ and Σu at parameter offset k1·ps0 + k2·ps2 + r3·ps4."""
     K1, R1, K2, R2, R3 = dims
     J = K2 * R3
-    n = R1 * R3
     step = (R1 + nchunk - 1) // nchunk
     ntask = K1 if fused else K1 * nchunk
     c1 = np.zeros((ntask, J))
@@ -509,54 +532,34 @@ def bwd_cols(x, xs, u, us, dx, dxs, dims, mode, mean, scale, g, gs, has_g, ps, n
     P = np.empty((K1, J), x.dtype)
     Q = np.empty((K1, J), x.dtype)
     R = np.empty((K1, J), x.dtype)
-    if not fused:
-        for t in prange(ntask):
-            k1 = t // nchunk
-            c = t % nchunk
-            _col_dot(x, xs, u, us, k1, c * step, min(R1, (c + 1) * step), J, m64[k1], s64[k1], c1[t], c2[t])
-    for t in prange(K1 if fused else 1):
-        k1lo = t if fused else 0
-        k1hi = t + 1 if fused else K1
-        for k1 in range(k1lo, k1hi):
-            if fused:
-                _col_dot(x, xs, u, us, k1, 0, R1, J, m64[k1], s64[k1], c1[k1], c2[k1])
-            for k2 in range(K2):
-                a1 = 0.0
-                a2 = 0.0
-                for r3 in range(R3):
-                    j = k2 * R3 + r3
-                    w = np.float64(g[k1 * gs[0] + k2 * gs[2] + r3 * gs[4]]) if has_g else 1.0
-                    for c in range(1 if fused else nchunk):
-                        row = k1 if fused else k1 * nchunk + c
-                        a1 += w * c1[row, j]
-                        a2 += w * c2[row, j]
-                m1 = a1 / n if mode == 0 else 0.0
-                m2 = a2 / n if mode != 2 else 0.0
-                k = k1 * K2 + k2
-                for r3 in range(R3):
-                    j = k2 * R3 + r3
-                    s = scale[k]
-                    M[k1, j] = mean[k]
-                    P[k1, j] = s * g[k1 * gs[0] + k2 * gs[2] + r3 * gs[4]] if has_g else s
-                    sj = np.float64(s64[k1, j])
-                    Q[k1, j] = sj * sj * m2
-                    R[k1, j] = sj * m1
-            if fused and need_dx:
+    if fused:
+        for k1 in prange(K1):
+            _col_dot(x, xs, u, us, k1, 0, R1, J, m64[k1], s64[k1], c1[k1], c2[k1])
+            _col_stats_bwd(k1, dims, mode, g, gs, has_g, c1, c2, np.arange(k1, k1 + 1), m64, s64, mean, scale,
+                           M, P, Q, R)
+            if need_dx:
                 _col_apply(x, xs, u, us, dx, dxs, k1, 0, R1, J, M[k1], P[k1], Q[k1], R[k1])
+    else:
+        for t in prange(ntask):
+            _col_dot(x, xs, u, us, t // nchunk, (t % nchunk) * step, min(R1, (t % nchunk + 1) * step), J,
+                     m64[t // nchunk], s64[t // nchunk], c1[t], c2[t])
+        for k1 in range(K1):
+            _col_stats_bwd(k1, dims, mode, g, gs, has_g, c1, c2, np.arange(k1 * nchunk, (k1 + 1) * nchunk), m64,
+                           s64, mean, scale, M, P, Q, R)
+        if need_dx:
+            for t2 in prange(K1 * nchunk):
+                k1 = t2 // nchunk
+                c = t2 % nchunk
+                _col_apply(x, xs, u, us, dx, dxs, k1, c * step, min(R1, (c + 1) * step), J, M[k1], P[k1], Q[k1],
+                           R[k1])
     if need_p:
         # parameter sums: over chunks and over k1 (parameters are constant along R1 here)
-        for k1 in range(K1):
+        for row in range(ntask):
+            k1 = row if fused else row // nchunk
             for j in range(J):
                 op = k1 * ps[0] + (j // R3) * ps[2] + (j % R3) * ps[4]
-                for c in range(1 if fused else nchunk):
-                    row = k1 if fused else k1 * nchunk + c
-                    pg[0, op] += c2[row, j]
-                    pb[0, op] += c1[row, j]
-    if need_dx and not fused:
-        for t in prange(K1 * nchunk):
-            k1 = t // nchunk
-            c = t % nchunk
-            _col_apply(x, xs, u, us, dx, dxs, k1, c * step, min(R1, (c + 1) * step), J, M[k1], P[k1], Q[k1], R[k1])
+                pg[0, op] += c2[row, j]
+                pb[0, op] += c1[row, j]
 
 
 # (parallel, serial) builds; the helpers are inlined by numba's call resolution into each build
@@ -571,5 +574,8 @@ _run_y = _jit(_run_y, parallel=False)
 _col_sums = _jit(_col_sums, parallel=False)
 _col_dot = _jit(_col_dot, parallel=False)
 _col_apply = _jit(_col_apply, parallel=False)
+_col_apply_y = _jit(_col_apply_y, parallel=False)
+_col_stats_fwd = _jit(_col_stats_fwd, parallel=False)
+_col_stats_bwd = _jit(_col_stats_bwd, parallel=False)
 
 KERNELS = {f.__name__: pair(f) for f in (fwd_rows, bwd_rows, fwd_cols, bwd_cols)}
