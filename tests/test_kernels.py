@@ -436,3 +436,22 @@ def test_needs_mask_reaches_the_presets(name, rng):
                 assert a is None
             else:
                 _close(a, f, np.float64, f"{name} gradient {i} with needs={needs}")
+
+
+def test_bench_quick_smoke(tmp_path):
+    """``normref bench --quick`` runs end to end and writes its table's data and the plot: every
+    method × pass, with the bandwidth reference, the torch ratio and the latency figures."""
+    import json
+
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("rich")
+    from normref.conformance import bench
+
+    assert bench.main(["--quick", "--repeat", "1", "--out", str(tmp_path)]) == 0
+    rep = json.loads((tmp_path / "bench.json").read_text())
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    rows = rep["rows"]
+    assert {(r["method"], r["pass"]) for r in rows} == {
+        (m, p) for m in ("batch", "instance", "group", "layer", "rms") for p in ("forward", "backward")}
+    assert rep["stream"]["copy"] > 0 and all(r["numba"] > 0 and r["array_api"] > 0 for r in rows)
+    assert rep["latency"]["tiny_layer_norm_per_call_s"] > 0
