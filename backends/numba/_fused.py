@@ -63,26 +63,9 @@ def _run_moments(xr, shx):
     return a1, a2
 
 
-def _run_dot(xr, ur, m, s):
-    """(Σu, Σu·x̂) over a contiguous run, x̂ = (x − m)·s (m, s of x's dtype)."""
-    a1 = 0.0
-    a2 = 0.0
-    for b0 in range(0, xr.size, BLOCK):
-        xb = xr[b0:b0 + BLOCK]
-        ub = ur[b0:b0 + BLOCK]
-        c1 = m * 0
-        c2 = m * 0
-        for i in range(xb.size):
-            v = ub[i]
-            c1 += v
-            c2 += v * ((xb[i] - m) * s)
-        a1 += c1
-        a2 += c2
-    return a1, a2
-
-
-def _run_dot_w(xr, ur, wr, m, s):
-    """(Σw·u, Σw·u·x̂) over a contiguous run, x̂ = (x − m)·s, w varying along the run."""
+def _run_dot(xr, ur, wr, has_w, m, s):
+    """(Σw·u, Σw·u·x̂) over a contiguous run, x̂ = (x − m)·s (m, s of x's dtype); w varies along the run
+    when ``has_w``, else w = 1."""
     a1 = 0.0
     a2 = 0.0
     for b0 in range(0, xr.size, BLOCK):
@@ -92,7 +75,7 @@ def _run_dot_w(xr, ur, wr, m, s):
         c1 = m * 0
         c2 = m * 0
         for i in range(xb.size):
-            v = ub[i] * wb[i]
+            v = ub[i] * wb[i] if has_w else ub[i]
             c1 += v
             c2 += v * ((xb[i] - m) * s)
         a1 += c1
@@ -101,7 +84,7 @@ def _run_dot_w(xr, ur, wr, m, s):
 
 
 def _run_dot_w_param(xr, ur, wr, has_w, m, s, pgr, pbr):
-    """(Σw·u, Σw·u·x̂) as :func:`_run_dot_w` (w = 1 unless ``has_w``), and in the same sweep
+    """(Σw·u, Σw·u·x̂) as :func:`_run_dot`, and in the same sweep
     pgr += u·x̂, pbr += u elementwise (float64 accumulators across statistics)."""
     a1 = 0.0
     a2 = 0.0
@@ -253,7 +236,7 @@ def bwd_rows(x, xs, u, us, dx, dxs, dims, mode, mean, scale, g, gs, has_g, ps, n
                         c1 = 0.0
                         c2 = 0.0
                         if xs[4] == 1 and us[4] == 1:
-                            c1, c2 = _run_dot(x[o:o + R3], u[ou:ou + R3], mean[t], scale[t])
+                            c1, c2 = _run_dot(x[o:o + R3], u[ou:ou + R3], x[o:o + R3], False, mean[t], scale[t])
                         else:
                             for r3 in range(R3):
                                 v = np.float64(u[ou + r3 * us[4]])
@@ -272,10 +255,8 @@ def bwd_rows(x, xs, u, us, dx, dxs, dims, mode, mean, scale, g, gs, has_g, ps, n
                         if need_p:
                             b1, b2 = _run_dot_w_param(xr, ur, g[og:og + R3] if has_g else ur, has_g, mean[t],
                                                       scale[t], pg[ch][op:op + R3], pb[ch][op:op + R3])
-                        elif has_g:
-                            b1, b2 = _run_dot_w(xr, ur, g[og:og + R3], mean[t], scale[t])
                         else:
-                            b1, b2 = _run_dot(xr, ur, mean[t], scale[t])
+                            b1, b2 = _run_dot(xr, ur, g[og:og + R3] if has_g else ur, has_g, mean[t], scale[t])
                         a1 += b1
                         a2 += b2
                     else:
@@ -567,7 +548,6 @@ from .config import jit as _jit  # noqa: E402
 
 _run_moments = _jit(_run_moments, parallel=False)
 _run_dot = _jit(_run_dot, parallel=False)
-_run_dot_w = _jit(_run_dot_w, parallel=False)
 _run_dot_w_param = _jit(_run_dot_w_param, parallel=False)
 _run_dx = _jit(_run_dx, parallel=False)
 _run_y = _jit(_run_y, parallel=False)
