@@ -827,9 +827,8 @@ def oni(v: Any, iterations: int = 5, group_size: int | None = None, eps: float =
     group_size ≤ fan_in − 1 when orthogonality is the aim. Likewise a single zero (or constant) row
     in a group gives a zero row of W, finite for every T, never NaN. ``eps`` adds ε·I to Zc·Zcᵀ (the
     authors' code uses 1e-5; the default 0 is Algorithm 1). The authors' code divides S by ‖S‖_F
-    instead of tr S (faster convergence, ‖S‖_F ≤ tr S); that variant is not offered here, because the
-    trace normalization and its backward live in :mod:`normref.matfun` (shared with IterNorm). A group
-    that is zero after centring raises ``ValueError``.
+    instead of tr S (faster convergence, ‖S‖_F ≤ tr S); that variant is not offered yet: this function
+    is Algorithm 1 as published. A group that is zero after centring raises ``ValueError``.
 
     ``iteration`` chooses how B_T is computed; both give the same polynomial in S, so the same W in
     exact arithmetic:
