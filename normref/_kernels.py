@@ -62,7 +62,9 @@ def _load(key: str) -> None:
     except Exception:  # metadata unavailable: run on the reference path
         return
     for ep in eps:
-        if ep.name == key:
+        # "numpy", or "numpy.<what>" for a second backend of the same library (entry point names are
+        # unique keys)
+        if ep.name == key or ep.name.startswith(key + "."):
             try:
                 ep.load()()
             except ImportError:

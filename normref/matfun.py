@@ -70,6 +70,8 @@ The mathematics (../shared/math/BACKWARD.md):
 
 from __future__ import annotations
 
+from . import _kernels
+
 from typing import Any
 
 from ._xp import device_of
@@ -269,60 +271,10 @@ def pca_eigh_backward(xp, res, dw):
 # Cholesky whitening
 
 
-def _resolve_triangular(xp):
-    """The namespace's own batched triangular solve ``f(L, B, lower, transpose)``, or ``None``.
-
-    torch: ``torch.linalg.solve_triangular``; JAX: ``jax.scipy.linalg.solve_triangular``; NumPy:
-    ``scipy.linalg.solve_triangular`` when SciPy is importable (batched and broadcasting since
-    SciPy 1.15). The library is recognised through array-api-compat and imported only here, on
-    first use (``import normref`` stays light). Each computes X with op(L)·X = B, op(L) = L or Lᵀ.
-    """
-    import array_api_compat as aac
-
-    if aac.is_torch_namespace(xp):
-        import torch
-
-        def solve(l, b, lower, transpose):
-            # op(L)·X = B solved as Xᵀ·op(L)ᵀ = Bᵀ (left=False): the same substitution, but torch's
-            # CPU kernel runs it 2-4× faster on the (d × m) sample blocks of whitening (measured)
-            if transpose:  # Lᵀ·X = G  ⇔  Xᵀ·L = Gᵀ
-                return torch.linalg.solve_triangular(l, b.mT, upper=not lower, left=False).mT
-            return torch.linalg.solve_triangular(l.mT, b.mT, upper=lower, left=False).mT
-
-        return solve
-    if aac.is_jax_namespace(xp):
-        import jax.scipy.linalg as jsl
-
-        def solve(l, b, lower, transpose):
-            return jsl.solve_triangular(l, b, trans=1 if transpose else 0, lower=lower)
-
-        return solve
-    if aac.is_numpy_namespace(xp):
-        try:
-            import scipy
-            import scipy.linalg as sl
-        except ImportError:
-            return None
-        major, minor = (int(v) for v in scipy.__version__.split(".")[:2])
-        if (major, minor) < (1, 15):  # older SciPy solves one matrix at a time
-            return None
-
-        def solve(l, b, lower, transpose):
-            return sl.solve_triangular(l, b, trans=1 if transpose else 0, lower=lower, check_finite=False)
-
-        return solve
-    return None
-
-
-_TRIANGULAR: dict = {}
-
-
 def native_triangular_solve(xp):
-    """The cached result of the namespace's native triangular solve lookup (``None``: none)."""
-    key = getattr(xp, "__name__", id(xp))
-    if key not in _TRIANGULAR:
-        _TRIANGULAR[key] = _resolve_triangular(xp)
-    return _TRIANGULAR[key]
+    """The library's own batched triangular solve ``f(L, B, lower, transpose)`` (a kernel registered
+    by :mod:`normref.backends.linalg`: torch, JAX, SciPy for NumPy), or ``None``."""
+    return _kernels.lookup(xp, "solve_triangular")
 
 
 def solve_triangular(xp, l, b, lower: bool = True, transpose: bool = False, native: bool = True):
@@ -330,12 +282,15 @@ def solve_triangular(xp, l, b, lower: bool = True, transpose: bool = False, nati
     batch axes broadcast.
 
     The namespace's own triangular solve (forward or back substitution, d²·k flops) where it has
-    one (:func:`native_triangular_solve`; ``native=False`` skips it), else the array API's general
+    one (:func:`native_triangular_solve`; ``native=False`` or ``use_kernels(False)`` skips it), else the
+    array API's general
     ``xp.linalg.solve`` (an LU factorization of L: the same X, ~d³ more work).
     """
     f = native_triangular_solve(xp) if native else None
     if f is not None:
-        return f(l, b, lower, transpose)
+        x = f(l, b, lower, transpose)
+        if x is not None:
+            return x
     return xp.linalg.solve(mT(xp, l) if transpose else l, b)
 
 
