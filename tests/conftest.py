@@ -43,3 +43,20 @@ def assert_same_kind(result, like):
     assert type(result) is type(like), f"expected {type(like).__name__}, got {type(result).__name__}"
     assert array_api_compat.device(result) == array_api_compat.device(like)
     assert result.dtype == like.dtype, f"dtype {result.dtype} != {like.dtype}"
+
+
+# float64 comparison budget shared by the test modules: 1e3·ε₆₄ on O(1)-conditioned quantities (a
+# few hundred roundings of error-free-transformed sums; each test says when it scales it by a cond)
+EPS64 = float(np.finfo(np.float64).eps)
+TOL64 = 1e3 * EPS64
+
+
+def rel_err(a, b) -> float:
+    """max|a − b| / max(1, max|b|) in float64 (0 for empty arrays)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(b))))) if a.size else 0.0
+
+
+def registry_cases(m, seed: int = 0) -> list:
+    """The registry's examples of method ``m`` drawn with ``seed``."""
+    return list(m.examples(np.random.default_rng(seed)))

@@ -10,15 +10,10 @@ import numpy as np
 import pytest
 
 import normref
+from tests.conftest import rel_err as _rel, TOL64
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
-TOL64 = 1e3 * float(np.finfo(np.float64).eps)
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(b)))))
 
 
 @pytest.mark.parametrize("shape,size,kw", [

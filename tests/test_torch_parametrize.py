@@ -31,10 +31,9 @@ import normref  # noqa: E402
 from normref.backends.torch import parametrize as P  # noqa: E402
 from normref.backends.torch._function import autograd_function  # noqa: E402
 from torch.nn.utils import parametrizations as TP  # noqa: E402
+from tests.conftest import EPS64, TOL64
 
 DT = torch.float64
-EPS64 = float(np.finfo(np.float64).eps)
-TOL64 = 1e3 * EPS64
 
 LAYERS = {
     "linear": lambda: torch.nn.Linear(5, 4, dtype=DT),

@@ -25,21 +25,11 @@ from hypothesis import strategies as st
 import normref
 from normref.conformance.fd import fd_check
 from tests.conftest import assert_same_kind
+from tests.conftest import rel_err as _rel, registry_cases as _cases, EPS64, TOL64
 
-EPS64 = float(np.finfo(np.float64).eps)
-TOL64 = 1e3 * EPS64
 
 FAMILY = [m for m in normref.methods(category="weight") if m.__module__ == "normref.weight"]
 FAMILY_IDS = [m.name for m in FAMILY]
-
-
-def _cases(m, seed=0):
-    return list(m.examples(np.random.default_rng(seed)))
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(b))))) if a.size else 0.0
 
 
 def _raw_fd_error(r):

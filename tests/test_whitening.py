@@ -27,24 +27,14 @@ import normref
 from normref import matfun
 from normref.conformance.fd import H, directional_fd, fd_check
 from tests.conftest import assert_same_kind
+from tests.conftest import rel_err as _rel, registry_cases as _cases, EPS64, TOL64
 
-EPS64 = float(np.finfo(np.float64).eps)
-TOL64 = 1e3 * EPS64
 FD_TOL = 1e-6
 METHODS = normref.WHITENING_METHODS
 
 FAMILY = [normref.get(n) for n in
           ("whitening_matrix", "batch_whitening", "decorrelated_batch_norm", "iter_norm", "whitening_coloring", "adain", "wct")]
 IDS = [m.name for m in FAMILY]
-
-
-def _cases(m, seed=0):
-    return list(m.examples(np.random.default_rng(seed)))
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(b))))) if a.size else 0.0
 
 
 def _xnp():

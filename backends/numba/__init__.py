@@ -150,12 +150,13 @@ _MODES = {"standardizing": 0, "scaling": 1, "population": 2}
 _ROWS_MIN_RUN = 16
 
 
-def _order(lay, ops, full) -> str | None:
+def _order(lay, ops, full, params=()) -> str | None:
     """The loop order for the layout: "cols" when the innermost block (K2, R3) is contiguous in every
-    full-size operand (indices ``full`` into ``ops``), R2 = 1 and the reduced run R3 is short;
+    full-size operand (indices ``full`` into ``ops``), R2 = 1, the reduced run R3 is short and the
+    parameters (indices ``params``, ``None`` skipped) are constant along the reduced rows R1;
     "rows" otherwise (contiguous inner loops where R3 has unit stride, scalar loops elsewhere)."""
     K1, R1, K2, R2, R3 = lay.sizes
-    block = R2 == 1
+    block = R2 == 1 and all(i is None or lay.perm_strides[i][1] == 0 for i in params)
     for i in full:
         e = [int(v) // ops[i].itemsize for v in lay.perm_strides[i]]
         block &= (R3 == 1 or e[4] == 1) and (K2 == 1 or e[2] == R3)
@@ -210,18 +211,13 @@ def normalize_forward(xv, axes, mode, eps, shift, scale, gamma, beta, shape, out
     lay = _canon(vs, axes, ops)
     if lay is None:
         return None
-    order = _order(lay, ops, (0, 1))
     i = 2
     gi = bi = None
     if g is not None:
         gi, i = i, i + 1
     if b is not None:
         bi, i = i, i + 1
-    if order == "cols":
-        # parameters must be constant along the reduced rows (R1) of the cols order
-        for pi in (gi, bi):
-            if pi is not None and lay.perm_strides[pi][1] != 0:
-                order = "rows"
+    order = _order(lay, ops, (0, 1), (gi, bi))
     K1, R1, K2, R2, R3 = lay.sizes
     K = K1 * K2
     dt = xv.dtype
@@ -310,13 +306,9 @@ def normalize_backward(xv, shift, scale, dy, gamma, pshape, shape, axes, mode, n
     lay = _canon(vs, axes, ops)
     if lay is None:
         return None
-    order = _order(lay, ops, (0, 1, 2) if need_dx else (0, 1))
     gi = 5 if g is not None else None
     pi = (6 if g is not None else 5) if pidx is not None else None
-    if order == "cols":
-        for q in (gi, pi):
-            if q is not None and lay.perm_strides[q][1] != 0:
-                order = "rows"
+    order = _order(lay, ops, (0, 1, 2) if need_dx else (0, 1), (gi, pi))
     K1, R1, K2, R2, R3 = lay.sizes
     K = K1 * K2
     dt = xv.dtype
