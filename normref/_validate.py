@@ -16,6 +16,7 @@ __all__ = [
     "check_int",
     "check_p",
     "check_choice",
+    "check_bool",
 ]
 
 
@@ -88,3 +89,17 @@ def check_choice(fn: str, name: str, v: Any, choices: Sequence[str]) -> str:
     if v not in choices:
         raise ValueError(f"{fn}: {name} must be one of {', '.join(map(repr, choices))}; got {v!r}")
     return v
+
+
+def check_bool(fn: str, name: str, v: Any) -> bool:
+    """A flag: ``True``/``False`` or a NumPy bool (``np.bool_``, a 0-d bool array); anything else —
+    the string ``"False"``, 0/1, None — is refused, since taking it by truthiness would silently turn
+    ``training="False"`` into training."""
+    if isinstance(v, bool):
+        return v
+    t = type(v)
+    if t.__module__ == "numpy" and t.__name__ in ("bool_", "bool"):
+        return bool(v)
+    if t.__module__ == "numpy" and t.__name__ == "ndarray" and v.shape == () and v.dtype.kind == "b":
+        return bool(v)
+    raise TypeError(f"{fn}: {name} must be a bool (True or False); got {t.__name__} {v!r}")

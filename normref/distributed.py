@@ -1,0 +1,112 @@
+"""Statistics across ranks: the reducer protocol and the stable combination of per-rank moments.
+
+A batch statistic is a sum over the partition's reduced axes (survey §5.1, Algorithm 1, line 4).
+When the batch axis is split across ranks (data-parallel training), the sum gains a cross-rank part,
+and synchronizing a method means one collective on the per-rank partial results. normref keeps the
+math here, once, and an adapter only provides a *reducer* for its engine:
+
+- ``normref.backends.distributed.torch.TorchReducer(process_group)`` (torch.distributed, any backend);
+- ``normref.backends.distributed.jax.JaxReducer(axis_name)`` (``lax.psum`` / ``lax.all_gather``
+  under ``shard_map``, ``pmap`` or ``vmap(axis_name=...)``);
+- ``normref.backends.distributed.mpi.MPIReducer(comm)`` (mpi4py).
+
+A reducer works on the caller's array library and has two collectives:
+
+- ``all_reduce_sum(a)``: the elementwise sum of ``a`` over all ranks, on every rank (the backward's
+  Σg and Σg·x̂, the whitening backward's d×d sums);
+- ``all_gather(a)``: the ranks' ``a`` stacked along a new leading axis of length ``world_size``, in
+  rank order, on every rank (the forward's per-rank (count, mean, M2), combined below).
+
+Moments are combined as in Chan, Golub & LeVeque (1979): per rank i the count n_i, the mean μ_i and
+the centred sum of squares M2_i = Σ(x − μ_i)²; then
+
+    N = Σ n_i,    μ = Σ n_i·μ_i / N,    M2 = Σ M2_i + Σ n_i·(μ_i − μ)²,
+
+the exact pooled form, so no rank ever forms a raw Σx² (which loses every digit in float32 when
+|μ| ≫ σ). A rank with n_i = 0 contributes nothing (its μ_i, M2_i are taken as 0). The gather makes
+every rank combine the same numbers in the same order, so every rank gets bitwise the same
+statistics (and the same running statistics).
+
+Counting: each reducer adds the number of array elements it sends to ``values_sent`` (per call, the
+size of ``a``), so tests and benchmarks can check that a synchronized step costs the minimum: a
+batch-norm layer's forward gathers 2C + 1 values per rank, its backward sums 2C.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["Reducer", "combine_moments", "check_reducer"]
+
+
+class Reducer:
+    """Base class of the cross-rank collectives (subclass it in an adapter; see the module docstring).
+
+    Subclasses implement :meth:`_all_reduce_sum` and :meth:`_all_gather`; the public methods count
+    the values sent.
+    """
+
+    #: number of ranks taking part (may be a traced value under JAX)
+    world_size: Any = None
+
+    def __init__(self) -> None:
+        self.values_sent = 0
+        self.calls = 0
+
+    def all_reduce_sum(self, a: Any) -> Any:
+        """Σ over ranks of ``a`` (same shape), on every rank."""
+        self.values_sent += _size(a)
+        self.calls += 1
+        return self._all_reduce_sum(a)
+
+    def all_gather(self, a: Any) -> Any:
+        """Every rank's ``a`` stacked along a new leading axis (rank order), on every rank."""
+        self.values_sent += _size(a)
+        self.calls += 1
+        return self._all_gather(a)
+
+    def _all_reduce_sum(self, a: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _all_gather(self, a: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _size(a: Any) -> int:
+    n = 1
+    for d in a.shape:
+        n *= int(d)
+    return n
+
+
+def check_reducer(fn: str, sync: Any) -> Any:
+    """``sync`` is ``None`` (local statistics) or a :class:`Reducer`-like object; else ``TypeError``."""
+    if sync is None:
+        return None
+    if not (callable(getattr(sync, "all_reduce_sum", None)) and callable(getattr(sync, "all_gather", None))):
+        raise TypeError(
+            f"{fn}: sync must be None or a reducer with all_reduce_sum and all_gather methods "
+            f"(normref.distributed.Reducer; e.g. normref.backends.distributed.torch.TorchReducer); "
+            f"got {type(sync).__name__}"
+        )
+    return sync
+
+
+def combine_moments(xp: Any, n: Any, mean: Any, m2: Any) -> tuple[Any, Any, Any]:
+    """Chan's pooled (N, μ, M2) from gathered per-rank values.
+
+    ``n``: (W,) counts; ``mean``: (W, *S) per-rank means; ``m2``: (W, *S) per-rank centred sums of
+    squares (or (W, *S, d, d) centred cross-products for a covariance, with ``mean`` (W, *S, d)).
+    Returns N (0-d), μ (*S) and M2 (*S) (or (*S, d, d)); ranks with n_i = 0 count for nothing.
+    """
+    N = xp.sum(n)
+    safe = xp.where(N > 0, N, xp.ones_like(N))
+    w = xp.reshape(n, (n.shape[0],) + (1,) * (mean.ndim - 1))
+    mu = xp.sum(w * mean, axis=0) / safe
+    dev = mean - mu  # (W, *S[, d])
+    if m2.ndim == mean.ndim:  # variances
+        return N, mu, xp.sum(m2, axis=0) + xp.sum(w * dev * dev, axis=0)
+    # covariances: Σ M2_i + Σ n_i (μ_i − μ)(μ_i − μ)ᵀ
+    wc = xp.reshape(n, (n.shape[0],) + (1,) * (m2.ndim - 1))
+    outer = dev[..., :, None] * dev[..., None, :]
+    return N, mu, xp.sum(m2, axis=0) + xp.sum(wc * outer, axis=0)
