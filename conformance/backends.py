@@ -6,15 +6,18 @@ skipped. Conversions go through NumPy (the float64 reference lives there).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from normref._kernels import KernelCalls, count_kernels, use_kernels
 from normref._xp import to_numpy
 
-__all__ = ["Backend", "all_backends", "available_backends", "get_backend", "DTYPES"]
+__all__ = ["Backend", "all_backends", "available_backends", "get_backend", "DTYPES", "kernel_path",
+           "claimed_kernels", "SUITE_KERNEL_THRESHOLDS", "KERNEL_DTYPES"]
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 
@@ -31,6 +34,11 @@ class Backend:
     dtypes: tuple = ("float64", "float32")
     has_autograd: bool = False
     kernels: bool = True  # whether normref's registered kernels are used for this backend
+    # the numba kernels' size thresholds (normref.backends.numba.config.thresholds) while this column
+    # runs; None: the library defaults (or no numba kernels serve this library)
+    kernel_thresholds: dict | None = None
+    # which computation the column runs, for the report ("" for a library no registered kernel serves)
+    path: str = ""
 
     def asarray(self, a, dtype: str = "float64"):
         if a is None:
@@ -66,7 +74,63 @@ def _numpy(kernels: bool) -> Backend:
 
     name = "numpy" if kernels else "numpy-reference"
     b = Backend(name, True, xp=np, _asarray=conv, dtypes=("float64", "float32", "float16"), kernels=kernels)
+    if not kernels:
+        b.path = "array-API formulas (use_kernels(False))"
+        return b
+    from normref import _kernels
+
+    if not _kernels._ENV_ENABLED:
+        b.path = "array-API formulas: the kernels are switched off (NORMREF_KERNELS=0)"
+        return b
+    try:
+        importlib.import_module("normref.backends.numba.config")  # imports numba
+    except ImportError as e:
+        b.path = f"array-API formulas: the numba kernels are unavailable ({e})"
+        return b
+    # every registry example is far below the kernels' default size threshold (MIN_SIZE = 4096
+    # elements): with the defaults this column would run the formulas, i.e. be numpy-reference again
+    b.kernel_thresholds = dict(SUITE_KERNEL_THRESHOLDS)
+    b.path = ("numba kernels (size threshold {min_size}, parallel builds from {serial_below} element)"
+              .format(**SUITE_KERNEL_THRESHOLDS))
     return b
+
+
+# the numpy column's kernel thresholds: every float32/float64 input through the kernels (min_size 1),
+# through their multi-threaded builds (serial_below 1: the thread split of the reductions, the
+# "few statistics" routing of K < 2·threads, is the code that differs from the serial builds; the
+# serial builds are compiled from the same source and are checked by tests/test_kernel_layouts.py)
+SUITE_KERNEL_THRESHOLDS = {"min_size": 1, "serial_below": 1}
+# the dtypes the numba kernels take (float16 is left to the formulas): where the numpy column claims
+# kernels, a float32/float64 run of it in which no lookup took one is a suite failure
+KERNEL_DTYPES = ("float32", "float64")
+
+
+def claimed_kernels(b: Backend) -> list:
+    """The kernels column ``b`` claims to run, as ``"<namespace>.<primitive>"``: for a column with
+    ``kernel_thresholds`` (the numpy column), every primitive the numba backend registered (an empty
+    list there means: claimed, but nothing registered, which the report flags); else none."""
+    if b.kernel_thresholds is None:
+        return []
+    from normref import _kernels
+
+    if "numpy" not in _kernels._LOADED:
+        _kernels._load("numpy")  # the library's kernel backends (the entry points)
+    return sorted(f"{ns}.{p}" for (ns, p), fn in _kernels._KERNELS.items()
+                  if ns == "numpy" and getattr(fn, "__module__", "").startswith("normref.backends.numba"))
+
+
+@contextlib.contextmanager
+def kernel_path(b: Backend) -> Iterator[KernelCalls]:
+    """Run the block on ``b``'s computation path: kernels on or off as ``b.kernels`` says, the numba
+    thresholds of ``b.kernel_thresholds``; yields the :class:`normref._kernels.KernelCalls` counted
+    inside (offered and taken per primitive), which the report prints per column."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(use_kernels(b.kernels))
+        if b.kernel_thresholds is not None:
+            from normref.backends.numba import config
+
+            stack.enter_context(config.thresholds(**b.kernel_thresholds))
+        yield stack.enter_context(count_kernels())
 
 
 def _torch() -> Backend:

@@ -102,6 +102,14 @@ def conformance_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _bench_main(argv: Sequence[str]) -> int:
+    if list(argv[:1]) == ["sync"]:  # normref bench sync: issue 12's synchronized-statistics benchmark
+        from . import bench_sync
+
+        try:
+            bench_sync.main(list(argv[1:]))
+        except SystemExit as e:  # argparse: --help or a usage error
+            return int(e.code or 0)
+        return 0
     if list(argv[:1]) == ["whitening"]:  # normref bench whitening: issue 3's benchmark
         from . import bench_whitening
 
@@ -128,7 +136,8 @@ def _bench_main(argv: Sequence[str]) -> int:
 USAGE = """usage: normref {conformance,bench} [options]
 
   conformance   check every method on every array library and dtype (normref conformance --help)
-  bench         benchmarks (normref bench --help; normref bench whitening --help)
+  bench         benchmarks (normref bench --help; normref bench whitening --help;
+                normref bench sync --help)
 """
 
 

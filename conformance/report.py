@@ -131,7 +131,53 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return not self.failures and not self.untested
+        return not self.failures and not self.untested and not self.path_problems
+
+    @property
+    def paths(self) -> dict:
+        """``meta["paths"]``: per column, the computation it ran and its kernel calls (asked, offered,
+        taken per primitive; :func:`normref.conformance.suite.kernel_paths`)."""
+        return dict(self.meta.get("paths") or {})
+
+    @property
+    def path_problems(self) -> list:
+        """Columns that did not run the computation they claim, one sentence each: a column claiming
+        kernels in which, in a dtype the kernels take, kernel lookups were made but none took a kernel
+        (its comparison with the formulas would be vacuous: the same computation twice), or claiming
+        kernels none of which is registered; a column claiming the formulas in which a kernel ran."""
+        out = []
+        for col, p in self.paths.items():
+            claims = list(p.get("claims") or [])
+            if p.get("thresholds") is not None and not claims:
+                out.append(f"{col}: claims kernels ({p.get('path')}), but none is registered")
+            for dt, d in (p.get("by_dtype") or {}).items():
+                if not claims or dt not in (p.get("kernel_dtypes") or ()):
+                    continue
+                asked = sum(d.get("asked", {}).get(k, 0) for k in claims)
+                taken = sum(d.get("taken", {}).get(k, 0) for k in claims)
+                if asked and not taken:
+                    out.append(f"{col} {dt}: claims kernels ({p.get('path')}), but none of its {asked} "
+                               f"kernel lookups took one")
+            n = sum((p.get("taken") or {}).values())
+            if p.get("kernels") is False and n:
+                out.append(f"{col}: claims the array-API formulas, but {n} calls took a kernel")
+        return out
+
+    def path_lines(self) -> list:
+        """One line per column: its computation and how many kernel lookups took a kernel."""
+        lines = []
+        for col in self.columns:
+            p = self.paths.get(col)
+            if p is None:
+                continue
+            asked, taken = p.get("asked") or {}, p.get("taken") or {}
+            if not asked:
+                calls = "no kernel asked" if p.get("kernels", True) is not False else "kernels off, 0 kernel calls"
+            else:
+                per = ", ".join(f"{k} {taken.get(k, 0)}/{n}" for k, n in sorted(asked.items()))
+                calls = f"{sum(taken.values())} of {sum(asked.values())} kernel lookups took a kernel ({per})"
+            lines.append(f"{col}: {p.get('path')}; {calls}")
+        return lines
 
     @property
     def untested(self) -> list:
@@ -155,6 +201,8 @@ class Report:
         )
         if self.untested:
             s += f", {len(self.untested)} methods untested ({', '.join(self.untested)})"
+        if self.path_problems:
+            s += f", {len(self.path_problems)} columns off their path ({'; '.join(self.path_problems)})"
         if w is not None:
             s += f"; worst error/tolerance {w.ratio:.3g}"
         if "seconds" in self.meta:
@@ -170,6 +218,7 @@ class Report:
                 lines.append(f"... and {len(self.failures) - 20} more")
             for m in self.untested:
                 lines.append(f"{m}: no example to check (registered without examples?)")
+            lines += self.path_problems
             raise ConformanceError("\n".join(lines), self)
         return self
 
@@ -202,6 +251,10 @@ class Report:
         out = [Text(self.title + "  (cell: largest error / tolerance over its checks; ✓ below 1)", style="bold"), table]
         dts = self.meta.get("dtypes") or ["float64", "float32", "float16", "bfloat16"]
         out.append(Text("\n".join("  " + s for s in ["tolerances:"] + legend(dts)), style="dim"))
+        if self.paths:
+            out.append(Text("\n".join("  " + s for s in ["paths:"] + self.path_lines()), style="dim"))
+        for s in self.path_problems:
+            out.append(Text("path: " + s, style="bold red"))
         if self.skipped:
             out.append(Text("skipped: " + "; ".join(f"{b}: {why}" for b, why in self.skipped), style="yellow"))
         if self.without_invariants:
@@ -284,6 +337,9 @@ class Report:
         for m, row in zip(self.methods, self._cell_texts()):
             lines.append(f"  {m}: " + ", ".join(f"{c} {t}" for c, t in zip(self.columns, row)))
         lines += ["tolerances:"] + ["  " + s for s in legend(self.meta.get("dtypes") or ["float64", "float32"])]
+        if self.paths:
+            lines += ["paths:"] + ["  " + s for s in self.path_lines()]
+        lines += ["  FAIL path: " + s for s in self.path_problems]
         if self.skipped:
             lines.append("skipped: " + "; ".join(f"{b}: {why}" for b, why in self.skipped))
         if self.without_invariants:
@@ -358,6 +414,8 @@ class Report:
         meta = dict(reports[0].meta) if reports else {}
         if any(r.without_invariants for r in reports):
             meta["no_invariants"] = {k: v for r in reports for k, v in r.without_invariants.items()}
+        if any(r.paths for r in reports):
+            meta["paths"] = _merge_paths([r.paths for r in reports])
         return cls(
             records=[x for r in reports for x in r.records],
             methods=[m for r in reports for m in r.methods],
@@ -366,3 +424,24 @@ class Report:
             meta=meta,
             title=title,
         )
+
+
+def _merge_paths(all_paths: list) -> dict:
+    """The ``meta["paths"]`` of several reports in one: the counts of a column summed."""
+
+    def add(into: dict, d: dict) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                add(into.setdefault(k, {}), v)
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                into[k] = into.get(k, 0) + v
+
+    out: dict = {}
+    for paths in all_paths:
+        for col, p in paths.items():
+            if col not in out:
+                out[col] = json.loads(json.dumps(p))  # a deep copy
+                continue
+            for key in ("asked", "offered", "taken", "by_dtype", "by_method"):
+                add(out[col].setdefault(key, {}), p.get(key) or {})
+    return out

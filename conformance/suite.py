@@ -43,7 +43,7 @@ from normref._kernels import use_kernels
 from normref.registry import Method, Residuals, get, methods as registered_methods
 
 from . import tolerance as T
-from .backends import Backend, all_backends, get_backend
+from .backends import KERNEL_DTYPES, Backend, all_backends, claimed_kernels, get_backend, kernel_path
 from .fd import H, directional_fd
 from .report import FD_COLUMN, Record, Report
 
@@ -231,6 +231,7 @@ class _Case:
         self.g64 = None
         self._kappa = None
         self.store: dict = {}  # dtype -> backend -> (fields, grads) in float64 NumPy
+        self.kernel_calls: list = []  # [(backend, dtype, KernelCalls)] of the library checks run
 
     def record(self, backend, dtype, check, error, tol, formula, status=None, message="", detail=None, column="",
                cond=None):
@@ -617,7 +618,10 @@ def _run_library(case: _Case, b: Backend, dtype: str, do_autograd: str = "all") 
         case.error_record(b.name, dtype, "forward", e)
         return
     like = _first_array(args_b, kwargs_b)
-    with use_kernels(b.kernels):
+    # the column's path (kernels on or off, the numpy column's lowered kernel thresholds), with the
+    # kernel calls counted: the report says per column how many took a kernel
+    with kernel_path(b) as calls:
+        case.kernel_calls.append((b.name, dtype, calls))
         try:
             out_b, grads_thunk = _forward_backward(b, m, args_b, kwargs_b, g_b)
         except Exception as e:
@@ -804,6 +808,7 @@ def run(
     ms, avail, skipped, dts = resolve(methods, backends, dtypes)
     records: list = []
     fd_on = finite_differences and "float64" in dts
+    tally: dict = {}
     for m in ms:
         exs = all_examples(m, seed)
         idxs = _select(m, exs, quick) if examples is None else [i for i in examples if 0 <= i < len(exs)]
@@ -835,6 +840,7 @@ def run(
                 _cross(case)
             except Exception as e:
                 case.error_record("numpy-reference", "float64", "cross-library", e)
+            _tally(tally, case)
     columns = ([FD_COLUMN] if fd_on else []) + [b.name for b in avail]
     checked = {r.method for r in records if r.check.startswith("invariant: ")}
     no_invariants = {m.name: "none registered" if not m.invariants else "none applies to the examples run"
@@ -845,10 +851,52 @@ def run(
         "dtypes": dts,
         "backend_dtypes": {b.name: [d for d in dts if d in b.dtypes] for b in avail},
         "no_invariants": no_invariants,
+        "paths": kernel_paths(avail, tally, fd_on),
         "versions": _versions(),
         "seconds": time.perf_counter() - t0,
     }
     return Report(records, [m.name for m in ms], columns, skipped, meta)
+
+
+def _tally(tally: dict, case: _Case) -> None:
+    """Add a case's kernel counts to ``tally``: {column: {"by_dtype": {dtype: {"asked"/"offered"/
+    "taken": {primitive: n}}}, "by_method": {method: calls taken}}}."""
+    for col, dtype, calls in case.kernel_calls:
+        t = tally.setdefault(col, {"by_dtype": {}, "by_method": {}})
+        d = t["by_dtype"].setdefault(dtype, {"asked": {}, "offered": {}, "taken": {}})
+        for what in ("asked", "offered", "taken"):
+            for k, n in getattr(calls, what).items():
+                d[what][k] = d[what].get(k, 0) + n
+        t["by_method"][case.m.name] = t["by_method"].get(case.m.name, 0) + calls.total_taken
+
+
+def kernel_paths(avail: list, tally: dict, fd_on: bool = False) -> dict:
+    """``meta["paths"]``: per column, the computation it ran and the kernel calls counted in it.
+
+    ``path``: what the column claims (the numba kernels with the suite's thresholds, or the array-API
+    formulas); ``claims``: the kernels it claims to run (``"numpy.moments"``...; empty for a column
+    on the formulas or on its library's defaults); ``asked``/``offered``/``taken``: per primitive,
+    the kernel lookups, those that found a registered kernel, and the calls that took it (did the
+    work); ``by_dtype``: the same per dtype; ``by_method``: calls taken per method. The report turns
+    a column that claims kernels but took none of them into a failure (:attr:`Report.path_problems`).
+    """
+    out: dict = {}
+    if fd_on:
+        out[FD_COLUMN] = {"path": "array-API formulas (use_kernels(False)), float64 NumPy", "kernels": False,
+                          "claims": [], "asked": {}, "offered": {}, "taken": {}, "by_dtype": {}, "by_method": {}}
+    for b in avail:
+        t = tally.get(b.name, {"by_dtype": {}, "by_method": {}})
+        tot: dict = {"asked": {}, "offered": {}, "taken": {}}
+        for d in t["by_dtype"].values():
+            for what, counts in d.items():
+                for k, n in counts.items():
+                    tot[what][k] = tot[what].get(k, 0) + n
+        path = b.path or ("normref formulas; the library's registered kernels on (defaults)" if b.kernels
+                          else "array-API formulas (use_kernels(False))")
+        out[b.name] = {"path": path, "kernels": b.kernels, "thresholds": b.kernel_thresholds,
+                       "claims": claimed_kernels(b), "kernel_dtypes": list(KERNEL_DTYPES) if b.kernel_thresholds else [],
+                       **tot, **t}
+    return out
 
 
 def count_cases(methods=None, quick: bool = False, seed: int = 0) -> int:

@@ -14,15 +14,18 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import threading
 from typing import Callable, Iterator
 
 import array_api_compat
 
-__all__ = ["register_kernel", "lookup", "use_kernels", "namespace_key"]
+__all__ = ["register_kernel", "lookup", "use_kernels", "namespace_key", "count_kernels", "KernelCalls"]
 
 _KERNELS: dict[tuple[str, str], Callable] = {}
 _LOADED: set[str] = set()
 _ENABLED: contextvars.ContextVar[bool | None] = contextvars.ContextVar("normref_kernels", default=None)
+# the active count_kernels() counters of this context (innermost last); empty: no counting, no wrapper
+_COUNTERS: contextvars.ContextVar[tuple] = contextvars.ContextVar("normref_kernel_counters", default=())
 
 
 def namespace_key(xp) -> str:
@@ -53,8 +56,23 @@ def _enabled() -> bool:
 _ENV_ENABLED = os.environ.get("NORMREF_KERNELS", "1") not in ("0", "false", "False", "off")
 
 
+# Serializes backend loading. Issue 11: ``key`` used to be marked loaded before the backend's
+# ``register()`` had run, so a second thread's first call saw "loaded", found no kernel and ran the
+# formula. Now the key is marked only after registration, under the lock (double-checked in lookup).
+_LOAD_LOCK = threading.RLock()  # reentrant: a backend whose import looks a kernel up cannot deadlock
+
+
 def _load(key: str) -> None:
-    _LOADED.add(key)
+    with _LOAD_LOCK:
+        if key in _LOADED:  # another thread loaded it while this one waited
+            return
+        try:
+            _load_entry_points(key)
+        finally:
+            _LOADED.add(key)
+
+
+def _load_entry_points(key: str) -> None:
     try:
         from importlib.metadata import entry_points
 
@@ -79,7 +97,11 @@ def lookup(xp, primitive: str) -> Callable | None:
     key = namespace_key(xp)
     if key not in _LOADED:
         _load(key)
-    return _KERNELS.get((key, primitive))
+    fn = _KERNELS.get((key, primitive))
+    counters = _COUNTERS.get()
+    if counters:
+        fn = _counted(fn, f"{key}.{primitive}", counters)
+    return fn
 
 
 @contextlib.contextmanager
@@ -90,3 +112,72 @@ def use_kernels(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _ENABLED.reset(token)
+
+
+class KernelCalls:
+    """What :func:`count_kernels` saw, per ``"<namespace>.<primitive>"`` (e.g. ``numpy.moments``):
+    ``asked[p]``: lookups with kernels enabled (registered or not); ``offered[p]``: those that found a
+    registered kernel; ``taken[p]``: calls of it that returned a result (not ``None``: the kernel did
+    the work). Offered but not taken: the kernel declined (its ``accepts`` or the kernel itself: a size
+    below its threshold, a dtype or layout it does not take). ``use_kernels(False)`` asks nothing."""
+
+    def __init__(self) -> None:
+        self.asked: dict[str, int] = {}
+        self.offered: dict[str, int] = {}
+        self.taken: dict[str, int] = {}
+
+    @property
+    def total_taken(self) -> int:
+        return sum(self.taken.values())
+
+    @property
+    def total_offered(self) -> int:
+        return sum(self.offered.values())
+
+    def as_dict(self) -> dict:
+        return {"asked": dict(self.asked), "offered": dict(self.offered), "taken": dict(self.taken)}
+
+    def __repr__(self) -> str:
+        return f"KernelCalls(asked={self.asked}, offered={self.offered}, taken={self.taken})"
+
+
+def _counted(fn: Callable | None, name: str, counters: tuple) -> Callable | None:
+    """``fn`` counting into ``counters`` (its attributes, e.g. ``accepts``, carried over)."""
+    import functools
+
+    for c in counters:
+        c.asked[name] = c.asked.get(name, 0) + 1
+    if fn is None:
+        return None
+    for c in counters:
+        c.offered[name] = c.offered.get(name, 0) + 1
+
+    @functools.wraps(fn)
+    def counted(*args, **kwargs):
+        r = fn(*args, **kwargs)
+        if r is not None:
+            for c in counters:
+                c.taken[name] = c.taken.get(name, 0) + 1
+        return r
+
+    return counted
+
+
+@contextlib.contextmanager
+def count_kernels() -> Iterator[KernelCalls]:
+    """Context manager counting the registered kernels offered and taken in this context (thread /
+    task: a context variable), nested contexts each counting everything inside them::
+
+        with count_kernels() as calls:
+            normref.layer_norm(x, x.shape[-1:])
+        calls.taken  # {"numpy.normalize_forward": 1} where the numba kernel ran
+
+    For tests and the conformance suite: a check that the kernel path ran is only as good as this
+    count (a kernel that declines everything would make a kernel-versus-formula comparison vacuous).
+    """
+    calls = KernelCalls()
+    token = _COUNTERS.set(_COUNTERS.get() + (calls,))
+    try:
+        yield calls
+    finally:
+        _COUNTERS.reset(token)

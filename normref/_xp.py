@@ -123,9 +123,23 @@ def namespace(fn: str, **arrays: Any) -> Any:
 
 
 def compute_dtype(xp: Any, dtype: Any) -> Any:
-    """The dtype statistics are accumulated in: float32 for float16/bfloat16, else the dtype itself."""
+    """The dtype statistics are accumulated in: float32 for float16/bfloat16, else the dtype itself.
+
+    NumPy dtypes are read by kind and size, not by identity (issue 11: every dtype that was not
+    exactly ``float32``/``float64`` used to compute in float32):
+
+    - non-native byte order (``'>f8'``, ``'>f4'`` on a little-endian machine) computes in the native
+      dtype of the same size, native float64 / float32 precision; the result is cast back, so the
+      caller gets the input's own dtype (byte order included) — the values are the native ones;
+    - ``longdouble`` (float128 / float96) and any other float wider than 8 bytes computes in float64:
+      normref's formulas and kernels are float64 at most, so a long-double input gets float64
+      precision (about 1e-16 relative), not its own; the result is cast back to the input's dtype.
+    """
     if dtype == xp.float32 or dtype == xp.float64:
         return dtype
+    if isinstance(dtype, _np.dtype) and dtype.kind == "f":
+        # NumPy: by size (byte order and long double handled here)
+        return xp.float32 if dtype.itemsize <= 4 else xp.float64
     return xp.float32
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from ._validate import check_momentum, check_ndim, check_positive, check_shape
 from ._xp import Array, compute_dtype, namespace, to_compute
+from .distributed import check_reducer
 from .framework import channel_param
 from .registry import Example, Residuals, method
 from .standardization import NormResult, _check_training_count, _factor, _running_pair
@@ -72,6 +73,7 @@ def switchable_norm(
     eps: float = 1e-5,
     *,
     num_batches_tracked: int | None = None,
+    sync: Any = None,
 ) -> Array | NormResult:
     """Switchable normalization: x̂ = (x − Σ_k w_k μ_k)/√(Σ_k v_k σ²_k + ε), k ∈ (IN, LN, BN).
 
@@ -80,6 +82,12 @@ def switchable_norm(
     instance variance). The running BN statistics follow :func:`normref.batch_norm` (unbiased
     variance; ``NormResult`` when training with running statistics); at inference they replace the
     batch statistics. Luo et al., ICLR 2019, Eqns 1–4.
+
+    ``sync`` (a reducer, :mod:`normref.distributed`): the BN statistics μ_BN, σ²_BN over every rank's
+    batch (IN and LN are per sample, local); the same running statistics on every rank. Per step:
+    forward one all_gather of 2C + 1 values, backward one all_reduce_sum of 2C values (the BN
+    terms Σ_n a, Σ_n b). The logits' and γ, β's gradients are this rank's part (summed across ranks
+    by the caller, as DDP does). Ranks may hold 0 samples; unused in inference. Survey §5.2.
     """
     fn = "switchable_norm"
     xp = namespace(fn, input=input, mean_weight=mean_weight, var_weight=var_weight, weight=weight, bias=bias,
@@ -93,6 +101,7 @@ def switchable_norm(
     eps = check_positive(fn, "eps", eps)
     momentum = check_momentum(fn, momentum)
     _running_pair(fn, running_mean, running_var)
+    sync = check_reducer(fn, sync) if training else None  # unused by population statistics
     shape = tuple(input.shape)
     if training:
         _check_training_count(fn, Partition("instance"), shape)
@@ -110,7 +119,13 @@ def switchable_norm(
     var_in = xp.mean((x - mu_in) ** 2, axis=2, keepdims=True)
     mu_ln = xp.mean(mu_in, axis=1, keepdims=True)
     var_ln = xp.mean(var_in, axis=1, keepdims=True) + xp.mean((mu_in - mu_ln) ** 2, axis=1, keepdims=True)
-    if training:
+    count = None
+    if training and sync is not None:
+        from .operation import synced_moments
+
+        # the BN statistics of the global batch: one all_gather of [n·m, μ (C), M2 (C)]
+        mu_bn, var_bn, count = synced_moments(xp, x, (0, 2), sync)
+    elif training:
         mu_bn = xp.mean(mu_in, axis=0, keepdims=True)
         var_bn = xp.mean(var_in, axis=0, keepdims=True) + xp.mean((mu_in - mu_bn) ** 2, axis=0, keepdims=True)
     else:
@@ -128,11 +143,11 @@ def switchable_norm(
     if y.dtype != input.dtype:
         y = xp.astype(y, input.dtype)
     res = Residuals(
-        (x, xhat, s, w, v, mu_in, mu_ln, mu_bn, var_in, var_ln, var_bn, gamma),
-        (shape, bool(training), beta is not None),
+        (x, xhat, s, w, v, mu_in, mu_ln, mu_bn, var_in, var_ln, var_bn, gamma) + (() if count is None else (count,)),
+        (shape, bool(training), beta is not None, sync),
     )
     if training and running_mean is not None:
-        nb = n * m
+        nb = n * m if count is None else count  # the global count when synchronized
         rm = (1.0 - f) * to_compute(xp, running_mean, cd) + f * xp.reshape(mu_bn, (c,))
         rv = (1.0 - f) * to_compute(xp, running_var, cd) + f * xp.reshape(var_bn, (c,)) * (nb / (nb - 1))
         return NormResult(y, xp.astype(rm, running_mean.dtype), xp.astype(rv, running_var.dtype)), res
@@ -141,8 +156,8 @@ def switchable_norm(
 
 @switchable_norm.defbackward
 def _switchable_backward(res: Residuals, g):
-    x, xhat, s, w, v, mu_in, mu_ln, mu_bn, var_in, var_ln, var_bn, gamma = res.arrays
-    shape, training, has_beta = res.static
+    x, xhat, s, w, v, mu_in, mu_ln, mu_bn, var_in, var_ln, var_bn, gamma = res.arrays[:12]
+    shape, training, has_beta, sync = res.static
     xp = namespace("switchable_norm.backward", cotangent=g)
     g = to_compute(xp, g, x.dtype)
     n, c, m = x.shape
@@ -159,7 +174,14 @@ def _switchable_backward(res: Residuals, g):
     a_ln, b_ln = xp.sum(a, axis=1, keepdims=True), xp.sum(b, axis=1, keepdims=True)
     dx = gh * s + w[0] * a / m + v[0] * b * 2.0 * (x - mu_in) / m
     dx = dx + w[1] * a_ln / (c * m) + v[1] * b_ln * 2.0 * (x - mu_ln) / (c * m)
-    if training:  # at inference the BN statistics are constants
+    if training and sync is not None:
+        from .operation import synced_sums
+
+        # R_BN spans the ranks: one all_reduce_sum of [Σ_n a, Σ_n b] (2C values), n_BN the global count
+        a_bn, b_bn = synced_sums(xp, (a, b), (0,), sync)
+        nb = res.arrays[12]
+        dx = dx + w[2] * a_bn / nb + v[2] * b_bn * 2.0 * (x - mu_bn) / nb
+    elif training:  # at inference the BN statistics are constants
         a_bn, b_bn = xp.sum(a, axis=0, keepdims=True), xp.sum(b, axis=0, keepdims=True)
         dx = dx + w[2] * a_bn / (n * m) + v[2] * b_bn * 2.0 * (x - mu_bn) / (n * m)
     # softmax backward: dλ = w ∘ (p − ⟨w, p⟩)
@@ -236,12 +258,20 @@ def batch_instance_norm(
     eps: float = 1e-5,
     *,
     num_batches_tracked: int | None = None,
+    sync: Any = None,
 ) -> Array | NormResult:
     """Batch-instance normalization: y = γ·(ρ·x̂_BN + (1 − ρ)·x̂_IN) + β, ρ ∈ [0, 1] per channel.
 
     ρ receives a gradient (the paper clips it to [0, 1] after each update: the optimizer's step, not
     this function's). The BN part follows :func:`normref.batch_norm` (running statistics returned in a
     ``NormResult`` when training with them; at inference they replace the batch statistics).
+
+    ``sync`` (a reducer, :mod:`normref.distributed`): the BN branch's statistics over every rank's
+    batch (the IN branch is per sample, local), the same running statistics on every rank; per step
+    as :func:`normref.batch_norm`: forward one all_gather of 2C + 1 values, backward one
+    all_reduce_sum of 2C. dρ, dγ, dβ are this rank's part (summed across ranks by the caller).
+    Ranks may hold 0 samples; unused in inference. Survey §5.2.
+
     Nam & Kim, NeurIPS 2018, Eqn 3.
     """
     from . import operation as _op
@@ -255,9 +285,11 @@ def batch_instance_norm(
     eps = check_positive(fn, "eps", eps)
     momentum = check_momentum(fn, momentum)
     _running_pair(fn, running_mean, running_var)
+    sync = check_reducer(fn, sync) if training else None  # unused by population statistics
     shape = tuple(input.shape)
     if training:
-        _check_training_count(fn, Partition("batch"), shape)
+        if sync is None:
+            _check_training_count(fn, Partition("batch"), shape)
         f = _factor(fn, momentum, num_batches_tracked) if running_mean is not None else None
     elif running_mean is None:
         raise ValueError(f"{fn}: running_mean and running_var are required when training=False; got None")
@@ -270,7 +302,7 @@ def batch_instance_norm(
     beta_b = channel_param(xp, to_compute(xp, bias, cd), nd)
     parts = (Partition("batch"), Partition("instance"))
     if training:
-        ops, kw = (_op.Standardizing(eps), _op.Standardizing(eps)), ({}, {})
+        ops, kw = (_op.Standardizing(eps, sync), _op.Standardizing(eps)), ({}, {})
     else:
         ops = (_op.PopulationStandardizing(eps), _op.Standardizing(eps))
         kw = ({"mean": channel_param(xp, to_compute(xp, running_mean, cd), nd),
@@ -281,7 +313,7 @@ def batch_instance_norm(
     if y.dtype != input.dtype:
         y = xp.astype(y, input.dtype)
     if training and running_mean is not None:
-        n = parts[0].count(shape)
+        n = sa.get("count", parts[0].count(shape))  # the global count when synchronized
         rm = (1.0 - f) * to_compute(xp, running_mean, cd) + f * xp.reshape(sa["mean"], (c,))
         rv = (1.0 - f) * to_compute(xp, running_var, cd) + f * xp.reshape(sa["var"], (c,)) * (n / (n - 1))
         return NormResult(y, xp.astype(rm, running_mean.dtype), xp.astype(rv, running_var.dtype)), res

@@ -20,6 +20,7 @@ from . import partition as _part
 from ._validate import check_choice, check_int, check_nonnegative, check_p, check_positive
 from ._xp import compute_dtype, namespace, to_compute
 from .recovery import affine_backward, affine_forward
+from .distributed import check_reducer
 from .registry import Example, Residuals, method
 
 __all__ = ["normalize", "run_forward", "run_backward", "channel_param", "check_param_shape"]
@@ -63,6 +64,18 @@ def run_forward(xp, x, part: _part.Partition, op, gamma_b=None, beta_b=None, out
     shape = tuple(x.shape)
     axes = part.axes(shape)
     xv = part.view(xp, x)
+    if type(op) is _op.Standardizing and op.sync is not None:
+        # synchronized: the global (μ, σ²) from one all_gather, then y by population statistics
+        # (the normalize_forward kernel where registered); residuals (x, μ, 1/σ, N)
+        mu, var, count = _op.synced_moments(xp, xv, axes, op.sync)
+        stats = {"mean": mu, "var": var, "count": count}
+        pop = _op.PopulationStandardizing(op.eps)
+        fused = _op.fused_forward(xp, pop, xv, axes, shape, gamma_b, beta_b, out, mean=mu, var=var)
+        if fused is not None:
+            return fused[0], tuple(fused[1]) + (count,), stats
+        xhat_v, op_res, _ = pop.forward(xp, xv, axes, mean=mu, var=var)
+        y = affine_forward(xp, part.unview(xp, xhat_v, shape), gamma_b, beta_b)
+        return y, tuple(op_res) + (count,), stats
     fused = _op.fused_forward(xp, op, xv, axes, shape, gamma_b, beta_b, out, **op_arrays)
     if fused is not None:
         return fused
@@ -204,6 +217,7 @@ def normalize(
     l1_factor: bool = False,
     group_size: int | None = None,
     iterations: int = 5,
+    sync: Any = None,
 ):
     """Any partition × any operation × any recovery, from batch statistics (survey Algorithm 1).
 
@@ -225,6 +239,14 @@ def normalize(
     standardizing and scaling, to the deviation (outside) for ``"lp"``, and to the covariance
     (Σ + εI, ε ≥ 0) for whitening.
 
+    ``sync`` (a reducer, :mod:`normref.distributed`): for the partitions whose statistics run over the
+    batch (``"batch"``, ``"batch_group"``) the statistics pool every rank's input — as
+    :func:`normref.batch_norm` (``"batch"``) and :func:`normref.batch_group_norm` (``"batch_group"``:
+    batch group j is the union of the ranks' j-th chunks) with ``sync``; standardizing: forward one
+    all_gather of 2K + 1 values (K statistics), backward one all_reduce_sum of 2K; centering K + 1
+    and K; ``"lp"`` as :func:`normref.lp_batch_norm`. Other partitions are per sample (``sync`` must be
+    ``None``: ``ValueError``). Survey §5.1.
+
     Example: ``normalize(x, w, b, partition="group", num_groups=4)`` equals ``group_norm(x, 4, w, b)``,
     ``normalize(x, partition="position", operation="scaling")`` is pixel normalization, and
     ``normalize(x, partition="instance", operation="zca", group_size=16)`` is the per-sample ZCA
@@ -243,6 +265,13 @@ def normalize(
                          f"got group_size={group_size!r} with operation={operation!r}")
     if operation == "lp":
         p = check_p(fn, p)
+    sync = check_reducer(fn, sync)
+    if sync is not None and partition not in ("batch", "batch_group"):
+        raise ValueError(f"{fn}: sync= applies to the partitions over the batch ('batch', 'batch_group'); "
+                         f"got partition={partition!r} (its statistics are per sample)")
+    if sync is not None and operation == "scaling":
+        raise ValueError(f"{fn}: sync= applies to operation 'standardizing', 'centering', 'lp' or a whitening "
+                         f"operation; got operation='scaling'")
     eps = check_nonnegative(fn, "eps", eps) if operation == "centering" or whitening else check_positive(fn, "eps", eps)
     part = {
         "batch": _part.Partition("batch"),
@@ -263,7 +292,7 @@ def normalize(
     # batch and instance norm do), group_norm / layer_norm / position_norm return the zeros
     # (torch's group and layer norm do). Scaling (RMS) uses no mean and is well defined.
     if (part.count(shape) < 2 and (operation in ("standardizing", "lp", "centering") or whitening)
-            and partition in ("batch", "batch_group", "instance")):
+            and partition in ("batch", "batch_group", "instance") and sync is None):
         raise ValueError(
             f"{fn}: the {partition} partition of input shape {shape} leaves 1 value per statistic; "
             f"expected more than 1 value per statistic for batch statistics (as batch_norm in training)"
@@ -286,9 +315,11 @@ def normalize(
     if whitening:
         from .whitening import whitening_operation
 
-        op = whitening_operation(fn, part, shape, operation, group_size, iterations, eps)
+        # synchronized whitening (H5b): whitening_operation takes sync= (never dropped silently)
+        op = whitening_operation(fn, part, shape, operation, group_size, iterations, eps,
+                                 **({} if sync is None else {"sync": sync}))
     else:
-        op = _op.make(operation, eps=eps, p=p, l1_factor=l1_factor)
+        op = _op.make(operation, eps=eps, p=p, l1_factor=l1_factor, sync=sync)
     y, op_res, _ = run_forward(xp, x, part, op, gamma, beta)
     res = pack(part, op, x, op_res, gamma, beta, extra=(
         None if weight is None else tuple(weight.shape), None if bias is None else tuple(bias.shape)))

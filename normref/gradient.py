@@ -22,12 +22,13 @@ sequences); the forward functions themselves return it together with their
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as _np
 
 from . import operation as _op
-from ._validate import check_nonnegative, check_positive
+from ._validate import check_bool, check_nonnegative, check_positive
 from ._xp import compute_dtype, device_of, namespace, to_compute, to_numpy
 from .registry import REGISTRY, Example, Invariant, Method, Residuals
 
@@ -66,6 +67,8 @@ def _out(xp, y, dtype):
 
 
 def _check_pair(fn, weight, grad, need_weight: bool):
+    if grad is None:
+        raise TypeError(f"{fn}: grad must be an array; got None")
     if need_weight and weight is None:
         raise ValueError(f"{fn}: weight is required here (its norm enters the formula); got None")
     xp = namespace(fn, weight=weight, grad=grad)
@@ -112,8 +115,7 @@ def _block_forward(weight: Any, grad: Any, ratio: bool = False, eps: float = 1e-
     ``None`` unless ``ratio=True``. Survey §7; Yu, Lin, Li, Salakhutdinov & Carbonell 2017.
     """
     fn = "block_gradient_norm"
-    if not isinstance(ratio, bool):
-        raise TypeError(f"{fn}: ratio must be a bool; got {type(ratio).__name__} {ratio!r}")
+    ratio = check_bool(fn, "ratio", ratio)
     xp = _check_pair(fn, weight, grad, need_weight=ratio)
     eps = check_positive(fn, "eps", eps)
     cd = compute_dtype(xp, grad.dtype)
@@ -254,7 +256,8 @@ def _gc_forward(weight: Any, grad: Any) -> Any:
     """Gradient centralization: g̃_i = g_i − mean(g_i) for each output neuron i (row over all axes but 0).
 
     For a linear weight (d_out, d_in) the mean is over d_in; for a convolution kernel
-    (d_out, d_in, k...) over (d_in, k...) (Yong et al., Eqn 3). The weight is not used (it may be
+    (d_out, d_in, k...) over (d_in, k...) (Yong et al., Eqn 3). An empty gradient (d_out = 0 or a zero-size
+    fan-in) is returned as it is (a new empty array): there is nothing to centre. The weight is not used (it may be
     ``None``); it is accepted so that every gradient method takes ``(weight, grad)``. Tensors with fewer
     than 2 dimensions (biases, normalization scales) have no fan-in: pass only weights (the reference
     optimizer leaves 1-D tensors untouched). Survey §7; Yong, Huang, Hua & Zhang, ECCV 2020.
@@ -265,7 +268,12 @@ def _gc_forward(weight: Any, grad: Any) -> Any:
         raise ValueError(f"{fn}: grad must have at least 2 dimensions (d_out, fan_in...); got shape "
                          f"{tuple(grad.shape)} (leave 1-D parameters such as biases uncentralized)")
     cd = compute_dtype(xp, grad.dtype)
-    g = xp.reshape(to_compute(xp, grad, cd), (grad.shape[0], -1))
+    fan = math.prod(grad.shape[1:])
+    if grad.shape[0] == 0 or fan == 0:
+        # no neuron, or neurons with no fan-in: nothing to centre; the result is the (empty) gradient
+        y = xp.zeros(tuple(grad.shape), dtype=grad.dtype, device=device_of(grad))
+        return y, Residuals((), (tuple(grad.shape), weight is not None))
+    g = xp.reshape(to_compute(xp, grad, cd), (grad.shape[0], fan))
     y, _, _ = _op.Centering().forward(xp, g, (1,))
     return _out(xp, xp.reshape(y, tuple(grad.shape)), grad.dtype), Residuals((), (tuple(grad.shape), weight is not None))
 
@@ -273,6 +281,9 @@ def _gc_forward(weight: Any, grad: Any) -> Any:
 def _gc_backward(res, c):
     shape, has_w = res.static
     xp = namespace("gradient_centralization.backward", cotangent=c)
+    if math.prod(shape) == 0:  # the empty case: the map is the identity on an empty array
+        dg = xp.zeros(shape, dtype=c.dtype, device=device_of(c))
+        return (xp.zeros_like(dg) if has_w else None), dg
     c2 = xp.reshape(c, (shape[0], -1))
     dg = xp.reshape(_op.Centering().backward(xp, (), (1,), c2), shape)
     return (xp.zeros_like(dg) if has_w else None), dg

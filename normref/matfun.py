@@ -56,10 +56,11 @@ The mathematics (../shared/math/BACKWARD.md):
   autograd through ``eigh`` divides by λi − λj.
 - PCA. W = f(Λ)·Dᵀ depends on the eigenvectors themselves: dD = dWᵀ·diag(f(λ)),
   dλ_k = f′(λ_k)·(dW·D)_kk, dS = sym(D·(diag(dλ) + F ∘ (Dᵀ·dD))·Dᵀ), F_ij = 1/(λj − λi) (i ≠ j).
-  At exactly equal eigenvalues PCA whitening is not differentiable (its rows are not even
-  continuous functions of S); there F_ij is set to 0, the derivative along perturbations that keep
-  the computed eigenbasis (documented, not a claim of correctness; the survey's point is that PCA
-  whitening is unstable there).
+  At equal eigenvalues PCA whitening is not differentiable (its rows are not even continuous
+  functions of S); at numerically repeated ones, |λj − λi| ≤ √ε_dtype·max|λ|, F_ij is set to 0,
+  the derivative along perturbations that keep the computed eigenbasis, with a ``RuntimeWarning``
+  (documented, not a claim of correctness; the survey's point is that PCA whitening is unstable
+  there; :func:`pca_gap_tolerance` says why √ε).
 - Cholesky (Murray 2016). dL = tril(−L⁻ᵀ·dW·L⁻ᵀ) (from d(L⁻¹) = −L⁻¹·dL·L⁻¹),
   P = Φ(Lᵀ·dL) (lower triangle with the diagonal halved), dS = sym(L⁻ᵀ·P·L⁻¹); every product with
   L⁻¹ or L⁻ᵀ is a triangular solve (:func:`solve_triangular`), no inverse is formed.
@@ -69,6 +70,9 @@ The mathematics (../shared/math/BACKWARD.md):
 """
 
 from __future__ import annotations
+
+import math
+import warnings
 
 from . import _kernels
 
@@ -89,6 +93,7 @@ __all__ = [
     "sqrt_eigh_backward",
     "pca_eigh_forward",
     "pca_eigh_backward",
+    "pca_gap_tolerance",
     "solve_triangular",
     "native_triangular_solve",
     "cholesky",
@@ -101,6 +106,8 @@ __all__ = [
     "newton_schulz_backward",
     "METHODS",
     "ITERATIVE",
+    "MAX_ITERATIONS",
+    "check_iterations",
     "FORWARD",
     "BACKWARD",
     "whitening_matrix_forward",
@@ -108,10 +115,29 @@ __all__ = [
     "operator_forward",
     "apply_whitening",
     "apply_whitening_transpose",
+    "triu_pack",
+    "triu_unpack",
 ]
 
 METHODS = ("zca", "pca", "cholesky", "iternorm", "newton_schulz")
 ITERATIVE = ("iternorm", "newton_schulz")
+# The most iterations a Newton method (IterNorm, Newton–Schulz, ONI) or a power iteration (spectral
+# norm) may be asked for. Coupled Newton–Schulz converges quadratically once ‖I − S_N‖ < 1 (tens of
+# steps even at κ = 1e6), the papers use T ≤ 7 and torch 1–15 power steps; each step is stored for the
+# backward (a d×d matrix), so a larger count is a typo, and 10**12 would never return.
+MAX_ITERATIONS = 1000
+
+
+def check_iterations(fn: str, name: str, v: Any, *, minimum: int = 1) -> int:
+    """An iteration count: an integer >= ``minimum`` (``check_int``'s TypeError / ValueError) and at
+    most :data:`MAX_ITERATIONS` (ValueError naming ``fn`` and ``name``)."""
+    from ._validate import check_int
+
+    v = check_int(fn, name, v, minimum=minimum)
+    if v > MAX_ITERATIONS:
+        raise ValueError(f"{fn}: {name} must be an integer in [{minimum}, {MAX_ITERATIONS}] (normref.matfun.MAX_ITERATIONS: "
+                         f"more steps change nothing once converged, and each is stored for the backward); got {v}")
+    return v
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,6 +169,45 @@ def eye_like(xp, s):
 def trace(xp, s):
     """tr S over the last two axes, shape (...)."""
     return xp.sum(s * eye_like(xp, s), axis=(-2, -1))
+
+
+def _index_device(like):
+    try:
+        return device_of(like)
+    except Exception:  # a traced value without a device
+        return None
+
+
+def _index(xp, idx, like):
+    """A host index vector as an integer array on ``like``'s device (none under tracing)."""
+    dev = _index_device(like)
+    idx = [int(k) for k in idx]  # the library's default integer dtype (int32 for JAX without x64)
+    return xp.asarray(idx) if dev is None else xp.asarray(idx, device=dev)
+
+
+def triu_pack(xp, a):
+    """The upper triangles of symmetric (..., d, d) matrices as (..., d(d+1)/2) vectors (row-major:
+    (0,0), (0,1), …, (0,d−1), (1,1), …): what a cross-rank collective sends for a symmetric matrix
+    (the covariance's centred cross-products, the whitening backward's dΣ) instead of its d² entries."""
+    import numpy as _np
+
+    d = a.shape[-1]
+    r, c = _np.triu_indices(d)
+    flat = xp.reshape(a, tuple(a.shape[:-2]) + (d * d,))
+    return xp.take(flat, _index(xp, r * d + c, a), axis=flat.ndim - 1)
+
+
+def triu_unpack(xp, v, d: int):
+    """The symmetric (..., d, d) matrices whose upper triangles :func:`triu_pack` gave as ``v``
+    (..., d(d+1)/2): entry (i, j) and (j, i) both read packed position of (min(i,j), max(i,j))."""
+    import numpy as _np
+
+    r, c = _np.triu_indices(d)
+    pos = _np.empty((d, d), dtype=_np.int64)
+    pos[r, c] = _np.arange(r.size)
+    pos[c, r] = _np.arange(r.size)
+    full = xp.take(v, _index(xp, pos.reshape(-1), v), axis=v.ndim - 1)
+    return xp.reshape(full, tuple(v.shape[:-1]) + (d, d))
 
 
 def _diag_embed(xp, v, like):
@@ -253,18 +318,67 @@ def pca_eigh_forward(xp, s, eig=None):
     return w, (lam, d)
 
 
+def pca_gap_tolerance(xp, dtype) -> float:
+    """τ = √ε of ``dtype``: the relative eigenvalue gap |λi − λj| ≤ τ·max|λ| below which
+    :func:`pca_eigh_backward` treats the pair as repeated (1.5e-8 in float64, 3.5e-4 in float32).
+
+    Why √ε: the eigenvector derivative of the pair is ∝ 1/(λj − λi), and its first-order (linear)
+    description is valid only for perturbations E of Σ with ‖E‖ ≪ |λj − λi| (the second-order term is
+    ∝ ‖E‖²/gap²). A finite difference, or an optimizer step, resolves the derivative only if it can take
+    a step h with ε/h ≪ 1 (rounding) and h ≪ gap (linearity): both hold only when gap ≫ √ε (relative).
+    Below τ the rotation term 1/gap (≥ 1/√ε, i.e. ≥ 7e7 relative in float64, up to 1e14 at a gap of one
+    ulp) is not a usable derivative of the computed PCA rows but an amplifier of rounding noise."""
+    return math.sqrt(float(xp.finfo(dtype).eps))
+
+
 def pca_eigh_backward(xp, res, dw):
-    """dS of W = Λ^-1/2·Dᵀ: sym(D·(diag(dλ) + F ∘ (Dᵀ·dD))·Dᵀ), F_ij = 1/(λj − λi) (0 where λi = λj)."""
+    """dS of W = Λ^-1/2·Dᵀ: sym(D·(diag(dλ) + F ∘ (Dᵀ·dD))·Dᵀ), F_ij = 1/(λj − λi).
+
+    The degenerate-pair rule (documented, not a claim of differentiability): where two eigenvalues of
+    one matrix are numerically repeated, |λj − λi| ≤ τ·max|λ| with τ = √ε_dtype
+    (:func:`pca_gap_tolerance`), F_ij is set to 0 — the derivative along perturbations that keep the
+    computed eigenbasis of that eigenspace, the same rule as at exactly equal eigenvalues. PCA
+    whitening is genuinely not differentiable at a repeated eigenvalue (its rows, the eigenvectors
+    themselves, are not continuous functions of Σ there), so this is a choice, and a
+    ``RuntimeWarning`` naming the smallest relative gap says when it was made (concrete values only;
+    under ``jax.jit`` tracing the rule applies silently). Without it the backward returned
+    |dS| ≈ 1/gap (≈ 1e14 at a gap of one ulp). Use ZCA (whose Loewner backward is exact at any gap)
+    when eigenvalues may coincide.
+    """
     lam, d = res
     f = 1.0 / xp.sqrt(lam)                      # f(λ) = λ^-1/2
     fp = -0.5 * f / lam                          # f′(λ) = −½·λ^-3/2
     dd = mT(xp, dw) * f[..., None, :]            # dD = dWᵀ·diag(f(λ))
     dlam = fp * _diag(xp, xp.matmul(dw, d))      # dλ_k = f′(λ_k)·(dW·D)_kk
     diff = lam[..., None, :] - lam[..., :, None]  # λj − λi
-    same = diff == 0
+    tau = pca_gap_tolerance(xp, lam.dtype)
+    scale = xp.max(xp.abs(lam), axis=-1)[..., None, None]
+    same = xp.abs(diff) <= tau * scale           # numerically repeated (the diagonal included)
+    _warn_degenerate(xp, diff, scale, same, tau)
     f_mat = xp.where(same, xp.zeros_like(diff), 1.0 / xp.where(same, xp.ones_like(diff), diff))
     inner = _diag_embed(xp, dlam, d) + f_mat * xp.matmul(mT(xp, d), dd)
     return sym(xp, xp.matmul(d, xp.matmul(inner, mT(xp, d))))
+
+
+def _warn_degenerate(xp, diff, scale, same, tau):
+    """The RuntimeWarning of :func:`pca_eigh_backward`'s degenerate-pair rule (concrete values only)."""
+    d = diff.shape[-1]
+    try:
+        off = xp.logical_and(same, xp.logical_not(xp.astype(eye_like(xp, diff), xp.bool)))
+        if not bool(xp.any(off)):
+            return
+        rel = xp.where(off, xp.abs(diff) / xp.where(scale > 0, scale, xp.ones_like(scale)), xp.full_like(diff, xp.inf))
+        gap = float(xp.min(rel))
+    except Exception:  # traced (jax.jit): no Python value to test
+        return
+    warnings.warn(
+        f"pca whitening backward: two eigenvalues of a {d}×{d} covariance are numerically repeated (relative gap "
+        f"{gap:.3g} ≤ τ = √ε = {tau:.3g}); PCA whitening is not differentiable there, so the eigenvector-rotation "
+        f"term 1/(λj − λi) of that pair is dropped (the derivative along perturbations that keep the computed "
+        f"eigenbasis). Use method='zca' (exact at any gap) if eigenvalues may coincide",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,6 +400,11 @@ def solve_triangular(xp, l, b, lower: bool = True, transpose: bool = False, nati
     array API's general
     ``xp.linalg.solve`` (an LU factorization of L: the same X, ~d³ more work).
     """
+    if any(int(k) == 0 for k in b.shape):  # no samples (a rank with an empty batch): nothing to solve
+        import numpy as _np
+
+        shape = tuple(_np.broadcast_shapes(tuple(l.shape[:-2]), tuple(b.shape[:-2]))) + tuple(b.shape[-2:])
+        return xp.zeros(shape, dtype=b.dtype, device=_index_device(b))
     f = native_triangular_solve(xp) if native else None
     if f is not None:
         x = f(l, b, lower, transpose)

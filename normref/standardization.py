@@ -33,6 +33,7 @@ import numpy as _np
 from . import operation as _op
 from ._validate import check_int, check_momentum, check_ndim, check_p, check_positive
 from ._xp import Array, compute_dtype, finfo_eps, namespace, to_compute, to_numpy
+from .distributed import check_reducer
 from .framework import channel_param, check_param_shape, pack, run_forward, unpack_backward
 from .partition import Partition
 from .recovery import affine_forward, tlu_backward, tlu_forward
@@ -309,6 +310,7 @@ def batch_norm(
     *,
     num_batches_tracked: int | None = None,
     out: Any = None,
+    sync: Any = None,
 ) -> Array | NormResult:
     """Batch normalization, with ``torch.nn.functional.batch_norm``'s arguments and results.
 
@@ -318,6 +320,17 @@ def batch_norm(
     result is ``NormResult(output, running_mean, running_var)`` with
     running ← (1 − momentum)·running + momentum·batch statistic (Eqn 18; variance unbiased).
     ``out``: an optional NumPy/CuPy array of input's shape and dtype that receives the output.
+
+    ``sync``: a reducer (:mod:`normref.distributed`; e.g.
+    ``normref.backends.distributed.torch.TorchReducer()``) makes the batch the union of every rank's
+    ``input`` (synchronized BN, as torch's ``SyncBatchNorm``): in training μ_B, σ_B² are those of the
+    global batch (Chan's pooled moments), every rank gets the same running statistics (the variance
+    unbiased by the global count N), and the backward's mean(g), mean(g·x̂) are global. Per step:
+    forward one all_gather of 2C + 1 values per rank ([n, μ, M2]), backward one all_reduce_sum of
+    2C values ([Σg, Σg·x̂]). Per-rank batches may differ in size, a rank may hold 0 samples (its
+    output is empty); dγ, dβ are this rank's part (sum them across ranks, as DDP does). Unused with
+    ``training=False``. Survey §5.1.1 (batch statistics over the whole mini-batch).
+
     Ioffe & Szegedy, ICML 2015.
     """
     fn = "batch_norm"
@@ -328,10 +341,12 @@ def batch_norm(
     eps = check_positive(fn, "eps", eps)
     momentum = check_momentum(fn, momentum)
     _running_pair(fn, running_mean, running_var)
+    sync = check_reducer(fn, sync) if training else None  # unused by population statistics
     shape = tuple(input.shape)
     part = Partition("batch")
     if training:
-        _check_training_count(fn, part, shape)
+        if sync is None:  # synchronized: the global count is checked once gathered
+            _check_training_count(fn, part, shape)
         f = _factor(fn, momentum, num_batches_tracked) if running_mean is not None else None
     elif running_mean is None:
         raise ValueError(f"{fn}: running_mean and running_var are required when training=False; got None")
@@ -341,7 +356,7 @@ def batch_norm(
     gamma = channel_param(xp, to_compute(xp, weight, cd), nd)
     beta = channel_param(xp, to_compute(xp, bias, cd), nd)
     if training:
-        op = _op.Standardizing(eps)
+        op = _op.Standardizing(eps, sync)
         y, op_res, st = run_forward(xp, x, part, op, gamma, beta, out=_kernel_out(out, input, cd))
     else:
         op = _op.PopulationStandardizing(eps)
@@ -353,7 +368,7 @@ def batch_norm(
     res = pack(part, op, x, op_res, gamma, beta, extra=_shapes(weight, bias))
     y = _into(_out(xp, y, input.dtype), out)
     if training and running_mean is not None:
-        n = part.count(shape)
+        n = st.get("count", part.count(shape))  # the global count when synchronized
         rm = _ema(xp, running_mean, _to_channels(xp, st["mean"], c), f)
         rv = _ema(xp, running_var, _to_channels(xp, st["var"], c) * (n / (n - 1)), f)
         return NormResult(y, rm, rv), res
@@ -614,12 +629,12 @@ def _gn_partition(args, kwargs):
     return Partition("group", num_groups=args[1]), kwargs.get("eps", 1e-5)
 
 
-def _group_like(fn, input, weight, bias, eps, part, out=None, count_what=None):
+def _group_like(fn, input, weight, bias, eps, part, out=None, count_what=None, sync=None):
     xp = namespace(fn, input=input, weight=weight, bias=bias)
     _check_out(fn, xp, input, out)
     check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
     part.validate(fn, tuple(input.shape))
-    if count_what is not None:  # statistics over the batch: one value per statistic is an error
+    if count_what is not None and sync is None:  # statistics over the batch: one value per statistic is an error
         _check_training_count(fn, part, tuple(input.shape), count_what)
     _check_channels(fn, input, weight=weight, bias=bias)
     eps = check_positive(fn, "eps", eps)
@@ -628,7 +643,7 @@ def _group_like(fn, input, weight, bias, eps, part, out=None, count_what=None):
     nd = input.ndim
     gamma = channel_param(xp, to_compute(xp, weight, cd), nd)
     beta = channel_param(xp, to_compute(xp, bias, cd), nd)
-    op = _op.Standardizing(eps)
+    op = _op.Standardizing(eps, sync)
     y, op_res, _ = run_forward(xp, x, part, op, gamma, beta, out=_kernel_out(out, input, cd))
     return _into(_out(xp, y, input.dtype), out), pack(part, op, x, op_res, gamma, beta, extra=_shapes(weight, bias))
 
@@ -678,22 +693,33 @@ def _bgn_partition(args, kwargs):
     invariants=(moment_invariant("standardizing", _bgn_partition), scale_invariant()),
 )
 def batch_group_norm(
-    input: Any, num_groups: int, weight: Any = None, bias: Any = None, eps: float = 1e-5, *, batch_groups: int = 1
+    input: Any, num_groups: int, weight: Any = None, bias: Any = None, eps: float = 1e-5, *, batch_groups: int = 1,
+    sync: Any = None,
 ) -> Array:
     """Batch group normalization: statistics per group of C/G channels *and* group of N/Gb samples.
 
     The view (Gb, N/Gb, G, C/G, *spatial) is standardized over (N/Gb, C/G, *spatial); γ, β per
     channel. ``batch_groups=1`` pools the whole batch (the paper's setting); statistics always come
     from the batch (no running statistics), so, like :func:`batch_norm` in training, a partition that
-    leaves one value per statistic raises ``ValueError``. Zhou et al., ICLR 2020.
+    leaves one value per statistic raises ``ValueError``.
+
+    ``sync`` (a reducer, :mod:`normref.distributed`): each batch group spans the ranks — batch group
+    j is the union of every rank's j-th chunk of N_r/Gb consecutive samples (each rank's batch split
+    as without sync), and its statistics are pooled over the ranks (Chan). With ``batch_groups=1``
+    this is the whole global batch, as the paper's BGN. Per step: forward one all_gather of
+    2·Gb·G + 1 values, backward one all_reduce_sum of 2·Gb·G values. Ranks may hold different
+    batch sizes (each divisible by ``batch_groups``), also 0. Survey §5.1.1.
+
+    Zhou et al., ICLR 2020.
     """
     fn = "batch_group_norm"
     num_groups = check_int(fn, "num_groups", num_groups)
     batch_groups = check_int(fn, "batch_groups", batch_groups)
+    sync = check_reducer(fn, sync)
     part = Partition("batch_group", num_groups=num_groups, batch_groups=batch_groups)
     return _group_like(fn, input, weight, bias, eps, part,
                        count_what="statistic (N/batch_groups samples × C/num_groups channels × spatial "
-                                  "positions; statistics always come from the batch)")
+                                  "positions; statistics always come from the batch)", sync=sync)
 
 
 batch_group_norm.defbackward(_backward_for("x", "w", "b"))
@@ -805,21 +831,29 @@ def mean_only_batch_norm(
     momentum: float | None = 0.1,
     *,
     num_batches_tracked: int | None = None,
+    sync: Any = None,
 ) -> Array | MeanOnlyResult:
     """Mean-only batch normalization: y = x − μ_B + β (centering over Π_BN, no scaling).
 
     Used with weight normalization, which fixes the scale (Salimans & Kingma, NeurIPS 2016). At
     inference the running mean replaces μ_B; with ``training=True`` and a running mean, returns
     ``MeanOnlyResult(output, running_mean)``.
+
+    ``sync`` (a reducer, :mod:`normref.distributed`): μ_B over every rank's batch (and the same running
+    mean on every rank); per step forward one all_gather of C + 1 values ([n, μ]), backward one
+    all_reduce_sum of C values (Σg). Ranks may hold different batch sizes, also 0; unused in
+    inference. Survey §5.1.1.
     """
     fn = "mean_only_batch_norm"
     xp = namespace(fn, input=input, running_mean=running_mean, bias=bias)
     check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
     _check_channels(fn, input, running_mean=running_mean, bias=bias)
     momentum = check_momentum(fn, momentum)
+    sync = check_reducer(fn, sync) if training else None  # unused by population statistics
     shape, part = tuple(input.shape), Partition("batch")
     if training:
-        _check_training_count(fn, part, shape)
+        if sync is None:
+            _check_training_count(fn, part, shape)
         f = _factor(fn, momentum, num_batches_tracked) if running_mean is not None else None
     elif running_mean is None:
         raise ValueError(f"{fn}: running_mean is required when training=False; got None")
@@ -828,7 +862,7 @@ def mean_only_batch_norm(
     nd = len(shape)
     beta = channel_param(xp, to_compute(xp, bias, cd), nd)
     if training:
-        op = _op.Centering()
+        op = _op.Centering(sync=sync)
         y, op_res, st = run_forward(xp, x, part, op, None, beta)
     else:
         # x − μ̂ is standardizing by population statistics with σ̂² + ε = 1
@@ -976,6 +1010,7 @@ def lp_batch_norm(
     l1_factor: bool = True,
     *,
     num_batches_tracked: int | None = None,
+    sync: Any = None,
 ) -> Array | LpNormResult:
     """Lp-norm batch normalization: y = γ·(x − μ_B)/(c·σ_p + ε) + β, σ_p = (mean_B|x − μ_B|^p)^{1/p}.
 
@@ -983,6 +1018,14 @@ def lp_batch_norm(
     estimate of the standard deviation for Gaussian data (Hoffer et al. 2018; Wu et al. 2018),
     otherwise c = 1. ε is added *outside* the deviation. The running scale tracks σ_p (no bias
     correction); at inference x̂ = (x − μ̂)/(c·σ̂_p + ε) with constants. Liao et al. 2016.
+
+    ``sync`` (a reducer, :mod:`normref.distributed`): μ_B and σ_p over every rank's batch, the same
+    running statistics on every rank. σ_p needs the global μ first, so the forward takes two rounds
+    for p ≠ 2: an all_gather of C + 1 values ([n, μ]), then an all_reduce_sum of Σ|x − μ|^p (C
+    values), or for p = ∞ an all_gather of each rank's max|x − μ| (C values) and a max over ranks;
+    p = 2 takes σ₂ from Chan's pooled M2 in one all_gather of 2C + 1 values. Backward: one
+    all_reduce_sum of [Σg, Σg·x̂, Σw] (3C values; for p = ∞ [Σg, Σg·x̂, Σ sign·[tie], Σ[tie]], 4C,
+    the ties counted over all ranks). Ranks may hold 0 samples; unused in inference. Survey §5.1.1.
     """
     fn = "lp_batch_norm"
     xp = namespace(fn, input=input, running_mean=running_mean, running_scale=running_scale, weight=weight, bias=bias)
@@ -992,9 +1035,11 @@ def lp_batch_norm(
     p = check_p(fn, p)
     momentum = check_momentum(fn, momentum)
     _running_pair(fn, running_mean, running_scale, ("running_mean", "running_scale"))
+    sync = check_reducer(fn, sync) if training else None  # unused by population statistics
     shape, part = tuple(input.shape), Partition("batch")
     if training:
-        _check_training_count(fn, part, shape)
+        if sync is None:
+            _check_training_count(fn, part, shape)
         f = _factor(fn, momentum, num_batches_tracked) if running_mean is not None else None
     elif running_mean is None:
         raise ValueError(f"{fn}: running_mean and running_scale are required when training=False; got None")
@@ -1004,7 +1049,7 @@ def lp_batch_norm(
     gamma = channel_param(xp, to_compute(xp, weight, cd), nd)
     beta = channel_param(xp, to_compute(xp, bias, cd), nd)
     if training:
-        op = _op.LpStandardizing(p=p, eps=eps, l1_factor=l1_factor)
+        op = _op.LpStandardizing(p=p, eps=eps, l1_factor=l1_factor, sync=sync)
         y, op_res, st = run_forward(xp, x, part, op, gamma, beta)
     else:
         op = _op.PopulationLp(eps=eps, c=_op.LpStandardizing(p=p, l1_factor=l1_factor).c)
@@ -1089,6 +1134,7 @@ def batch_renorm(
     dmax: float = 5.0,
     *,
     num_batches_tracked: int | None = None,
+    sync: Any = None,
 ) -> Array | NormResult:
     """Batch renormalization: x̂ = ((x − μ_B)/σ_B)·r + d, y = γ·x̂ + β.
 
@@ -1097,6 +1143,12 @@ def batch_renorm(
     dx = r·(the standardization backward). The running statistics are required in training, are
     updated as in :func:`batch_norm` (unbiased variance) and returned in a ``NormResult``; at inference
     this is :func:`batch_norm` with running statistics. Ioffe, NeurIPS 2017 (Algorithm 1).
+
+    ``sync`` (a reducer, :mod:`normref.distributed`): μ_B, σ_B over every rank's batch, so r and d
+    come from the global statistics and every rank gets the same running statistics (variance
+    unbiased by the global count). Per step as :func:`batch_norm`: forward one all_gather of 2C + 1
+    values, backward one all_reduce_sum of 2C. Ranks may hold 0 samples; unused in inference.
+    Survey §5.3.1.
     """
     fn = "batch_renorm"
     xp = namespace(fn, input=input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
@@ -1109,9 +1161,11 @@ def batch_renorm(
     rmax, dmax = check_positive(fn, "rmax", rmax), check_positive(fn, "dmax", dmax)
     if rmax < 1.0:
         raise ValueError(f"{fn}: rmax must be >= 1 (r is clipped to [1/rmax, rmax]); got {rmax}")
+    sync = check_reducer(fn, sync) if training else None  # unused by population statistics
     shape, part = tuple(input.shape), Partition("batch")
     if training:
-        _check_training_count(fn, part, shape)
+        if sync is None:
+            _check_training_count(fn, part, shape)
         f = _factor(fn, momentum, num_batches_tracked)
     cd = compute_dtype(xp, input.dtype)
     x = to_compute(xp, input, cd)
@@ -1121,7 +1175,7 @@ def batch_renorm(
     rm = channel_param(xp, to_compute(xp, running_mean, cd), nd)
     rv = channel_param(xp, to_compute(xp, running_var, cd), nd)
     if training:
-        op = _op.BatchRenormalizing(eps=eps, rmax=rmax, dmax=dmax)
+        op = _op.BatchRenormalizing(eps=eps, rmax=rmax, dmax=dmax, sync=sync)
         y, op_res, st = run_forward(xp, x, part, op, gamma, beta, running_mean=rm, running_var=rv)
     else:
         op = _op.PopulationStandardizing(eps)
@@ -1129,7 +1183,7 @@ def batch_renorm(
     res = pack(part, op, x, op_res, gamma, beta, extra=_shapes(weight, bias))
     y = _out(xp, y, input.dtype)
     if training:
-        n = part.count(shape)
+        n = st.get("count", part.count(shape))  # the global count when synchronized
         new_rm = _ema(xp, running_mean, _to_channels(xp, st["mean"], c), f)
         new_rv = _ema(xp, running_var, _to_channels(xp, st["var"], c) * (n / (n - 1)), f)
         return NormResult(y, new_rm, new_rv), res
@@ -1180,6 +1234,7 @@ def ghost_batch_norm(
     virtual_batch_size: int | None = None,
     *,
     num_batches_tracked: int | None = None,
+    sync: Any = None,
 ) -> Array | NormResult:
     """Ghost batch normalization: batch normalization on each virtual batch of ``virtual_batch_size``.
 
@@ -1191,7 +1246,19 @@ def ghost_batch_norm(
     ``num_batches_tracked=t`` the i-th virtual batch uses f = 1/(t + i), i = 1 … k. A call therefore
     counts as k batches: pass ``num_batches_tracked = t + N // virtual_batch_size`` next time (torch's
     ``BatchNorm`` adds 1 per call; a ghost layer must add k). ``virtual_batch_size=None`` uses the
-    whole batch. Hoffer et al., NeurIPS 2017 (Algorithm 1).
+    whole batch.
+
+    ``sync`` (a reducer, :mod:`normref.distributed`): the virtual batches stay per rank — they are
+    the method's regularizer, and pooling them across ranks would enlarge them — so the output and
+    the gradients need no communication; ``sync`` makes the *running statistics* those of the
+    global sequence of virtual batches: every rank applies all ranks' K = Σ k_r updates in rank
+    order (rank 0's virtual batches first), exactly as a single process on the concatenated batch
+    (with the same ``virtual_batch_size``; with ``momentum=None`` pass ``num_batches_tracked = t + K``
+    next time). Per step: an all_gather of 1 value (k_r), then one of 2·C·max k_r values (each rank's
+    means and unbiased variances, padded); nothing in the backward. A rank may hold 0 samples. Under
+    JAX (equal shapes on every rank) k_r is the local k. Survey §8.3.
+
+    Hoffer et al., NeurIPS 2017 (Algorithm 1).
     """
     fn = "ghost_batch_norm"
     xp = namespace(fn, input=input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
@@ -1209,28 +1276,65 @@ def ghost_batch_norm(
             raise ValueError(f"{fn}: running_mean and running_var are required when training=False; got None")
         return batch_norm.forward(input, running_mean, running_var, weight, bias, False, momentum, eps)
     k, c = shape[0] // vbs, shape[1]
-    part = Partition("batch_group", num_groups=c, batch_groups=k)
-    _check_training_count(fn, part, shape)
-    fs = _factors(fn, momentum, num_batches_tracked, k) if running_mean is not None else None
+    sync = check_reducer(fn, sync)
     cd = compute_dtype(xp, input.dtype)
     x = to_compute(xp, input, cd)
     nd = len(shape)
     gamma = channel_param(xp, to_compute(xp, weight, cd), nd)
     beta = channel_param(xp, to_compute(xp, bias, cd), nd)
-    op = _op.Standardizing(eps)
-    y, op_res, st = run_forward(xp, x, part, op, gamma, beta)
+    if k == 0:  # a rank without samples (synchronized): an empty output, zero parameter gradients
+        if sync is None:
+            raise ValueError(f"{fn}: expected a non-empty batch when training without sync; got input of shape {shape}")
+        part, op = Partition("batch"), _op.PopulationStandardizing(eps)
+        z = xp.zeros_like(channel_param(xp, to_compute(xp, running_mean, cd), nd) if running_mean is not None
+                          else xp.sum(x, axis=(0,) + tuple(range(2, nd)), keepdims=True))
+        y, op_res, st = run_forward(xp, x, part, op, gamma, beta, mean=z, var=z + 1.0)
+    else:
+        part = Partition("batch_group", num_groups=c, batch_groups=k)
+        _check_training_count(fn, part, shape)
+        op = _op.Standardizing(eps)
+        y, op_res, st = run_forward(xp, x, part, op, gamma, beta)
     res = pack(part, op, x, op_res, gamma, beta, extra=_shapes(weight, bias))
     y = _out(xp, y, input.dtype)
     if running_mean is None:
         return y, res
-    n = part.count(shape)
-    means = xp.reshape(st["mean"], (k, c))
-    vars_ = xp.reshape(st["var"], (k, c)) * (n / (n - 1))
+    if k:
+        n = part.count(shape)
+        means = xp.reshape(st["mean"], (k, c))
+        vars_ = xp.reshape(st["var"], (k, c)) * (n / (n - 1))
+    if sync is None:
+        batches = [(means[i, :], vars_[i, :]) for i in range(k)]
+    else:
+        batches = _ghost_gather(xp, sync, k, c, means if k else None, vars_ if k else None, cd, running_mean)
+    fs = _factors(fn, momentum, num_batches_tracked, len(batches))
     rm, rv = running_mean, running_var
-    for i in range(k):  # Eqn 18 once per virtual batch, in order
-        rm = _ema(xp, rm, means[i, :], fs[i])
-        rv = _ema(xp, rv, vars_[i, :], fs[i])
+    for (m_i, v_i), f_i in zip(batches, fs):  # Eqn 18 once per virtual batch, in order
+        rm = _ema(xp, rm, m_i, f_i)
+        rv = _ema(xp, rv, v_i, f_i)
     return NormResult(y, rm, rv), res
+
+
+def _ghost_gather(xp, sync, k, c, means, vars_, cd, like):
+    """Every rank's virtual-batch (mean, unbiased variance) pairs, in rank order: an all_gather of k_r,
+    then one of the padded (max k_r, 2C) statistics (see :func:`ghost_batch_norm`)."""
+    one = xp.ones_like(to_compute(xp, like, cd)[:1])
+    ks = sync.all_gather(one * k)
+    try:
+        ks = [int(v) for v in _np.asarray(to_numpy(ks)).reshape(-1)]
+    except Exception:  # traced (JAX): SPMD shapes, every rank holds k virtual batches
+        ks = None
+    kmax = k if ks is None else max(ks)
+    if kmax == 0:
+        return []
+    if k:
+        loc = xp.concat([means, vars_], axis=1)  # (k, 2C)
+    if k < kmax:
+        pad = xp.zeros_like(xp.reshape(xp.concat([one] * (2 * c * (kmax - k))), (kmax - k, 2 * c)))
+        loc = pad if not k else xp.concat([loc, pad], axis=0)
+    allst = sync.all_gather(loc)  # (W, kmax, 2C)
+    w = allst.shape[0]
+    ks = [k] * w if ks is None else ks
+    return [(allst[r, i, :c], allst[r, i, c:]) for r in range(w) for i in range(ks[r])]
 
 
 ghost_batch_norm.defbackward(_backward_for("x", None, None, "w", "b"))

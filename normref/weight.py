@@ -63,6 +63,13 @@ def _out(xp, y, dtype):
     return y if y.dtype == dtype else xp.astype(y, dtype)
 
 
+def _required(fn: str, **arrays) -> None:
+    """A required array argument given as ``None``: TypeError naming it (before anything reads it)."""
+    for name, a in arrays.items():
+        if a is None:
+            raise TypeError(f"{fn}: {name} must be an array; got None")
+
+
 def _check_weight(fn: str, name: str, v) -> None:
     """A weight has at least 2 dimensions: (d_out, d_in, k...)."""
     if v.ndim < 2:
@@ -105,6 +112,22 @@ def _rows(xp, v):
 def _norms(xp, v, axes):
     """‖v‖ over ``axes`` (keepdims)."""
     return xp.sqrt(xp.sum(v * v, axis=axes, keepdims=True))
+
+
+def _safe_norms(xp, v, axes):
+    """‖v‖ over ``axes`` (keepdims), right where Σv² under- or overflows: when a concrete norm comes out 0
+    or inf for a slice that is nonzero and finite (|v| ≲ 1e-23 or ≳ 1e19 in float32), the norms are
+    recomputed as a·‖v/a‖ with a = max|v| per slice. Elsewhere (and under tracing) it is ``_norms``."""
+    n = _norms(xp, v, axes)
+    fi = xp.finfo(v.dtype)
+    # Σv² below tiny/ε has lost digits to subnormal squares (or is 0); inf: it overflowed
+    bad = xp.logical_or(n < math.sqrt(float(fi.smallest_normal) / float(fi.eps)), xp.isinf(n))
+    if not _concrete_any(xp, bad):
+        return n
+    a = xp.max(xp.abs(v), axis=axes, keepdims=True)
+    ok = xp.logical_and(bad, xp.logical_and(a > 0, xp.isfinite(a)))
+    a = xp.where(ok, a, xp.ones_like(a))
+    return xp.where(ok, a * _norms(xp, v / a, axes), n)
 
 
 def _unit_backward(xp, what, n, axes, g):
@@ -195,6 +218,7 @@ def weight_norm(v: Any, g: Any, dim: int | None = 0) -> Any:
     Salimans & Kingma, NeurIPS 2016.
     """
     fn = "weight_norm"
+    _required(fn, v=v, g=g)
     xp = namespace(fn, v=v, g=g)
     _check_weight(fn, "v", v)
     shape = tuple(v.shape)
@@ -214,7 +238,7 @@ def weight_norm(v: Any, g: Any, dim: int | None = 0) -> Any:
     cd = compute_dtype(xp, v.dtype)
     vc = to_compute(xp, v, cd)
     gb = xp.reshape(to_compute(xp, g, cd), _g_shape(shape, dim) if dim is not None else (1,) * v.ndim)
-    n = _norms(xp, vc, axes)
+    n = _safe_norms(xp, vc, axes)  # right for tiny (≤ 1e-23 float32) and huge slices too
     if _concrete_any(xp, n == 0):
         raise ValueError(f"{fn}: v has a zero slice (index {_first_zero(xp, n)} along dim={dim}); its direction is undefined")
     vhat = vc / n
@@ -284,13 +308,14 @@ def centered_weight_norm(v: Any, g: Any = None) -> Any:
     Huang et al., ICCV 2017.
     """
     fn = "centered_weight_norm"
+    _required(fn, v=v)
     xp = namespace(fn, v=v, g=g)
     _check_weight(fn, "v", v)
     _check_row_gain(fn, g, v.shape[0], v.ndim)
     cd = compute_dtype(xp, v.dtype)
     x = _rows(xp, to_compute(xp, v, cd))
     c, _, _ = _op.Centering().forward(xp, x, (1,))
-    n = _norms(xp, c, (1,))
+    n = _safe_norms(xp, c, (1,))  # right for tiny (≤ 1e-23 float32) and huge rows too
     if _concrete_any(xp, n == 0):
         raise ValueError(f"{fn}: row {_first_zero(xp, n)} of v is constant; after centering it has no direction")
     what = c / n
@@ -361,6 +386,7 @@ def weight_standardization(v: Any, eps: float = 1e-5) -> Any:
     Qiao et al., arXiv:1903.10520, 2019.
     """
     fn = "weight_standardization"
+    _required(fn, v=v)
     xp = namespace(fn, v=v)
     _check_weight(fn, "v", v)
     eps = check_positive(fn, "eps", eps)
@@ -533,6 +559,7 @@ def spectral_norm(w: Any, u: Any, n_power_iterations: int = 1, eps: float = 1e-1
     Miyato et al., ICLR 2018.
     """
     fn = "spectral_norm"
+    _required(fn, w=w, u=u)
     xp = namespace(fn, w=w, u=u, v=v)
     _check_weight(fn, "w", w)
     dim = _check_dim(fn, dim, w.ndim)
@@ -547,25 +574,68 @@ def spectral_norm(w: Any, u: Any, n_power_iterations: int = 1, eps: float = 1e-1
             f"{fn}: v must have shape ({fan},) (the product of w's axes other than dim={dim}, w of shape "
             f"{tuple(w.shape)}); got shape {tuple(v.shape)}"
         )
-    n_power_iterations = check_int(fn, "n_power_iterations", n_power_iterations, minimum=0)
+    n_power_iterations = _mf.check_iterations(fn, "n_power_iterations", n_power_iterations, minimum=0)
     eps = check_positive(fn, "eps", eps)
     cd = compute_dtype(xp, w.dtype)
     wc = to_compute(xp, w, cd)
+    # W/σ and (u, v) are unchanged when W is divided by a > 0 and eps by a (N_eps(a·x) = N_{eps/a}(x), so
+    # the same u, v, and σ scales by a): W is divided by the power of two a = 2^⌈log2 max|W|⌉ (exact, the
+    # same bits wherever nothing under/overflows) so that tiny (≤ 1e-23 float32) or huge weights give
+    # their σ instead of an underflowed 0 / overflowed inf. Traced values: a = 1.
+    a = _pow2_scale(xp, wc)
+    if a is not None:
+        wc = wc / xp.asarray(a, dtype=cd, device=device_of(wc))
+    eps_a = eps if a is None else eps / a
     wm = _to_matrix(xp, wc, dim)
     v0 = None if v is None else to_compute(xp, v, cd)
-    uu, vv = _power_iteration(xp, wm, to_compute(xp, u, cd), v0, n_power_iterations, eps)
+    uu, vv = _power_iteration(xp, wm, to_compute(xp, u, cd), v0, n_power_iterations, eps_a)
     sigma = xp.sum(uu * xp.matmul(wm, vv))
     if _concrete_any(xp, sigma == 0):
-        raise ValueError(f"{fn}: the estimated spectral norm σ = uᵀ·W·v is 0 (w is zero, or u is orthogonal to its range)")
+        raise ValueError(_sigma_zero_message(fn, xp, wm, to_compute(xp, u, cd), v0, eps, 1.0 if a is None else a))
     y = wc / sigma
-    res = Residuals((wc, uu, vv, sigma), (dim, tuple(w.shape)))
+    sa = None if a is None else xp.asarray(a, dtype=cd, device=device_of(wc))
+    res = Residuals((wc, uu, vv, sigma, sa), (dim, tuple(w.shape)))
     v_dtype = u.dtype if v is None else v.dtype
     return SpectralNormResult(_out(xp, y, w.dtype), _out(xp, uu, u.dtype), _out(xp, vv, v_dtype)), res
 
 
+def _pow2_scale(xp, w):
+    """2^e with max|w| = f·2^e, f ∈ [0.5, 1) (a Python float; 1.0 for a zero or non-finite w), or
+    ``None`` for a traced value."""
+    try:
+        top = float(_np.max(_np.abs(_np.asarray(to_numpy(w), _np.float64))))
+    except Exception:  # jax tracers and friends
+        return None
+    if not (top > 0 and math.isfinite(top)):
+        return 1.0
+    return math.ldexp(1.0, math.frexp(top)[1])
+
+
+def _sigma_zero_message(fn, xp, wm, u, v, eps, a):
+    """What made σ = uᵀ·W·v exactly 0 (wm: W/a; concrete values)."""
+    w64 = _np.asarray(to_numpy(wm), _np.float64)
+    if not _np.any(w64):
+        return f"{fn}: the estimated spectral norm σ = uᵀ·W·v is 0 because w is zero; a zero weight has no direction"
+    if v is None:
+        t = float(_np.linalg.norm(w64.T @ _np.asarray(to_numpy(u), _np.float64))) * a
+        first, what = "Wᵀ·u", "u is orthogonal to the range of W"
+    else:
+        t = float(_np.linalg.norm(w64 @ _np.asarray(to_numpy(v), _np.float64))) * a
+        first, what = "W·v", "v is in the null space of W"
+    if t == 0:
+        return (f"{fn}: the estimated spectral norm σ = uᵀ·W·v is 0: {first} = 0 ({what}); pass another "
+                f"power-iteration state")
+    if eps > t:
+        return (f"{fn}: the estimated spectral norm σ = uᵀ·W·v underflowed to 0: eps={eps!r} exceeds the norm "
+                f"‖{first}‖ = {t:.3g} that N(x) = x/max(‖x‖, eps) divides by, so every step shrinks u and v by "
+                f"‖·‖/eps; pass an eps well below the norms of W's products (torch's default is 1e-12)")
+    return (f"{fn}: the estimated spectral norm σ = uᵀ·W·v is 0 (‖{first}‖ = {t:.3g}): the power-iteration "
+            f"state (u{'' if v is None else ', v'}) is orthogonal to W's leading singular vectors; pass another state")
+
+
 @spectral_norm.defbackward
 def _spectral_norm_backward(res, dy):
-    wc, uu, vv, sigma = res.arrays
+    wc, uu, vv, sigma, a = res.arrays
     dim, shape = res.static
     xp = namespace("spectral_norm.backward", cotangent=dy)
     dy = to_compute(xp, dy, wc.dtype)
@@ -582,7 +652,9 @@ def _spectral_norm_backward(res, dy):
         outer = xp.permute_dims(outer, tuple(inv))
     else:
         outer = xp.reshape(outer, shape)
-    return dy / sigma - c * outer, None, None
+    dw = dy / sigma - c * outer
+    # the forward ran on W/a (σ/a): this is a·∂L/∂W
+    return (dw if a is None else dw / a), None, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -628,10 +700,19 @@ def _orth_forward(fn, xp, v, group_size, eps, iterations, iteration="newton_schu
         )
     cd = compute_dtype(xp, v.dtype)
     z = xp.reshape(to_compute(xp, v, cd), (d_out // c, c, n))
+    # W is scale-invariant group by group: with a > 0, W(a·V_g; ε) = W(V_g; ε/a²) (for OWN and ONI
+    # alike, Σ = Zc·Zcᵀ + ε·I scales by a²). Each group is divided by a power of two a_g (exact, so the
+    # result is unchanged wherever nothing over/underflows) that brings max|V_g| into [0.5, 1): the
+    # Gram matrix Zc·Zcᵀ of weights ~1e20 (float32) or ~1e160 (float64) no longer overflows, nor does
+    # that of weights ~1e-22 (float32) underflow to a "singular" zero. With eps > 0 only large groups are
+    # scaled (a_g ≥ 1, ε/a_g² ≤ ε): for tiny weights ε dominates Σ anyway and W ≈ Zc/√ε is representable.
+    a = _group_scale(fn, xp, z, eps)
+    if a is not None:
+        z = z / a
     zc = z - xp.mean(z, axis=-1, keepdims=True)  # Huang et al.: centre each row (W_iᵀ·1 = 0)
     s = xp.matmul(zc, _mf.mT(xp, zc))
     if eps:
-        s = s + eps * _mf.eye_like(xp, s)
+        s = s + (eps if a is None else eps / (a * a)) * _mf.eye_like(xp, s)
     if iterations is None:
         kind = "zca"
         # eigenvalues first, the inverse square root only once they are known to be positive: a
@@ -653,13 +734,33 @@ def _orth_forward(fn, xp, v, group_size, eps, iterations, iteration="newton_schu
         kind = _MATFUN[iteration]
         m, mres = _mf.whitening_matrix_forward(xp, s, kind, iterations)
     w = xp.reshape(xp.matmul(m, zc), tuple(v.shape))
-    return _out(xp, w, v.dtype), Residuals((zc, m) + tuple(mres), (tuple(v.shape), kind))
+    return _out(xp, w, v.dtype), Residuals((zc, m, a) + tuple(mres), (tuple(v.shape), kind))
+
+
+def _group_scale(fn, xp, z, eps):
+    """(G, 1, 1) powers of two a_g with max|V_g|/a_g ∈ [0.5, 1) (a_g ≥ 1 when eps > 0; 1 for a zero
+    group), after refusing non-finite weights; ``None`` for traced values (no scaling, no check)."""
+    try:
+        zn = _np.asarray(to_numpy(z), dtype=_np.float64)
+    except Exception:  # jax tracers and friends: nothing to inspect
+        return None
+    if not _np.all(_np.isfinite(zn)):
+        bad = _np.flatnonzero(~_np.isfinite(zn.reshape(-1)))
+        raise ValueError(f"{fn}: v must be finite; got {zn.reshape(-1)[bad[0]]} at flat index {int(bad[0])} "
+                         f"({bad.size} non-finite entries)")
+    top = _np.max(_np.abs(zn), axis=(-2, -1), keepdims=True)
+    _, e = _np.frexp(top)
+    a = _np.where(top > 0, _np.ldexp(1.0, e), 1.0)
+    if eps:
+        a = _np.maximum(a, 1.0)
+    return xp.asarray(a, dtype=z.dtype, device=device_of(z))
 
 
 def _orth_backward(res, dw):
     """W = M·Zc, M = f(S), S = Zc·Zcᵀ (+ εI): dZc = Mᵀ·dW + 2·dS·Zc with dS = f's backward of dM = dW·Zcᵀ
-    (symmetric, from normref.matfun), then dV = dZc − mean(dZc) along each row (the centring)."""
-    zc, m, *mres = res.arrays
+    (symmetric, from normref.matfun), then dV = dZc − mean(dZc) along each row (the centring). Zc here
+    is the group scaled by 1/a_g (see ``_orth_forward``): dV = (dZc − mean(dZc))/a_g."""
+    zc, m, a, *mres = res.arrays
     shape, kind = res.static
     xp = namespace("orthogonalization.backward", cotangent=dw)
     dw = xp.reshape(to_compute(xp, dw, zc.dtype), zc.shape)
@@ -667,6 +768,8 @@ def _orth_backward(res, dw):
     ds = _mf.whitening_matrix_backward(xp, tuple(mres), dm, kind)
     dzc = xp.matmul(_mf.mT(xp, m), dw) + 2.0 * xp.matmul(ds, zc)
     dv = dzc - xp.mean(dzc, axis=-1, keepdims=True)
+    if a is not None:
+        dv = dv / a
     return (xp.reshape(dv, shape),)
 
 
@@ -739,6 +842,7 @@ def orthogonal_weight_norm(v: Any, group_size: int | None = None, eps: float = 0
     Huang et al., AAAI 2018.
     """
     fn = "orthogonal_weight_norm"
+    _required(fn, v=v)
     xp = namespace(fn, v=v)
     return _orth_forward(fn, xp, v, group_size, eps, None)
 
@@ -857,8 +961,9 @@ def oni(v: Any, iterations: int = 5, group_size: int | None = None, eps: float =
     Huang et al., CVPR 2020.
     """
     fn = "oni"
+    _required(fn, v=v)
     xp = namespace(fn, v=v)
-    iterations = check_int(fn, "iterations", iterations, minimum=1)
+    iterations = _mf.check_iterations(fn, "iterations", iterations, minimum=1)
     iteration = check_choice(fn, "iteration", iteration, ITERATIONS)
     return _orth_forward(fn, xp, v, group_size, eps, iterations, iteration)
 
@@ -958,6 +1063,7 @@ def orthogonal_penalty(w: Any, kind: str = "frobenius", gram: str = "rows") -> A
     so a near-tie gets the gradient of whichever term rounds larger. At the minimum M = 0 it is 0.
     """
     fn = "orthogonal_penalty"
+    _required(fn, w=w)
     xp = namespace(fn, w=w)
     _check_weight(fn, "w", w)
     kind = check_choice(fn, "kind", kind, PENALTIES)
@@ -1055,6 +1161,7 @@ def cosine_norm(x: Any, w: Any, eps: float = 1e-12) -> Any:
     Luo et al., ICANN 2018.
     """
     fn = "cosine_norm"
+    _required(fn, x=x, w=w)
     xp = namespace(fn, x=x, w=w)
     _check_weight(fn, "w", w)
     if x.ndim < 1:

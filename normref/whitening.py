@@ -54,6 +54,20 @@ dW = G·Xcᵀ (summed over the samples sharing Σ), dXc = Wᵀ·G + (2/m)·dΣ·
 dΣ = matfun backward(dW), and dX = dXc − mean_cols(dXc). For Cholesky, W·Xc and Wᵀ·G are
 triangular solves with L (:func:`normref.matfun.solve_triangular`); W is never formed.
 
+Synchronized batch whitening (``sync=`` a :class:`normref.distributed.Reducer`; data-parallel training
+with the batch split across ranks): the batch and batch-group partitions, in training, whiten with
+the global batch's μ and Σ. Per call and per group of d features the forward gathers once
+[μ_i (d), upper triangle of M2_i = Σ(x − μ_i)(x − μ_i)ᵀ (d(d+1)/2)] plus one count n_i per rank and
+pools them by Chan's formula (:func:`normref.distributed.combine_moments`), so every rank computes
+the same Σ = M2/N + εI, the same W (the same eigendecomposition, or the same T Newton iterations)
+and the same running statistics. The backward needs two batch sums per group, dW = Σ G·Xcᵀ and
+Σ G (the mean of dXc is Wᵀ·mean(G): Xc is centred by the global mean); as the matfun backward is
+linear in dW, each rank maps its own dW_i to the symmetric dΣ_i, and ONE all-reduce of
+[upper triangle of dΣ_i, Σ G_i] (d(d+1)/2 + d values per group) gives the global dΣ and Σ G.
+The gradients of γ, β (coloring Γ) stay per rank, as data-parallel training sums them. A rank may
+hold any number of samples, none included (it still takes part in both collectives). The other
+partitions take each sample's own statistics and refuse ``sync`` (``ValueError``).
+
 Population statistics (survey §5.3.2, §4 Eqn 16), batch partition: the *running covariance* is kept
 (not the running whitening matrix). A training call given ``running_mean``/``running_cov`` returns
 ``WhiteningResult(output, running_mean, running_cov)`` with
@@ -88,7 +102,7 @@ import numpy as _np
 
 from . import matfun as _mf
 from . import partition as _part
-from ._validate import check_choice, check_int, check_momentum, check_ndim, check_nonnegative, check_positive
+from ._validate import check_bool, check_choice, check_int, check_momentum, check_ndim, check_nonnegative, check_positive
 from ._xp import compute_dtype, namespace, to_compute, to_numpy
 from .framework import channel_param, check_param_shape, pack, run_backward, run_forward, unpack_backward
 from .operation import Operation
@@ -135,7 +149,16 @@ def _check_method(fn, name):
     return name
 
 
+def _required(fn, **arrays):
+    """A required array argument given as ``None``: TypeError naming it (before anything reads it)."""
+    for name, a in arrays.items():
+        if a is None:
+            raise TypeError(f"{fn}: {name} must be an array; got None")
+
+
 def _check_group_size(fn, group_size, features: int, what: str) -> int:
+    if features < 1:  # an empty channel (or position) axis: nothing to whiten, no covariance
+        raise ValueError(f"{fn}: expected at least 1 feature to whiten; got {what} = {features} (an empty input)")
     if group_size is None:
         return features
     if isinstance(group_size, bool) or not isinstance(group_size, (int, _np.integer)):
@@ -199,10 +222,21 @@ _SOURCES = {
 }
 
 
-def _check_finite(fn, sigma, source):
+def _check_finite(fn, sigma, source, data=None):
+    """Σ finite. ``data``: the samples Σ came from; when they are finite, Σ overflowed (|x|² above the
+    dtype's max, e.g. |x| ≳ 1e19 in float32), and the message says so instead of "non-finite"."""
     s = _concrete(sigma)
     if s is not None and not _np.all(_np.isfinite(s)):
         arg = "input" if source in ("input",) else source
+        dn = None if data is None else _concrete(data)
+        if dn is not None and _np.all(_np.isfinite(dn)):
+            dt = _dtype_name(sigma.dtype)
+            top = float(_np.finfo(dt).max) if dt in ("float16", "float32", "float64") else float("nan")
+            raise ValueError(
+                f"{fn}: {arg} is finite (max |{arg}| = {float(_np.max(_np.abs(dn))):.3g}) but {_SOURCES[source][0]} "
+                f"overflows {dt} (Σ = Xc·Xcᵀ/m needs |x − μ|² well below {top:.3g}); "
+                + ("" if dt == "float64" else "pass float64 input or ") + f"rescale {arg}"
+            )
         raise ValueError(
             f"{fn}: {arg} has non-finite values (NaN or inf): {_SOURCES[source][0]} is not finite; expected finite "
             f"{'values' if source in ('input', 'content', 'style') else 'entries'}"
@@ -310,9 +344,10 @@ def _dtype_name(dtype) -> str:
     return str(dtype).rsplit(".", 1)[-1]
 
 
-def _operator(fn, xp, sigma, method, iterations, eps, source, m=None):
-    """``(M, res)`` of :func:`normref.matfun.operator_forward` for Σ (+ εI already added), after the checks."""
-    _check_finite(fn, sigma, source)
+def _operator(fn, xp, sigma, method, iterations, eps, source, m=None, data=None):
+    """``(M, res)`` of :func:`normref.matfun.operator_forward` for Σ (+ εI already added), after the checks
+    (``data``: the samples of a batch Σ, for the message of an overflowing one)."""
+    _check_finite(fn, sigma, source, data)
     if method in ("zca", "pca"):
         eig = _mf.eigh(xp, sigma)
         _check_spectrum(fn, xp, eig[0], eps, source, m)
@@ -403,6 +438,73 @@ def _covariance(xp, xc, m):
 
 
 # --------------------------------------------------------------------------------------------------
+# synchronized batch whitening: the cross-rank parts (normref.distributed)
+
+
+def _sample_sum(xp, t):
+    """Σ over both sample axes (1 and 4) of an oriented array, kept as (I, 1, G, c, 1)."""
+    return xp.sum(xp.sum(t, axis=4, keepdims=True), axis=1, keepdims=True)
+
+
+def _sync_moments(fn, xp, x5, lay: Layout, sync):
+    """Global (N, μ, Σ without ε) of the samples of every rank: ONE ``all_gather`` per call.
+
+    Each rank packs [n_i, μ_i (I·G·c), upper triangle of M2_i = Σ (x − μ_i)(x − μ_i)ᵀ (I·G·c(c+1)/2)]
+    (a rank with no samples sends n_i = 0, μ_i = 0, M2_i = 0); Chan's pooled form
+    (:func:`normref.distributed.combine_moments`) gives N = Σ n_i, μ = Σ n_i·μ_i/N and
+    M2 = Σ M2_i + Σ n_i·(μ_i − μ)(μ_i − μ)ᵀ, the same numbers in the same order on every rank, so
+    every rank gets the same Σ = M2/N and then the same whitening matrix.
+
+    A float32 input on a library with float64 sends and combines the moments in float64 (as
+    :func:`normref.operation.synced_moments` does), after the corrected two-pass step
+    μ_i = μ̂_i + r, M2_i = Σ(x − μ̂_i)(x − μ̂_i)ᵀ − n_i·r·rᵀ with r = mean(x − μ̂_i), so that the
+    between-rank term does not inherit the float32 rounding of μ̂_i."""
+    from .distributed import combine_moments
+    from .operation import _wide_dtype
+
+    i, g, c = lay.i, lay.g, lay.c
+    m = lay.m
+    dt = x5.dtype
+    wide = _wide_dtype(xp, dt)
+    mu_i = _sample_sum(xp, x5) / max(m, 1)  # (I, 1, G, c, 1); zeros on an empty rank
+    xc = x5 - mu_i
+    m2_i = xp.sum(xp.matmul(xc, _mf.mT(xp, xc)), axis=1)  # (I, G, c, c)
+    if wide != dt:
+        r = xp.astype(_sample_sum(xp, xc) / max(m, 1), wide)  # the rounding of μ̂_i
+        mu_i = xp.astype(mu_i, wide) + r
+        r = xp.reshape(r, (i, g, c, 1))
+        m2_i = xp.astype(m2_i, wide) - float(m) * xp.matmul(r, _mf.mT(xp, r))
+    n_i = xp.full((1,), float(m), dtype=wide, device=_device(x5))
+    k = i * g * c
+    packed = xp.concat([n_i, xp.reshape(mu_i, (k,)), xp.reshape(_mf.triu_pack(xp, m2_i), (-1,))])
+    allv = sync.all_gather(packed)  # (W, 1 + k + I·G·c(c+1)/2)
+    w = allv.shape[0]
+    n_all = allv[:, 0]
+    mu_all = xp.reshape(allv[:, 1 : 1 + k], (w, i, g, c))
+    m2_all = _mf.triu_unpack(xp, xp.reshape(allv[:, 1 + k :], (w, i, g, c * (c + 1) // 2)), c)
+    n, mu, m2 = combine_moments(xp, n_all, mu_all, m2_all)
+    nc = _concrete(n)
+    if nc is not None and float(nc) < 2:
+        raise ValueError(
+            f"{fn}: expected more than 1 sample per covariance when training; the synchronized batch of every "
+            f"rank together gives {int(float(nc))} (this rank has {m})"
+        )
+    cov = m2 / n
+    if wide != dt:
+        n, mu, cov = xp.astype(n, dt), xp.astype(mu, dt), xp.astype(cov, dt)
+    return n, xp.reshape(mu, (i, 1, g, c, 1)), cov
+
+
+def _device(a):
+    from ._xp import device_of
+
+    try:
+        return device_of(a)
+    except Exception:  # a traced value without a device
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
 # the whitening NOP
 
 
@@ -415,6 +517,13 @@ class Whitening(Operation):
     (referenced, not copied), the mean, W (Cholesky: L) and the matrix function's residuals; x̂ is
     recomputed by :meth:`xhat` where a recovery's backward needs it. Build it with
     :func:`whitening_operation`, which validates the group size against the partition.
+
+    ``sync`` (a :class:`normref.distributed.Reducer`, batch statistics only): the samples are split
+    across ranks. The forward gathers each rank's [n, μ, triu(M2)] once and pools them (Chan), so
+    μ, Σ and W are the global batch's on every rank; the residuals then hold the global count N
+    after W: ``(x, μ, M, N, *res)``. The backward all-reduces, once, the upper triangles of the
+    per-rank dΣ_i = matfun backward(Σ_local G·Xcᵀ) (the matfun backward is linear in dW, so
+    Σ_i dΣ_i is the global dΣ) with the per-rank Σ G: d(d+1)/2 + d values per group.
     """
 
     method: str = "zca"
@@ -425,6 +534,8 @@ class Whitening(Operation):
     feature_axes: tuple = ()
     population: bool = False
     fn: str = "whitening"
+    sync: Any = None
+    source: str = "input"  # the argument the samples come from, for messages ("content" in wct)
     name = "whitening"
 
     def layout(self, view_shape) -> Layout:
@@ -433,19 +544,30 @@ class Whitening(Operation):
     def forward(self, xp, x, axes, mean=None, cov=None):
         lay = self.layout(x.shape)
         x5 = lay.orient(xp, x)
+        n = None  # the global sample count of a synchronized call (an array: it comes from the ranks)
+        m = lay.m
         if self.population:
             mu = mean
             source = "running_cov"
+        elif self.sync is not None:
+            n, mu, cov = _sync_moments(self.fn, xp, x5, lay, self.sync)
+            nc = _concrete(n)
+            m = None if nc is None else int(float(nc))
+            source = self.source
         else:
             mu = _sample_mean(xp, x5)
             cov = _covariance(xp, x5 - mu, lay.m)
-            source = "input"
+            source = self.source
         xc = x5 - mu
         sigma = cov + self.eps * _mf.eye_like(xp, cov)
-        op, wres = _operator(self.fn, xp, sigma, self.method, self.iterations, self.eps, source, lay.m)
+        op, wres = _operator(self.fn, xp, sigma, self.method, self.iterations, self.eps, source, m,
+                             data=None if self.population else x5)
         y5 = _mf.apply_whitening(xp, self.method, op[:, None, ...], xc)
-        res = (x, mu, op) if self.population else (x, mu, op) + tuple(wres)
-        return lay.unorient(xp, y5), res, {"mean": mu, "cov": cov}
+        if self.population:
+            return lay.unorient(xp, y5), (x, mu, op), {"mean": mu, "cov": cov}
+        if n is None:
+            return lay.unorient(xp, y5), (x, mu, op) + tuple(wres), {"mean": mu, "cov": cov}
+        return lay.unorient(xp, y5), (x, mu, op, n) + tuple(wres), {"mean": mu, "cov": cov, "count": n}
 
     def xhat(self, xp, res):
         x, mu, op = res[:3]
@@ -455,7 +577,8 @@ class Whitening(Operation):
     def backward(self, xp, res, axes, g):
         """dX = dXc − mean(dXc), dXc = Wᵀ·G + (2/m)·dΣ·Xc, dΣ = matfun backward of dW = Σ G·Xcᵀ."""
         x, mu, op = res[:3]
-        wres = res[3:]
+        synced = self.sync is not None and not self.population
+        wres = res[4:] if synced else res[3:]
         lay = self.layout(x.shape)
         g5 = lay.orient(xp, g)
         dxc = _mf.apply_whitening_transpose(xp, self.method, op[:, None, ...], g5)
@@ -464,8 +587,21 @@ class Whitening(Operation):
         xc = lay.orient(xp, x) - mu
         dw = xp.sum(xp.matmul(g5, _mf.mT(xp, xc)), axis=1)
         ds = _mf.whitening_matrix_backward(xp, wres, dw, self.method)  # symmetric
-        dxc = dxc + (2.0 / lay.m) * xp.matmul(ds[:, None, ...], xc)
-        return lay.unorient(xp, dxc - _sample_mean(xp, dxc))
+        if not synced:
+            dxc = dxc + (2.0 / lay.m) * xp.matmul(ds[:, None, ...], xc)
+            return lay.unorient(xp, dxc - _sample_mean(xp, dxc))
+        # synchronized: dΣ (linear in dW) and Σ G are sums over the global batch — ONE all-reduce of
+        # [triu(dΣ_i), Σ_i G] per rank. mean(dXc) = Wᵀ·mean(G) + (2/N)·dΣ·mean(Xc), and the global
+        # mean(Xc) is 0 (Xc is centred by the global μ), so only Σ G is needed for it.
+        n = res[3]
+        i, gg, c = lay.i, lay.g, lay.c
+        kt = i * gg * c * (c + 1) // 2
+        tot = self.sync.all_reduce_sum(xp.concat([xp.reshape(_mf.triu_pack(xp, ds), (kt,)),
+                                                  xp.reshape(_sample_sum(xp, g5), (i * gg * c,))]))
+        ds = _mf.triu_unpack(xp, xp.reshape(tot[:kt], (i, gg, c * (c + 1) // 2)), c)
+        gbar = xp.reshape(tot[kt:], (i, 1, gg, c, 1)) / n
+        dxc = dxc + (2.0 / n) * xp.matmul(ds[:, None, ...], xc)
+        return lay.unorient(xp, dxc - _mf.apply_whitening_transpose(xp, self.method, op[:, None, ...], gbar))
 
 
 def _features(part: _part.Partition, shape) -> tuple[int, str]:
@@ -483,18 +619,40 @@ def _features(part: _part.Partition, shape) -> tuple[int, str]:
 
 
 def whitening_operation(fn: str, part: _part.Partition, shape, method: str = "zca", group_size: int | None = None,
-                        iterations: int = 5, eps: float = 1e-5, population: bool = False) -> Whitening:
+                        iterations: int = 5, eps: float = 1e-5, population: bool = False,
+                        sync: Any = None) -> Whitening:
     """The :class:`Whitening` operation of ``method`` for ``part`` on inputs of ``shape``: validates
     ``method``, ``group_size`` (a divisor of the partition's number of features) and ``iterations``;
-    ``fn`` names the public function in error messages."""
+    ``fn`` names the public function in error messages. ``sync``: a reducer (see :class:`Whitening`),
+    accepted for the partitions whose samples include the batch axis (``"batch"``, ``"batch_group"``)
+    and refused (``ValueError``) for every other, whose statistics never span ranks."""
+    sync = _check_sync(fn, sync, part.kind)
     method = _check_method(fn, method)
-    iterations = check_int(fn, "iterations", iterations, minimum=1)
+    iterations = _mf.check_iterations(fn, "iterations", iterations, minimum=1)
     eps = check_nonnegative(fn, "eps", eps)
     feats, what = _features(part, shape)
     c = _check_group_size(fn, group_size, feats, what)
     _warn_unstable(fn, method, iterations)
     return Whitening(method, c, iterations, eps, tuple(part.axes(shape)), tuple(part.feature_axes(shape)),
-                     population, fn)
+                     population, fn, sync)
+
+
+#: the partitions whose statistics run over the batch axis: the only ones a reducer can synchronize
+SYNC_PARTITIONS = ("batch", "batch_group")
+
+
+def _check_sync(fn, sync, kind):
+    """``sync`` is ``None`` or a reducer, and only for a partition whose samples include the batch axis."""
+    from .distributed import check_reducer
+
+    sync = check_reducer(fn, sync)
+    if sync is not None and kind not in SYNC_PARTITIONS:
+        raise ValueError(
+            f"{fn}: sync applies to the partitions whose statistics run over the batch axis "
+            f"({', '.join(map(repr, SYNC_PARTITIONS))}); partition={kind!r} takes each sample's own statistics, "
+            f"which never span ranks: pass sync=None"
+        )
+    return sync
 
 
 # --------------------------------------------------------------------------------------------------
@@ -527,10 +685,14 @@ def _ema(xp, running, stat, f):
 
 def _partition(fn, kind, num_groups, batch_groups, normalized_ndim) -> _part.Partition:
     check_choice(fn, "partition", kind, PARTITIONS)
+    # every argument is checked, also where this partition does not use it (a typo is not ignored)
+    if num_groups is not None:
+        num_groups = check_int(fn, "num_groups", num_groups)
+    batch_groups = check_int(fn, "batch_groups", batch_groups)
+    normalized_ndim = check_int(fn, "normalized_ndim", normalized_ndim)
     if kind in ("group", "batch_group"):
         if num_groups is None:
             raise ValueError(f"{fn}: partition={kind!r} needs num_groups (the number of channel blocks); got None")
-        num_groups = check_int(fn, "num_groups", num_groups)
     if kind == "group":
         return _part.Partition("group", num_groups=num_groups)
     if kind == "batch_group":
@@ -555,16 +717,19 @@ class _ColorPlan:
 
 def _whitening(
     fn, input, running_mean, running_cov, weight, bias, training, momentum, eps, method, group_size,
-    iterations, partition, num_groups, num_batches_tracked, recovery, batch_groups=1, normalized_ndim=1,
+    iterations, partition, num_groups, num_batches_tracked, recovery, batch_groups=1, normalized_ndim=1, sync=None,
 ):
     """The shared body of every whitening preset: validation, then NAP → NOP → NRR by the framework."""
+    _required(fn, input=input)
     xp = namespace(fn, input=input, running_mean=running_mean, running_cov=running_cov, weight=weight, bias=bias)
     check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
     momentum = check_momentum(fn, momentum)
+    if num_batches_tracked is not None:  # checked even where the momentum makes it unused
+        check_int(fn, "num_batches_tracked", num_batches_tracked, minimum=0)
     part = _partition(fn, partition, num_groups, batch_groups, normalized_ndim)
     shape = tuple(input.shape)
     part.validate(fn, shape)
-    op = whitening_operation(fn, part, shape, method, group_size, iterations, eps)
+    op = whitening_operation(fn, part, shape, method, group_size, iterations, eps, sync=sync)
     lay = op.layout(part.view_shape(shape))
     n, c = shape[0], shape[1]
     g, gs, batch = lay.g, lay.c, partition == "batch"
@@ -584,9 +749,10 @@ def _whitening(
     m = lay.m
     # only the batch partition has a population to estimate; every other partition always whitens
     # with each call's own statistics (as instance_norm does by default)
-    training = bool(training) or not batch
+    training = check_bool(fn, "training", training) or not batch
     if training:
-        if m < 2:
+        # synchronized: this rank may hold 0 or 1 samples; the global count is checked after the gather
+        if m < 2 and sync is None:
             raise ValueError(
                 f"{fn}: expected more than 1 sample per covariance when training ({partition} partition of input shape "
                 f"{shape} gives {m})"
@@ -620,6 +786,7 @@ def _whitening(
     y = _out(xp, y, input.dtype)
     if training and running_mean is not None:
         rm = _ema(xp, running_mean, xp.reshape(stats["mean"], (c,)), f)
+        m = stats.get("count", m)  # synchronized: the global batch's count
         rc = _ema(xp, running_cov, xp.reshape(stats["cov"], (g, gs, gs)) * (m / (m - 1)), f)
         return WhiteningResult(y, rm, rc), res
     return y, res
@@ -802,6 +969,7 @@ def batch_whitening(
     batch_groups: int = 1,
     normalized_ndim: int = 1,
     num_batches_tracked: int | None = None,
+    sync: Any = None,
 ):
     """Batch whitening: X̂ = W(Σ)·(X − μ) per group of ``group_size`` features, y = γ·X̂ + β per channel.
 
@@ -815,10 +983,26 @@ def batch_whitening(
     group_size, group_size), unbiased, returned updated in a :class:`WhiteningResult` by a training
     call; required by an inference call (``training=False``), which whitens with
     W(running_cov + εI) and treats it as a constant. Huang et al., CVPR 2018.
+
+    ``sync`` (keyword, default ``None``: this process's statistics): a reducer
+    (:class:`normref.distributed.Reducer`, e.g. ``normref.backends.distributed.torch.TorchReducer``)
+    when the batch is split across ranks. A training call then whitens with the statistics of the
+    global batch (every rank's samples; uneven counts, a rank with none included): each rank
+    gathers, once, its [n, μ, upper triangle of its centred cross-products M2] — per group of d
+    features d + d(d+1)/2 values, plus one count — pools them by Chan's formula
+    (:func:`normref.distributed.combine_moments`: M2 = Σ M2_i + Σ n_i(μ_i − μ)(μ_i − μ)ᵀ), and
+    computes the same Σ = M2/N + εI and W on every rank; running statistics are updated from the
+    global batch (unbiased by the global N), identically everywhere. The backward all-reduces, once,
+    the packed [upper triangle of dΣ, Σ g] (d(d+1)/2 + d values per group); the gradients of γ, β
+    stay per rank (sum them across ranks as data-parallel training does). ``training=False`` uses
+    no statistics of the batch and ignores ``sync``.
+    Partitions: ``"batch"`` and ``"batch_group"`` (each rank's k-th batch group is pooled with the
+    other ranks' k-th: the global batch group k is their union); every other partition is per
+    sample and refuses ``sync`` (``ValueError``).
     """
     return _whitening("batch_whitening", input, running_mean, running_cov, weight, bias, training, momentum, eps,
                       method, group_size, iterations, partition, num_groups, num_batches_tracked, "affine",
-                      batch_groups, normalized_ndim)
+                      batch_groups, normalized_ndim, sync)
 
 
 batch_whitening.defbackward(_whitening_backward)
@@ -862,12 +1046,27 @@ def decorrelated_batch_norm(
     group_size: int | None = None,
     *,
     num_batches_tracked: int | None = None,
+    sync: Any = None,
 ):
     """Decorrelated batch normalization: ZCA batch whitening X̂ = Σ^-1/2·(X − μ) per channel group,
     then a per-channel affine y = γ·X̂ + β (:func:`batch_whitening` with ``method="zca"``).
-    Huang et al., CVPR 2018 (Algorithm 1; their default group size is 16)."""
+    Huang et al., CVPR 2018 (Algorithm 1; their default group size is 16).
+
+    ``sync`` (keyword, default ``None``: this process's statistics): a reducer
+    (:class:`normref.distributed.Reducer`, e.g. ``normref.backends.distributed.torch.TorchReducer``)
+    when the batch is split across ranks. A training call then whitens with the statistics of the
+    global batch (every rank's samples; uneven counts, a rank with none included): each rank
+    gathers, once, its [n, μ, upper triangle of its centred cross-products M2] — per group of d
+    features d + d(d+1)/2 values, plus one count — pools them by Chan's formula
+    (:func:`normref.distributed.combine_moments`: M2 = Σ M2_i + Σ n_i(μ_i − μ)(μ_i − μ)ᵀ), and
+    computes the same Σ = M2/N + εI and W on every rank; running statistics are updated from the
+    global batch (unbiased by the global N), identically everywhere. The backward all-reduces, once,
+    the packed [upper triangle of dΣ, Σ g] (d(d+1)/2 + d values per group); the gradients of γ, β
+    stay per rank (sum them across ranks as data-parallel training does). ``training=False`` uses
+    no statistics of the batch and ignores ``sync``.
+    """
     return _whitening("decorrelated_batch_norm", input, running_mean, running_cov, weight, bias, training, momentum,
-                      eps, "zca", group_size, 5, "batch", None, num_batches_tracked, "affine")
+                      eps, "zca", group_size, 5, "batch", None, num_batches_tracked, "affine", sync=sync)
 
 
 decorrelated_batch_norm.defbackward(_whitening_backward)
@@ -920,6 +1119,7 @@ def iter_norm(
     *,
     num_batches_tracked: int | None = None,
     coupled: bool | None = None,
+    sync: Any = None,
 ):
     """Iterative normalization: X̂ = (P_T/√tr Σ)·(X − μ), P_0 = I, P_k = ½(3·P_{k−1} − P_{k−1}³·Σ/tr Σ),
     then y = γ·X̂ + β (:func:`batch_whitening` with ``method="iternorm"``). The running covariance is
@@ -930,14 +1130,31 @@ def iter_norm(
     and by the coupled Newton–Schulz form (``method="newton_schulz"``, the same polynomial, stable)
     for larger T; ``coupled=False`` forces the uncoupled form (with a ``RuntimeWarning`` above 6),
     ``coupled=True`` the coupled one. Huang et al., CVPR 2019 (Algorithm 1; T = 5 is their default).
+
+    ``sync`` (keyword, default ``None``: this process's statistics): a reducer
+    (:class:`normref.distributed.Reducer`, e.g. ``normref.backends.distributed.torch.TorchReducer``)
+    when the batch is split across ranks. A training call then whitens with the statistics of the
+    global batch (every rank's samples; uneven counts, a rank with none included): each rank
+    gathers, once, its [n, μ, upper triangle of its centred cross-products M2] — per group of d
+    features d + d(d+1)/2 values, plus one count — pools them by Chan's formula
+    (:func:`normref.distributed.combine_moments`: M2 = Σ M2_i + Σ n_i(μ_i − μ)(μ_i − μ)ᵀ), and
+    computes the same Σ = M2/N + εI and W on every rank; running statistics are updated from the
+    global batch (unbiased by the global N), identically everywhere. The backward all-reduces, once,
+    the packed [upper triangle of dΣ, Σ g] (d(d+1)/2 + d values per group); the gradients of γ, β
+    stay per rank (sum them across ranks as data-parallel training does). ``training=False`` uses
+    no statistics of the batch and ignores ``sync``.
+    Every rank runs the same T iterations on the same global Σ.
     """
-    if coupled is not None and not isinstance(coupled, bool):
-        raise TypeError(f"iter_norm: coupled must be True, False or None; got {type(coupled).__name__} {coupled!r}")
-    t = check_int("iter_norm", "iterations", iterations, minimum=1)
+    if coupled is not None:
+        try:
+            coupled = check_bool("iter_norm", "coupled", coupled)
+        except TypeError:
+            raise TypeError(f"iter_norm: coupled must be True, False or None; got {type(coupled).__name__} {coupled!r}") from None
+    t = _mf.check_iterations("iter_norm", "iterations", iterations, minimum=1)
     stable = coupled if coupled is not None else t > ITERNORM_STABLE_T
     return _whitening("iter_norm", input, running_mean, running_cov, weight, bias, training, momentum, eps,
                       "newton_schulz" if stable else "iternorm", group_size, t, "batch", None, num_batches_tracked,
-                      "affine")
+                      "affine", sync=sync)
 
 
 iter_norm.defbackward(_whitening_backward)
@@ -1007,6 +1224,7 @@ def whitening_coloring(
     iterations: int = 5,
     *,
     num_batches_tracked: int | None = None,
+    sync: Any = None,
 ):
     """Whitening and coloring: X̃ = Γ_g·X̂_g + β, X̂ the batch whitening of :func:`batch_whitening`.
 
@@ -1014,9 +1232,13 @@ def whitening_coloring(
     group_size) (Siarohin et al.'s learnable d×d matrix; ``None`` skips it), ``bias`` is β per
     channel. Default ``method="cholesky"`` as in the paper. dΓ_g = Σ_n G_g·X̂_gᵀ, dX̂_g = Γ_gᵀ·G_g.
     Siarohin et al., ICLR 2019.
+
+    ``sync``: the whitening synchronized across ranks exactly as in :func:`batch_whitening`
+    (forward: one gather of d + d(d+1)/2 values per group plus a count; backward: one all-reduce of
+    d(d+1)/2 + d values per group); dΓ and dβ stay per rank.
     """
     return _whitening("whitening_coloring", input, running_mean, running_cov, weight, bias, training, momentum, eps,
-                      method, group_size, iterations, "batch", None, num_batches_tracked, "coloring")
+                      method, group_size, iterations, "batch", None, num_batches_tracked, "coloring", sync=sync)
 
 
 whitening_coloring.defbackward(_whitening_backward)
@@ -1079,12 +1301,13 @@ def whitening_matrix(cov: Any, method: str = "zca", iterations: int = 5):
     (Newton: a Cholesky test of Σ + d·ε·tr Σ·I). Survey Eqn 23; Huang et al., CVPR 2018.
     """
     fn = "whitening_matrix"
+    _required(fn, cov=cov)
     xp = namespace(fn, cov=cov)
     check_ndim(fn, "cov", cov, min_ndim=2, what="(..., d, d)")
     if cov.shape[-1] != cov.shape[-2]:
         raise ValueError(f"{fn}: cov must be square in its last two axes (..., d, d); got shape {tuple(cov.shape)}")
     method = _check_method(fn, method)
-    iterations = check_int(fn, "iterations", iterations, minimum=1)
+    iterations = _mf.check_iterations(fn, "iterations", iterations, minimum=1)
     _warn_unstable(fn, method, iterations)
     cd = compute_dtype(xp, cov.dtype)
     s = to_compute(xp, cov, cd)
@@ -1168,6 +1391,7 @@ def adain(content: Any, style: Any, eps: float = 1e-5):
     ds = (Σ G·x̂ · ŝ + Σ G)/M_s. Huang & Belongie, ICCV 2017.
     """
     fn = "adain"
+    _required(fn, content=content, style=style)
     xp = namespace(fn, content=content, style=style)
     _check_style(fn, content, style)
     eps = check_positive(fn, "eps", eps)
@@ -1271,6 +1495,7 @@ def wct(content: Any, style: Any, alpha: float = 1.0, eps: float = 1e-5, group_s
     equal eigenvalues. Li et al., NeurIPS 2017.
     """
     fn = "wct"
+    _required(fn, content=content, style=style)
     xp = namespace(fn, content=content, style=style)
     _check_style(fn, content, style)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
@@ -1278,7 +1503,7 @@ def wct(content: Any, style: Any, alpha: float = 1.0, eps: float = 1e-5, group_s
     alpha = float(alpha)
     part = _part.Partition("instance")
     cshape, sshape = tuple(content.shape), tuple(style.shape)
-    op = whitening_operation(fn, part, cshape, "zca", group_size, 1, eps)
+    op = dataclasses.replace(whitening_operation(fn, part, cshape, "zca", group_size, 1, eps), source="content")
     if math.prod(cshape[2:]) < 2 or math.prod(sshape[2:]) < 2:
         raise ValueError(f"{fn}: expected more than 1 spatial position in content and style; got {cshape}, {sshape}")
     cd = compute_dtype(xp, content.dtype)
@@ -1291,7 +1516,7 @@ def wct(content: Any, style: Any, alpha: float = 1.0, eps: float = 1e-5, group_s
     s5 = lay_s.orient(xp, to_compute(xp, style, cd))
     mu_s = _sample_mean(xp, s5)
     sig_s = _covariance(xp, s5 - mu_s, lay_s.m) + op.eps * _mf.eye_like(xp, op_res[2])
-    _check_finite(fn, sig_s, "style")
+    _check_finite(fn, sig_s, "style", s5)
     eig_s = _mf.eigh(xp, sig_s)
     _check_spectrum(fn, xp, eig_s[0], op.eps, "style", lay_s.m)
     a, ares = _mf.sqrt_eigh_forward(xp, sig_s, eig_s)

@@ -84,6 +84,17 @@ def _freeze(fn: str, name: str, v: Any) -> Any:
     return v
 
 
+def _run_forward(m: Method, static, arrays):
+    """``Method.forward`` on the static tuple and the arrays: the (output, residuals) pair."""
+    arguments = dict(static)
+    # JAX may hand the rules NumPy values (constants folded by its own transforms): make every
+    # array a JAX array so that the formula runs in jax.numpy, one library for all arguments
+    arguments.update(zip(m.array_params, (_as_jax(a) for a in arrays)))
+    ordered = {p: arguments[p] for p in m.signature.parameters}
+    b = inspect.BoundArguments(m.signature, ordered)
+    return m.forward(*b.args, **b.kwargs)
+
+
 @functools.lru_cache(maxsize=None)
 def custom_vjp_function(name: str) -> Callable:
     """The ``jax.custom_vjp`` core of method ``name``: ``core(static, *arrays)``.
@@ -93,15 +104,7 @@ def custom_vjp_function(name: str) -> Callable:
     """
     m = get(name)
     names = m.array_params
-
-    def run_forward(static, arrays):
-        arguments = dict(static)
-        # JAX may hand the rules NumPy values (constants folded by its own transforms): make every
-        # array a JAX array so that the formula runs in jax.numpy, one library for all arguments
-        arguments.update(zip(names, (_as_jax(a) for a in arrays)))
-        ordered = {p: arguments[p] for p in m.signature.parameters}
-        b = inspect.BoundArguments(m.signature, ordered)
-        return m.forward(*b.args, **b.kwargs)
+    run_forward = functools.partial(_run_forward, m)
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
     def core(static, *arrays):
@@ -112,10 +115,13 @@ def custom_vjp_function(name: str) -> Callable:
         arrays = tuple(None if p is None else p.value for p in primals)
         needs = tuple(p is not None and bool(p.perturbed) for p in primals)
         out, res = run_forward(static, arrays)
-        return out, (res, _Static(needs))
+        # the manual mesh axes each primal varies over (shard_map with check_vma): its cotangent must
+        # vary over exactly these (see _match_varying)
+        vary = tuple(None if a is None else _varying(a) for a in arrays)
+        return out, (res, _Static((needs, vary)))
 
     def bwd(static, saved, cotangent):
-        res, needs = saved[0], saved[1].value
+        res, (needs, vary) = saved[0], saved[1].value
         if isinstance(cotangent, tuple):  # a NamedTuple result: output + auxiliary state
             g = cotangent[0]
             _check_aux_cotangents(m.name, type(cotangent)._fields if hasattr(cotangent, "_fields") else None,
@@ -128,7 +134,7 @@ def custom_vjp_function(name: str) -> Callable:
         grads = m.backward(res, g, needs=needs)
         # None is JAX's zero cotangent for a given array (running statistics, or no gradient), and
         # the only valid cotangent for an argument that was None: Method.backward returns exactly that
-        return tuple(grads)
+        return tuple(_match_varying(d, v) for d, v in zip(grads, vary))
 
     core.defvjp(fwd, bwd, symbolic_zeros=True)
     return core
@@ -147,6 +153,40 @@ try:  # registered once per process
     jax.tree_util.register_pytree_node(_Static, lambda s: ((), s.value), lambda v, _: _Static(v))
 except ValueError:  # pragma: no cover - already registered
     pass
+
+
+def _varying(a: Any) -> frozenset:
+    """The manual mesh axes ``a`` varies over inside ``shard_map(check_vma=True)`` (empty elsewhere).
+
+    JAX ≥ 0.9 keeps them in ``typeof(a).mat.varying``; earlier versions in ``typeof(a).vma``."""
+    aval = jax.typeof(a)
+    mat = getattr(aval, "mat", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def _match_varying(d: Any, want: "frozenset | None") -> Any:
+    """The cotangent ``d`` with the varying manual axes ``want`` of its primal (JAX's type rule).
+
+    Inside ``shard_map(check_vma=True)`` a replicated (invariant) primal that met a batch-sharded
+    (varying) one gets a cotangent that varies over the batch axis: each device holds its shard's
+    share ∂L_i/∂w. Plain JAX autodiff transposes the implicit ``pvary`` of the forward into a
+    ``psum``, so the cotangent of an invariant primal is Σ_i ∂L_i/∂w = ∂(Σ_i L_i)/∂w, identical on
+    every device. The same here: ``psum`` over the axes the cotangent varies over and the primal does
+    not; ``pvary`` (``pcast(to="varying")``) over the axes the primal varies over and the cotangent
+    does not (a cotangent that happens to be the same on every device). Outside shard_map, or with
+    check_vma=False, both sets are empty and ``d`` is returned unchanged."""
+    if d is None or want is None or isinstance(d, SymbolicZero):
+        return d
+    have = _varying(d)
+    extra = tuple(sorted(have - want, key=str))
+    if extra:
+        d = jax.lax.psum(d, extra)
+    missing = tuple(sorted(want - have, key=str))
+    if missing:
+        d = jax.lax.pcast(d, missing, to="varying") if hasattr(jax.lax, "pcast") else jax.lax.pvary(d, missing)
+    return d
 
 
 def _check_aux_cotangents(fn: str, fields, cts) -> None:
@@ -195,22 +235,60 @@ def _function(name: str) -> Callable:
     m = get(name)
     core = custom_vjp_function(name)
     array_set = set(m.array_params)
+    synced = "sync" in m.signature.parameters  # statistics over the batch: axis_name= is offered
 
-    def fn(*args: Any, **kwargs: Any):
+    def fn(*args: Any, axis_name: Any = None, **kwargs: Any):
+        if axis_name is not None:
+            if not synced:
+                raise TypeError(f"normref.backends.jax.{m.name}: axis_name is only taken by methods with batch "
+                                f"statistics (those with a sync argument); {m.name} has none")
+            kwargs["sync"] = _axis_reducer(m.name, axis_name, kwargs.get("sync"))
         bound = m.bind(*args, **kwargs)
         static = tuple(
             (p, _freeze(m.name, p, v)) for p, v in bound.arguments.items() if p not in array_set
         )
         # NumPy (or Python) arrays become JAX arrays: the forward must run in jax.numpy
         arrays = tuple(_as_jax(bound.arguments[p]) for p in m.array_params)
-        return core(static, *arrays)
+        try:
+            return core(static, *arrays)
+        except NotImplementedError as e:
+            # Un-jitted shard_map evaluates each operation eagerly on its base trace, which refuses
+            # custom_vjp with symbolic_zeros. That trace is reached only when no differentiating
+            # transformation sits above it (a JVP/linearize trace would have taken the custom_vjp
+            # itself), so the forward alone is the answer there.
+            if "symbolic_zeros support with shard_map" not in str(e):
+                raise
+            return _run_forward(m, static, arrays)[0]
 
     functools.update_wrapper(fn, m._forward)
-    fn.__signature__ = m.signature
+    fn.__signature__ = _with_axis_name(m.signature) if synced else m.signature
     fn.__name__ = fn.__qualname__ = m.name
     fn.__module__ = "normref.backends.jax"
     fn.method = m
     return fn
+
+
+def _axis_reducer(fn: str, axis_name: Any, sync: Any):
+    """``JaxReducer(axis_name)`` for ``axis_name=`` (Flax's convention); refuses both it and ``sync``."""
+    if sync is not None:
+        raise TypeError(f"normref.backends.jax.{fn}: give axis_name or sync, not both (got axis_name={axis_name!r} "
+                        f"and sync={sync!r})")
+    try:
+        hash(axis_name)
+    except TypeError:
+        raise TypeError(f"normref.backends.jax.{fn}: axis_name must be a hashable axis name (a str or a tuple of "
+                        f"them); got {type(axis_name).__name__}") from None
+    from normref.backends.distributed.jax import JaxReducer
+
+    return JaxReducer(axis_name)
+
+
+def _with_axis_name(sig: inspect.Signature) -> inspect.Signature:
+    """The method's signature plus the keyword-only ``axis_name=None``."""
+    params = list(sig.parameters.values())
+    kw = inspect.Parameter("axis_name", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Hashable | None")
+    i = next((j for j, q in enumerate(params) if q.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+    return sig.replace(parameters=params[:i] + [kw] + params[i:])
 
 
 def apply(name_or_method: "str | Method", *args: Any, **kwargs: Any):

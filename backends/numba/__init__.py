@@ -30,17 +30,30 @@ __all__ = ["register", "accepts", "moments", "mean_square", "normalize_forward",
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def _whole_elements(a) -> bool:
+    """Every byte stride a multiple of the itemsize and the data aligned. The kernels address operands
+    in elements (``_flat``); issue 11: a field of a packed structured array (byte stride 9 for a
+    float64 after an int8) was floor-divided into element strides, so the kernels read garbage and,
+    through ``out=``, wrote into the neighbouring field. Such arrays are declined (the formula runs,
+    and NumPy writes ``out=`` element by element)."""
+    isz = a.itemsize
+    return a.flags.aligned and all(s % isz == 0 for s in a.strides)
+
+
 def accepts(x) -> bool:
-    """Whether the kernels take an input like ``x``: a float32/float64 NumPy array of at least
-    ``config.MIN_SIZE`` elements (smaller ones run faster on the formula)."""
-    return isinstance(x, np.ndarray) and x.size >= config.MIN_SIZE and x.dtype in _FLOATS
+    """Whether the kernels take an input like ``x``: a float32/float64 (native byte order) NumPy array
+    of at least ``config.MIN_SIZE`` elements (smaller ones run faster on the formula) whose strides
+    are whole elements."""
+    return (isinstance(x, np.ndarray) and x.size >= config.MIN_SIZE and x.dtype in _FLOATS
+            and _whole_elements(x))
 
 
 def _same_float(*arrays) -> bool:
     first = arrays[0]
     if not accepts(first):
         return False
-    return all(a is None or (isinstance(a, np.ndarray) and a.dtype == first.dtype) for a in arrays)
+    return all(a is None or (isinstance(a, np.ndarray) and a.dtype == first.dtype and _whole_elements(a))
+               for a in arrays)
 
 
 def _stat2(lay, i, a, dtype):
@@ -60,7 +73,40 @@ def _k(name: str, size: int):
     from .config import SERIAL_BELOW
 
     par, ser = K.KERNELS[name]
-    return ser if size < SERIAL_BELOW else par
+    return ser if size < SERIAL_BELOW else _guard(par)
+
+
+# numba's ``workqueue`` threading layer (the fallback where neither TBB nor OpenMP is available) is
+# not thread-safe: two Python threads launching parallel kernels at once abort the process
+# (issue 11). Under that layer the parallel builds run one at a time; TBB and OpenMP launch
+# concurrently. The layer is known only after the first parallel launch, so launches are serialized
+# until then too (the first one is a compilation or a cache load anyway).
+_LAUNCH_LOCK = __import__("threading").Lock()
+_LAYER: list = []  # the threading layer's name, once known
+
+
+def _serialize() -> bool:
+    if _LAYER:
+        return _LAYER[0] == "workqueue"
+    import numba
+
+    try:
+        _LAYER.append(numba.threading_layer())
+    except ValueError:  # no parallel kernel has run in this process yet
+        return True
+    return _LAYER[0] == "workqueue"
+
+
+def _guard(fn):
+    """``fn`` (a parallel build), serialized by a process-wide lock where the layer requires it."""
+    if not _serialize():
+        return fn
+
+    def locked(*args):
+        with _LAUNCH_LOCK:
+            return fn(*args)
+
+    return locked
 
 
 def _sums(lay, x5, shifted):
@@ -73,10 +119,16 @@ def _sums(lay, x5, shifted):
     threads = 1 if size < _serial_below() else _threads()
     s1 = np.empty((K1, K2))
     s2 = np.empty((K1, K2))
-    if R2 * R3 > 1 and K1 * K2 >= 2 * threads:
+    if R2 * R3 == 1:
+        # the columns kernel reads one element per (k1, r1, k2): valid only when R2 = R3 = 1
+        _k("moments_cols", size)(x5, shifted, K._chunks(R1, K1, threads), s1, s2)
+    elif K1 * K2 >= 2 * threads:
         _k("moments_rows", size)(x5, shifted, s1, s2)
     else:
-        _k("moments_cols", size)(x5, shifted, K._chunks(R1, K1, threads), s1, s2)
+        # few statistics over a reduced innermost run (issue 11: these went to the columns kernel,
+        # which then read one element per run): each statistic's reduction split over the threads
+        nchunk = max(1, min(R1 * R2 * R3 // 64, (4 * threads) // (K1 * K2)))
+        _k("moments_split", size)(x5, shifted, nchunk, s1, s2)
     return s1, s2
 
 
@@ -106,6 +158,10 @@ def moments(x, axes):
     if r is None:
         return None
     lay, x5, s1, s2, n = r
+    if np.isinf(s2).any():
+        # Σ(x − s)² overflowed (|x| ≳ 1.3e154; issue 11): s2/n − d² would be inf − inf = NaN. Decline: the
+        # formula gives σ² = inf there, which the standardizing operations handle (operation._rsqrt)
+        return None
     shift = x5[:, 0, :, 0, 0].astype(np.float64)
     d = s1 / n
     var = np.maximum(s2 / n - d * d, 0.0)
@@ -243,6 +299,11 @@ def normalize_forward(xv, axes, mode, eps, shift, scale, gamma, beta, shape, out
         fused = K1 >= 2 * threads
         _kf("fwd_cols", size)(xf, xs, yf, ys, lay.sizes, code, float(eps), gf, gs, g is not None, bf, bs,
                               b is not None, _chunks(R1, threads) if not fused else 1, fused, mean, sc, var)
+    if not given and np.isinf(var).any():
+        # Σ(x − s)² overflowed (|x − μ| ≳ 1.8e19 in float32, 1.3e154 in float64; issue 11): scale = 0 and
+        # y = β everywhere. Decline: the formula rescales by a power of two (operation._rsqrt). A K-element
+        # check, nothing on the common path. (NaN inputs give NaN statistics, not inf, and stay here.)
+        return None
     if copy_out:
         np.copyto(out, y.reshape(shape))
     y_out = out if out is not None else y.reshape(shape)
@@ -280,6 +341,12 @@ def normalize_backward(xv, shift, scale, dy, gamma, pshape, shape, axes, mode, n
     if shift is None:
         shift = np.zeros((), xv.dtype)
     if not _same_float(xv, dy, gamma, shift, scale) or xv.size == 0:
+        return None
+    fi = np.finfo(xv.dtype)
+    if scale.size and float(np.min(np.abs(scale))) ** 2 < float(fi.tiny) / float(fi.eps):
+        # the dx pass stores Q = scale²·mean(γ·u·x̂) in x's dtype; at scale ≲ 3e-16 (float32; ≲ 1e-146
+        # float64: inputs of σ ≳ 3e15, 1e146) it would underflow and drop the x̂·m2 term (issue 11). The
+        # formula's order scale·(γ·u − m1 − x̂·m2) keeps it: decline (a K-element check).
         return None
     vs = tuple(xv.shape)
     dy = _like(dy, xv)
@@ -343,7 +410,7 @@ def _kf(name: str, size: int):
     from .config import SERIAL_BELOW
 
     par, ser = F.KERNELS[name]
-    return ser if size < SERIAL_BELOW else par
+    return ser if size < SERIAL_BELOW else _guard(par)
 
 
 def register() -> None:

@@ -168,7 +168,9 @@ def fwd_rows(x, xs, y, ys, dims, mode, eps, g, gs, has_g, b, bs, has_b, nchunk, 
                                 a1 += d
                                 a2 += d * d
                 d1 = a1 / n
-                v = max(a2 / n - d1 * d1, 0.0) if mode == 0 else a2 / n
+                # a2 = inf: Σ(x − s)² overflowed; keep σ² = inf (not inf − inf = NaN) so that the caller
+                # sees the overflow and declines (issue 11); NaN stays NaN
+                v = max(a2 / n - d1 * d1, 0.0) if (mode == 0 and a2 < np.inf) else a2 / n
                 # the statistics have x's dtype: stored rounded, read back rounded, as the formula
                 var[t] = v
                 mean[t] = sh + d1 if mode == 0 else 0.0
@@ -359,7 +361,8 @@ def _col_stats_fwd(k1, dims, mode, eps, x, xs, g, gs, has_g, b, bs, has_b, p1, p
                     s1 += p1[row, k2 * R3 + r3]
                     s2 += p2[row, k2 * R3 + r3]
             d1 = s1 / n
-            var[k] = max(s2 / n - d1 * d1, 0.0) if mode == 0 else s2 / n
+            # s2 = inf (overflow): σ² = inf, not NaN, so that the caller declines (issue 11)
+            var[k] = max(s2 / n - d1 * d1, 0.0) if (mode == 0 and s2 < np.inf) else s2 / n
             mean[k] = shj[k1, k2 * R3] + d1 if mode == 0 else 0.0
             scale[k] = 1.0 / np.sqrt(np.float64(var[k]) + eps)
         for r3 in range(R3):

@@ -89,5 +89,57 @@ def moments_cols(x, shifted, nchunk, s1, s2):
             s2[k1, k2] = b2
 
 
+def moments_split(x, shifted, nchunk, s1, s2):
+    """Few statistics (K1·K2 < 2·threads) with a reduced innermost axis (R2·R3 > 1): each statistic's
+    n = R1·R2·R3 elements are split into ``nchunk`` contiguous ranges of the flattened (r1, r2, r3)
+    index, one task per (statistic, range), so that a single statistic (layer norm of one sample,
+    batch norm of one channel) still runs on every thread.
+
+    Issue 11: these layouts used to go to :func:`moments_cols`, which assumes R2 = R3 = 1 and read only
+    the first element of each run (mean = first element, variance 0). Every range uses the same
+    shift s (the statistic's first element), so its partial sums Σ(x − s), Σ(x − s)² are float64
+    sums of the same shifted terms and add exactly like one long sum: the combination is as stable as
+    :func:`moments_rows` (the shift bounds the cancellation, see the module docstring)."""
+    K1, R1, K2, R2, R3 = x.shape
+    K = K1 * K2
+    n = R1 * R2 * R3
+    p1 = np.zeros((K, nchunk))
+    p2 = np.zeros((K, nchunk))
+    step = (n + nchunk - 1) // nchunk
+    for t in prange(K * nchunk):
+        k = t // nchunk
+        c = t % nchunk
+        k1 = k // K2
+        k2 = k % K2
+        sh = np.float64(x[k1, 0, k2, 0, 0]) if shifted else 0.0
+        a1 = 0.0
+        a2 = 0.0
+        i = c * step
+        hi = min(n, (c + 1) * step)
+        while i < hi:
+            # the run of r3 from flat index i to the end of its row or of the range
+            row = i // R3
+            r3 = i - row * R3
+            r1 = row // R2
+            r2 = row - r1 * R2
+            m = min(hi - i, R3 - r3)
+            xr = x[k1, r1, k2, r2, r3:r3 + m]
+            for j in range(m):
+                d = np.float64(xr[j]) - sh
+                a1 += d
+                a2 += d * d
+            i += m
+        p1[k, c] = a1
+        p2[k, c] = a2
+    for k in range(K):
+        b1 = 0.0
+        b2 = 0.0
+        for c in range(nchunk):
+            b1 += p1[k, c]
+            b2 += p2[k, c]
+        s1[k // K2, k % K2] = b1
+        s2[k // K2, k % K2] = b2
+
+
 # (parallel, serial) builds of each kernel
-KERNELS = {f.__name__: pair(f) for f in (moments_rows, moments_cols)}
+KERNELS = {f.__name__: pair(f) for f in (moments_rows, moments_cols, moments_split)}

@@ -58,3 +58,35 @@ def pair(f):
     g.__qualname__ = f.__qualname__ + "_serial"
     g.__module__ = f.__module__
     return jit(f), jit(g, parallel=False)
+
+
+def thresholds(min_size: int | None = None, serial_below: int | None = None):
+    """Context manager: run with other size thresholds, ``MIN_SIZE`` (below it the kernels decline)
+    and ``SERIAL_BELOW`` (below it the single-threaded builds run); ``None`` keeps a value.
+
+    For tests and the conformance suite, whose inputs are small: ``thresholds(min_size=1)`` sends
+    every float32/float64 input through the kernels, ``serial_below=1`` through the parallel builds,
+    ``serial_below=2**62`` through the serial ones. The values are module globals read at each call:
+    the change is process-wide (every thread) while the context lasts, so do not use it while other
+    threads call the kernels.
+    """
+    import contextlib
+
+    for name, v in (("min_size", min_size), ("serial_below", serial_below)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ValueError(f"thresholds: {name} must be an int ≥ 0 or None; got {v!r}")
+
+    @contextlib.contextmanager
+    def ctx():
+        global MIN_SIZE, SERIAL_BELOW
+        saved = MIN_SIZE, SERIAL_BELOW
+        if min_size is not None:
+            MIN_SIZE = min_size
+        if serial_below is not None:
+            SERIAL_BELOW = serial_below
+        try:
+            yield
+        finally:
+            MIN_SIZE, SERIAL_BELOW = saved
+
+    return ctx()

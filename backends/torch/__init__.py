@@ -13,6 +13,12 @@ activation method, with its running statistics as buffers, and named ones genera
 (``nt.IterNorm``, ``nt.BatchWhitening2d``, ``nt.BatchRenorm2d``, ``nt.SwitchableNorm``, ...);
 ``nt.Norm`` for a stateless wrapper whose arrays are passed to ``forward``. Parametrizations for the
 weight methods are in ``normref.backends.torch.parametrize``.
+
+Data-parallel training (synchronized batch statistics, on CPU/gloo too): every layer with batch
+statistics takes ``process_group=`` (``None``: local, the default; ``nt.WORLD`` or a
+``torch.distributed.ProcessGroup``: the whole batch's statistics across the group in training mode);
+``nt.convert_sync(model, nt.WORLD)`` synchronizes a built model (normref's layers in place, torch's
+BatchNorm*d / SyncBatchNorm replaced by normref's); ``nt.SyncBatchNorm`` is a drop-in for torch's.
 """
 
 from __future__ import annotations

@@ -42,6 +42,17 @@ Named layers (each also as ``...1d``/``...2d``/``...3d``, which check the input 
 ``WhiteningColoring``, ``BatchRenorm``, ``GhostBatchNorm``, ``SwitchableNorm``, ``LpBatchNorm``,
 ``MeanOnlyBatchNorm``, ``BatchGroupNorm``, ``BatchInstanceNorm``, ``FilterResponseNorm``.
 ``LocalResponseNorm`` is a drop-in for ``torch.nn.LocalResponseNorm``.
+
+Synchronized statistics (issue 12): the layers with batch statistics (``BatchNorm1d/2d/3d`` and the
+``StatefulNorm`` layers whose method has a ``sync=`` reducer argument) take ``process_group=``
+(keyword; ``None`` = local, the default, as before; :data:`WORLD` = the default process group; or a
+``torch.distributed.ProcessGroup``) and, in training mode, compute the whole group's batch statistics
+through ``normref.backends.distributed.torch.TorchReducer`` (CPU/gloo included; every rank gets the
+same output statistics and running statistics). :class:`SyncBatchNorm` is a drop-in for
+``torch.nn.SyncBatchNorm`` (there ``None`` is the world group, as in torch); :func:`convert_sync`
+synchronizes a built model. normref's ``BatchNorm*d`` subclass torch's ``_BatchNorm``, so torch's
+``SyncBatchNorm.convert_sync_batchnorm`` replaces them by torch's ``SyncBatchNorm`` (sharing their
+parameters and buffers; CUDA only), and ``convert_sync`` afterwards turns those into normref's.
 """
 
 from __future__ import annotations
@@ -87,6 +98,9 @@ __all__ = [
     "Norm",
     "StatefulNorm",
     *_NAMED_LAYERS,
+    "SyncBatchNorm",
+    "WORLD",
+    "convert_sync",
 ]
 
 
@@ -96,8 +110,115 @@ def _copy_state(buffer: torch.Tensor | None, new: torch.Tensor | None) -> None:
             buffer.copy_(new)
 
 
-class _NormrefBatchNorm:
-    """forward of torch's ``_BatchNorm`` (same momentum / num_batches_tracked logic), on normref."""
+# --------------------------------------------------------------------------------------------------
+# synchronized batch statistics (issue 12): the process_group argument of the layers
+# --------------------------------------------------------------------------------------------------
+#: ``process_group=WORLD`` synchronizes over the default (world) process group. normref's layers
+#: keep ``process_group=None`` = local statistics (backward compatible); torch's ``SyncBatchNorm``
+#: spells the world group ``None``, which normref's :class:`SyncBatchNorm` drop-in keeps.
+WORLD = "world"
+
+
+def _takes_sync(method: str) -> bool:
+    """Whether the registered method has synchronized statistics (a ``sync=`` reducer argument)."""
+    return "sync" in get(method).signature.parameters
+
+
+def _is_reducer(obj: Any) -> bool:
+    return callable(getattr(obj, "all_reduce_sum", None)) and callable(getattr(obj, "all_gather", None))
+
+
+def _check_group(where: str, method: str, process_group: Any) -> Any:
+    """``process_group`` is None (local), :data:`WORLD`, a ``torch.distributed.ProcessGroup`` or a
+    normref reducer (``normref.distributed.Reducer``, used as is); anything else is a TypeError."""
+    if process_group is None:
+        return None
+    if isinstance(process_group, str):
+        if process_group != WORLD:
+            raise ValueError(
+                f"{where}: process_group must be None (local statistics), {WORLD!r} (the default process "
+                f"group), a torch.distributed.ProcessGroup or a normref reducer; got {process_group!r}"
+            )
+    else:
+        pg_type = getattr(torch.distributed, "ProcessGroup", None) if torch.distributed.is_available() else None
+        if not ((pg_type is not None and isinstance(process_group, pg_type)) or _is_reducer(process_group)):
+            raise TypeError(
+                f"{where}: process_group must be None (local statistics), {WORLD!r} (the default process "
+                f"group), a torch.distributed.ProcessGroup or a normref reducer; got {type(process_group).__name__}"
+            )
+    if not _takes_sync(method):
+        raise TypeError(
+            f"{where}: normref.{method} has no synchronized statistics (no sync= argument); "
+            f"use process_group=None"
+        )
+    return process_group
+
+
+class _Synchronized:
+    """The cross-rank part of a layer with batch statistics: ``process_group`` -> the reducer.
+
+    The reducer (``normref.backends.distributed.torch.TorchReducer``) is built at the first
+    synchronized forward, after ``torch.distributed.init_process_group``, and kept (``layer.reducer``;
+    its ``values_sent`` counts the values this layer has sent). Statistics are synchronized in
+    training mode only, as torch's ``SyncBatchNorm`` does (``model.eval()`` runs per rank, so a
+    rank-0-only validation pass cannot hang); with :data:`WORLD` and no initialized process group
+    there is one process and the statistics are local (= a world of one), as in torch.
+    """
+
+    process_group: Any = None
+    _world_if_none = False  # SyncBatchNorm: None is the world group, as in torch
+
+    def _group(self) -> Any:
+        pg = self.process_group
+        return WORLD if (pg is None and self._world_if_none) else pg
+
+    @property
+    def reducer(self) -> Any:
+        """The reducer of the synchronized statistics, or ``None`` (local statistics)."""
+        pg = self._group()
+        if pg is None:
+            return None
+        if _is_reducer(pg):
+            return pg
+        if pg == WORLD and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return None
+        cached = self.__dict__.get("_normref_reducer")
+        if cached is None or cached[0] is not pg:
+            from normref.backends.distributed.torch import TorchReducer
+
+            cached = (pg, TorchReducer(None if pg == WORLD else pg))
+            self.__dict__["_normref_reducer"] = cached
+        return cached[1]
+
+    def _sync_kwargs(self) -> dict:
+        """``{"sync": reducer}`` for a training-mode forward with a reducer, else ``{}``."""
+        if not self.training:
+            return {}
+        r = self.reducer
+        return {} if r is None else {"sync": r}
+
+    def _sync_repr(self) -> str:
+        pg = self.process_group
+        if pg is None:
+            return ""
+        return f", process_group={pg!r}" if isinstance(pg, str) else f", process_group={type(pg).__name__}"
+
+
+class _NormrefBatchNorm(_Synchronized):
+    """forward of torch's ``_BatchNorm`` (same momentum / num_batches_tracked logic), on normref.
+
+    ``process_group`` (keyword, default ``None`` = local statistics): :data:`WORLD` or a
+    ``torch.distributed.ProcessGroup`` synchronizes the batch statistics across the group's ranks in
+    training mode (``normref.batch_norm(..., sync=TorchReducer(group))``: one all-gather of 2C + 1
+    values in the forward, one all-reduce of 2C in the backward), on CPU too.
+    """
+
+    def __init__(self, *args: Any, process_group: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.process_group = _check_group(type(self).__name__, "batch_norm", process_group)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._sync_repr()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
@@ -110,7 +231,9 @@ class _NormrefBatchNorm:
         use_running = not self.training or self.track_running_stats
         rm = self.running_mean if use_running else None
         rv = self.running_var if use_running else None
-        out = function("batch_norm")(input, rm, rv, self.weight, self.bias, bn_training, factor, self.eps)
+        out = function("batch_norm")(
+            input, rm, rv, self.weight, self.bias, bn_training, factor, self.eps, **self._sync_kwargs()
+        )
         if isinstance(out, tuple):  # NormResult: the updated running statistics come back
             _copy_state(self.running_mean, out.running_mean)
             _copy_state(self.running_var, out.running_var)
@@ -128,6 +251,32 @@ class BatchNorm2d(_NormrefBatchNorm, nn.BatchNorm2d):
 
 class BatchNorm3d(_NormrefBatchNorm, nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` computed by :func:`normref.batch_norm` (Ioffe & Szegedy, ICML 2015)."""
+
+
+class SyncBatchNorm(_NormrefBatchNorm, nn.SyncBatchNorm):
+    """``torch.nn.SyncBatchNorm`` computed by :func:`normref.batch_norm` with ``sync=`` (on CPU too).
+
+    Torch's constructor, verbatim: ``process_group=None`` is the default (world) process group here,
+    as in torch (unlike normref's other layers, where ``None`` is local); input (N, C, *) of any rank
+    ≥ 2. Statistics are synchronized in training mode when a process group is initialized (else
+    local: one process). ``SyncBatchNorm.convert_sync_batchnorm(model, process_group)`` is
+    :func:`convert_sync` (normref's layers keep their class; torch's BatchNorm*d and SyncBatchNorm
+    become normref's).
+    """
+
+    _world_if_none = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        nn.SyncBatchNorm.__init__(self, *args, **kwargs)
+        if self.process_group is not None:
+            self.process_group = _check_group(type(self).__name__, "batch_norm", self.process_group)
+        elif not _takes_sync("batch_norm"):
+            raise TypeError(f"{type(self).__name__}: normref.batch_norm has no synchronized statistics (no sync= argument)")
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
+        """:func:`convert_sync` with torch's default (``None`` = the world group)."""
+        return convert_sync(module, WORLD if process_group is None else process_group)
 
 
 class _NormrefInstanceNorm:
@@ -222,7 +371,7 @@ class LocalResponseNorm(nn.LocalResponseNorm):
 # layers generated from a method's signature
 # --------------------------------------------------------------------------------------------------
 _FLAGS = ("training", "use_input_stats")  # the argument that selects batch vs population statistics
-_NOT_STATIC = frozenset(_FLAGS) | {"num_batches_tracked", "out"}
+_NOT_STATIC = frozenset(_FLAGS) | {"num_batches_tracked", "out", "sync"}
 _AFFINE = frozenset({"weight", "bias"})
 
 
@@ -246,7 +395,7 @@ def _initial(method: str, name: str, c: int, gs: int, factory: dict) -> torch.Te
     return None
 
 
-class StatefulNorm(nn.Module):
+class StatefulNorm(_Synchronized, nn.Module):
     """Any activation method as a layer owning its parameters and running statistics.
 
     ``StatefulNorm("iter_norm", 64, group_size=16, iterations=5)``; the named layers
@@ -257,6 +406,11 @@ class StatefulNorm(nn.Module):
     - ``affine``: learnable ``weight``/``bias`` (``False``: both ``None``, as in torch);
     - ``track_running_stats``: keep the running statistics as buffers (``False``: batch statistics
       in eval mode too, as in torch); methods without running statistics have no buffers;
+    - ``process_group``: ``None`` (local batch statistics), :data:`WORLD` (the default process group)
+      or a ``torch.distributed.ProcessGroup``: in training mode the batch statistics are the group's
+      (the method's ``sync=`` argument with a ``TorchReducer``; every rank gets the same output
+      statistics and running statistics), for the methods that have synchronized statistics
+      (batch norm variants, batch whitening); ``convert_sync`` sets it on a built model;
     - every other non-array argument of the method (``momentum``, ``eps``, ``group_size``,
       ``iterations``, ``virtual_batch_size``, ``rmax``...), with the method's defaults; ``momentum=None``
       is the cumulative average over ``num_batches_tracked`` batches, as in torch.
@@ -276,6 +430,7 @@ class StatefulNorm(nn.Module):
         *,
         affine: bool = True,
         track_running_stats: bool = True,
+        process_group: Any = None,
         device: Any = None,
         dtype: Any = None,
         **static: Any,
@@ -285,6 +440,7 @@ class StatefulNorm(nn.Module):
         where = f"{type(self).__name__}({m.name!r})" if type(self) is StatefulNorm else type(self).__name__
         if m.category != "activation" or not m.array_params or m.array_params[0] != "input":
             raise TypeError(f"{where}: a layer needs an activation method whose first array argument is input; got {m!r}")
+        self.process_group = _check_group(where, m.name, process_group)
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"{where}: num_features must be a positive int; got {num_features!r}")
         params = m.signature.parameters
@@ -371,6 +527,7 @@ class StatefulNorm(nn.Module):
         if update and self._counts and kwargs.get("momentum", 0.0) is None:
             # the cumulative average needs k, the number of batches seen before this one (a host read)
             kwargs["num_batches_tracked"] = int(self.num_batches_tracked)
+        kwargs.update(self._sync_kwargs())
         out = function(self.normref_method)(input, **kwargs)
         if not isinstance(out, tuple):
             return out
@@ -388,7 +545,7 @@ class StatefulNorm(nn.Module):
         if self._state_names:
             parts.append(f"track_running_stats={self.track_running_stats}")
         parts += [f"{p}={getattr(self, p)!r}" for p in self._static_names]
-        return ", ".join(parts)
+        return ", ".join(parts) + self._sync_repr()
 
 
 def _named_layer(cls_name: str, method: str, input_ndim: "tuple[int, ...] | None") -> type:
@@ -418,3 +575,70 @@ for _cls, _method in _NAMED.items():
     for _suffix in ("", "1d", "2d", "3d"):
         globals()[_cls + _suffix] = _named_layer(_cls + _suffix, _method, _input_ranks(_method, _suffix))
 del _cls, _method, _suffix
+
+
+# --------------------------------------------------------------------------------------------------
+# convert_sync: a built model's batch statistics synchronized
+# --------------------------------------------------------------------------------------------------
+def _layer_method(m: nn.Module) -> str:
+    return "batch_norm" if isinstance(m, _NormrefBatchNorm) else m.normref_method
+
+
+def convert_sync(module: nn.Module, process_group: Any = WORLD) -> nn.Module:
+    """``module`` with every batch-statistics layer synchronized over ``process_group``.
+
+    The counterpart of ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` for normref (and on CPU):
+
+    - normref's layers with batch statistics (``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` and the
+      :class:`StatefulNorm` layers whose method has ``sync=``: ``IterNorm``, ``BatchWhitening``,
+      ``DecorrelatedBatchNorm``, ``BatchRenorm``, ...) keep their class, parameters and buffers; their
+      ``process_group`` is set (in place);
+    - torch's own ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` (e.g. left by torch's
+      ``convert_sync_batchnorm``, which replaces normref's ``BatchNorm*d`` by torch's
+      ``SyncBatchNorm`` since they subclass torch's ``_BatchNorm``, and refuses CPU tensors) become
+      normref's ``BatchNorm1d/2d/3d`` / :class:`SyncBatchNorm`, sharing the old layer's parameters and
+      buffers (so ``state_dict`` is unchanged), as torch's converter does;
+    - layers without batch statistics (LayerNorm, GroupNorm, instance norm, FRN, ...) are untouched.
+
+    ``process_group``: :data:`WORLD` (default: the default process group; torch's ``None``) or a
+    ``torch.distributed.ProcessGroup`` (or a normref reducer). ``None`` is refused (it means *local*
+    for normref's layers, but *world* in torch's converter; say which). Returns the model (a new
+    object only when ``module`` itself is a torch batch-norm layer, as in torch).
+    """
+    if process_group is None:
+        raise ValueError(
+            "convert_sync: process_group=None would mean local statistics for normref's layers (torch's "
+            f"convert_sync_batchnorm reads None as the world group); pass {WORLD!r} or a ProcessGroup"
+        )
+    _check_group("convert_sync", "batch_norm", process_group)
+    drop_in = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d,
+               nn.SyncBatchNorm: SyncBatchNorm}
+
+    def convert(m: nn.Module) -> nn.Module:
+        out = m
+        if isinstance(m, _Synchronized):
+            method = _layer_method(m)
+            if _takes_sync(method):
+                m.process_group = process_group
+            elif "training" in get(method).signature.parameters:  # batch statistics, not synchronized
+                raise TypeError(f"convert_sync: {type(m).__name__} (normref.{method}) has no synchronized statistics yet")
+        elif type(m) in drop_in:
+            out = drop_in[type(m)](
+                m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
+                bias=m.bias is not None, process_group=process_group,
+            )
+            if m.affine:
+                with torch.no_grad():
+                    out.weight = m.weight
+                    out.bias = m.bias
+            out.running_mean = m.running_mean
+            out.running_var = m.running_var
+            out.num_batches_tracked = m.num_batches_tracked
+            out.training = m.training
+            if hasattr(m, "qconfig"):
+                out.qconfig = m.qconfig
+        for name, child in m.named_children():
+            out.add_module(name, convert(child))
+        return out
+
+    return convert(module)
