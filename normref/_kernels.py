@@ -107,7 +107,9 @@ def lookup(xp, primitive: str) -> Callable | None:
 @contextlib.contextmanager
 def use_kernels(enabled: bool = True) -> Iterator[None]:
     """Context manager: ``with normref.use_kernels(False):`` runs the pure array-API formulas."""
-    token = _ENABLED.set(bool(enabled))
+    from ._validate import check_bool
+
+    token = _ENABLED.set(check_bool("use_kernels", "enabled", enabled))
     try:
         yield
     finally:

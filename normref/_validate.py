@@ -17,6 +17,10 @@ __all__ = [
     "check_p",
     "check_choice",
     "check_bool",
+    "concrete_any",
+    "first_true",
+    "check_nonnegative_values",
+    "check_eps_representable",
 ]
 
 
@@ -103,3 +107,58 @@ def check_bool(fn: str, name: str, v: Any) -> bool:
     if t.__module__ == "numpy" and t.__name__ == "ndarray" and v.shape == () and v.dtype.kind == "b":
         return bool(v)
     raise TypeError(f"{fn}: {name} must be a bool (True or False); got {t.__name__} {v!r}")
+
+
+def concrete_any(xp, cond: Any) -> bool:
+    """``bool(any(cond))`` for concrete arrays. A traced value (``jax.jit``, ``torch.func.vmap``) has no
+    Python boolean: the check is then skipped (``False``) — value checks need concrete values, and a
+    function under tracing is checked when it is called with concrete ones. A lazy (dask) array is
+    treated the same way: normref never computes it (``_xp.is_lazy``)."""
+    from ._xp import is_lazy
+
+    if is_lazy(cond):
+        return False
+    try:
+        return bool(xp.any(cond))
+    except (TypeError, RuntimeError):  # jax's ConcretizationTypeError is a TypeError
+        return False
+
+
+def first_true(cond: Any) -> int:
+    """Index (flattened order) of the first true entry of ``cond`` (called only after a hit)."""
+    from ._xp import to_numpy
+
+    import numpy as np
+
+    return int(np.flatnonzero(np.asarray(to_numpy(cond)).reshape(-1))[0])
+
+
+def check_nonnegative_values(fn: str, name: str, xp, a: Any, what: str = "a variance") -> None:
+    """Refuse an array with a negative entry (a running variance or scale: ``what``), naming the
+    first one; ``None`` passes. Skipped under tracing (:func:`concrete_any`). NaN entries pass:
+    NaN in, NaN out."""
+    if a is None:
+        return
+    neg = a < 0
+    if concrete_any(xp, neg):
+        i = first_true(neg)
+        from ._xp import to_numpy
+
+        v = float(to_numpy(a).reshape(-1)[i])
+        raise ValueError(f"{fn}: {name} must be >= 0 everywhere (it is {what}); got {v!r} at index {i}")
+
+
+def check_eps_representable(fn: str, eps: float, xp, dtype: Any, name: str = "eps") -> None:
+    """A positive ``eps`` that rounds to 0 in the compute dtype (below half of float32's smallest
+    subnormal, 2⁻¹⁵⁰ ≈ 7e-46) is refused: it would be a zero ε, and a constant group would give
+    0/0 = NaN. torch is not consistent here (torch 2.13, float32, eps=1e-50 on a constant input:
+    ``F.group_norm``/``F.batch_norm`` return 0, ``F.layer_norm`` returns NaN), so normref raises."""
+    if eps > 0 and xp.finfo(dtype).bits == 32:
+        import numpy as np
+
+        if np.float32(eps) == 0:
+            raise ValueError(
+                f"{fn}: {name} = {eps!r} rounds to 0 in float32 (the dtype the statistics are computed in); "
+                f"expected {name} >= {float(np.finfo(np.float32).smallest_subnormal)!r} (float32's smallest subnormal), "
+                f"or float64 inputs"
+            )

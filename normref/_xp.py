@@ -30,6 +30,7 @@ __all__ = [
     "library_name",
     "finfo_eps",
     "to_numpy",
+    "is_lazy",
 ]
 
 
@@ -48,7 +49,20 @@ def library_name(x: Any) -> str:
         return "jax"
     if array_api_compat.is_cupy_array(x):
         return "cupy"
+    if array_api_compat.is_dask_array(x):
+        return "dask"
     return type(x).__module__.split(".")[0]
+
+
+def is_lazy(x: Any) -> bool:
+    """True for a lazy array whose values exist only once its graph is computed (``dask.array``).
+
+    normref never computes one: a check that needs concrete values (a negative running variance, a
+    zero weight norm, a covariance's definiteness) treats it as it treats a traced JAX value — the
+    check is skipped, and the formula is built into the graph; ``.compute()`` gives what NumPy gives
+    on the same values (for an invalid input: what the formula yields, e.g. NaN, not the ValueError).
+    """
+    return x is not None and array_api_compat.is_dask_array(x)
 
 
 def device_of(x: Any) -> Any:
@@ -78,6 +92,13 @@ def namespace(fn: str, **arrays: Any) -> Any:
     Raises ``TypeError`` naming the argument when an argument is not an array, when arrays of
     different libraries are mixed, or when an array is not real floating point; ``ValueError`` when
     arrays live on different devices.
+
+    NumPy subclasses: ``np.memmap`` is an ndarray with file-backed memory (same semantics: accepted);
+    any other subclass of ``np.ndarray`` — ``np.ma.MaskedArray`` (whose mask normref would ignore:
+    statistics neither masked nor plain), ``np.matrix`` (2-D only, ``*`` is a matrix product) or a
+    user subclass — is refused with a ``TypeError``: pass ``np.asarray(a)`` (or ``a.filled(...)``) to
+    say which values are meant. Other libraries' subclasses follow their library (a
+    ``torch.nn.Parameter`` is a Tensor; JAX tracers are JAX arrays).
     """
     # fast path: only NumPy float32/float64 arrays (the common case; the checks below would all pass)
     if all(a is None or (type(a) is _np.ndarray and a.dtype in _NP_FLOATS) for a in arrays.values()):
@@ -87,6 +108,12 @@ def namespace(fn: str, **arrays: Any) -> Any:
     for name, a in arrays.items():
         if a is None:
             continue
+        if isinstance(a, _np.ndarray) and type(a) is not _np.ndarray and not isinstance(a, _np.memmap):
+            raise TypeError(
+                f"{fn}: {name} must be a plain numpy.ndarray (or np.memmap); got {type(a).__name__}, a "
+                f"subclass whose semantics normref does not implement (pass np.asarray({name}), or "
+                f"{name}.filled(...) for a masked array)"
+            )
         if not is_array(a):
             raise TypeError(
                 f"{fn}: {name} must be an array (numpy, torch, jax, cupy or any array API array); "

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._validate import check_momentum, check_ndim, check_positive, check_shape
+from ._validate import (check_bool, check_eps_representable, check_momentum, check_ndim,
+                        check_nonnegative_values, check_positive, check_shape)
 from ._xp import Array, compute_dtype, namespace, to_compute
 from .distributed import check_reducer
 from .framework import channel_param
 from .registry import Example, Residuals, method
-from .standardization import NormResult, _check_training_count, _factor, _running_pair
+from .standardization import (NormResult, _check_nbt, _check_training_count, _empty_call, _eps, _factor,
+                              _is_empty, _running_pair)
 from .partition import Partition
 
 __all__ = ["switchable_norm", "batch_instance_norm", "adaptive_layer_instance_norm"]
@@ -98,16 +100,22 @@ def switchable_norm(
     c = input.shape[1]
     for name, a in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         check_shape(fn, name, a, (c,), f"one value per channel, input.shape[1] = {c}")
-    eps = check_positive(fn, "eps", eps)
+    eps = _eps(fn, xp, input, eps)
     momentum = check_momentum(fn, momentum)
+    training = check_bool(fn, "training", training)
+    _check_nbt(fn, num_batches_tracked)
     _running_pair(fn, running_mean, running_var)
-    sync = check_reducer(fn, sync) if training else None  # unused by population statistics
+    check_nonnegative_values(fn, "running_var", xp, running_var)
+    sync = check_reducer(fn, sync) if training else check_reducer(fn, sync) and None  # unused in inference
     shape = tuple(input.shape)
     if training:
         _check_training_count(fn, Partition("instance"), shape)
         f = _factor(fn, momentum, num_batches_tracked) if running_mean is not None else None
     elif running_mean is None:
         raise ValueError(f"{fn}: running_mean and running_var are required when training=False; got None")
+    if _is_empty(shape) and sync is None:
+        return _empty_call(xp, input, (input, mean_weight, var_weight, weight, bias, running_mean, running_var), None,
+                           NormResult if training and running_mean is not None else None, (running_mean, running_var))
     cd = compute_dtype(xp, input.dtype)
     n, m = shape[0], 1
     for d in shape[2:]:
@@ -282,10 +290,13 @@ def batch_instance_norm(
     c = input.shape[1]
     for name, a in (("rho", rho), ("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         check_shape(fn, name, a, (c,), f"one value per channel, input.shape[1] = {c}")
-    eps = check_positive(fn, "eps", eps)
+    eps = _eps(fn, xp, input, eps)
     momentum = check_momentum(fn, momentum)
+    training = check_bool(fn, "training", training)
+    _check_nbt(fn, num_batches_tracked)
     _running_pair(fn, running_mean, running_var)
-    sync = check_reducer(fn, sync) if training else None  # unused by population statistics
+    check_nonnegative_values(fn, "running_var", xp, running_var)
+    sync = check_reducer(fn, sync) if training else check_reducer(fn, sync) and None  # unused in inference
     shape = tuple(input.shape)
     if training:
         if sync is None:
@@ -294,6 +305,9 @@ def batch_instance_norm(
     elif running_mean is None:
         raise ValueError(f"{fn}: running_mean and running_var are required when training=False; got None")
     _check_training_count(fn, Partition("instance"), shape)
+    if _is_empty(shape) and sync is None:
+        return _empty_call(xp, input, (input, rho, weight, bias, running_mean, running_var), None,
+                           NormResult if training and running_mean is not None else None, (running_mean, running_var))
     cd = compute_dtype(xp, input.dtype)
     x = to_compute(xp, input, cd)
     nd = len(shape)
@@ -374,8 +388,10 @@ def adaptive_layer_instance_norm(input: Any, rho: Any, weight: Any = None, bias:
             per_channel[name] = True
         else:
             check_broadcastable(fn, name, a, shape)
-    eps = check_positive(fn, "eps", eps)
+    eps = _eps(fn, xp, input, eps)
     _check_training_count(fn, Partition("instance"), shape)
+    if _is_empty(shape):
+        return _empty_call(xp, input, (input, rho, weight, bias))
     cd = compute_dtype(xp, input.dtype)
     x = to_compute(xp, input, cd)
     rho_b = channel_param(xp, to_compute(xp, rho, cd), nd)

@@ -30,6 +30,30 @@ statistics (and the same running statistics).
 Counting: each reducer adds the number of array elements it sends to ``values_sent`` (per call, the
 size of ``a``), so tests and benchmarks can check that a synchronized step costs the minimum: a
 batch-norm layer's forward gathers 2C + 1 values per rank, its backward sums 2C.
+
+The mechanism (written once, in :mod:`normref.operation`): an operation carries the reducer as a
+field (``Standardizing(eps, sync)``, ``Centering(sync=...)``, ``LpStandardizing(..., sync=...)``,
+``BatchRenormalizing(..., sync=...)``), hence in the residuals' static part, so the backward uses the
+forward's reducer. ``operation.synced_moments`` computes each rank's (n_i, μ_i, M2_i) (the
+``moments`` kernel where registered; a rank with no samples sends zeros), gathers them once and
+combines them with :func:`combine_moments`; for float32 inputs the per-rank moments are corrected
+(two-pass residual mean) and travel in float64 where the library has it. ``operation.synced_sums``
+all-reduces the backward's packed per-statistic sums once. The synchronized operations keep the
+global count N as their last residual. Communication per step (C statistics):
+
+===========================================  ==========================  =======================
+method (``sync=``)                           forward                     backward
+===========================================  ==========================  =======================
+batch_norm, batch_renorm, BN branch of        gather 2C + 1               all-reduce 2C
+switchable_norm / batch_instance_norm,
+normalize(standardizing), batch_group_norm
+(C → Gb·G statistics)
+mean_only_batch_norm, normalize(centering)    gather C + 1                all-reduce C
+lp_batch_norm p = 2                           gather 2C + 1               all-reduce 3C
+lp_batch_norm p ≠ 2, ∞                        gather C + 1, all-reduce C  all-reduce 3C
+lp_batch_norm p = ∞                           gather C + 1, gather C      all-reduce 4C
+ghost_batch_norm (running statistics only)    gather 1, gather 2C·max k   none
+===========================================  ==========================  =======================
 """
 
 from __future__ import annotations

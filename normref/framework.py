@@ -17,7 +17,8 @@ from typing import Any
 
 from . import operation as _op
 from . import partition as _part
-from ._validate import check_choice, check_int, check_nonnegative, check_p, check_positive
+from ._validate import (check_bool, check_choice, check_eps_representable, check_int, check_nonnegative,
+                        check_p, check_positive)
 from ._xp import compute_dtype, namespace, to_compute
 from .recovery import affine_backward, affine_forward
 from .distributed import check_reducer
@@ -263,8 +264,12 @@ def normalize(
     if not whitening and group_size is not None:
         raise ValueError(f"{fn}: group_size applies to the whitening operations ({', '.join(_mf.METHODS)}); "
                          f"got group_size={group_size!r} with operation={operation!r}")
-    if operation == "lp":
-        p = check_p(fn, p)
+    # every argument is checked, also those this call does not use (p without "lp", iterations
+    # without an iterative whitening, num_groups/batch_groups/normalized_ndim for a partition that
+    # has none, l1_factor): a wrong value is a mistake even where this call ignores it
+    p = check_p(fn, p)
+    l1_factor = check_bool(fn, "l1_factor", l1_factor)
+    iterations = check_int(fn, "iterations", iterations)
     sync = check_reducer(fn, sync)
     if sync is not None and partition not in ("batch", "batch_group"):
         raise ValueError(f"{fn}: sync= applies to the partitions over the batch ('batch', 'batch_group'); "
@@ -273,6 +278,8 @@ def normalize(
         raise ValueError(f"{fn}: sync= applies to operation 'standardizing', 'centering', 'lp' or a whitening "
                          f"operation; got operation='scaling'")
     eps = check_nonnegative(fn, "eps", eps) if operation == "centering" or whitening else check_positive(fn, "eps", eps)
+    if not (operation == "centering" or whitening):
+        check_eps_representable(fn, eps, xp, compute_dtype(xp, input.dtype))
     part = {
         "batch": _part.Partition("batch"),
         "layer": _part.Partition("layer", normalized_ndim=check_int(fn, "normalized_ndim", normalized_ndim)),
@@ -287,12 +294,13 @@ def normalize(
     }[partition]
     shape = tuple(input.shape)
     part.validate(fn, shape)
+    empty = any(int(d) == 0 for d in shape)
     # One value per statistic makes x − μ ≡ 0. The presets differ on it, as torch does:
     # batch_norm / batch_group_norm / ghost_batch_norm / instance_norm raise in training (torch's
     # batch and instance norm do), group_norm / layer_norm / position_norm return the zeros
     # (torch's group and layer norm do). Scaling (RMS) uses no mean and is well defined.
     if (part.count(shape) < 2 and (operation in ("standardizing", "lp", "centering") or whitening)
-            and partition in ("batch", "batch_group", "instance") and sync is None):
+            and partition in ("batch", "batch_group", "instance") and sync is None and not empty):
         raise ValueError(
             f"{fn}: the {partition} partition of input shape {shape} leaves 1 value per statistic; "
             f"expected more than 1 value per statistic for batch statistics (as batch_norm in training)"
@@ -307,6 +315,10 @@ def normalize(
         check_broadcastable(fn, "weight", weight, shape)
         check_broadcastable(fn, "bias", bias, shape)
 
+    if empty and sync is None:  # an empty input: empty output, zero parameter gradients (as torch)
+        from .standardization import _empty_call
+
+        return _empty_call(xp, input, (input, weight, bias))
     cd = compute_dtype(xp, input.dtype)
     x = to_compute(xp, input, cd)
     gamma, beta = to_compute(xp, weight, cd), to_compute(xp, bias, cd)

@@ -55,7 +55,8 @@ class LayerwiseMethod(Method):
 def _register(forward, *, name, examples, invariants=(), paper, survey, nondiff=()):
     forward.__name__ = forward.__qualname__ = name
     m = LayerwiseMethod(forward, name=name, array_params=("weight", "grad"), nondiff=nondiff, category="gradient",
-                        survey=survey, paper=paper, examples=examples, invariants=tuple(invariants))
+                        survey=survey, paper=paper, examples=examples, invariants=tuple(invariants),
+                        nullable=("weight",))  # an optional weight (the methods say when they need one)
     if name in REGISTRY:
         raise ValueError(f"a method named {name!r} is registered already")
     REGISTRY[name] = m

@@ -62,6 +62,10 @@ def local_response_norm(input: Any, size: int, alpha: float = 1e-4, beta: float 
 
     y_i = x_i·(k + (α/n)·Σ_{j∈W(i)} x_j²)^{−β}, W(i) the ``size`` = n channels around i (⌊n/2⌋ before,
     ⌊(n−1)/2⌋ after, zero-padded; torch's window). Krizhevsky et al., NeurIPS 2012, §3.3.
+
+    A window wider than the channels is clipped to them (at most C − 1 channels on each side): every
+    channel past the edge is zero padding, so the sum, and the result, are unchanged, while the
+    work is bounded by C whatever ``size`` (α/n keeps the given n).
     """
     fn = "local_response_norm"
     xp = namespace(fn, input=input)
@@ -72,12 +76,19 @@ def local_response_norm(input: Any, size: int, alpha: float = 1e-4, beta: float 
     k = check_positive(fn, "k", k)
     cd = compute_dtype(xp, input.dtype)
     x = to_compute(xp, input, cd)
-    lo, hi = size // 2, (size - 1) // 2
+    lo, hi = _window(size, input.shape[1])
     s = k + (alpha / size) * _window_sum(xp, x * x, lo, hi)
     y = x * s ** (-beta)
     if y.dtype != input.dtype:
         y = xp.astype(y, input.dtype)
     return y, Residuals((x, s), (size, alpha, beta))
+
+
+def _window(size: int, c: int) -> tuple[int, int]:
+    """(channels before, channels after) of torch's window of ``size``, clipped to C − 1 each: the
+    shifts past the channel edge add zeros only (``_shift`` returns zeros for |d| ≥ C)."""
+    cap = max(int(c) - 1, 0)
+    return min(size // 2, cap), min((size - 1) // 2, cap)
 
 
 @local_response_norm.defbackward
@@ -86,7 +97,7 @@ def _lrn_backward(res: Residuals, g):
     size, alpha, beta = res.static
     xp = namespace("local_response_norm.backward", cotangent=g)
     g = to_compute(xp, g, x.dtype)
-    lo, hi = size // 2, (size - 1) // 2
+    lo, hi = _window(size, x.shape[1])
     q = g * x * s ** (-beta - 1.0)
     # the adjoint of the window sum is the sum over the transposed window [−hi, lo]
     dx = g * s ** (-beta) - (2.0 * alpha * beta / size) * x * _window_sum(xp, q, hi, lo)

@@ -78,7 +78,7 @@ from . import _kernels
 
 from typing import Any
 
-from ._xp import device_of
+from ._xp import device_of, is_lazy
 
 __all__ = [
     "sym",
@@ -221,8 +221,38 @@ def _diag(xp, a):
 
 def _eigh(xp, s):
     """(λ ascending, D) of sym(S): one batched call for every matrix of the batch."""
+    if is_lazy(s):
+        return _dask_linalg("eigh", sym(xp, s))
     lam, d = xp.linalg.eigh(sym(xp, s))
     return lam, d
+
+
+def _dask_linalg(name: str, *arrays):
+    """``numpy.linalg.<name>`` (eigh, cholesky, solve) applied lazily to dask arrays of matrices.
+
+    ``dask.array.linalg`` has no ``eigh`` and factorizes or solves one 2-D matrix only; the matrices
+    normref factorizes are small (a d × d covariance per group), so each stack of them is one task of
+    the graph running NumPy's batched routine (nothing is computed here). A solve's right-hand side
+    (..., d, k) — the samples of a whitening group — keeps its chunks along k: each block of samples
+    is solved with the whole (small) L. Values: NumPy's own routines, so results equal NumPy's.
+    """
+    import dask.array as da
+    import numpy as np
+
+    if name == "eigh":
+        s = arrays[0]
+        return tuple(da.apply_gufunc(np.linalg.eigh, "(i,j)->(i),(i,j)", s, output_dtypes=(s.dtype, s.dtype),
+                                     allow_rechunk=True))
+    if name == "cholesky":
+        s = arrays[0]
+        return da.apply_gufunc(np.linalg.cholesky, "(i,j)->(i,j)", s, output_dtypes=s.dtype, allow_rechunk=True)
+    # solve: a (..., d, d), b (..., d, k) with broadcast batch axes; the contracted axis in one chunk
+    a, b = (da.asarray(t) for t in arrays)
+    batch = tuple(np.broadcast_shapes(tuple(a.shape[:-2]), tuple(b.shape[:-2])))
+    a = da.broadcast_to(a, batch + tuple(a.shape[-2:])).rechunk({len(batch): -1, len(batch) + 1: -1})
+    b = da.broadcast_to(b, batch + tuple(b.shape[-2:])).rechunk({len(batch): -1})
+    ix = "".join(chr(ord("a") + i) for i in range(len(batch)))
+    return da.blockwise(np.linalg.solve, ix + "ik", a, ix + "ij", b, ix + "jk", dtype=b.dtype)
 
 
 def min_eigenvalue_ok(xp, lam, rtol: float | None = None):
@@ -234,6 +264,8 @@ def min_eigenvalue_ok(xp, lam, rtol: float | None = None):
     d = lam.shape[-1]
     if rtol is None:
         rtol = d * float(xp.finfo(lam.dtype).eps)
+    if is_lazy(lam):  # a dask array: never computed here (like a traced value)
+        return None
     try:
         lo = xp.min(lam, axis=-1)
         hi = xp.max(xp.abs(lam), axis=-1)
@@ -363,6 +395,8 @@ def pca_eigh_backward(xp, res, dw):
 def _warn_degenerate(xp, diff, scale, same, tau):
     """The RuntimeWarning of :func:`pca_eigh_backward`'s degenerate-pair rule (concrete values only)."""
     d = diff.shape[-1]
+    if is_lazy(diff):  # a dask array: never computed here (like a traced value)
+        return
     try:
         off = xp.logical_and(same, xp.logical_not(xp.astype(eye_like(xp, diff), xp.bool)))
         if not bool(xp.any(off)):
@@ -410,11 +444,15 @@ def solve_triangular(xp, l, b, lower: bool = True, transpose: bool = False, nati
         x = f(l, b, lower, transpose)
         if x is not None:
             return x
+    if is_lazy(l) or is_lazy(b):
+        return _dask_linalg("solve", mT(xp, l) if transpose else l, b)
     return xp.linalg.solve(mT(xp, l) if transpose else l, b)
 
 
 def cholesky(xp, s):
     """The lower Cholesky factor L of sym(S) = L·Lᵀ, one batched call for every matrix."""
+    if is_lazy(s):
+        return _dask_linalg("cholesky", sym(xp, s))
     return xp.linalg.cholesky(sym(xp, s))
 
 

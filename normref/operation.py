@@ -64,7 +64,11 @@ def _moments(xp, x, axes):
 
 def _any_or_traced(xp, mask) -> bool:
     """``any(mask)`` for a concrete array; True under tracing (jax.jit), where both branches of a
-    ``where`` are formed anyway."""
+    ``where`` are formed anyway; True for a lazy (dask) array too, which is never computed here."""
+    from ._xp import is_lazy
+
+    if is_lazy(mask):
+        return True
     try:
         return bool(xp.any(mask))
     except Exception:  # a tracer has no concrete truth value

@@ -37,13 +37,22 @@ def affine_backward(xp, xhat, gamma, beta_shape, g, need=(True, True, True)):
 
 
 def tlu_forward(xp, y, tau):
-    """The thresholded linear unit z = max(y, τ)."""
-    return xp.where(y >= tau, y, xp.zeros_like(y) + tau)
+    """The thresholded linear unit z = max(y, τ), NaN-propagating like torch.maximum: a NaN y or τ
+    gives NaN (``y >= τ`` is false for NaN, so a plain select would return τ for a NaN y)."""
+    return xp.where(y >= tau, y, xp.zeros_like(y) + tau) + _nan_of(xp, y, tau)
+
+
+def _nan_of(xp, y, tau):
+    """0 where y and τ are numbers, NaN where either is NaN (added to a result to propagate it)."""
+    return xp.where(xp.isnan(y) | xp.isnan(tau), y + tau, xp.zeros_like(y))
 
 
 def tlu_backward(xp, y, tau, g):
+    """dy = g·[y ≥ τ], dτ = Σ g·[y < τ]; where y or τ is NaN both are NaN (the derivative of a NaN
+    result is not a number: NaN in, NaN out, as in the forward)."""
     keep = y >= tau
     zero = xp.zeros_like(g)
-    dy = xp.where(keep, g, zero)
-    dtau = sum_to_shape(xp, xp.where(keep, zero, g), tau.shape)
+    nan = _nan_of(xp, y, tau)
+    dy = xp.where(keep, g, zero) + nan
+    dtau = sum_to_shape(xp, xp.where(keep, zero, g) + nan, tau.shape)
     return dy, dtau

@@ -35,7 +35,7 @@ from numpy import bool_ as _np_bool
 
 from ._xp import is_array, library_name
 
-__all__ = ["Residuals", "Meta", "Method", "Example", "Invariant", "method", "vjp", "REGISTRY", "get", "methods"]
+__all__ = ["Residuals", "Meta", "Empty", "Method", "Example", "Invariant", "method", "vjp", "REGISTRY", "get", "methods"]
 
 
 class Meta(NamedTuple):
@@ -71,6 +71,17 @@ class Residuals:
     def __repr__(self) -> str:
         shapes = [None if a is None else tuple(a.shape) for a in self.arrays]
         return f"Residuals(arrays={shapes}, static={self.static!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Empty:
+    """The ``static`` of the residuals of a call on an *empty* input (a dimension of size 0): there
+    is nothing to differentiate, and :meth:`Method.backward` returns, without calling the registered
+    backward, an empty gradient for the input and zeros of each given parameter's shape (the sum
+    over no elements), as torch does for its norms. ``shapes``: one per array parameter (``None``
+    where the argument was ``None``)."""
+
+    shapes: tuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +126,7 @@ class Method:
         invariants: Sequence[Invariant] = (),
         torch_reference: Callable | None = None,
         fd_target: Callable | None = None,
+        nullable: Sequence[str] = (),
     ):
         self._forward = forward
         # For methods with stop-gradient constants (batch renormalization's r and d): given a call,
@@ -136,6 +148,19 @@ class Method:
              else self.signature.parameters[p].default)
             for p in self.array_params
         )
+        # The array parameters a call must give as arrays: those without a default, except the ones
+        # declared ``nullable`` (None means something there: "no running statistics", an optional
+        # weight; or the method has its own error for it). None for a required one is a TypeError
+        # naming it, before any work, for every method (not an AttributeError deep inside).
+        for p in nullable:
+            if p not in self.array_params:
+                raise TypeError(f"register {name}: nullable parameter {p!r} is not an array parameter")
+        self.required = tuple(
+            p for p, _, default in self._array_slots
+            if self.signature.parameters[p].default is inspect.Parameter.empty
+            and p not in nullable
+        )
+        self._required_slots = tuple(s for s in self._array_slots if s[0] in self.required)
         self.nondiff = frozenset(nondiff)
         self.diff_params = tuple(p for p in self.array_params if p not in self.nondiff)
         self.category = category
@@ -215,6 +240,8 @@ class Method:
             needs = tuple(bool(b) and p not in self.nondiff for b, p in zip(needs, self.array_params))
             if not any(needs):
                 return (None,) * n
+        if isinstance(residuals.static, Empty):
+            return self._empty_backward(residuals, cotangent, needs)
         fn = self._backward
         # inspected once at registration; a backward swapped in later (tests) is inspected here
         takes_needs = self._backward_takes_needs if fn is self._inspected else _declares_needs(fn)
@@ -241,6 +268,24 @@ class Method:
                 out.append(array_namespace(g).astype(g, dt))
             else:
                 out.append(g)
+        return tuple(out)
+
+    def _empty_backward(self, residuals: Residuals, cotangent: Any, needs) -> tuple:
+        """Gradients of a call on an empty input: zeros of each given differentiable argument's
+        shape, in its dtype (empty for the input itself)."""
+        from array_api_compat import array_namespace, device
+
+        xp = array_namespace(cotangent)
+        meta = residuals.meta
+        dtypes = meta.dtypes if isinstance(meta, Meta) else (None,) * len(self.array_params)
+        if needs is None:
+            needs = (True,) * len(self.array_params)
+        out = []
+        for p, shape, dt, want in zip(self.array_params, residuals.static.shapes, dtypes, needs):
+            if shape is None or p in self.nondiff or not want:
+                out.append(None)
+            else:
+                out.append(xp.zeros(shape, dtype=dt if dt is not None else cotangent.dtype, device=device(cotangent)))
         return tuple(out)
 
     def _check_cotangent(self, residuals: Residuals, cotangent: Any) -> None:
@@ -274,7 +319,19 @@ class Method:
 
     def _call(self, args, kwargs):
         """The forward on the call's arguments as given (Python binds them: no per-call inspect);
-        a call that does not fit the signature gets the same error as :meth:`bind`."""
+        a call that does not fit the signature gets the same error as :meth:`bind`, and ``None`` for
+        a required array parameter a ``TypeError`` naming it."""
+        for name, pos, _ in self._required_slots:
+            if pos is not None and pos < len(args):
+                a = args[pos]
+            elif name in kwargs:
+                a = kwargs[name]
+            else:
+                continue  # missing altogether: the signature's own error below
+            if a is None:
+                raise TypeError(
+                    f"{self.name}: {name} must be an array (numpy, torch, jax, cupy or any array API array); got None"
+                )
         try:
             return self._forward(*args, **kwargs)
         except TypeError:
@@ -316,6 +373,7 @@ def method(
     invariants: Sequence[Invariant] = (),
     torch_reference: Callable | None = None,
     fd_target: Callable | None = None,
+    nullable: Sequence[str] = (),
 ) -> Callable[[Callable], Method]:
     """Decorator: turn ``forward(*args) -> (out, Residuals)`` into a registered :class:`Method`.
 
@@ -335,6 +393,7 @@ def method(
             invariants=invariants,
             torch_reference=torch_reference,
             fd_target=fd_target,
+            nullable=nullable,
         )
         if m.name in REGISTRY:
             raise ValueError(f"a method named {m.name!r} is registered already")
@@ -367,6 +426,14 @@ def vjp(fn: "Method | str", *args: Any, **kwargs: Any):
     ``pullback(cotangent)`` takes the cotangent of the primary (differentiable) output and returns a
     tuple with one gradient per array parameter of ``fn`` in signature order (``None`` for a parameter
     that was ``None`` or is not differentiable). ``pullback`` may be called several times.
+
+    Aliasing contract: the pullback keeps references to the caller's arrays (the input itself, or
+    views of it, are among the residuals: no defensive copy is made). Modifying ``x`` (or a weight)
+    in place between the forward and a ``pullback`` call silently changes the gradients, as with
+    any saved-for-backward value: do not mutate the arguments until the last ``pullback`` call, or
+    pass copies. Through the torch adapter (:mod:`normref.backends.torch`) the inputs are saved with
+    ``ctx.save_for_backward``, so torch's version counter catches it: ``backward`` raises
+    ``RuntimeError: ... modified by an inplace operation``. JAX arrays are immutable.
 
     Example::
 

@@ -31,13 +31,14 @@ from typing import Any, NamedTuple, Sequence
 import numpy as _np
 
 from . import operation as _op
-from ._validate import check_int, check_momentum, check_ndim, check_p, check_positive
+from ._validate import (check_bool, check_eps_representable, check_int, check_momentum, check_ndim,
+                        check_nonnegative_values, check_p, check_positive)
 from ._xp import Array, compute_dtype, finfo_eps, namespace, to_compute, to_numpy
 from .distributed import check_reducer
 from .framework import channel_param, check_param_shape, pack, run_forward, unpack_backward
 from .partition import Partition
 from .recovery import affine_forward, tlu_backward, tlu_forward
-from .registry import Example, Invariant, Residuals, method
+from .registry import Empty, Example, Invariant, Residuals, method
 
 __all__ = [
     "NormResult",
@@ -86,8 +87,10 @@ def _out(xp, y, dtype):
     return y if y.dtype == dtype else xp.astype(y, dtype)
 
 
-def _check_out(fn, xp, input, out):
-    """Validate an ``out=`` buffer: same library, shape and dtype as ``input``, writable, not input's memory."""
+def _check_out(fn, xp, input, out, **others):
+    """Validate an ``out=`` buffer: same library, shape and dtype as ``input``, writable, sharing no
+    memory with ``input`` or with any of ``others`` (weight, bias, running statistics: the output is
+    written while they are still being read, and normref never modifies its inputs)."""
     if out is None:
         return
     from ._xp import is_array, library_name
@@ -107,8 +110,13 @@ def _check_out(fn, xp, input, out):
     flags = getattr(out, "flags", None)
     if flags is not None and not flags.writeable:
         raise ValueError(f"{fn}: out must be writeable; got a read-only array")
-    if lib == "numpy" and _np.may_share_memory(out, input):
-        raise ValueError(f"{fn}: out must not share memory with input (normref never modifies its inputs); got overlapping arrays")
+    if lib == "numpy":
+        for name, a in (("input", input),) + tuple(others.items()):
+            if a is not None and _np.may_share_memory(out, a):
+                raise ValueError(
+                    f"{fn}: out must not share memory with {name} (normref never modifies its inputs); "
+                    f"got out overlapping {name}"
+                )
 
 
 def _into(y, out):
@@ -132,11 +140,46 @@ def _check_channels(fn, input, **params):
 
 def _check_training_count(fn, part: Partition, shape, what: str = "channel when training"):
     """Batch statistics of a single value are degenerate (σ² = 0, x̂ = 0 whatever x): torch's batch
-    and instance norm raise in training, and so does every batch-type preset here."""
-    if part.count(shape) < 2:
+    and instance norm raise in training, and so does every batch-type preset here. An empty input
+    (a dimension of size 0) is not refused: its result is empty (:func:`_empty_call`), as in torch."""
+    if part.count(shape) < 2 and not _is_empty(shape):
         raise ValueError(
             f"{fn}: expected more than 1 value per {what}; got input of shape {tuple(shape)}"
         )
+
+
+def _is_empty(shape) -> bool:
+    return any(int(d) == 0 for d in shape)
+
+
+def _empty_call(xp, input, arrays, out=None, result=None, running=()):
+    """``(output, residuals)`` of a call on an empty input (N = 0, C = 0 or a spatial size 0).
+
+    The definition (torch 2.13's for batch_norm, group_norm, layer_norm, instance_norm's C = 0, and
+    for every activation method here): the output is empty, of input's shape and dtype; the running
+    statistics come back unchanged (as copies; torch's instance_norm turns them into NaN with N = 0,
+    not followed: no batch is no evidence); the backward (registry :class:`~normref.registry.Empty`)
+    gives an empty input gradient and zero parameter gradients, the sums over no elements.
+    ``arrays``: the call's array arguments in signature order; ``result``: the result tuple's type
+    when the call returns running statistics (``running``)."""
+    y = xp.zeros_like(input) if out is None else out
+    res = Residuals((), Empty(tuple(None if a is None else tuple(int(d) for d in a.shape) for a in arrays)))
+    if result is not None:
+        return result(y, *(xp.asarray(r, copy=True) for r in running)), res
+    return y, res
+
+
+def _eps(fn, xp, input, eps):
+    """ε > 0, finite, and not rounding to 0 in the compute dtype (a constant group would give 0/0)."""
+    eps = check_positive(fn, "eps", eps)
+    check_eps_representable(fn, eps, xp, compute_dtype(xp, input.dtype))
+    return eps
+
+
+def _check_nbt(fn, num_batches_tracked):
+    """num_batches_tracked, when given, is a count (checked even when momentum makes it unused)."""
+    if num_batches_tracked is not None:
+        check_int(fn, "num_batches_tracked", num_batches_tracked, minimum=0)
 
 
 def _running_pair(fn, rm, rv, names=("running_mean", "running_var")):
@@ -293,6 +336,7 @@ def _bn_partition(args, kwargs):
 @method(
     array_params=("input", "running_mean", "running_var", "weight", "bias"),
     nondiff=("running_mean", "running_var"),
+    nullable=("running_mean", "running_var"),
     survey="§5.1.1 Eqns 17-19 (running statistics Eqn 18; population statistics §4 Eqn 16)",
     paper="Ioffe & Szegedy, Batch Normalization, ICML 2015",
     examples=_ex_batch_norm,
@@ -335,13 +379,16 @@ def batch_norm(
     """
     fn = "batch_norm"
     xp = namespace(fn, input=input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
-    _check_out(fn, xp, input, out)
+    _check_out(fn, xp, input, out, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
     _check_channels(fn, input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
-    eps = check_positive(fn, "eps", eps)
+    eps = _eps(fn, xp, input, eps)
     momentum = check_momentum(fn, momentum)
+    training = check_bool(fn, "training", training)
+    _check_nbt(fn, num_batches_tracked)
     _running_pair(fn, running_mean, running_var)
-    sync = check_reducer(fn, sync) if training else None  # unused by population statistics
+    check_nonnegative_values(fn, "running_var", xp, running_var)
+    sync = check_reducer(fn, sync) if training else check_reducer(fn, sync) and None  # unused in inference
     shape = tuple(input.shape)
     part = Partition("batch")
     if training:
@@ -350,6 +397,9 @@ def batch_norm(
         f = _factor(fn, momentum, num_batches_tracked) if running_mean is not None else None
     elif running_mean is None:
         raise ValueError(f"{fn}: running_mean and running_var are required when training=False; got None")
+    if _is_empty(shape) and sync is None:
+        return _empty_call(xp, input, (input, running_mean, running_var, weight, bias), out,
+                           NormResult if training and running_mean is not None else None, (running_mean, running_var))
     cd = compute_dtype(xp, input.dtype)
     x = to_compute(xp, input, cd)
     nd, c = len(shape), shape[1]
@@ -435,12 +485,15 @@ def instance_norm(
     """
     fn = "instance_norm"
     xp = namespace(fn, input=input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
-    _check_out(fn, xp, input, out)
+    _check_out(fn, xp, input, out, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     check_ndim(fn, "input", input, min_ndim=3, what="(N, C, *spatial) with at least one spatial axis")
     _check_channels(fn, input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
-    eps = check_positive(fn, "eps", eps)
+    eps = _eps(fn, xp, input, eps)
     momentum = check_momentum(fn, momentum)
+    use_input_stats = check_bool(fn, "use_input_stats", use_input_stats)
+    _check_nbt(fn, num_batches_tracked)
     _running_pair(fn, running_mean, running_var)
+    check_nonnegative_values(fn, "running_var", xp, running_var)
     shape = tuple(input.shape)
     part = Partition("instance")
     if use_input_stats:
@@ -448,6 +501,9 @@ def instance_norm(
         f = _factor(fn, momentum, num_batches_tracked) if running_mean is not None else None
     elif running_mean is None:
         raise ValueError(f"{fn}: running_mean and running_var are required when use_input_stats=False; got None")
+    if _is_empty(shape):
+        return _empty_call(xp, input, (input, running_mean, running_var, weight, bias), out,
+                           NormResult if use_input_stats and running_mean is not None else None, (running_mean, running_var))
     cd = compute_dtype(xp, input.dtype)
     x = to_compute(xp, input, cd)
     nd, c = len(shape), shape[1]
@@ -537,11 +593,13 @@ def layer_norm(
     """
     fn = "layer_norm"
     xp = namespace(fn, input=input, weight=weight, bias=bias)
-    _check_out(fn, xp, input, out)
+    _check_out(fn, xp, input, out, weight=weight, bias=bias)
     ns = _normalized_shape(fn, input, normalized_shape)
     check_param_shape(fn, "weight", weight, ns, "normalized_shape")
     check_param_shape(fn, "bias", bias, ns, "normalized_shape")
-    eps = check_positive(fn, "eps", eps)
+    eps = _eps(fn, xp, input, eps)
+    if _is_empty(input.shape):
+        return _empty_call(xp, input, (input, weight, bias), out)
     part = Partition("layer", normalized_ndim=len(ns))
     cd = compute_dtype(xp, input.dtype)
     x = to_compute(xp, input, cd)
@@ -595,11 +653,13 @@ def rms_norm(
     """
     fn = "rms_norm"
     xp = namespace(fn, input=input, weight=weight)
-    _check_out(fn, xp, input, out)
+    _check_out(fn, xp, input, out, weight=weight)
     ns = _normalized_shape(fn, input, normalized_shape)
     check_param_shape(fn, "weight", weight, ns, "normalized_shape")
     cd = compute_dtype(xp, input.dtype)
-    eps = finfo_eps(xp, cd) if eps is None else check_positive(fn, "eps", eps)
+    eps = finfo_eps(xp, cd) if eps is None else _eps(fn, xp, input, eps)
+    if _is_empty(input.shape):
+        return _empty_call(xp, input, (input, weight), out)
     part = Partition("layer", normalized_ndim=len(ns))
     x = to_compute(xp, input, cd)
     gamma = to_compute(xp, weight, cd)
@@ -631,13 +691,15 @@ def _gn_partition(args, kwargs):
 
 def _group_like(fn, input, weight, bias, eps, part, out=None, count_what=None, sync=None):
     xp = namespace(fn, input=input, weight=weight, bias=bias)
-    _check_out(fn, xp, input, out)
+    _check_out(fn, xp, input, out, weight=weight, bias=bias)
     check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
     part.validate(fn, tuple(input.shape))
     if count_what is not None and sync is None:  # statistics over the batch: one value per statistic is an error
         _check_training_count(fn, part, tuple(input.shape), count_what)
     _check_channels(fn, input, weight=weight, bias=bias)
-    eps = check_positive(fn, "eps", eps)
+    eps = _eps(fn, xp, input, eps)
+    if _is_empty(input.shape) and sync is None:
+        return _empty_call(xp, input, (input, weight, bias), out)
     cd = compute_dtype(xp, input.dtype)
     x = to_compute(xp, input, cd)
     nd = input.ndim
@@ -786,7 +848,9 @@ def pixel_norm(input: Any, eps: float = 1e-8) -> Array:
     fn = "pixel_norm"
     xp = namespace(fn, input=input)
     check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
-    eps = check_positive(fn, "eps", eps)
+    eps = _eps(fn, xp, input, eps)
+    if _is_empty(input.shape):
+        return _empty_call(xp, input, (input,))
     part = Partition("position")
     cd = compute_dtype(xp, input.dtype)
     x = to_compute(xp, input, cd)
@@ -849,7 +913,9 @@ def mean_only_batch_norm(
     check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
     _check_channels(fn, input, running_mean=running_mean, bias=bias)
     momentum = check_momentum(fn, momentum)
-    sync = check_reducer(fn, sync) if training else None  # unused by population statistics
+    training = check_bool(fn, "training", training)
+    _check_nbt(fn, num_batches_tracked)
+    sync = check_reducer(fn, sync) if training else check_reducer(fn, sync) and None  # unused in inference
     shape, part = tuple(input.shape), Partition("batch")
     if training:
         if sync is None:
@@ -857,6 +923,9 @@ def mean_only_batch_norm(
         f = _factor(fn, momentum, num_batches_tracked) if running_mean is not None else None
     elif running_mean is None:
         raise ValueError(f"{fn}: running_mean is required when training=False; got None")
+    if _is_empty(shape) and sync is None:
+        return _empty_call(xp, input, (input, running_mean, bias), None,
+                           MeanOnlyResult if training and running_mean is not None else None, (running_mean,))
     cd = compute_dtype(xp, input.dtype)
     x = to_compute(xp, input, cd)
     nd = len(shape)
@@ -915,7 +984,9 @@ def filter_response_norm(input: Any, weight: Any = None, bias: Any = None, tau: 
     xp = namespace(fn, input=input, weight=weight, bias=bias, tau=tau)
     check_ndim(fn, "input", input, min_ndim=3, what="(N, C, *spatial) with at least one spatial axis")
     _check_channels(fn, input, weight=weight, bias=bias, tau=tau)
-    eps = check_positive(fn, "eps", eps)
+    eps = _eps(fn, xp, input, eps)
+    if _is_empty(input.shape):
+        return _empty_call(xp, input, (input, weight, bias, tau))
     part = Partition("instance")
     cd = compute_dtype(xp, input.dtype)
     x = to_compute(xp, input, cd)
@@ -1031,11 +1102,15 @@ def lp_batch_norm(
     xp = namespace(fn, input=input, running_mean=running_mean, running_scale=running_scale, weight=weight, bias=bias)
     check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
     _check_channels(fn, input, running_mean=running_mean, running_scale=running_scale, weight=weight, bias=bias)
-    eps = check_positive(fn, "eps", eps)
+    eps = _eps(fn, xp, input, eps)
     p = check_p(fn, p)
     momentum = check_momentum(fn, momentum)
+    training = check_bool(fn, "training", training)
+    l1_factor = check_bool(fn, "l1_factor", l1_factor)
+    _check_nbt(fn, num_batches_tracked)
     _running_pair(fn, running_mean, running_scale, ("running_mean", "running_scale"))
-    sync = check_reducer(fn, sync) if training else None  # unused by population statistics
+    check_nonnegative_values(fn, "running_scale", xp, running_scale, "an Lp deviation")
+    sync = check_reducer(fn, sync) if training else check_reducer(fn, sync) and None  # unused in inference
     shape, part = tuple(input.shape), Partition("batch")
     if training:
         if sync is None:
@@ -1043,6 +1118,10 @@ def lp_batch_norm(
         f = _factor(fn, momentum, num_batches_tracked) if running_mean is not None else None
     elif running_mean is None:
         raise ValueError(f"{fn}: running_mean and running_scale are required when training=False; got None")
+    if _is_empty(shape) and sync is None:
+        return _empty_call(xp, input, (input, running_mean, running_scale, weight, bias), None,
+                           LpNormResult if training and running_mean is not None else None,
+                           (running_mean, running_scale))
     cd = compute_dtype(xp, input.dtype)
     x = to_compute(xp, input, cd)
     nd, c = len(shape), shape[1]
@@ -1116,6 +1195,7 @@ def _renorm_frozen(args, kwargs):
 @method(
     array_params=("input", "running_mean", "running_var", "weight", "bias"),
     nondiff=("running_mean", "running_var"),
+    nullable=("running_mean", "running_var"),
     survey="§5.3.1 (functions combining population and batch statistics: batch renormalization)",
     paper="Ioffe, Batch Renormalization, NeurIPS 2017",
     examples=_ex_renorm,
@@ -1156,17 +1236,23 @@ def batch_renorm(
     if running_mean is None or running_var is None:
         raise ValueError(f"{fn}: running_mean and running_var are required (r and d are measured against them); got None")
     _check_channels(fn, input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
-    eps = check_positive(fn, "eps", eps)
+    eps = _eps(fn, xp, input, eps)
     momentum = check_momentum(fn, momentum)
+    training = check_bool(fn, "training", training)
+    _check_nbt(fn, num_batches_tracked)
+    check_nonnegative_values(fn, "running_var", xp, running_var)
     rmax, dmax = check_positive(fn, "rmax", rmax), check_positive(fn, "dmax", dmax)
     if rmax < 1.0:
         raise ValueError(f"{fn}: rmax must be >= 1 (r is clipped to [1/rmax, rmax]); got {rmax}")
-    sync = check_reducer(fn, sync) if training else None  # unused by population statistics
+    sync = check_reducer(fn, sync) if training else check_reducer(fn, sync) and None  # unused in inference
     shape, part = tuple(input.shape), Partition("batch")
     if training:
         if sync is None:
             _check_training_count(fn, part, shape)
         f = _factor(fn, momentum, num_batches_tracked)
+    if _is_empty(shape) and sync is None:
+        return _empty_call(xp, input, (input, running_mean, running_var, weight, bias), None,
+                           NormResult if training else None, (running_mean, running_var))
     cd = compute_dtype(xp, input.dtype)
     x = to_compute(xp, input, cd)
     nd, c = len(shape), shape[1]
@@ -1217,6 +1303,7 @@ def _ghost_partition(args, kwargs):
 @method(
     array_params=("input", "running_mean", "running_var", "weight", "bias"),
     nondiff=("running_mean", "running_var"),
+    nullable=("running_mean", "running_var"),
     survey="§8.3 (stochasticity for generalization: statistics over ghost batches)",
     paper="Hoffer, Hubara & Soudry, Train longer, generalize better, NeurIPS 2017 (ghost BN)",
     examples=_ex_ghost,
@@ -1264,19 +1351,27 @@ def ghost_batch_norm(
     xp = namespace(fn, input=input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
     _check_channels(fn, input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
-    eps = check_positive(fn, "eps", eps)
+    eps = _eps(fn, xp, input, eps)
     momentum = check_momentum(fn, momentum)
+    training = check_bool(fn, "training", training)
+    _check_nbt(fn, num_batches_tracked)
     _running_pair(fn, running_mean, running_var)
+    check_nonnegative_values(fn, "running_var", xp, running_var)
     shape = tuple(input.shape)
     vbs = shape[0] if virtual_batch_size is None else check_int(fn, "virtual_batch_size", virtual_batch_size)
-    if shape[0] % vbs:
+    if vbs and shape[0] % vbs:  # vbs = 0: an empty batch without virtual_batch_size
         raise ValueError(f"{fn}: virtual_batch_size must divide the batch size input.shape[0] = {shape[0]}; got {vbs}")
+    sync = check_reducer(fn, sync)  # unused in inference
     if not training:
         if running_mean is None:
             raise ValueError(f"{fn}: running_mean and running_var are required when training=False; got None")
         return batch_norm.forward(input, running_mean, running_var, weight, bias, False, momentum, eps)
-    k, c = shape[0] // vbs, shape[1]
-    sync = check_reducer(fn, sync)
+    if _is_empty(shape) and sync is None:
+        if running_mean is not None:
+            _factors(fn, momentum, num_batches_tracked, 1)  # momentum=None still needs the count
+        return _empty_call(xp, input, (input, running_mean, running_var, weight, bias), None,
+                           NormResult if running_mean is not None else None, (running_mean, running_var))
+    k, c = (shape[0] // vbs if vbs else 0), shape[1]
     cd = compute_dtype(xp, input.dtype)
     x = to_compute(xp, input, cd)
     nd = len(shape)

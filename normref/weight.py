@@ -39,7 +39,7 @@ import numpy as _np
 from . import matfun as _mf
 from . import operation as _op
 from ._validate import check_choice, check_int, check_nonnegative, check_positive
-from ._xp import compute_dtype, device_of, namespace, to_compute, to_numpy
+from ._xp import compute_dtype, device_of, is_lazy, namespace, to_compute, to_numpy
 from .registry import Example, Invariant, Residuals, method
 
 __all__ = [
@@ -92,7 +92,10 @@ def _check_dim(fn: str, dim, ndim: int, allow_none: bool = False) -> int:
 
 def _concrete_any(xp, cond) -> bool:
     """``bool(any(cond))`` for concrete arrays. Traced values (``jax.jit``, ``torch.func``) have no
-    Python boolean: the check is then skipped (False), as the module docstring says."""
+    Python boolean: the check is then skipped (False), as the module docstring says; so is it for a
+    lazy (dask) array, which normref never computes (``_xp.is_lazy``)."""
+    if is_lazy(cond):
+        return False
     try:
         return bool(xp.any(cond))
     except (TypeError, RuntimeError):  # jax's ConcretizationTypeError is a TypeError
@@ -214,8 +217,9 @@ def weight_norm(v: Any, g: Any, dim: int | None = 0) -> Any:
     that is ``dim=None``).
 
     Backward: dg = ⟨dw, v̂⟩ (summed over the normalized axes), dv = g·(dw − v̂·⟨dw, v̂⟩)/‖v‖.
-    A zero slice of v raises ``ValueError`` (no direction; torch returns NaN).
-    Salimans & Kingma, NeurIPS 2016.
+    A zero slice of v raises ``ValueError`` (no direction; torch returns NaN); a tiny or huge slice
+    (Σv² under/overflowing, e.g. |v| ≲ 1e-19 or ≳ 1e19 in float32) has its norm computed as
+    a·‖v/a‖, a = max|v|. Salimans & Kingma, NeurIPS 2016.
     """
     fn = "weight_norm"
     _required(fn, v=v, g=g)
@@ -555,7 +559,11 @@ def spectral_norm(w: Any, u: Any, n_power_iterations: int = 1, eps: float = 1e-1
     Returns ``SpectralNormResult(weight, u, v)`` with the updated state (pure: the given arrays are
     untouched; carry u, or u and v, to the next call). u and v are constants of the backward, as in
     torch (their dependence on W is not differentiated): dW = dW_SN/σ − (⟨dW_SN, W⟩/σ²)·u·vᵀ.
-    σ = 0 (a zero weight, or a state orthogonal to W's range) raises ``ValueError``.
+    σ = 0 raises ``ValueError`` saying why: a zero weight, a state orthogonal to W's range, or an eps
+    above the norms N divides by (u and v then shrink by ‖·‖/eps each step until σ underflows). W is
+    divided by a power of two first (with eps by the same: exact, the same u, v and W/σ), so tiny or
+    huge weights (float32 |W| ≲ 1e-19 or ≳ 1e19) are not lost to under/overflow of the norms.
+    ``n_power_iterations`` is at most ``normref.matfun.MAX_ITERATIONS`` (1000).
     Miyato et al., ICLR 2018.
     """
     fn = "spectral_norm"
@@ -601,7 +609,9 @@ def spectral_norm(w: Any, u: Any, n_power_iterations: int = 1, eps: float = 1e-1
 
 def _pow2_scale(xp, w):
     """2^e with max|w| = f·2^e, f ∈ [0.5, 1) (a Python float; 1.0 for a zero or non-finite w), or
-    ``None`` for a traced value."""
+    ``None`` for a traced value or a lazy (dask) array (never computed here: no scaling, no check)."""
+    if is_lazy(w):
+        return None
     try:
         top = float(_np.max(_np.abs(_np.asarray(to_numpy(w), _np.float64))))
     except Exception:  # jax tracers and friends
@@ -739,7 +749,10 @@ def _orth_forward(fn, xp, v, group_size, eps, iterations, iteration="newton_schu
 
 def _group_scale(fn, xp, z, eps):
     """(G, 1, 1) powers of two a_g with max|V_g|/a_g ∈ [0.5, 1) (a_g ≥ 1 when eps > 0; 1 for a zero
-    group), after refusing non-finite weights; ``None`` for traced values (no scaling, no check)."""
+    group), after refusing non-finite weights; ``None`` for traced values and lazy (dask) arrays, which
+    are never computed here (no scaling, no check)."""
+    if is_lazy(z):
+        return None
     try:
         zn = _np.asarray(to_numpy(z), dtype=_np.float64)
     except Exception:  # jax tracers and friends: nothing to inspect
@@ -838,7 +851,10 @@ def orthogonal_weight_norm(v: Any, group_size: int | None = None, eps: float = 0
     dM = dW·Vcᵀ, dS = D·(K ∘ (Dᵀ·sym(dM)·D))·Dᵀ, dVc = M·dW + 2·dS·Vc, dV = dVc − mean(dVc).
     ``eps`` > 0 adds ε·I to Vc·Vcᵀ (rows then only approximately orthonormal); the default 0 is the
     paper's. A numerically singular group (a zero, constant or repeated row, with eps = 0) raises
-    ``ValueError`` naming the group, after the eigendecomposition and before Λ^-1/2 is taken.
+    ``ValueError`` naming the group, after the eigendecomposition and before Λ^-1/2 is taken; NaN or
+    inf entries raise ``ValueError`` before it. W(a·V; ε) = W(V; ε/a²), so each group is first divided
+    by a power of two (exact) bringing max|V_g| into [0.5, 1): weights whose Gram matrix would
+    overflow (|V| ≳ 1e19 float32, 1e154 float64) or underflow (≲ 1e-19 float32) give their W.
     Huang et al., AAAI 2018.
     """
     fn = "orthogonal_weight_norm"
@@ -946,7 +962,9 @@ def oni(v: Any, iterations: int = 5, group_size: int | None = None, eps: float =
     in a group gives a zero row of W, finite for every T, never NaN. ``eps`` adds ε·I to Zc·Zcᵀ (the
     authors' code uses 1e-5; the default 0 is Algorithm 1). The authors' code divides S by ‖S‖_F
     instead of tr S (faster convergence, ‖S‖_F ≤ tr S); that variant is not offered yet: this function
-    is Algorithm 1 as published. A group that is zero after centring raises ``ValueError``.
+    is Algorithm 1 as published. A group that is zero after centring, or NaN/inf entries, raise
+    ``ValueError``; groups are rescaled by powers of two as in :func:`orthogonal_weight_norm`.
+    ``iterations`` is at most ``normref.matfun.MAX_ITERATIONS`` (1000).
 
     ``iteration`` chooses how B_T is computed; both give the same polynomial in S, so the same W in
     exact arithmetic:

@@ -52,7 +52,10 @@ array of shape (I, G, c, c). Group size 1 is exactly standardization on the same
 Backward (../shared/math/BACKWARD.md), for one group with G = ∂L/∂X̂:
 dW = G·Xcᵀ (summed over the samples sharing Σ), dXc = Wᵀ·G + (2/m)·dΣ·Xc with the symmetric
 dΣ = matfun backward(dW), and dX = dXc − mean_cols(dXc). For Cholesky, W·Xc and Wᵀ·G are
-triangular solves with L (:func:`normref.matfun.solve_triangular`); W is never formed.
+triangular solves with L (:func:`normref.matfun.solve_triangular`); W is never formed. PCA is not
+differentiable where two eigenvalues of Σ coincide: at a relative gap ≤ √ε_dtype its backward drops
+that pair's rotation term 1/(λj − λi) and warns (``RuntimeWarning``;
+:func:`normref.matfun.pca_eigh_backward` gives the rule and why √ε); ZCA's backward is exact at any gap.
 
 Synchronized batch whitening (``sync=`` a :class:`normref.distributed.Reducer`; data-parallel training
 with the batch split across ranks): the batch and batch-group partitions, in training, whiten with
@@ -77,7 +80,9 @@ running ← (1 − momentum)·running + momentum·batch statistic, the covarianc
 Nothing is mutated. Every other partition uses each call's own statistics (there is no population).
 
 Bad covariances raise ``ValueError`` (never a NaN), checked on the small c×c matrices before any
-factorization: non-finite values (NaN/inf in the input: the message names the argument); for zca,
+factorization: non-finite values (NaN/inf in the input: the message names the argument; a finite
+input whose covariance overflows, |x − μ|² above the dtype's max — |x| ≳ 1e19 in float32 — is
+reported as that overflow); for zca,
 pca and cholesky a smallest eigenvalue (squared Cholesky pivot) that is not above the rounding
 noise ν = 2√c·ε_dtype·λ_max (2√c·ε_dtype·max diag Σ) of the computed covariance's eigenvalues
 (measured ≤ 5.8·ε·λ_max at c = 64 in float32): such a matrix is numerically singular, and λ^-1/2
@@ -103,7 +108,7 @@ import numpy as _np
 from . import matfun as _mf
 from . import partition as _part
 from ._validate import check_bool, check_choice, check_int, check_momentum, check_ndim, check_nonnegative, check_positive
-from ._xp import compute_dtype, namespace, to_compute, to_numpy
+from ._xp import compute_dtype, is_lazy, namespace, to_compute, to_numpy
 from .framework import channel_param, check_param_shape, pack, run_backward, run_forward, unpack_backward
 from .operation import Operation
 from .recovery import affine_backward, affine_forward
@@ -204,7 +209,10 @@ def _factor(fn, momentum, num_batches_tracked):
 
 
 def _concrete(a):
-    """A NumPy float64 copy of a small array, or ``None`` for a traced (jax.jit) value."""
+    """A NumPy float64 copy of a small array, or ``None`` for a traced (jax.jit) value or a lazy (dask)
+    array, which normref never computes: the checks below are then skipped, as under tracing."""
+    if is_lazy(a):
+        return None
     try:
         return _np.asarray(to_numpy(a), dtype=_np.float64)
     except Exception:  # jax tracers and friends: nothing to inspect
@@ -1129,7 +1137,9 @@ def iter_norm(
     step). ``coupled=None`` (default) computes P_T as written for T ≤ :data:`ITERNORM_STABLE_T` (6)
     and by the coupled Newton–Schulz form (``method="newton_schulz"``, the same polynomial, stable)
     for larger T; ``coupled=False`` forces the uncoupled form (with a ``RuntimeWarning`` above 6),
-    ``coupled=True`` the coupled one. Huang et al., CVPR 2019 (Algorithm 1; T = 5 is their default).
+    ``coupled=True`` the coupled one (``coupled`` is a bool or ``np.bool_``, or None). ``iterations`` is at
+    most ``normref.matfun.MAX_ITERATIONS`` (1000). Huang et al., CVPR 2019 (Algorithm 1; T = 5 is their
+    default).
 
     ``sync`` (keyword, default ``None``: this process's statistics): a reducer
     (:class:`normref.distributed.Reducer`, e.g. ``normref.backends.distributed.torch.TorchReducer``)
@@ -1306,6 +1316,8 @@ def whitening_matrix(cov: Any, method: str = "zca", iterations: int = 5):
     check_ndim(fn, "cov", cov, min_ndim=2, what="(..., d, d)")
     if cov.shape[-1] != cov.shape[-2]:
         raise ValueError(f"{fn}: cov must be square in its last two axes (..., d, d); got shape {tuple(cov.shape)}")
+    if cov.shape[-1] == 0:
+        raise ValueError(f"{fn}: cov must be at least 1×1 in its last two axes (..., d, d), d ≥ 1; got shape {tuple(cov.shape)}")
     method = _check_method(fn, method)
     iterations = _mf.check_iterations(fn, "iterations", iterations, minimum=1)
     _warn_unstable(fn, method, iterations)
@@ -1396,8 +1408,9 @@ def adain(content: Any, style: Any, eps: float = 1e-5):
     _check_style(fn, content, style)
     eps = check_positive(fn, "eps", eps)
     cd = compute_dtype(xp, content.dtype)
-    x = xp.reshape(to_compute(xp, content, cd), (content.shape[0], content.shape[1], -1))
-    s = xp.reshape(to_compute(xp, style, cd), (style.shape[0], style.shape[1], -1))
+    # explicit sizes (not -1): an empty batch (N = 0 or C = 0) gives an empty output
+    x = xp.reshape(to_compute(xp, content, cd), (content.shape[0], content.shape[1], math.prod(content.shape[2:])))
+    s = xp.reshape(to_compute(xp, style, cd), (style.shape[0], style.shape[1], math.prod(style.shape[2:])))
     if x.shape[2] < 2 or s.shape[2] < 2:
         raise ValueError(f"{fn}: expected more than 1 spatial position in content and style; got {tuple(content.shape)}, {tuple(style.shape)}")
 
@@ -1501,6 +1514,8 @@ def wct(content: Any, style: Any, alpha: float = 1.0, eps: float = 1e-5, group_s
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"{fn}: alpha must be a number in [0, 1]; got {alpha!r}")
     alpha = float(alpha)
+    if content.shape[1] == 0:
+        raise ValueError(f"{fn}: content must have at least 1 channel to whiten; got shape {tuple(content.shape)}")
     part = _part.Partition("instance")
     cshape, sshape = tuple(content.shape), tuple(style.shape)
     op = dataclasses.replace(whitening_operation(fn, part, cshape, "zca", group_size, 1, eps), source="content")

@@ -35,6 +35,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import inspect  # noqa: E402
 import json  # noqa: E402
+import time  # noqa: E402
 import traceback  # noqa: E402
 
 import jax  # noqa: E402
@@ -58,6 +59,9 @@ BATCH_STATS = {
     "decorrelated_batch_norm", "iter_norm", "whitening_coloring",
 }
 PER_SAMPLE_PARTITIONS = {"instance", "group", "layer", "position"}  # normalize(partition=...)
+# axis_name under vmap(axis_name=...): one BN-like and one whitening method here (each engine costs a
+# compilation per method; batch_norm under vmap is also tested in the main session, test_jax_adapter)
+VMAP_SYNC = {"batch_norm", "batch_whitening", "iter_norm"}
 
 
 def _mesh():
@@ -224,7 +228,7 @@ def _split_out(m, out):
     return out, ()
 
 
-def case_sync(m, ex, mesh):
+def case_sync(m, ex, mesh, vmap=True):
     """``axis_name="batch"`` (synchronized statistics) under shard_map, pmap and vmap(axis_name=...):
     forward output, updated running statistics and every gradient of L = Σ over the global batch of
     sin(y) equal the unsynchronized method on the whole batch on one device. Under shard_map with
@@ -292,8 +296,10 @@ def case_sync(m, ex, mesh):
         g = tuple(gi.reshape((NDEV * n,) + gi.shape[2:]) if p in sharded else gi[0] for gi, p in zip(g, diff))
         return y, aux, g
 
-    for engine, tr in (("pmap", lambda fn: jax.pmap(fn, axis_name=AXIS, in_axes=axes)),
-                       ("vmap", lambda fn: jax.jit(jax.vmap(fn, axis_name=AXIS, in_axes=axes)))):
+    engines = [("pmap", lambda fn: jax.pmap(fn, axis_name=AXIS, in_axes=axes))]
+    if vmap:
+        engines.append(("vmap", lambda fn: jax.jit(jax.vmap(fn, axis_name=AXIS, in_axes=axes))))
+    for engine, tr in engines:
         y, aux, g = jax.tree.map(np.asarray, tr(mapped)(*dev))
         # every device holds the same running statistics and parameter gradients (bitwise)
         same = all(bool(np.all(a == a[:1])) for a in aux if a is not None)
@@ -301,6 +307,15 @@ def case_sync(m, ex, mesh):
         res[engine] = errs(*unmap(y, aux, g))
         res[engine]["replicas_equal"] = same
     return res
+
+
+def _timed(r, key, fn, *args, **kw):
+    t0 = time.perf_counter()
+    try:
+        r[key] = fn(*args, **kw)
+    except Exception:  # reported, and failed on, by the test
+        r[key] = {"error": traceback.format_exc(limit=6)}
+    r[key]["seconds"] = round(time.perf_counter() - t0, 2)
 
 
 def run(names):
@@ -313,24 +328,17 @@ def run(names):
         picks = _pick_sharded(m, exs)
         # the replicated case on a sharded case's example where there is one (shares its reference)
         ex_rep = picks[0][1] if picks else min(exs, key=lambda e: _cost(m, e))
-        try:
-            r["replicated"] = case_replicated(m, ex_rep, mesh)
-            if name == "layer_norm":  # once: un-jitted shard_map (the adapter's eager fallback)
-                r["replicated_eager"] = case_replicated(m, ex_rep, mesh, eager=True)
-        except Exception:  # reported, and failed on, by the test
-            r["replicated"] = {"error": traceback.format_exc(limit=4)}
+        _timed(r, "replicated", case_replicated, m, ex_rep, mesh)
+        if name == "layer_norm":  # once: un-jitted shard_map (the adapter's eager fallback)
+            _timed(r, "replicated_eager", case_replicated, m, ex_rep, mesh, eager=True)
         for kind, ex in picks:
-            key = "sharded_per_sample" if kind else "sharded_batch_stats"
-            try:
-                r[key] = case_sharded(m, ex, mesh, kind)
-            except Exception:
-                r[key] = {"error": traceback.format_exc(limit=4)}
+            _timed(r, "sharded_per_sample" if kind else "sharded_batch_stats", case_sharded, m, ex, mesh, kind)
         if "sync" in m.signature.parameters:
             ex_sync = next((ex for kind, ex in picks if not kind), None)
-            try:
-                r["sync"] = case_sync(m, ex_sync, mesh) if ex_sync is not None else {"error": "no training example"}
-            except Exception:
-                r["sync"] = {"error": traceback.format_exc(limit=6)}
+            if ex_sync is None:
+                r["sync"] = {"error": "no training-mode example with a batch axis"}
+            else:
+                _timed(r, "sync", case_sync, m, ex_sync, mesh, vmap=name in VMAP_SYNC)
         out[name] = r
     return out
 

@@ -102,9 +102,9 @@ CASES = [
     ("sn-eps-1e300", lambda a: normref.spectral_norm(a(V), a(U3), eps=1e300),
      ValueError, r"spectral_norm: the estimated spectral norm .* underflowed to 0: eps=1e\+300 exceeds the norm"),
     # |W| ≈ 1e-23 (float32) with torch's eps = 1e-12: the eps floor of N(x) = x/max(‖x‖, eps) is active,
-    # so by the formula σ shrinks by ‖Wᵀ·u‖/eps ≈ 1e-11 per step: σ ≈ 1e-57 and W/σ ≈ 1e34·1e23 is not
-    # representable. It used to say "σ = 0 (w is zero ...)"; now it names eps and the norm it beats
-    ("sn-tiny-f32-eps", lambda a: normref.spectral_norm(a.f32(V * 1e-23), a.f32(U3)),
+    # so by the formula u and v shrink by ≈ ‖W‖/eps ≈ 1e-11 per half-step: after 3 steps σ ≈ 1e-100, and
+    # W/σ is not representable. It used to say "σ = 0 (w is zero ...)"; now it names eps and the norm
+    ("sn-tiny-f32-eps", lambda a: normref.spectral_norm(a.f32(V * 1e-23), a.f32(U3), n_power_iterations=3),
      ValueError, r"spectral_norm: the estimated spectral norm .* underflowed to 0: eps=1e-12 exceeds the norm ‖Wᵀ·u‖ = .*e-23"),
     ("sn-zero-w", lambda a: normref.spectral_norm(a(np.zeros((3, 6))), a(U3)),
      ValueError, r"spectral_norm: .* is 0 because w is zero"),
@@ -119,6 +119,10 @@ CASES = [
      ValueError, r"iter_norm: expected at least 1 feature to whiten"),
     ("bw-position-no-positions", lambda a: normref.batch_whitening(a(np.zeros((4, 3, 0))), partition="position"),
      ValueError, r"batch_whitening: expected at least 1 feature to whiten; got the number of positions"),
+    ("wm-zero-size-matrix", lambda a: normref.whitening_matrix(a(np.zeros((1, 0, 0)))),
+     ValueError, r"whitening_matrix: cov must be at least 1×1 .*got shape \(1, 0, 0\)"),
+    ("wct-no-channels", lambda a: normref.wct(a(np.zeros((2, 0, 4, 4))), a(np.zeros((2, 0, 4, 4)))),
+     ValueError, r"wct: content must have at least 1 channel"),
     ("bw-no-samples", lambda a: normref.batch_whitening(a(np.zeros((0, 3, 2))), training=True),
      ValueError, r"batch_whitening: expected more than 1 sample per covariance when training .* gives 0"),
     ("iter-norm-no-samples", lambda a: normref.iter_norm(a(np.zeros((0, 3, 2))), training=True),
@@ -234,6 +238,23 @@ def test_own_overflowing_float64_weights(backend):
     assert float(np.max(np.abs(got - want))) <= 64.0 * max(_KAPPA_V, 1.0) * EPS64
 
 
+def test_spectral_norm_tiny_float32_weights(backend):
+    """|W| ≈ 1e-23 in float32 with torch's eps = 1e-12 and one power step: the eps floor is active, so
+    by the formula v = Wᵀ·u/eps and u = W·v/eps are not unit vectors and σ = uᵀ·W·v ≈ 1e-56 (below
+    float32's range, but W/σ ≈ 1e33 and u, v ≈ 1e-22, 1e-11 are representable): the old code's Σx²
+    underflowed and it raised "σ = 0 (w is zero ...)". Compared with the same formula in NumPy float64
+    on the same (float32-rounded) numbers, where nothing underflows: a few roundings of 6-term dot
+    products and divisions, 64·ε₃₂."""
+    a = _On(backend)
+    w32 = (V * 1e-23).astype(np.float32).astype(np.float64)
+    got = normref.spectral_norm(a.f32(w32), a.f32(U3))
+    ref = normref.spectral_norm(w32, U3.astype(np.float32).astype(np.float64))  # NumPy float64
+    for g, r in zip(got, ref):
+        g, r = a.np(g), np.asarray(r)
+        assert np.all(np.isfinite(g))
+        assert float(np.max(np.abs(g - r)) / np.max(np.abs(r))) <= 64.0 * EPS32
+
+
 def test_scaled_weights_backward(backend):
     """The backward of OWN and spectral norm at |V| = 1e20 (float32): ∂W/∂V scales as 1/a, so
     a·dV(a·V) = dV(V), to the forward's tolerance 64·κ·ε₃₂."""
@@ -259,6 +280,15 @@ def test_empty_gradient_centralization(backend):
         assert tuple(y.shape) == shape
         _, pb = normref.vjp(normref.gradient_centralization, None, g)
         assert tuple(pb(a(np.zeros(shape)))[1].shape) == shape
+
+
+def test_empty_style_transfer_batches(backend):
+    """adain and wct on an empty batch (N = 0; adain also C = 0): an empty output of content's shape
+    (adain used to raise a reshape error); no statistic is computed."""
+    a = _On(backend)
+    for shape in [(0, 3, 4), (2, 0, 4)]:
+        assert tuple(normref.adain(a(np.zeros(shape)), a(np.zeros(shape))).shape) == shape
+    assert tuple(normref.wct(a(np.zeros((0, 3, 4, 4))), a(np.zeros((0, 3, 5, 3)))).shape) == (0, 3, 4, 4)
 
 
 def test_numpy_bool_flags(backend):

@@ -209,6 +209,116 @@ def test_planted_bug_in_a_real_operation_fails_group_norm(monkeypatch):
     assert any(r.backend == "numpy" for r in rep.failures)
 
 
+# --------------------------------------------------------------------------------------------------
+# the numpy column runs the numba kernels (issue 11, §4): every registry example is below the kernels'
+# default size threshold, so the suite lowers it for that column and counts the calls that took a kernel
+
+numba_missing = pytest.mark.skipif(get_backend("numpy").kernel_thresholds is None,
+                                   reason=f"the numpy column has no kernels here: {get_backend('numpy').path}")
+
+
+@numba_missing
+def test_numpy_column_takes_the_kernel_path_and_the_report_says_so(tmp_path):
+    rep = run(["batch_norm", "layer_norm", "rms_norm"], ["numpy", "numpy-reference"], ["float64", "float32"],
+              quick=True)
+    assert rep.ok, rep.summary()
+    p, ref = rep.paths["numpy"], rep.paths["numpy-reference"]
+    assert "numba kernels" in p["path"] and "threshold 1" in p["path"] and p["thresholds"]["min_size"] == 1
+    assert "array-API formulas" in ref["path"] and ref["kernels"] is False
+    assert {"numpy.normalize_forward", "numpy.normalize_backward"} <= set(p["claims"])
+    # the kernels did the work in the numpy column (each of the three methods, both dtypes), none in
+    # the reference column
+    for dt in ("float64", "float32"):
+        assert sum(p["by_dtype"][dt]["taken"].values()) > 0
+    assert all(p["by_method"][m] > 0 for m in ("batch_norm", "layer_norm", "rms_norm")), p["by_method"]
+    assert p["taken"]["numpy.normalize_forward"] > 0 and p["taken"]["numpy.normalize_backward"] > 0
+    assert sum(ref["taken"].values()) == 0 and sum(ref["asked"].values()) == 0
+    # printed: text (rich and plain) and JSON (the CLI's --json)
+    text = str(rep)
+    assert "paths:" in text and "numpy: numba kernels (size threshold 1" in text
+    assert "numpy-reference: array-API formulas" in text and "kernel lookups took a kernel" in text
+    assert "paths:" in rep.plain_text()
+    path = tmp_path / "r.json"
+    assert main(["conformance", "--quick", "-m", "layer_norm", "-b", "numpy,numpy-reference", "-d", "float64",
+                 "--json", str(path), "--no-progress"]) == 0
+    raw = json.loads(path.read_text())
+    assert raw["meta"]["paths"]["numpy"]["taken"]["numpy.normalize_forward"] > 0
+    assert Report.from_json(path).path_lines() == Report.from_dict(raw).path_lines()
+
+
+def _perturbed(fn, which):
+    """The registered kernel ``fn`` with a planted bug: its mean off by 1e-9·(|μ| + σ)."""
+    import functools
+
+    @functools.wraps(fn)
+    def bad(*args, **kwargs):
+        r = fn(*args, **kwargs)
+        if r is None:
+            return r
+        if which == "moments":
+            mu, var = r
+            return mu + 1e-9 * (np.abs(mu) + np.sqrt(var)), var
+        # normalize_forward: (y, μ, scale, σ²); y = (x − μ)·scale·γ + β with μ off by δ is y − δ·scale·γ;
+        # perturbing y by 1e-9 of its scale is the same size of bug
+        y, mu, scale, var = r
+        return (y + 1e-9 * float(np.max(np.abs(y))),) + tuple(r[1:])
+
+    return bad
+
+
+@numba_missing
+@pytest.mark.parametrize("primitive, method_name", [("moments", "batch_renorm"), ("normalize_forward", "layer_norm")])
+def test_planted_kernel_bug_fails_the_numpy_column_and_not_the_reference(monkeypatch, primitive, method_name):
+    from normref import _kernels
+
+    _kernels.lookup(np, primitive)  # the numpy kernels registered
+    key = ("numpy", primitive)
+    monkeypatch.setitem(_kernels._KERNELS, key, _perturbed(_kernels._KERNELS[key], primitive))
+    rep = run([method_name], ["numpy", "numpy-reference"], ["float64"], quick=True)
+    assert rep.paths["numpy"]["taken"].get(f"numpy.{primitive}", 0) > 0
+    bad = {(r.column, r.check) for r in rep.failures}
+    # the numpy column's own comparison with the float64 formulas fails...
+    assert ("numpy", "forward") in bad, rep.summary()
+    # ...while the reference column (the formulas) and the finite differences pass; the cross-library
+    # check between the two columns fails for both (it compares them)
+    assert all(col != "numpy-reference" or chk == "cross-library" for col, chk in bad), bad
+    assert not any(col == FD_COLUMN for col, _ in bad)
+    assert any(r.column == "numpy-reference" and r.check == "forward" and r.passed for r in rep.records)
+    monkeypatch.undo()
+    assert run([method_name], ["numpy", "numpy-reference"], ["float64"], quick=True).ok
+
+
+@numba_missing
+def test_a_column_claiming_kernels_that_took_none_fails(monkeypatch):
+    # the numpy column with the default threshold again: every registry example is below it, so no
+    # kernel runs and "numpy" would silently be "numpy-reference" a second time; the suite says so
+    b = get_backend("numpy")
+    monkeypatch.setattr(b, "kernel_thresholds", {"min_size": 4096, "serial_below": 1 << 16})
+    rep = run(["layer_norm"], ["numpy"], ["float64"], quick=True)
+    assert not rep.failures and not rep.ok
+    assert rep.path_problems and "numpy float64: claims kernels" in rep.path_problems[0]
+    assert "off their path" in rep.summary() and "path:" in str(rep)
+    with pytest.raises(ConformanceError, match="none of its .* kernel lookups took one"):
+        rep.raise_for_failures()
+    # float16 is not a kernel dtype: no kernel there is no problem
+    assert run(["layer_norm"], ["numpy"], ["float16"], quick=True).ok
+
+
+@numba_missing
+def test_a_reference_column_in_which_a_kernel_ran_fails(monkeypatch):
+    from normref import _kernels
+
+    monkeypatch.setattr(_kernels, "_enabled", lambda: True)  # planted: use_kernels(False) ignored
+    b = get_backend("numpy-reference")
+    monkeypatch.setattr(b, "kernel_thresholds", None)
+    from normref.backends.numba import config
+
+    monkeypatch.setattr(config, "MIN_SIZE", 1)
+    rep = run(["layer_norm"], ["numpy-reference"], ["float64"], quick=True)
+    assert any(p.startswith("numpy-reference: claims the array-API formulas, but") for p in rep.path_problems)
+    assert not rep.ok
+
+
 def test_tolerances_are_derived_and_printed():
     rep = run(["layer_norm"], ["numpy"], ["float64", "float32"], quick=True)
     for r in rep.records:

@@ -242,4 +242,62 @@ def test_residuals_are_a_pytree():
 def test_every_registered_method_is_exposed():
     for m in normref.methods():
         f = getattr(nj, m.name)
-        assert f.method is m and inspect.signature(f) == m.signature
+        sig = inspect.signature(f)
+        if "sync" in m.signature.parameters:  # batch statistics: plus Flax's keyword-only axis_name
+            ax = sig.parameters["axis_name"]
+            assert ax.kind is inspect.Parameter.KEYWORD_ONLY and ax.default is None
+            sig = sig.replace(parameters=[q for q in sig.parameters.values() if q.name != "axis_name"])
+        assert f.method is m and sig == m.signature
+
+
+def test_axis_name_under_vmap():
+    """``axis_name=`` is ``sync=JaxReducer(axis_name)``: under ``vmap(axis_name=...)`` over 4
+    slices of a batch, batch norm's output, running statistics and gradients (parameter gradients
+    psum'd over the mapped axis, as under pmap) equal the whole batch at once. (The multi-device
+    engines, shard_map and pmap, are tested in tests/test_jax_sharded.py.) Tolerance 1e-13: the
+    same sums grouped per slice then combined (Chan), ~n·ε for n = 32 terms."""
+    from normref.backends.distributed.jax import JaxReducer
+
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.standard_normal((4, 8, 3)) * 2 + 1)  # 4 slices of 8 samples, 3 channels
+    w, b = jnp.asarray(rng.uniform(0.5, 1.5, 3)), jnp.asarray(rng.standard_normal(3))
+    rm, rv = jnp.zeros(3), jnp.ones(3)
+    c = jnp.asarray(rng.standard_normal((4, 8, 3)))
+
+    def step(x, w, b, c, **kw):
+        def loss(x, w, b):
+            o = nj.batch_norm(x, rm, rv, w, b, True, 0.1, **kw)
+            return jnp.sum(jnp.sin(o.output) * c), o
+        (_, o), g = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, w, b)
+        return o, g
+
+    def mapped(x, w, b, c):
+        o, (gx, gw, gb) = step(x, w, b, c, axis_name="i")
+        return o, (gx, jax.lax.psum(gw, "i"), jax.lax.psum(gb, "i"))
+
+    o, g = jax.jit(jax.vmap(mapped, axis_name="i", in_axes=(0, None, None, 0)))(x, w, b, c)
+    o0, g0 = jax.jit(step)(x.reshape(32, 3), w, b, c.reshape(32, 3))
+    assert _rel_err(o.output.reshape(32, 3), o0.output) <= 1e-13
+    for k in (1, 2):  # running statistics: the same on every slice, those of the whole batch
+        assert float(jnp.max(jnp.abs(o[k] - o[k][:1]))) == 0.0 and _rel_err(o[k][0], o0[k]) <= 1e-13
+    assert _rel_err(g[0].reshape(32, 3), g0[0]) <= 1e-13
+    for a, r in zip(g[1:], g0[1:]):
+        assert _rel_err(a[0], r) <= 1e-13
+    # the local statistics differ (the test can fail): each slice's own batch norm
+    ol, _ = jax.jit(jax.vmap(lambda x, c: step(x, w, b, c), in_axes=(0, 0)))(x, c)
+    assert _rel_err(ol.output.reshape(32, 3), o0.output) > 1e-3
+    # axis_name= is exactly sync=JaxReducer(axis_name)
+    os_, _ = jax.jit(jax.vmap(lambda x, c: step(x, w, b, c, sync=JaxReducer("i")), axis_name="i"))(x, c)
+    assert float(jnp.max(jnp.abs(os_.output - o.output))) == 0.0
+
+
+def test_axis_name_bad_input():
+    from normref.backends.distributed.jax import JaxReducer
+
+    x = jnp.ones((4, 3))
+    with pytest.raises(TypeError, match=r"layer_norm: axis_name is only taken by methods with batch statistics"):
+        nj.layer_norm(x, (3,), axis_name="i")
+    with pytest.raises(TypeError, match=r"batch_norm: give axis_name or sync, not both"):
+        nj.batch_norm(x, None, None, None, None, True, axis_name="i", sync=JaxReducer("i"))
+    with pytest.raises(TypeError, match=r"batch_norm: axis_name must be a hashable axis name .* got list"):
+        nj.batch_norm(x, None, None, None, None, True, axis_name=["i"])

@@ -24,6 +24,8 @@ import pytest
 
 import normref
 
+from normref.distributed import Reducer
+
 from ._dist import run_ranks
 
 TOL = 1e-12  # float64 relative, see the module docstring
@@ -191,8 +193,9 @@ def _run_case(name, x, g, p, sync, as_torch=False):
     return {"y": _np(y), "running": [_np(a) for a in running], "grads": [_np(a) for a in grads]}
 
 
-def worker(rank, world, plan):
-    """Every case of ``plan`` on this rank: [(name, seed, counts, as_torch)] -> results, in order."""
+def worker(rank, world, plan, f32_seed=None):
+    """Every case of ``plan`` on this rank: [(name, seed, counts, as_torch)] -> results, in order
+    (and the float32 check's results last when ``f32_seed`` is given: one spawn for both)."""
     from normref.backends.distributed.torch import TorchReducer
 
     out = []
@@ -204,6 +207,8 @@ def worker(rank, world, plan):
         r["values_sent"] = red.values_sent
         r["calls"] = red.calls
         out.append(r)
+    if f32_seed is not None:
+        out.append(worker_f32(rank, world, f32_seed))
     return out
 
 
@@ -227,7 +232,10 @@ def _plan(world):
 def ranked(request):
     world = request.param
     plan = _plan(world)
-    return world, plan, run_ranks(worker, world, plan, timeout=180)
+    return world, plan, run_ranks(worker, world, plan, F32_SEED if world == 4 else None, timeout=180)
+
+
+F32_SEED = 7
 
 
 def _case_error(name, seed, counts, per_rank) -> float:
@@ -300,9 +308,12 @@ def _f32_batch(seed, world):
     return [(1e4 + 1.3 * i + r.standard_normal((sizes[i], 2, 4, 4))).astype(np.float32) for i in range(world)]
 
 
-def test_float32_stability_across_ranks():
-    world, seed = 4, 7
-    res = run_ranks(worker_f32, world, seed, timeout=120)
+def test_float32_stability_across_ranks(ranked):
+    world, plan, results = ranked
+    if world != 4:
+        pytest.skip("the float32 check runs in the 4-rank spawn")
+    seed = F32_SEED
+    res = [results[r][len(plan)] for r in range(world)]
     xs = _f32_batch(seed, world)
     full = np.concatenate(xs).astype(np.float64)  # the float32 data, exactly, in float64
     axes = (0, 2, 3)
@@ -451,3 +462,61 @@ def test_mpi4py(world):
     assert len(worst) == sum(len(COUNTS[k][world]) for _, k, _ in CASES.values())
     bad = {k: v for k, v in worst.items() if not v <= TOL}
     assert not bad, bad
+
+
+# --------------------------------------------------------------------------------------------------
+# validation and the reducers' static properties (no processes)
+
+
+class _Solo(Reducer):
+    """The exact collectives of a world of one rank (for argument checks without processes)."""
+
+    world_size = 1
+
+    def _all_reduce_sum(self, a):
+        return a + 0
+
+    def _all_gather(self, a):
+        return a[None]
+
+
+def test_sync_argument_checked():
+    x = np.random.default_rng(0).standard_normal((4, 3, 2))
+    with pytest.raises(TypeError, match="batch_norm: sync must be None or a reducer"):
+        normref.batch_norm(x, None, None, training=True, sync="gloo")
+    with pytest.raises(TypeError, match="lp_batch_norm: sync"):
+        normref.lp_batch_norm(x, training=True, sync=object())
+    with pytest.raises(ValueError, match="normalize: sync= applies to the partitions over the batch"):
+        normref.normalize(x, partition="instance", sync=_Solo())
+    with pytest.raises(ValueError, match="normalize: sync= applies to operation"):
+        normref.normalize(x, operation="scaling", sync=_Solo())
+    # over all ranks together one value per statistic: the same error as without sync, after the gather
+    with pytest.raises(ValueError, match="more than 1 value per statistic over all ranks"):
+        normref.batch_norm(x[:1, :, :1], None, None, training=True, sync=_Solo())
+
+
+def test_sync_world_of_one_and_inference():
+    """A world of one rank is the local computation; with training=False sync is unused."""
+    r = np.random.default_rng(1)
+    x, rm, rv = r.standard_normal((5, 3, 4)), r.standard_normal(3), r.uniform(0.5, 2, 3)
+    y0, m0, v0 = normref.batch_norm(x, rm, rv, training=True)
+    y1, m1, v1 = normref.batch_norm(x, rm, rv, training=True, sync=_Solo())
+    for a, b in ((y1, y0), (m1, m0), (v1, v0)):
+        assert _rel(a, b) <= TOL
+    red = _Solo()
+    np.testing.assert_array_equal(normref.batch_norm(x, rm, rv, training=False, sync=red),
+                                  normref.batch_norm(x, rm, rv, training=False))
+    assert red.values_sent == 0
+
+
+def test_reducers_hashable():
+    from normref.backends.distributed.jax import JaxReducer
+    from normref.backends.distributed.mpi import MPIReducer
+    from normref.backends.distributed.torch import TorchReducer
+
+    assert TorchReducer() == TorchReducer() and hash(TorchReducer()) == hash(TorchReducer())
+    assert JaxReducer("b") == JaxReducer("b") and JaxReducer("b") != JaxReducer("c")
+    assert hash(JaxReducer(("x", "y"))) == hash(JaxReducer(("x", "y")))
+    assert MPIReducer() == MPIReducer()
+    # the reducer is part of the operation, hence of the residuals' static part
+    assert normref.operation.Standardizing(1e-5, JaxReducer("b")) == normref.operation.Standardizing(1e-5, JaxReducer("b"))

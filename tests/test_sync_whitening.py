@@ -1,5 +1,6 @@
 """Synchronized batch whitening (issue 12 §2): ``sync=`` on batch_whitening (every method),
-decorrelated_batch_norm, iter_norm, whitening_coloring and normalize(operation=<whitening>), on real torch.distributed gloo ranks.
+decorrelated_batch_norm, iter_norm, whitening_coloring and normalize(operation=<whitening>), on real
+torch.distributed gloo ranks.
 
 Each world size (2 and 4) is ONE spawn (tests/_dist.py) running every case; the ranks hold uneven
 batches, a rank with 0 samples (and one with a single sample) included. The reference is a single
@@ -97,7 +98,8 @@ def _cases(world: int) -> list[dict]:
 
 
 _FNS = {"batch_whitening": normref.batch_whitening, "decorrelated_batch_norm": normref.decorrelated_batch_norm,
-        "iter_norm": normref.iter_norm, "whitening_coloring": normref.whitening_coloring, "normalize": normref.normalize}
+        "iter_norm": normref.iter_norm, "whitening_coloring": normref.whitening_coloring,
+        "normalize": normref.normalize}
 
 
 def _worker(rank: int, world: int, cases: list, reducer_cls=None) -> list:
@@ -257,5 +259,6 @@ def test_sync_unused_at_inference():
 
 def test_global_count_below_two_is_refused():
     x = np.random.default_rng(2).standard_normal((1, 4, 1))
-    with pytest.raises(ValueError, match="iter_norm: expected more than 1 sample per covariance.*every rank together gives 1"):
+    msg = "iter_norm: expected more than 1 sample per covariance.*every rank together gives 1"
+    with pytest.raises(ValueError, match=msg):
         normref.iter_norm(x, training=True, sync=_OneRank())

@@ -62,6 +62,7 @@ CASES = [
     ("BatchRenorm2d", "BatchRenorm2d", {"rmax": 1.5, "dmax": 0.5}, 4, 4),
     ("SwitchableNorm2d", "SwitchableNorm2d", {}, 4, 4),
     ("BatchInstanceNorm2d", "BatchInstanceNorm2d", {}, 4, 4),
+    ("BatchGroupNorm2d", "BatchGroupNorm2d", {"num_groups": 2}, 4, 4),  # no running statistics
     ("DecorrelatedBatchNorm2d", "DecorrelatedBatchNorm2d", {"group_size": 4}, 8, 4),
     ("IterNorm2d", "IterNorm2d", {"group_size": 4, "iterations": 5}, 8, 4),
     ("BatchWhitening2d-zca", "BatchWhitening2d", {"method": "zca", "group_size": 4}, 8, 4),
@@ -270,6 +271,9 @@ def test_process_group_argument():
             nt.BatchNorm2d(3, process_group=bad)
         with pytest.raises(err, match="IterNorm: process_group"):
             nt.IterNorm(4, process_group=bad)
+    with pytest.raises(TypeError, match="SyncBatchNorm: process_group"):
+        nt.SyncBatchNorm(3, process_group=3)
+    assert nt.SyncBatchNorm(3).process_group is None  # torch's spelling of the world group, kept
     with pytest.raises(TypeError, match="FilterResponseNorm2d: normref.filter_response_norm has no synchronized"):
         nt.FilterResponseNorm2d(4, process_group=nt.WORLD)
     with pytest.raises(TypeError, match="unexpected argument 'sync'"):

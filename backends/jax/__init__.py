@@ -22,6 +22,19 @@ rule learns which primal inputs JAX differentiates (``perturbed``); that mask is
 ``Method.backward(..., needs=mask)`` like torch's ``needs_input_grad`` (a registered backward that
 declares ``needs`` skips the rest), and a primary cotangent that is a symbolic zero costs no backward.
 
+Across devices. Methods with batch statistics (those taking normref's ``sync=``) also take Flax's
+keyword-only ``axis_name=``: ``nj.batch_norm(x, ..., axis_name="batch")`` is
+``sync=JaxReducer("batch")`` (:mod:`normref.backends.distributed.jax`: ``lax.all_gather`` /
+``lax.psum`` over the named axis), so in training the statistics are the global batch's under
+``jax.shard_map``, ``jax.pmap`` and ``jax.vmap(..., axis_name=...)``. Every method works under
+``shard_map(check_vma=True)``: the backward's cotangents get their primals' varying manual axes
+(``psum`` over the axes a cotangent varies over and its primal does not, e.g. a replicated
+parameter's gradient; ``pvary`` the other way), which is what JAX's own autodiff does — the gradient
+of a replicated parameter is Σ over devices, so no ``psum`` of gradients under shard_map (under pmap
+or vmap, where nothing is typed, each device gets its part and the caller sums). Un-jitted shard_map
+(evaluated operation by operation) refuses custom_vjp with symbolic zeros; there, where nothing is
+differentiated, the forward runs directly.
+
 Auxiliary outputs (the updated running statistics of a NamedTuple result) are state, not
 differentiable outputs, as in torch (where they are marked non-differentiable): normref's backward
 has no term for them. Their cotangent is normally a symbolic zero (state returned through

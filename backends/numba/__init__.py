@@ -36,8 +36,13 @@ def _whole_elements(a) -> bool:
     float64 after an int8) was floor-divided into element strides, so the kernels read garbage and,
     through ``out=``, wrote into the neighbouring field. Such arrays are declined (the formula runs,
     and NumPy writes ``out=`` element by element)."""
+    f = a.flags
+    if not f.aligned:
+        return False
+    if f.c_contiguous or f.f_contiguous:  # (a size-1 axis may carry any stride: it is never stepped)
+        return True
     isz = a.itemsize
-    return a.flags.aligned and all(s % isz == 0 for s in a.strides)
+    return all(s % isz == 0 for s in a.strides)
 
 
 def accepts(x) -> bool:
@@ -329,6 +334,10 @@ def _like(a, ref):
 _MAX_PARAM = 1 << 20
 
 
+# scale below which the dx pass's Q = scale²·m2 would leave x's normal range: √(tiny/eps) per dtype
+_MIN_SCALE = {np.dtype(t): float(np.sqrt(np.finfo(t).tiny / np.finfo(t).eps)) for t in (np.float32, np.float64)}
+
+
 def normalize_backward(xv, shift, scale, dy, gamma, pshape, shape, axes, mode, need=(True, True, True)):
     """(dx on the view, dγ, dβ of ``pshape``) of y = (x − shift)·scale·γ + β in one kernel.
 
@@ -342,8 +351,7 @@ def normalize_backward(xv, shift, scale, dy, gamma, pshape, shape, axes, mode, n
         shift = np.zeros((), xv.dtype)
     if not _same_float(xv, dy, gamma, shift, scale) or xv.size == 0:
         return None
-    fi = np.finfo(xv.dtype)
-    if scale.size and float(np.min(np.abs(scale))) ** 2 < float(fi.tiny) / float(fi.eps):
+    if scale.size and float(scale.min()) < _MIN_SCALE.get(xv.dtype, 0.0):
         # the dx pass stores Q = scale²·mean(γ·u·x̂) in x's dtype; at scale ≲ 3e-16 (float32; ≲ 1e-146
         # float64: inputs of σ ≳ 3e15, 1e146) it would underflow and drop the x̂·m2 term (issue 11). The
         # formula's order scale·(γ·u − m1 − x̂·m2) keeps it: decline (a K-element check).
