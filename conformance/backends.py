@@ -201,6 +201,27 @@ def _torch_cuda() -> Backend:
     return Backend("torch-cuda", True, xp=torch, _asarray=conv, dtypes=DTYPES, has_autograd=True)
 
 
+def _dask() -> Backend:
+    try:
+        importlib.import_module("dask")
+        dask_array = importlib.import_module("dask.array")
+    except ImportError as e:
+        return Backend("dask", False, f"dask is not installed ({e.msg})")
+
+    def conv(a, dt):
+        # chunked along the batch axis (axis 0) in two chunks where it has two rows: the reductions
+        # over the batch then combine per-chunk partial results, as on a dataset larger than memory
+        a = a.astype(dt)
+        if a.ndim == 0:
+            return dask_array.from_array(a)
+        return dask_array.from_array(a, chunks=(max(1, (a.shape[0] + 1) // 2),) + a.shape[1:])
+
+    # lazy: normref builds the graph and computes nothing; the suite's conversion back to NumPy
+    # (np.asarray) computes it with dask's default scheduler
+    return Backend("dask", True, xp=dask_array, _asarray=conv, dtypes=("float64", "float32"),
+                   path="array-API formulas, lazily (dask graph; no kernels serve dask)")
+
+
 _FACTORIES = {
     "numpy": lambda: _numpy(True),
     "numpy-reference": lambda: _numpy(False),
@@ -209,6 +230,7 @@ _FACTORIES = {
     "array_api_strict": _strict,
     "cupy": _cupy,
     "torch-cuda": _torch_cuda,
+    "dask": _dask,
 }
 _CACHE: dict[str, Backend] = {}
 

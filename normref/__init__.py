@@ -36,6 +36,7 @@ from .standardization import (
 )
 
 from . import combination, gradient, local, weight, whitening
+from .population import PopulationStatistics, population_statistics
 from .combination import *  # noqa: F401,F403
 from .local import *  # noqa: F401,F403
 from .gradient import *  # noqa: F401,F403
@@ -71,6 +72,8 @@ __all__ = [
     "Example",
     "Invariant",
     "use_kernels",
+    "population_statistics",
+    "PopulationStatistics",
     "partition",
     "operation",
     "recovery",

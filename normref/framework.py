@@ -236,6 +236,12 @@ def normalize(
     - ``recovery`` (NRR): ``"none"``, ``"affine"`` (γ, β of shape (C,), or ``normalized_shape`` for the
       layer partition), ``"generated"`` (γ, β broadcastable to the input: per sample, per position).
 
+    Every argument is validated on every call, also one the call does not use (``p`` without
+    ``"lp"``, ``iterations`` without an iterative whitening, ``num_groups``/``batch_groups``/
+    ``normalized_ndim`` for a partition without them, ``l1_factor``): ``normalize(x, p=-1)`` is a
+    ``ValueError`` even though standardizing ignores ``p``. An empty input gives an empty output and
+    zero parameter gradients (as the presets, :mod:`normref.standardization`).
+
     Input layout (N, C, *spatial). ``eps`` is added to the variance (inside the square root) for
     standardizing and scaling, to the deviation (outside) for ``"lp"``, and to the covariance
     (Σ + εI, ε ≥ 0) for whitening.

@@ -234,7 +234,9 @@ def _dask_linalg(name: str, *arrays):
     normref factorizes are small (a d × d covariance per group), so each stack of them is one task of
     the graph running NumPy's batched routine (nothing is computed here). A solve's right-hand side
     (..., d, k) — the samples of a whitening group — keeps its chunks along k: each block of samples
-    is solved with the whole (small) L. Values: NumPy's own routines, so results equal NumPy's.
+    is solved with the whole (small) L. Values: NumPy's own routines, so results equal NumPy's; a
+    Cholesky factorization that fails (a matrix not positive definite) raises NumPy's ``LinAlgError``
+    when the graph is computed (the definiteness checks need concrete values and are skipped here).
     """
     import dask.array as da
     import numpy as np
@@ -252,7 +254,7 @@ def _dask_linalg(name: str, *arrays):
     a = da.broadcast_to(a, batch + tuple(a.shape[-2:])).rechunk({len(batch): -1, len(batch) + 1: -1})
     b = da.broadcast_to(b, batch + tuple(b.shape[-2:])).rechunk({len(batch): -1})
     ix = "".join(chr(ord("a") + i) for i in range(len(batch)))
-    return da.blockwise(np.linalg.solve, ix + "ik", a, ix + "ij", b, ix + "jk", dtype=b.dtype)
+    return da.blockwise(np.linalg.solve, ix + "ik", a, ix + "ij", b, ix + "jk", dtype=b.dtype, concatenate=True)
 
 
 def min_eigenvalue_ok(xp, lam, rtol: float | None = None):

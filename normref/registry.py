@@ -281,11 +281,15 @@ class Method:
         if needs is None:
             needs = (True,) * len(self.array_params)
         out = []
+        try:
+            dev = {"device": device(cotangent)}
+        except Exception:  # a traced value without a concrete device: the library's default
+            dev = {}
         for p, shape, dt, want in zip(self.array_params, residuals.static.shapes, dtypes, needs):
             if shape is None or p in self.nondiff or not want:
                 out.append(None)
             else:
-                out.append(xp.zeros(shape, dtype=dt if dt is not None else cotangent.dtype, device=device(cotangent)))
+                out.append(xp.zeros(shape, dtype=dt if dt is not None else cotangent.dtype, **dev))
         return tuple(out)
 
     def _check_cotangent(self, residuals: Residuals, cotangent: Any) -> None:

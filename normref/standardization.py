@@ -16,6 +16,16 @@ tuple as an array fails at once). Otherwise the output array itself is returned.
 variance is updated with the unbiased batch variance, as torch does; ``momentum=None`` gives the
 cumulative average 1/(k+1) with ``k = num_batches_tracked`` batches seen before this one.
 
+Bad state and empty batches. A running variance (or running scale) with a negative entry is refused
+(``ValueError`` naming it) wherever the values are concrete; under ``jax.jit`` / ``torch.func.vmap``
+tracing there is nothing to inspect and the check is skipped. Flags (``training``,
+``use_input_stats``, ``l1_factor``) must be bools (``np.bool_`` included): ``training="False"`` is a
+``TypeError``, not training. An ``eps`` that rounds to 0 in the float32 compute dtype is refused.
+An *empty* input (N = 0, C = 0 or a spatial size 0) gives an empty output, the running statistics
+back unchanged, and a backward with an empty input gradient and zero parameter gradients (torch
+2.13's result for batch_norm, group_norm and layer_norm; its instance_norm's NaN running statistics
+at N = 0 are not followed).
+
 Return annotations give what a *call* returns (``Array``, or the result tuple); the decorated body
 returns that paired with its :class:`~normref.registry.Residuals`, which :meth:`Method.forward`
 exposes and a plain call drops.

@@ -120,12 +120,15 @@ def _norms(xp, v, axes):
 def _safe_norms(xp, v, axes):
     """‖v‖ over ``axes`` (keepdims), right where Σv² under- or overflows: when a concrete norm comes out 0
     or inf for a slice that is nonzero and finite (|v| ≲ 1e-23 or ≳ 1e19 in float32), the norms are
-    recomputed as a·‖v/a‖ with a = max|v| per slice. Elsewhere (and under tracing) it is ``_norms``."""
+    recomputed as a·‖v/a‖ with a = max|v| per slice. Elsewhere (and under tracing) it is ``_norms``; on a
+    lazy (dask) array both are formed and selected per slice."""
     n = _norms(xp, v, axes)
     fi = xp.finfo(v.dtype)
     # Σv² below tiny/ε has lost digits to subnormal squares (or is 0); inf: it overflowed
     bad = xp.logical_or(n < math.sqrt(float(fi.smallest_normal) / float(fi.eps)), xp.isinf(n))
-    if not _concrete_any(xp, bad):
+    # a lazy (dask) array cannot be inspected: the rescued norms are always built into its graph (the
+    # ``where`` keeps n wherever it is fine, so the values are NumPy's)
+    if not is_lazy(v) and not _concrete_any(xp, bad):
         return n
     a = xp.max(xp.abs(v), axis=axes, keepdims=True)
     ok = xp.logical_and(bad, xp.logical_and(a > 0, xp.isfinite(a)))

@@ -17,6 +17,11 @@ def _params():
     out = []
     for b in all_backends():
         marks = [] if b.available else [pytest.mark.skip(reason=f"{b.name}: {b.reason}")]
+        if b.name == "dask" and b.available:
+            # lazy arrays: checks that need concrete values (a negative running_var, a singular
+            # covariance) are deferred by design, as under jax.jit, so the eager tables do not apply;
+            # dask is tested by tests/test_dask.py and the conformance suite's dask column
+            marks = [pytest.mark.skip(reason="dask: lazy (value checks deferred); see tests/test_dask.py")]
         out.append(pytest.param(b.name, marks=marks, id=b.name))
     return out
 

@@ -7,10 +7,15 @@ jax is imported, and the pytest session has imported jax already)::
 For each method (on its registered examples, so methods registered later are covered):
 
 * ``replicated``: every argument replicated, the loss made device-varying by a per-device weight
-  sᵢ (L = Σᵢ sᵢ·Σ sin(y)). The cotangent reaching normref's backward varies over the mesh axis while
-  every primal is invariant: the case of the reported defect. With check_vma=True JAX's rule is that
-  the gradient of an invariant primal is Σᵢ ∂Lᵢ/∂w (it transposes the forward's implicit pvary into
-  a psum), so the reference is (Σᵢ sᵢ)·∇Σ sin(y) computed on one device.
+  sᵢ (L = Σᵢ sᵢ·Σ sin(y)). JAX's rule under check_vma=True: the gradient of an invariant primal is
+  Σᵢ ∂Lᵢ/∂w (the forward's implicit pvary of y transposes into a psum of its cotangent, before
+  normref's backward), so the reference is (Σᵢ sᵢ)·∇Σ sin(y) computed on one device.
+* ``mixed`` (methods with two or more differentiable arguments and no data input, e.g. weight_norm's
+  (v, g), lars' (weight, grad)): the first argument device-varying (a different perturbation on
+  each device), the others replicated. The cotangent reaching normref's backward varies, and so does
+  the gradient it computes for the replicated arguments: the reported defect ("Custom VJP bwd rule
+  must produce an output with the same type ... manual axis types do not match") unless the
+  adapter psums it. Reference: each device's arguments on one device, replicated gradients summed.
 * ``sharded`` (methods with a data input ``input``/``x``/``content``/``style``): the data input (and
   any array with the input's rank and batch size, e.g. generated affine parameters) sharded along
   the batch axis over 4 devices, the other parameters replicated, L = Σᵢ Σ sin(yᵢ). Two references:
@@ -150,6 +155,37 @@ def case_replicated(m, ex, mesh, eager=False):
     return {"err": err, "cond": ex.cond, "grads": len(primals)}
 
 
+def case_mixed(m, ex, mesh):
+    """First differentiable argument device-varying, the others replicated (see the module docstring)."""
+    args, diff, ref = _local_value_and_grads(m, ex)
+    primals = [args[p] for p in diff]
+    rng = np.random.default_rng(9)
+    first = jnp.stack([primals[0] * (1.0 + 0.05 * jnp.asarray(rng.uniform(-1, 1, primals[0].shape)))
+                       for _ in range(NDEV)])  # device i holds first[i]
+
+    w = jnp.asarray([0.7, -1.3, 0.4, 2.1])  # Lᵢ = wᵢ·Σ sin(y): varying even where y is not
+
+    def local(wi, f0, *rest):
+        xs = (f0[0],) + rest
+        loss = lambda *xs: wi[0] * jnp.sum(jnp.sin(_call(m, args, diff, xs)))  # noqa: E731
+        g = jax.grad(loss, argnums=tuple(range(len(xs))))(*xs)
+        return _call(m, args, diff, xs)[None], (g[0][None],) + tuple(g[1:])
+
+    specs = (P(AXIS),) + (P(),) * (len(diff) - 1)
+    f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(AXIS),) + specs, out_specs=(P(AXIS), specs),
+                              check_vma=True))
+    y, g = jax.tree.map(np.asarray, f(*(jax.device_put(a, NamedSharding(mesh, s))
+                                        for a, s in zip([w, first] + primals[1:], (P(AXIS),) + specs))))
+    # the reference: device i's arguments on one device; L = Σᵢ Lᵢ, so replicated gradients add up
+    outs = [ref(first[i], *primals[1:]) for i in range(NDEV)]
+    wn = np.asarray(w)
+    err = _rel_err(y, np.stack([o[0] for o in outs]))
+    err = max(err, _rel_err(g[0], np.stack([wn[i] * np.asarray(o[1][0]) for i, o in enumerate(outs)])))
+    for j in range(1, len(diff)):
+        err = max(err, _rel_err(g[j], sum(wn[i] * np.asarray(o[1][j]) for i, o in enumerate(outs))))
+    return {"err": err, "cond": ex.cond, "grads": len(diff), "varying": diff[0]}
+
+
 def _pick_sharded(m, exs):
     """The examples to shard: one per kind (per-sample / batch statistics), training mode preferred,
     most non-None differentiable arguments, then the cheapest."""
@@ -167,7 +203,9 @@ def _pick_sharded(m, exs):
             continue
         key = (b.get("training", True) is False, b.get("use_input_stats", True) is False,
                b.get("batch_groups", 1) != 1,  # batch groups span the ranks under sync: see case_sync
-               -sum(b.get(p) is not None for p in m.diff_params), _cost(m, ex))
+               -sum(b.get(p) is not None for p in m.diff_params),
+               -sum(b.get(p) is not None for p in m.array_params),  # running statistics given: tested too
+               _cost(m, ex))
         if kind not in best or key < best[kind][0]:
             best[kind] = (key, ex)
     return [(kind, ex) for kind, (_, ex) in sorted(best.items())]
@@ -331,6 +369,11 @@ def run(names):
         _timed(r, "replicated", case_replicated, m, ex_rep, mesh)
         if name == "layer_norm":  # once: un-jitted shard_map (the adapter's eager fallback)
             _timed(r, "replicated_eager", case_replicated, m, ex_rep, mesh, eager=True)
+        n_diff = lambda e: sum(m.bind(*e.args, **e.kwargs).arguments.get(p) is not None  # noqa: E731
+                               for p in m.diff_params)
+        if not picks and max(n_diff(e) for e in exs) >= 2:  # every differentiable argument given
+            ex_mix = min(exs, key=lambda e: (-n_diff(e), _cost(m, e)))
+            _timed(r, "mixed", case_mixed, m, ex_mix, mesh)
         for kind, ex in picks:
             _timed(r, "sharded_per_sample" if kind else "sharded_batch_stats", case_sharded, m, ex, mesh, kind)
         if "sync" in m.signature.parameters:

@@ -310,11 +310,25 @@ EMPTY_CASES = [(shape, i) for shape in EMPTY_SHAPES for i in range(len(_empty_ca
 @pytest.mark.filterwarnings("error")  # no "mean of empty slice" / "invalid value" either
 @pytest.mark.parametrize("shape,i", EMPTY_CASES,
                          ids=[f"{'x'.join(map(str, s))}-{_empty_calls(s)[i][0]}" for s, i in EMPTY_CASES])
-def test_empty_batch(backend, shape, i):
+def test_empty_batch(shape, i):
     """An empty input gives an empty output (input's shape and dtype), the running statistics back
     unchanged, and a backward with an empty dx and zero parameter gradients — what torch 2.13 does
     for batch_norm, group_norm and layer_norm (its instance_norm returns NaN running statistics with
-    N = 0: not followed)."""
+    N = 0: not followed). Every method and empty shape on NumPy; every library below."""
+    from normref.conformance.backends import get_backend
+
+    _check_empty(get_backend("numpy"), shape, i)
+
+
+@pytest.mark.parametrize("i", range(len(_empty_calls(EMPTY_SHAPES[0]))),
+                         ids=[c[0] for c in _empty_calls(EMPTY_SHAPES[0])])
+def test_empty_batch_every_library(backend, i):
+    if backend.name.startswith("numpy"):
+        pytest.skip("NumPy: every shape in test_empty_batch")
+    _check_empty(backend, EMPTY_SHAPES[0], i)
+
+
+def _check_empty(backend, shape, i):
     _, m, make, kw, running = _empty_calls(shape)[i]
     a = _On(backend)
     args = tuple(a(t) if isinstance(t, np.ndarray) else t for t in make(np.zeros(shape)))
@@ -423,16 +437,28 @@ def test_required_arrays_cover_the_issue():
         assert set(m.required) == want, m.name
 
 
-@pytest.mark.parametrize("name,param", NONE_CASES, ids=[f"{m}-{p}" for m, p in NONE_CASES])
-def test_none_for_a_required_array(backend, name, param):
+def _none_call(backend, name, param):
     m = normref.get(name)
-    ex = m.examples(np.random.default_rng(0))
-    e = next(iter(ex))
+    e = next(iter(m.examples(np.random.default_rng(0))))
     args, kwargs = backend.convert(e.args, e.kwargs)
     b = m.bind(*args, **kwargs)
     b.arguments[param] = None
     with pytest.raises(TypeError, match=rf"^{name}: {param} must be an array .*; got None"):
         m(*b.args, **b.kwargs)
+
+
+@pytest.mark.parametrize("name,param", NONE_CASES, ids=[f"{m}-{p}" for m, p in NONE_CASES])
+def test_none_for_a_required_array(name, param):
+    """Every method, NumPy (the check is in the registry, before any array is touched)."""
+    from normref.conformance.backends import get_backend
+
+    _none_call(get_backend("numpy"), name, param)
+
+
+@pytest.mark.parametrize("name,param", [("batch_norm", "input"), ("switchable_norm", "mean_weight"),
+                                        ("weight_norm", "g"), ("lars", "grad")])
+def test_none_for_a_required_array_every_library(backend, name, param):
+    _none_call(backend, name, param)
 
 
 # -- item 11: the pullback reads the caller's arrays; torch's version counter guards it -------------

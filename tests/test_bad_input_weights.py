@@ -13,7 +13,6 @@ weight, or float64), with tolerances from the dtype's ε and the problem's condi
 
 from __future__ import annotations
 
-import re
 import warnings
 
 import numpy as np
@@ -29,6 +28,16 @@ C3 = RNG.standard_normal((2, 3, 4, 4))  # wct content / style
 S3 = RNG.standard_normal((2, 3, 5, 3))
 EPS32 = float(np.finfo(np.float32).eps)
 EPS64 = float(np.finfo(np.float64).eps)
+
+
+@pytest.fixture
+def backend(backend):
+    """conftest's ``backend``, less dask: normref never computes a lazy array, so every value check
+    (finiteness, σ = 0, the overflow message, the weights' power-of-two scaling, the PCA gap warning) is
+    skipped for it, as under ``jax.jit`` (``normref._xp.is_lazy``); dask's rows are in its own tests."""
+    if backend.name == "dask":
+        pytest.skip("dask: lazy arrays skip normref's value checks by design (normref._xp.is_lazy)")
+    return backend
 
 
 class _On:
@@ -155,29 +164,33 @@ CASES = [
     ("iter-norm-num-batches-unused", lambda a: normref.iter_norm(a(X), training=True, num_batches_tracked="3"),
      TypeError, r"iter_norm: num_batches_tracked must be an integer"),
     # -- 8. a required array given as None: TypeError naming it (was AttributeError) -----------------
-    ("bw-none", lambda a: normref.batch_whitening(None, training=True), TypeError, r"batch_whitening: input must be an array; got None"),
-    ("dbn-none", lambda a: normref.decorrelated_batch_norm(None, a(np.zeros(4)), a(np.eye(4)[None])), TypeError, r"decorrelated_batch_norm: input must be an array; got None"),
-    ("iter-norm-none", lambda a: normref.iter_norm(None, training=True), TypeError, r"iter_norm: input must be an array; got None"),
-    ("wc-none", lambda a: normref.whitening_coloring(None, training=True), TypeError, r"whitening_coloring: input must be an array; got None"),
-    ("wm-none", lambda a: normref.whitening_matrix(None), TypeError, r"whitening_matrix: cov must be an array; got None"),
-    ("adain-none", lambda a: normref.adain(None, a(S3)), TypeError, r"adain: content must be an array; got None"),
-    ("adain-style-none", lambda a: normref.adain(a(C3), None), TypeError, r"adain: style must be an array; got None"),
-    ("wct-none", lambda a: normref.wct(None, a(S3)), TypeError, r"wct: content must be an array; got None"),
-    ("wct-style-none", lambda a: normref.wct(a(C3), None), TypeError, r"wct: style must be an array; got None"),
-    ("wn-none", lambda a: normref.weight_norm(None, a(np.ones((3, 1)))), TypeError, r"weight_norm: v must be an array; got None"),
-    ("wn-g-none", lambda a: normref.weight_norm(a(V), None), TypeError, r"weight_norm: g must be an array; got None"),
-    ("cwn-none", lambda a: normref.centered_weight_norm(None), TypeError, r"centered_weight_norm: v must be an array; got None"),
-    ("ws-none", lambda a: normref.weight_standardization(None), TypeError, r"weight_standardization: v must be an array; got None"),
-    ("sn-none", lambda a: normref.spectral_norm(None, a(U3)), TypeError, r"spectral_norm: w must be an array; got None"),
-    ("sn-u-none", lambda a: normref.spectral_norm(a(V), None), TypeError, r"spectral_norm: u must be an array; got None"),
-    ("own-none", lambda a: normref.orthogonal_weight_norm(None), TypeError, r"orthogonal_weight_norm: v must be an array; got None"),
-    ("oni-none", lambda a: normref.oni(None), TypeError, r"oni: v must be an array; got None"),
-    ("penalty-none", lambda a: normref.orthogonal_penalty(None), TypeError, r"orthogonal_penalty: w must be an array; got None"),
-    ("cosine-none", lambda a: normref.cosine_norm(None, a(V)), TypeError, r"cosine_norm: x must be an array; got None"),
-    ("cosine-w-none", lambda a: normref.cosine_norm(a(np.ones((2, 6))), None), TypeError, r"cosine_norm: w must be an array; got None"),
-    ("gc-none", lambda a: normref.gradient_centralization(a(V), None), TypeError, r"gradient_centralization: grad must be an array; got None"),
-    ("block-none", lambda a: normref.block_gradient_norm(a(V), None), TypeError, r"block_gradient_norm: grad must be an array; got None"),
-    ("lars-none", lambda a: normref.lars(a(V), None), TypeError, r"lars: grad must be an array; got None"),
+    ("bw-none", lambda a: normref.batch_whitening(None, training=True), TypeError, r"batch_whitening: input must be an array.*got None"),
+    ("dbn-none", lambda a: normref.decorrelated_batch_norm(None, a(np.zeros(4)), a(np.eye(4)[None])), TypeError, r"decorrelated_batch_norm: input must be an array.*got None"),
+    ("iter-norm-none", lambda a: normref.iter_norm(None, training=True), TypeError, r"iter_norm: input must be an array.*got None"),
+    ("wc-none", lambda a: normref.whitening_coloring(None, training=True), TypeError, r"whitening_coloring: input must be an array.*got None"),
+    ("wm-none", lambda a: normref.whitening_matrix(None), TypeError, r"whitening_matrix: cov must be an array.*got None"),
+    ("adain-none", lambda a: normref.adain(None, a(S3)), TypeError, r"adain: content must be an array.*got None"),
+    ("adain-style-none", lambda a: normref.adain(a(C3), None), TypeError, r"adain: style must be an array.*got None"),
+    ("wct-none", lambda a: normref.wct(None, a(S3)), TypeError, r"wct: content must be an array.*got None"),
+    ("wct-style-none", lambda a: normref.wct(a(C3), None), TypeError, r"wct: style must be an array.*got None"),
+    ("wn-none", lambda a: normref.weight_norm(None, a(np.ones((3, 1)))), TypeError, r"weight_norm: v must be an array.*got None"),
+    ("wn-g-none", lambda a: normref.weight_norm(a(V), None), TypeError, r"weight_norm: g must be an array.*got None"),
+    ("cwn-none", lambda a: normref.centered_weight_norm(None), TypeError, r"centered_weight_norm: v must be an array.*got None"),
+    ("ws-none", lambda a: normref.weight_standardization(None), TypeError, r"weight_standardization: v must be an array.*got None"),
+    ("sn-none", lambda a: normref.spectral_norm(None, a(U3)), TypeError, r"spectral_norm: w must be an array.*got None"),
+    ("sn-u-none", lambda a: normref.spectral_norm(a(V), None), TypeError, r"spectral_norm: u must be an array.*got None"),
+    ("own-none", lambda a: normref.orthogonal_weight_norm(None), TypeError, r"orthogonal_weight_norm: v must be an array.*got None"),
+    ("oni-none", lambda a: normref.oni(None), TypeError, r"oni: v must be an array.*got None"),
+    ("penalty-none", lambda a: normref.orthogonal_penalty(None), TypeError, r"orthogonal_penalty: w must be an array.*got None"),
+    ("cosine-none", lambda a: normref.cosine_norm(None, a(V)), TypeError, r"cosine_norm: x must be an array.*got None"),
+    ("cosine-w-none", lambda a: normref.cosine_norm(a(np.ones((2, 6))), None), TypeError, r"cosine_norm: w must be an array.*got None"),
+    ("gc-none", lambda a: normref.gradient_centralization(a(V), None), TypeError, r"gradient_centralization: grad must be an array.*got None"),
+    ("block-none", lambda a: normref.block_gradient_norm(a(V), None), TypeError, r"block_gradient_norm: grad must be an array.*got None"),
+    # a weight the formula needs (its norm): refused by name (a ValueError, as it always was)
+    ("lars-weight-none", lambda a: normref.lars(None, a(V)), ValueError, r"lars: weight is required here"),
+    ("block-ratio-weight-none", lambda a: normref.block_gradient_norm(None, a(V), ratio=True), ValueError,
+     r"block_gradient_norm: weight is required here"),
+    ("lars-none", lambda a: normref.lars(a(V), None), TypeError, r"lars: grad must be an array.*got None"),
 ]
 
 

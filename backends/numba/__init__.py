@@ -15,8 +15,11 @@ are tested against). Primitives (DESIGN.md, "Kernels"):
   the backward reduction (Σdy and Σdy·x̂ per statistic and per parameter) and the backward apply
   dx = scale·(γ·dy − mean(γ·dy) − x̂·mean(γ·dy·x̂)) (survey Eqn 21's backward) in one kernel.
 
-Each returns ``None`` for a case it does not handle (dtype other than float32/float64, mixed dtypes,
-a layout that does not fit the canonical form of :mod:`._layout`); the formula then runs.
+Each returns ``None`` for a case it does not handle (dtype other than native float32/float64, mixed
+dtypes, byte strides that are not whole elements or unaligned data, a layout that does not fit the
+canonical form of :mod:`._layout`, a statistic whose Σ(x − s)² overflowed, a scale so small that the
+backward's coefficients would underflow); the formula then runs. Under numba's ``workqueue``
+threading layer the parallel builds are launched one at a time (:func:`_guard`).
 """
 
 from __future__ import annotations

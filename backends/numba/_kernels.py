@@ -9,6 +9,8 @@ Statistics are indexed (k1, k2) and reduced over (r1, r2, r3). Two loop orders:
 - *columns* (R2 = R3 = 1, the innermost axis is kept: channels-last batch/instance, position over
   NCHW): one task per chunk of R1 (per k1), vectorized over k2, partial sums per chunk combined at
   the end.
+- *split* (R2·R3 > 1 and fewer than 2·threads statistics: layer norm of one sample, batch norm of
+  one channel): one task per (statistic, range of its flattened reduce index), partial sums added.
 
 Accumulation is in float64 whatever the input dtype. Moments use *shifted* sums: with s = the first
 element of each statistic's group, S1 = Σ(x − s), S2 = Σ(x − s)², mean = s + S1/n,
