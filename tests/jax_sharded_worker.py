@@ -266,13 +266,28 @@ def _split_out(m, out):
     return out, ()
 
 
-def case_sync(m, ex, mesh, vmap=True):
+def _borrow_running_statistics(m, ex, exs):
+    """Running statistics for a training example that has none, from an evaluation example of the
+    same configuration (every non-array argument but ``training`` equal), so their update is tested."""
+    b = m.bind(*ex.args, **ex.kwargs).arguments
+    state = [p for p in m.array_params if p not in m.diff_params and b.get(p) is None]
+    for other in exs:
+        o = m.bind(*other.args, **other.kwargs).arguments
+        same = all(o.get(k) == v for k, v in b.items()
+                   if k != "training" and not isinstance(v, np.ndarray) and k not in m.array_params)
+        if same and any(o.get(p) is not None for p in state):
+            return {p: jnp.asarray(o[p]) for p in state if o.get(p) is not None}
+    return {}
+
+
+def case_sync(m, ex, mesh, vmap=True, state=None):
     """``axis_name="batch"`` (synchronized statistics) under shard_map, pmap and vmap(axis_name=...):
     forward output, updated running statistics and every gradient of L = Σ over the global batch of
     sin(y) equal the unsynchronized method on the whole batch on one device. Under shard_map with
     check_vma the parameter gradients come out already summed over the devices (JAX's rule for
     replicated primals); under pmap and vmap they are each device's part and are psum'd, as users do."""
     args, _, _ = _local_value_and_grads(m, ex)
+    args = {**args, **(state or {})}
     full, sharded, n = _global_batch(m, args)
     diff = [p for p in m.diff_params if full.get(p) is not None]
     primals = tuple(full[p] for p in diff)
@@ -378,10 +393,20 @@ def run(names):
             _timed(r, "sharded_per_sample" if kind else "sharded_batch_stats", case_sharded, m, ex, mesh, kind)
         if "sync" in m.signature.parameters:
             ex_sync = next((ex for kind, ex in picks if not kind), None)
+
+            def with_state(e):  # a training example whose running statistics are given or borrowed
+                b = m.bind(*e.args, **e.kwargs).arguments
+                own = any(b.get(p) is not None for p in m.array_params if p not in m.diff_params)
+                return b.get("training", True) is True and (own or _borrow_running_statistics(m, e, exs))
+
+            stateful = [e for e in exs if e is not ex_sync and with_state(e)]
+            if ex_sync is not None and not with_state(ex_sync) and stateful:
+                ex_sync = min(stateful, key=lambda e: _cost(m, e))
             if ex_sync is None:
                 r["sync"] = {"error": "no training-mode example with a batch axis"}
             else:
-                _timed(r, "sync", case_sync, m, ex_sync, mesh, vmap=name in VMAP_SYNC)
+                _timed(r, "sync", case_sync, m, ex_sync, mesh, vmap=name in VMAP_SYNC,
+                       state=_borrow_running_statistics(m, ex_sync, exs))
         out[name] = r
     return out
 
