@@ -213,16 +213,7 @@ def _pick_sharded(m, exs):
 
 def case_sharded(m, ex, mesh, per_sample):
     args, diff, local = _local_value_and_grads(m, ex)
-    x0 = next(args[p] for p in m.array_params if p in DATA and args.get(p) is not None)
-    n, nd = x0.shape[0], x0.ndim
-    # arrays along the batch: data inputs and any array with the input's rank and batch size
-    sharded = [p for p in m.array_params if args.get(p) is not None and hasattr(args[p], "ndim")
-               and (p in DATA or (args[p].ndim == nd and args[p].shape[0] == n))]
-    rng = np.random.default_rng(5)
-    full = dict(args)
-    for p in sharded:  # the global batch: NDEV perturbed copies of the example (each one is valid)
-        full[p] = jnp.concatenate(
-            [args[p] * (1.0 + 0.05 * jnp.asarray(rng.uniform(-1, 1, args[p].shape))) for _ in range(NDEV)])
+    full, sharded, n = _global_batch(m, args)
     not_diff_sharded = [p for p in sharded if p not in diff]
     assert not not_diff_sharded, not_diff_sharded
     primals = tuple(full[p] for p in diff)
@@ -246,7 +237,9 @@ def case_sharded(m, ex, mesh, per_sample):
 
 
 def _global_batch(m, args, ex_rng_seed=5):
-    """(full args, sharded names, local batch n): the example's data arrays as NDEV perturbed copies."""
+    """(full args, sharded names, local batch n): the global batch is NDEV perturbed copies of the
+    example (each one valid). Sharded along the batch: the data inputs and any array with the
+    input's rank and batch size (e.g. normalize's generated affine parameters)."""
     x0 = next(args[p] for p in m.array_params if p in DATA and args.get(p) is not None)
     n, nd = x0.shape[0], x0.ndim
     sharded = [p for p in m.array_params if args.get(p) is not None and hasattr(args[p], "ndim")
