@@ -149,16 +149,18 @@ def check_nonnegative_values(fn: str, name: str, xp, a: Any, what: str = "a vari
 
 
 def check_eps_representable(fn: str, eps: float, xp, dtype: Any, name: str = "eps") -> None:
-    """A positive ``eps`` that rounds to 0 in the compute dtype (below half of float32's smallest
-    subnormal, 2⁻¹⁵⁰ ≈ 7e-46) is refused: it would be a zero ε, and a constant group would give
-    0/0 = NaN. torch is not consistent here (torch 2.13, float32, eps=1e-50 on a constant input:
-    ``F.group_norm``/``F.batch_norm`` return 0, ``F.layer_norm`` returns NaN), so normref raises."""
-    if eps > 0 and xp.finfo(dtype).bits == 32:
-        import numpy as np
-
-        if np.float32(eps) == 0:
+    """A positive ``eps`` below the compute dtype's smallest *normal* number (float32: 2⁻¹²⁶ ≈ 1.2e-38;
+    float64: ≈ 2.2e-308) is refused: it rounds to 0 (below half of float32's smallest subnormal,
+    ≈ 7e-46) or is a subnormal that XLA (JAX on CPU) and GPU fast-math flush to 0, so ε would be 0
+    and a constant group 0/0 = NaN. torch is not consistent here (torch 2.13, float32, eps=1e-50 on
+    a constant input: ``F.group_norm``/``F.batch_norm`` return 0, ``F.layer_norm`` returns NaN), so
+    normref raises, naming the dtype."""
+    if eps > 0:
+        tiny = float(xp.finfo(dtype).smallest_normal)
+        if eps < tiny:
+            bits = xp.finfo(dtype).bits
             raise ValueError(
-                f"{fn}: {name} = {eps!r} rounds to 0 in float32 (the dtype the statistics are computed in); "
-                f"expected {name} >= {float(np.finfo(np.float32).smallest_subnormal)!r} (float32's smallest subnormal), "
-                f"or float64 inputs"
+                f"{fn}: {name} = {eps!r} rounds to 0 in float{bits} (the dtype the statistics are computed in; "
+                f"subnormals are flushed to zero by some backends); expected {name} >= {tiny!r}, float{bits}'s "
+                f"smallest normal number"
             )

@@ -38,7 +38,7 @@ import numpy as _np
 
 from . import matfun as _mf
 from . import operation as _op
-from ._validate import check_choice, check_int, check_nonnegative, check_positive
+from ._validate import check_choice, check_int, check_nonnegative, check_positive, concrete_any
 from ._xp import compute_dtype, device_of, is_lazy, namespace, to_compute, to_numpy
 from .registry import Example, Invariant, Residuals, method
 
@@ -90,16 +90,9 @@ def _check_dim(fn: str, dim, ndim: int, allow_none: bool = False) -> int:
     return dim % ndim
 
 
-def _concrete_any(xp, cond) -> bool:
-    """``bool(any(cond))`` for concrete arrays. Traced values (``jax.jit``, ``torch.func``) have no
-    Python boolean: the check is then skipped (False), as the module docstring says; so is it for a
-    lazy (dask) array, which normref never computes (``_xp.is_lazy``)."""
-    if is_lazy(cond):
-        return False
-    try:
-        return bool(xp.any(cond))
-    except (TypeError, RuntimeError):  # jax's ConcretizationTypeError is a TypeError
-        return False
+# value checks on concrete arrays only (skipped under tracing and on lazy arrays): one helper for
+# the whole package
+_concrete_any = concrete_any
 
 
 def _first_zero(xp, norms) -> int:

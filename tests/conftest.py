@@ -28,11 +28,14 @@ def _params():
 
 @pytest.fixture(params=_params())
 def backend(request):
-    """A :class:`normref.conformance.backends.Backend`; kernels on or off as the backend says."""
-    from normref.conformance.backends import get_backend
+    """A :class:`normref.conformance.backends.Backend`, run on its computation path: for the "numpy"
+    backend the numba kernels with their size threshold lowered to 1 element (the registry's and the
+    tests' small examples would otherwise never reach them, and "numpy" would silently test the same
+    formulas as "numpy-reference"); kernels off for "numpy-reference"."""
+    from normref.conformance.backends import get_backend, kernel_path
 
     b = get_backend(request.param)
-    with normref.use_kernels(b.kernels):
+    with kernel_path(b):
         yield b
 
 
