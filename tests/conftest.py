@@ -68,3 +68,23 @@ def rel_err(a, b) -> float:
 def registry_cases(m, seed: int = 0) -> list:
     """The registry's examples of method ``m`` drawn with ``seed``."""
     return list(m.examples(np.random.default_rng(seed)))
+
+
+class On:
+    """Makes a test case's arrays in one backend: ``a(x)`` float64, ``a.f32(x)`` float32, ``a.raw(x)``
+    keeping x's dtype, ``a.np(y)`` a result back in NumPy float64 (shared by the bad-input tables)."""
+
+    def __init__(self, backend):
+        self.b = backend
+
+    def __call__(self, x):
+        return self.b.asarray(np.asarray(x, np.float64), "float64")
+
+    def f32(self, x):
+        return self.b.asarray(np.asarray(x, np.float64), "float32")
+
+    def raw(self, x):
+        return self.b.xp.asarray(x)
+
+    def np(self, y):
+        return np.asarray(self.b.to_numpy(y), np.float64)

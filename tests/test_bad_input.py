@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import normref
+from tests.conftest import On
 
 X = np.random.default_rng(11).standard_normal((4, 6, 3, 2))
 C = np.ones(6)
@@ -26,17 +27,7 @@ NEG = np.array([1.0, 0.5, -0.25, 1.0, 2.0, 1.0])  # a running variance with one 
 L3 = np.zeros(3)  # switchable_norm's logits
 
 
-class _On:
-    """``a(x)``: x in the backend as float64; ``a.f32(x)``: as float32."""
-
-    def __init__(self, backend):
-        self.b = backend
-
-    def __call__(self, x):
-        return self.b.asarray(np.asarray(x, np.float64), "float64")
-
-    def f32(self, x):
-        return self.b.asarray(np.asarray(x, np.float64), "float32")
+_On = On  # tests/conftest.py
 
 
 def _raises(exc, pattern, call, *args):

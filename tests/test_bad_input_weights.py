@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import normref
+from tests.conftest import On
 
 RNG = np.random.default_rng(1111)
 X = RNG.standard_normal((8, 4, 3))  # whitening input: 24 samples of 4 channels
@@ -40,20 +41,7 @@ def backend(backend):
     return backend
 
 
-class _On:
-    """``a(x)``: x in the backend as float64; ``a.f32(x)``: as float32; ``a.np(y)``: back to NumPy."""
-
-    def __init__(self, backend):
-        self.b = backend
-
-    def __call__(self, x):
-        return self.b.asarray(np.asarray(x, np.float64), "float64")
-
-    def f32(self, x):
-        return self.b.asarray(np.asarray(x, np.float64), "float32")
-
-    def np(self, y):
-        return np.asarray(self.b.to_numpy(y), np.float64)
+_On = On  # tests/conftest.py
 
 
 def _raises(exc, pattern, call, a):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import normref
+from tests.conftest import On
 
 X = np.random.default_rng(0).standard_normal((4, 6, 3, 2))
 C = np.ones(6)
@@ -23,17 +24,7 @@ def _raises(exc, pattern, fn, *args, **kwargs):
     return str(info.value)
 
 
-class _On:
-    """Makes the arrays of a case in one backend: ``a(x)`` float64, ``a.raw(x)`` keeping x's dtype."""
-
-    def __init__(self, backend):
-        self.b = backend
-
-    def __call__(self, x):
-        return self.b.asarray(np.asarray(x, np.float64), "float64")
-
-    def raw(self, x):
-        return self.b.xp.asarray(x)
+_On = On  # tests/conftest.py
 
 
 # each case: (call taking the converter `a`, exception, pattern of the message)
