@@ -464,8 +464,9 @@ def _wide_dtype(xp, dtype):
     import array_api_compat
 
     if array_api_compat.is_jax_namespace(xp):
-        import jax
+        import sys
 
+        jax = sys.modules["jax"]  # loaded already: the input is a JAX array (normref never imports it)
         if not jax.config.read("jax_enable_x64"):
             return dtype
     return f64

@@ -1060,18 +1060,10 @@ def decorrelated_batch_norm(
     then a per-channel affine y = γ·X̂ + β (:func:`batch_whitening` with ``method="zca"``).
     Huang et al., CVPR 2018 (Algorithm 1; their default group size is 16).
 
-    ``sync`` (keyword, default ``None``: this process's statistics): a reducer
-    (:class:`normref.distributed.Reducer`, e.g. ``normref.backends.distributed.torch.TorchReducer``)
-    when the batch is split across ranks. A training call then whitens with the statistics of the
-    global batch (every rank's samples; uneven counts, a rank with none included): each rank
-    gathers, once, its [n, μ, upper triangle of its centred cross-products M2] — per group of d
-    features d + d(d+1)/2 values, plus one count — pools them by Chan's formula
-    (:func:`normref.distributed.combine_moments`: M2 = Σ M2_i + Σ n_i(μ_i − μ)(μ_i − μ)ᵀ), and
-    computes the same Σ = M2/N + εI and W on every rank; running statistics are updated from the
-    global batch (unbiased by the global N), identically everywhere. The backward all-reduces, once,
-    the packed [upper triangle of dΣ, Σ g] (d(d+1)/2 + d values per group); the gradients of γ, β
-    stay per rank (sum them across ranks as data-parallel training does). ``training=False`` uses
-    no statistics of the batch and ignores ``sync``.
+    ``sync`` (keyword, default ``None``): a reducer for a batch split across ranks; a training call
+    then whitens with the global batch's statistics, exactly as :func:`batch_whitening` says
+    (one all_gather of d + d(d+1)/2 values per group plus one count forward, one all_reduce_sum
+    of d(d+1)/2 + d per group backward; ``training=False`` ignores ``sync``).
     """
     return _whitening("decorrelated_batch_norm", input, running_mean, running_cov, weight, bias, training, momentum,
                       eps, "zca", group_size, 5, "batch", None, num_batches_tracked, "affine", sync=sync)
@@ -1141,18 +1133,10 @@ def iter_norm(
     most ``normref.matfun.MAX_ITERATIONS`` (1000). Huang et al., CVPR 2019 (Algorithm 1; T = 5 is their
     default).
 
-    ``sync`` (keyword, default ``None``: this process's statistics): a reducer
-    (:class:`normref.distributed.Reducer`, e.g. ``normref.backends.distributed.torch.TorchReducer``)
-    when the batch is split across ranks. A training call then whitens with the statistics of the
-    global batch (every rank's samples; uneven counts, a rank with none included): each rank
-    gathers, once, its [n, μ, upper triangle of its centred cross-products M2] — per group of d
-    features d + d(d+1)/2 values, plus one count — pools them by Chan's formula
-    (:func:`normref.distributed.combine_moments`: M2 = Σ M2_i + Σ n_i(μ_i − μ)(μ_i − μ)ᵀ), and
-    computes the same Σ = M2/N + εI and W on every rank; running statistics are updated from the
-    global batch (unbiased by the global N), identically everywhere. The backward all-reduces, once,
-    the packed [upper triangle of dΣ, Σ g] (d(d+1)/2 + d values per group); the gradients of γ, β
-    stay per rank (sum them across ranks as data-parallel training does). ``training=False`` uses
-    no statistics of the batch and ignores ``sync``.
+    ``sync`` (keyword, default ``None``): a reducer for a batch split across ranks; a training call
+    then whitens with the global batch's statistics, exactly as :func:`batch_whitening` says
+    (one all_gather of d + d(d+1)/2 values per group plus one count forward, one all_reduce_sum
+    of d(d+1)/2 + d per group backward; ``training=False`` ignores ``sync``).
     Every rank runs the same T iterations on the same global Σ.
     """
     if coupled is not None:
