@@ -61,6 +61,7 @@ def _worker(rank: int, world_size: int, port: int, shape: tuple, d: int, dtype_n
 
         from normref.backends import torch as nt
 
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's data connections on loopback too
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout))
@@ -92,7 +93,7 @@ def _worker(rank: int, world_size: int, port: int, shape: tuple, d: int, dtype_n
                     "local_s": times["local"],
                     "sync_s": times["sync"],
                     "values_per_step": r.values_sent / steps,
-                    "bytes_per_step": r.values_sent / steps * x.element_size(),
+                    "bytes_per_step": r.bytes_sent / steps,  # each value in the dtype it travels in
                     "collectives_per_step": r.calls / steps,
                 })
         finally:

@@ -74,6 +74,7 @@ def train_single(steps: int) -> tuple[list[float], nn.Module]:
 
 def _worker(rank: int, world_size: int, port: int, steps: int, queue) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's data connections on loopback too
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
     try:

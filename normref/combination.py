@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._validate import (check_bool, check_eps_representable, check_momentum, check_ndim,
-                        check_nonnegative_values, check_positive, check_shape)
+                        check_nonnegative_values, check_positive, check_shape, concrete_any)
 from ._xp import Array, compute_dtype, namespace, to_compute
 from .distributed import check_reducer
 from .framework import channel_param
@@ -141,6 +141,13 @@ def switchable_norm(
         var_bn = xp.reshape(to_compute(xp, running_var, cd), (1, c, 1))
     mu = w[0] * mu_in + w[1] * mu_ln + w[2] * mu_bn
     var = v[0] * var_in + v[1] * var_ln + v[2] * var_bn
+    if concrete_any(xp, xp.isinf(var)):
+        # a finite input whose variance overflows the dtype (issue 11): the mixture's statistics and
+        # their gradients are not representable, so refuse instead of returning β everywhere
+        raise ValueError(
+            f"{fn}: the variance of input overflows {input.dtype} (max |input| = "
+            f"{float(xp.max(xp.abs(x))):.3g}); scale the input down (the output is scale-invariant)"
+        )
     s = 1.0 / xp.sqrt(var + eps)
     xhat = xp.reshape((x - mu) * s, shape)
     gamma = channel_param(xp, to_compute(xp, weight, cd), len(shape))

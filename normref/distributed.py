@@ -27,9 +27,12 @@ the exact pooled form, so no rank ever forms a raw Σx² (which loses every digi
 every rank combine the same numbers in the same order, so every rank gets bitwise the same
 statistics (and the same running statistics).
 
-Counting: each reducer adds the number of array elements it sends to ``values_sent`` (per call, the
-size of ``a``), so tests and benchmarks can check that a synchronized step costs the minimum: a
-batch-norm layer's forward gathers 2C + 1 values per rank, its backward sums 2C.
+Counting: each reducer adds the number of array elements it contributes to ``values_sent`` and
+their size in bytes (elements × itemsize of the dtype they travel in) to ``bytes_sent`` (per call,
+the size of ``a``), so tests and benchmarks can check that a synchronized step costs the minimum: a
+batch-norm layer's forward gathers 2C + 1 values per rank, its backward sums 2C. For a float32
+input the forward's moments travel in float64 where the library has it (see
+``operation.synced_moments``), so a float32 BN step sends (2C + 1)·8 + 2C·4 bytes.
 
 The mechanism (written once, in :mod:`normref.operation`): an operation carries the reducer as a
 field (``Standardizing(eps, sync)``, ``Centering(sync=...)``, ``LpStandardizing(..., sync=...)``,
@@ -49,7 +52,7 @@ switchable_norm / batch_instance_norm,
 normalize(standardizing), batch_group_norm
 (C → Gb·G statistics)
 mean_only_batch_norm, normalize(centering)    gather C + 1                all-reduce C
-lp_batch_norm p = 2                           gather 2C + 1               all-reduce 3C
+lp_batch_norm p = 2                           gather 2C + 1               all-reduce 2C
 lp_batch_norm p ≠ 2, ∞                        gather C + 1, all-reduce C  all-reduce 3C
 lp_batch_norm p = ∞                           gather C + 1, gather C      all-reduce 4C
 ghost_batch_norm (running statistics only)    gather 1, gather 2C·max k   none
@@ -75,17 +78,20 @@ class Reducer:
 
     def __init__(self) -> None:
         self.values_sent = 0
+        self.bytes_sent = 0
         self.calls = 0
 
     def all_reduce_sum(self, a: Any) -> Any:
         """Σ over ranks of ``a`` (same shape), on every rank."""
         self.values_sent += _size(a)
+        self.bytes_sent += _size(a) * _itemsize(a)
         self.calls += 1
         return self._all_reduce_sum(a)
 
     def all_gather(self, a: Any) -> Any:
         """Every rank's ``a`` stacked along a new leading axis (rank order), on every rank."""
         self.values_sent += _size(a)
+        self.bytes_sent += _size(a) * _itemsize(a)
         self.calls += 1
         return self._all_gather(a)
 
@@ -101,6 +107,14 @@ def _size(a: Any) -> int:
     for d in a.shape:
         n *= int(d)
     return n
+
+
+def _itemsize(a: Any) -> int:
+    dt = a.dtype
+    size = getattr(dt, "itemsize", None)  # NumPy, JAX, CuPy, dask
+    if size is None:
+        size = a.element_size()  # torch
+    return int(size)
 
 
 def check_reducer(fn: str, sync: Any) -> Any:

@@ -99,6 +99,23 @@ def _rsqrt(xp, ms, eps, centered, axes):
     return xp.where(ok, p / xp.sqrt(ms_p + eps * (p * p)), r)
 
 
+def _power_mean(xp, a, axes, p, power):
+    """σ_p = (mean aᵖ)^{1/p} over ``axes`` for a = |x − μ| ≥ 0 (``power(t)`` = tᵖ).
+
+    Overflow (issue 11): aᵖ overflows long before σ_p does (p = 3 in float32 at a ≈ 5e12). σ_p is
+    homogeneous, σ_p(a) = q·σ_p(a/q): where the plain result is inf but a is finite, a is divided
+    by an exact power of two q = 2^⌊log2 max a⌋ (no rounding) and σ_p recomputed. ``xp.where`` keeps
+    it traceable; on concrete arrays the second pass runs only when something overflowed."""
+    sig = _mean(xp, power(a), axes) ** (1.0 / p)
+    over = xp.isinf(sig)
+    if not _any_or_traced(xp, over):
+        return sig
+    m = xp.max(a, axis=axes, keepdims=True)
+    ok = over & xp.isfinite(m) & (m > 0)
+    q = 2.0 ** xp.floor(xp.log2(xp.where(ok, m, xp.ones_like(m))))
+    return xp.where(ok, q * _mean(xp, power(a / q), axes) ** (1.0 / p), sig)
+
+
 def moments(xp, x, axes):
     """(μ, σ²) over ``axes`` (biased variance, two passes: stable when |μ| ≫ σ)."""
     mu, var, _ = _moments(xp, x, axes)
@@ -286,9 +303,9 @@ class LpStandardizing(Operation):
         elif self.p == 1.0:
             sig = _mean(xp, a, axes)
         elif self.p == 2.0:
-            sig = xp.sqrt(_mean(xp, u * u, axes))
+            sig = _power_mean(xp, a, axes, 2.0, lambda t: t * t)
         else:
-            sig = _mean(xp, a**self.p, axes) ** (1.0 / self.p)
+            sig = _power_mean(xp, a, axes, self.p, lambda t: t**self.p)
         s = self.c * sig + self.eps
         xhat = u / s
         return xhat, (xhat, s, sig), {"mean": mu, "scale": sig}
@@ -351,7 +368,7 @@ class LpStandardizing(Operation):
 
     def _synced_backward(self, xp, res, axes, g):
         # du = (g − c·mean(g·x̂)·w)/s, dx = du − mean(du) with mean(du) = (Σg − c·mean(g·x̂)·Σw)/(N·s):
-        # one all_reduce_sum of [Σg, Σg·x̂, Σw] (3K values); for p = ∞ w = N·sign(u)·[|u| = σ_∞]/#ties
+        # one all_reduce_sum of [Σg, Σg·x̂, Σw] (3K values; 2K for p = 2, where Σw = 0); for p = ∞ w = N·sign(u)·[|u| = σ_∞]/#ties
         # with the ties counted over all ranks: [Σg, Σg·x̂, Σ sign(u)·hit, Σ hit] (4K values).
         x, mu, s, sig, count = res
         u = x - mu
@@ -363,14 +380,15 @@ class LpStandardizing(Operation):
             sg, sgx, shs, sh = synced_sums(xp, (g, g * xhat, hs, hit), axes, sync)
             ties = xp.where(sh > 0, sh, xp.ones_like(sh))
             w, sw = count * hs / ties, count * shs / ties
+        elif self.p == 2.0:
+            # w = u/σ₂ and Σw = Σu/σ₂ = 0 exactly (u is centred by the global μ): [Σg, Σg·x̂], 2K values
+            safe = xp.where(sig > 0, sig, xp.ones_like(sig))
+            w = u / safe
+            sg, sgx = synced_sums(xp, (g, g * xhat), axes, sync)
+            sw = xp.zeros_like(sg)
         else:
             safe = xp.where(sig > 0, sig, xp.ones_like(sig))
-            if self.p == 1.0:
-                w = xp.sign(u)
-            elif self.p == 2.0:
-                w = u / safe
-            else:
-                w = (xp.abs(u) / safe) ** (self.p - 1.0) * xp.sign(u)
+            w = xp.sign(u) if self.p == 1.0 else (xp.abs(u) / safe) ** (self.p - 1.0) * xp.sign(u)
             sg, sgx, sw = synced_sums(xp, (g, g * xhat, w), axes, sync)
         pos = sig > 0
         w = xp.where(pos, w, xp.zeros_like(w))
@@ -426,9 +444,11 @@ class BatchRenormalizing(Operation):
     def forward(self, xp, x, axes, running_mean, running_var):
         if self.sync is not None:
             mu, var, count = synced_moments(xp, x, axes, self.sync)
+            # no local overflow rescale here: its factor would differ between ranks
+            rstd = 1.0 / xp.sqrt(var + self.eps)
         else:
             mu, var = moments(xp, x, axes)
-        rstd = _rsqrt(xp, var, self.eps, lambda: x - mu, axes)  # right where σ² overflows (issue 11)
+            rstd = _rsqrt(xp, var, self.eps, lambda: x - mu, axes)  # right where σ² overflows (issue 11)
         x0 = (x - mu) * rstd
         rrun = 1.0 / xp.sqrt(running_var + self.eps)
         r = xp.clip(rrun / rstd, 1.0 / self.rmax, self.rmax)
@@ -533,7 +553,10 @@ def synced_moments(xp, x, axes, sync, second: bool = True):
             if second:
                 m2_w = n * _flat(xp, var)
     k = mu_w.shape[0]
-    parts = [xp.ones_like(mu_w[:1]) * n, mu_w] + ([m2_w] if second else [])
+    from ._xp import device_of
+
+    # the count slot (built by full: K may be 0, e.g. C = 0 channels)
+    parts = [xp.full((1,), float(n), dtype=wide, device=device_of(x)), mu_w] + ([m2_w] if second else [])
     gathered = sync.all_gather(xp.concat(parts))  # (W, 2K + 1) or (W, K + 1)
     cnt = gathered[:, 0]
     if second:

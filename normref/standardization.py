@@ -1105,7 +1105,7 @@ def lp_batch_norm(
     for p ≠ 2: an all_gather of C + 1 values ([n, μ]), then an all_reduce_sum of Σ|x − μ|^p (C
     values), or for p = ∞ an all_gather of each rank's max|x − μ| (C values) and a max over ranks;
     p = 2 takes σ₂ from Chan's pooled M2 in one all_gather of 2C + 1 values. Backward: one
-    all_reduce_sum of [Σg, Σg·x̂, Σw] (3C values; for p = ∞ [Σg, Σg·x̂, Σ sign·[tie], Σ[tie]], 4C,
+    all_reduce_sum of [Σg, Σg·x̂, Σw] (3C values; 2C for p = 2, where Σw = Σu/σ₂ = 0; for p = ∞ [Σg, Σg·x̂, Σ sign·[tie], Σ[tie]], 4C,
     the ties counted over all ranks). Ranks may hold 0 samples; unused in inference. Survey §5.1.1.
     """
     fn = "lp_batch_norm"

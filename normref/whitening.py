@@ -1399,10 +1399,14 @@ def adain(content: Any, style: Any, eps: float = 1e-5):
         raise ValueError(f"{fn}: expected more than 1 spatial position in content and style; got {tuple(content.shape)}, {tuple(style.shape)}")
 
     def std(t):
+        # (σ² + ε)^-½ through operation._rsqrt: right where σ² overflows the dtype (issue 11), and
+        # σ = 1/that stays finite wherever the true σ is representable
+        from .operation import _rsqrt
+
         mu = xp.mean(t, axis=2, keepdims=True)
         tc = t - mu
-        sd = xp.sqrt(xp.mean(tc * tc, axis=2, keepdims=True) + eps)
-        return mu, tc / sd, sd
+        r = _rsqrt(xp, xp.mean(tc * tc, axis=2, keepdims=True), eps, lambda: tc, (2,))
+        return mu, tc * r, 1.0 / r
 
     _, xhat, sd_c = std(x)
     mu_s, shat, sd_s = std(s)
