@@ -44,6 +44,21 @@ def _unnum(x):
     return float(x)
 
 
+def _short(x: float, digits: int) -> str:
+    """``x`` to ``digits`` significant digits, the exponent without its leading zero (5.8e-6)."""
+    t = f"{x:.{digits}g}"
+    return t.replace("e-0", "e-").replace("e+0", "e+")
+
+
+def _two_lines(name: str, width: int = 9) -> str:
+    """A column header of more than ``width`` characters broken after its last ``-`` or ``_`` that
+    leaves a first line of at most ``width`` (numpy-reference → numpy- / reference)."""
+    if len(name) <= width:
+        return name
+    cuts = [i + 1 for i, ch in enumerate(name[:width]) if ch in "-_"]
+    return name if not cuts else name[:cuts[-1]] + "\n" + _two_lines(name[cuts[-1]:], width)
+
+
 @dataclasses.dataclass
 class Record:
     """One check: ``error`` against ``tol`` (``formula`` says how ``tol`` was derived).
@@ -238,25 +253,25 @@ class Report:
         from rich.table import Table
         from rich.text import Text
 
-        table = Table()
+        from rich import box
+
+        # compact, to fit 100 columns: no outer border, one space between columns, a long library
+        # name over two lines; a library that is not installed gets no column (listed below the table)
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 0), collapse_padding=True)
         table.add_column("method", style="bold", no_wrap=True)
         for c in self.columns:
-            table.add_column(c, justify="right", no_wrap=True, min_width=len(c))
-        skipped = [b for b, _ in self.skipped]
-        for b in skipped:  # a library that is not installed keeps its column, marked skipped
-            table.add_column(b, justify="right", no_wrap=True, style="yellow")
+            table.add_column(_two_lines(c), justify="right", no_wrap=True)
         for m, row in zip(self.methods, self._cell_texts()):
-            table.add_row(m, *[Text(t, style=self._STYLE[t.split(" ")[0]]) for t in row],
-                          *[Text("skipped", style="yellow") for _ in skipped])
+            table.add_row(m, *[Text(t, style=self._STYLE[t.split(" ")[0]]) for t in row])
         out = [Text(self.title + "  (cell: largest error / tolerance over its checks; ✓ below 1)", style="bold"), table]
+        if self.skipped:  # right below the table, one line: the libraries that have no column
+            out.append(Text("skipped: " + "; ".join(f"{b}: {why}" for b, why in self.skipped), style="yellow"))
         dts = self.meta.get("dtypes") or ["float64", "float32", "float16", "bfloat16"]
         out.append(Text("\n".join("  " + s for s in ["tolerances:"] + legend(dts)), style="dim"))
         if self.paths:
             out.append(Text("\n".join("  " + s for s in ["paths:"] + self.path_lines()), style="dim"))
         for s in self.path_problems:
             out.append(Text("path: " + s, style="bold red"))
-        if self.skipped:
-            out.append(Text("skipped: " + "; ".join(f"{b}: {why}" for b, why in self.skipped), style="yellow"))
         if self.without_invariants:
             out.append(Text(self._invariant_note(), style="yellow"))
         if verbose:
@@ -313,9 +328,9 @@ class Report:
                     continue
                 ok, worst, _, wr = cell
                 if ok:
-                    row.append(f"✓ {worst:.2g}")
+                    row.append(f"✓ {_short(worst, 2)}")
                 else:
-                    row.append("✗ error" if wr is not None and wr.status == "error" else f"✗ {worst:.3g}")
+                    row.append("✗ error" if wr is not None and wr.status == "error" else f"✗ {_short(worst, 3)}")
             rows.append(row)
         return rows
 

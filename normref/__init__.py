@@ -14,7 +14,7 @@ API standard with hand-derived (analytic) backward passes.
 
 from . import framework, operation, partition, recovery, registry
 from ._kernels import use_kernels
-from .framework import normalize
+from .framework import RunningResult, batch_normalize, normalize
 from .registry import REGISTRY, Example, Invariant, Method, Residuals, get, methods, vjp
 from .standardization import (
     LpNormResult,
@@ -37,16 +37,28 @@ from .standardization import (
 
 from . import combination, gradient, local, weight, whitening
 from .population import PopulationStatistics, population_statistics
+from .inference import eval_norm, recalibrate
+from . import population_normalization
+from .population_normalization import (BLENDED_PRESETS, ProngReparameterization, blended_batch_norm,
+                                       population_norm, prong_reparameterize, prong_whitening)
+from .folding import FOLDABLE, FoldedLayer, NormAffine, fold, inference_affine
 from .combination import *  # noqa: F401,F403
 from .local import *  # noqa: F401,F403
 from .gradient import *  # noqa: F401,F403
 from .weight import *  # noqa: F401,F403
 from .whitening import *  # noqa: F401,F403
+from . import cross_iteration
+from .cross_iteration import *  # noqa: F401,F403
+from . import online
+from .online import (OnlineNormGrad, OnlineNormResult, PowerNormGrad, PowerNormResult, online_norm,
+                     online_norm_backward, power_norm, power_norm_backward)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "normalize",
+    "batch_normalize",
+    "RunningResult",
     "batch_norm",
     "instance_norm",
     "layer_norm",
@@ -73,7 +85,16 @@ __all__ = [
     "Invariant",
     "use_kernels",
     "population_statistics",
+    "recalibrate",
+    "eval_norm",
     "PopulationStatistics",
+    "population_normalization",
+    *population_normalization.__all__,
+    "fold",
+    "inference_affine",
+    "NormAffine",
+    "FoldedLayer",
+    "FOLDABLE",
     "partition",
     "operation",
     "recovery",
@@ -84,4 +105,6 @@ __all__ = [
     *whitening.__all__,
     *weight.__all__,
     *gradient.__all__,
+    *cross_iteration.__all__,
+    *online.__all__,
 ]

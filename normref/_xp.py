@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as _np
 
 import math
-from typing import Any, Sequence
+from typing import Any, Sequence, overload
 
 import array_api_compat
 from array_api_compat import array_namespace
@@ -170,6 +170,10 @@ def compute_dtype(xp: Any, dtype: Any) -> Any:
     return xp.float32
 
 
+@overload
+def to_compute(xp: Any, a: None, dtype: Any) -> None: ...
+@overload
+def to_compute(xp: Any, a: Array, dtype: Any) -> Array: ...
 def to_compute(xp: Any, a: Array | None, dtype: Any) -> Array | None:
     """``a`` cast to the compute dtype (no copy when it already has it); ``None`` passes through."""
     if a is None or a.dtype == dtype:

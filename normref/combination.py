@@ -323,7 +323,8 @@ def batch_instance_norm(
     beta_b = channel_param(xp, to_compute(xp, bias, cd), nd)
     parts = (Partition("batch"), Partition("instance"))
     if training:
-        ops, kw = (_op.Standardizing(eps, sync), _op.Standardizing(eps)), ({}, {})
+        ops: tuple[_op.Operation, _op.Operation] = (_op.Standardizing(eps, sync), _op.Standardizing(eps))
+        kw: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
     else:
         ops = (_op.PopulationStandardizing(eps), _op.Standardizing(eps))
         kw = ({"mean": channel_param(xp, to_compute(xp, running_mean, cd), nd),

@@ -13,18 +13,19 @@ view, Π⁻¹ reshapes it back. Nothing is derived twice: every named method in
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import operation as _op
 from . import partition as _part
 from ._validate import (check_bool, check_choice, check_eps_representable, check_int, check_nonnegative,
                         check_p, check_positive)
-from ._xp import compute_dtype, namespace, to_compute
+from ._xp import Array, compute_dtype, namespace, to_compute
 from .recovery import affine_backward, affine_forward
 from .distributed import check_reducer
 from .registry import Example, Residuals, method
 
-__all__ = ["normalize", "run_forward", "run_backward", "channel_param", "check_param_shape"]
+__all__ = ["normalize", "batch_normalize", "RunningResult", "run_forward", "run_backward", "channel_param",
+           "check_param_shape"]
 
 
 def channel_param(xp, a, ndim: int, axis: int = 1):
@@ -351,3 +352,288 @@ def _normalize_backward(res: Residuals, g):
     wshape, bshape = res.static.extra
     # per-channel γ, β were viewed as (1, C, 1, ...): their gradients go back in the caller's shape
     return dx, None if dg is None else xp.reshape(dg, wshape), None if db is None else xp.reshape(db, bshape)
+
+
+# --------------------------------------------------------------------------------------------------
+# Running statistics on the batch-type partitions (survey Eqn 18, §5.1.3 inference; issue 14 §2)
+
+
+class RunningResult(NamedTuple):
+    """Output and running statistics of :func:`batch_normalize` (and :func:`normref.batch_group_norm`
+    with running statistics) after a training-mode call: each ``running_*`` field is the updated
+    statistic, the given one unchanged where the operation keeps no such statistic, ``None`` where
+    none was given."""
+
+    output: Array
+    running_mean: Array | None
+    running_var: Array | None
+    running_mean_square: Array | None
+
+
+def per_channel(xp, stat, part: _part.Partition, c: int):
+    """A statistic of the partition's view (keepdims) as one value per channel, shape (C,).
+
+    The batch partition has one statistic per channel. The batch-group partition has one per (batch
+    group, channel group): the batch groups are averaged (each is a sample of the same population
+    statistic) and each channel group's value is given to its C/G channels, so that inference by
+    population statistics is per channel, like batch normalization's."""
+    if part.kind == "batch":
+        return xp.reshape(stat, (c,))
+    g = part.num_groups
+    s = xp.mean(xp.reshape(stat, (part.batch_groups, g)), axis=0)
+    return xp.reshape(xp.broadcast_to(xp.reshape(s, (g, 1)), (g, c // g)), (c,))
+
+
+def running_call(fn, xp, input, part, operation, recovery, weight, bias, training, f, eps,
+                 running_mean, running_var, running_mean_square, sync=None):
+    """Forward of a batch-type partition with running statistics: ``(output, residuals)``.
+
+    Training: batch statistics over ``part`` (the operation ``operation``), and the running statistics
+    the operation estimates updated by factor ``f`` (Eqn 18; the variance unbiased by the values per
+    statistic); the result is a :class:`RunningResult` when any running statistic is given.
+    Inference: the population statistics per channel (constants in the backward, Eqn 16)."""
+    from .standardization import _ema
+
+    shape = tuple(input.shape)
+    nd, c = len(shape), shape[1]
+    cd = compute_dtype(xp, input.dtype)
+    x = to_compute(xp, input, cd)
+    gamma, beta = to_compute(xp, weight, cd), to_compute(xp, bias, cd)
+    if recovery == "affine":
+        gamma, beta = channel_param(xp, gamma, nd), channel_param(xp, beta, nd)
+
+    def chan(a):
+        return channel_param(xp, to_compute(xp, a, cd), nd)
+
+    if training:
+        op = _op.make(operation, eps=eps, sync=sync)
+        y, op_res, st = run_forward(xp, x, part, op, gamma, beta)
+    else:
+        # x̂ = (x − μ̂)/√(σ̂² + ε) per channel, the partition's population statistics (constants):
+        # centering is σ̂² + ε = 1, scaling (RMS) is μ̂ = 0 with σ̂² the mean square
+        fwd_part = _part.Partition("batch")
+        if operation == "standardizing":
+            op, mean, var = _op.PopulationStandardizing(eps), chan(running_mean), chan(running_var)
+        elif operation == "centering":
+            mean = chan(running_mean)
+            op, var = _op.PopulationStandardizing(1.0), xp.zeros_like(mean)
+        else:
+            var = chan(running_mean_square)
+            op, mean = _op.PopulationStandardizing(eps), xp.zeros_like(var)
+        part = fwd_part
+        y, op_res, st = run_forward(xp, x, part, op, gamma, beta, mean=mean, var=var)
+    res = pack(part, op, x, op_res, gamma, beta, extra=(
+        None if weight is None else tuple(weight.shape), None if bias is None else tuple(bias.shape)))
+    y = xp.astype(y, input.dtype) if y.dtype != input.dtype else y
+    if not training or all(r is None for r in (running_mean, running_var, running_mean_square)):
+        return y, res
+    rm, rv, rms = running_mean, running_var, running_mean_square
+    if operation in ("standardizing", "centering") and rm is not None:
+        rm = _ema(xp, rm, per_channel(xp, st["mean"], part, c), f)
+    if operation == "standardizing" and rv is not None:
+        n = st.get("count", part.count(shape))  # values per statistic (the global count when synchronized)
+        rv = _ema(xp, rv, per_channel(xp, st["var"], part, c) * (n / (n - 1)), f)
+    if operation == "scaling" and rms is not None:
+        rms = _ema(xp, rms, per_channel(xp, st["mean_square"], part, c), f)
+    # state the operation keeps no estimate of comes back unchanged (a copy: results never alias inputs)
+    rm, rv, rms = (r if r is None or r is not o else xp.asarray(r, copy=True)
+                   for r, o in ((rm, running_mean), (rv, running_var), (rms, running_mean_square)))
+    return RunningResult(y, rm, rv, rms), res
+
+
+def _examples_batch_normalize(rng):
+    x = rng.standard_normal((4, 6, 3, 2)) * 1.5 + 0.5
+    w, b = rng.standard_normal(6), rng.standard_normal(6)
+    rm, rv, rms = rng.standard_normal(6), rng.uniform(0.5, 2.0, 6), rng.uniform(0.5, 2.0, 6)
+    gam = rng.standard_normal((4, 6, 1, 1))
+    spade = rng.standard_normal((4, 6, 3, 2))
+    for part, kw in [("batch", {}), ("batch_group", {"num_groups": 3, "batch_groups": 2})]:
+        for op in ("standardizing", "centering", "scaling"):
+            for training in (True, False):
+                mode = "training" if training else "inference"
+                yield Example((x, rm, rv, w, b), dict(partition=part, operation=op, training=training, momentum=0.3,
+                                                      running_mean_square=rms, **kw), label=f"{part}/{op} {mode}")
+        yield Example((x, rm, rv, gam, gam * 0.5), dict(partition=part, recovery="generated", training=True,
+                                                        momentum=None, num_batches_tracked=2, **kw),
+                      label=f"{part} conditional BN (per-sample γ, β), training, cumulative")
+        yield Example((x, rm, rv, spade, spade), dict(partition=part, recovery="generated", training=False, **kw),
+                      label=f"{part} SPADE (per-position γ, β), inference")
+
+
+@method(
+    array_params=("input", "running_mean", "running_var", "weight", "bias", "running_mean_square"),
+    nondiff=("running_mean", "running_var", "running_mean_square"),
+    nullable=("running_mean", "running_var"),
+    survey="§5.1, Algorithm 1 with running statistics (Eqn 18) and population statistics (§4 Eqn 16; §5.1.3)",
+    paper="Ioffe & Szegedy, Batch Normalization, ICML 2015; de Vries et al. (conditional BN), NeurIPS 2017; "
+          "Park et al. (SPADE), CVPR 2019",
+    examples=_examples_batch_normalize,
+)
+def batch_normalize(
+    input: Array,
+    running_mean: Array | None = None,
+    running_var: Array | None = None,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    partition: str = "batch",
+    operation: str = "standardizing",
+    recovery: str = "affine",
+    num_groups: int = 1,
+    batch_groups: int = 1,
+    running_mean_square: Array | None = None,
+    num_batches_tracked: int | None = None,
+) -> Array | RunningResult:
+    r"""Normalize over a batch-type partition with running statistics: batch statistics in training,
+    population statistics at inference, any recovery (affine or generated γ, β).
+
+    .. math::
+
+        \text{training: } \hat x = \Phi_{\mathcal B}(x), \quad
+        s \leftarrow (1 - m)\, s + m\, s_{\mathcal B}; \qquad
+        \text{inference: } \hat x = \frac{x - \hat\mu}{\sqrt{\hat\sigma^2 + \epsilon}}; \qquad
+        y = \gamma \odot \hat x + \beta
+
+    :func:`normalize` with ``partition="batch"`` or ``"batch_group"`` computes from the batch only;
+    this is its counterpart with state, as :func:`normref.batch_norm` is of batch statistics, so that
+    the methods of survey §5.1.3 that generate γ, β — conditional BN (γ, β of shape (N, C, 1, ...)
+    from a class embedding), SPADE (per position, (N, C, H, W)), instance-enhancement BN and
+    attentive normalization (per-sample γ) — run end to end: trained with batch statistics, evaluated
+    with population statistics.
+
+    Parameters
+    ----------
+    input : Array
+        (N, C, \*spatial).
+    running_mean, running_var : Array or None
+        (C,) each: the running mean and the *unbiased* running variance (standardizing; centering
+        uses ``running_mean`` only). Required at inference by the operations that use them.
+    weight, bias : Array or None
+        γ, β: (C,) for ``recovery="affine"``; broadcastable to the input for ``"generated"`` (per
+        sample, per position); ``None`` with ``recovery="none"``.
+    training : bool
+        Batch statistics (and the running update) or population statistics.
+    momentum : float or None
+        m of the update s ← (1 − m)·s + m·s_B; ``None``: the cumulative average 1/(k + 1) over
+        ``num_batches_tracked = k`` batches seen before, as torch.
+    eps : float
+        ε, added to the variance (standardizing) or mean square (scaling); unused by centering.
+    partition : {"batch", "batch_group"}
+        Π_BN (statistics per channel over (N, \*spatial)) or Π_BGN (per group of ``num_groups``
+        channel groups × ``batch_groups`` sample groups, Zhou et al. 2020).
+    operation : {"standardizing", "centering", "scaling"}
+        Φ: (x − μ)/√(σ² + ε), x − μ, or x/√(E[x²] + ε) (scaling-only BN, the running mean square
+        ``running_mean_square``).
+    recovery : {"affine", "generated", "none"}
+        Ψ, as in :func:`normalize`.
+    num_groups, batch_groups : int
+        The batch-group partition's G and G_b.
+    running_mean_square : Array or None
+        (C,): the running E[x²] of the scaling operation (initially 1).
+    num_batches_tracked : int or None
+        k, for ``momentum=None``.
+
+    Returns
+    -------
+    Array or RunningResult
+        The output (input's shape and dtype); in training with any running statistic given,
+        ``RunningResult(output, running_mean, running_var, running_mean_square)``.
+
+    Notes
+    -----
+    Statistics are per channel, shape (C,), on both partitions. With ``"batch_group"`` the batch
+    statistic of channel group g is averaged over the G_b batch groups and stored in each of the
+    group's C/G channels; at inference every channel is standardized by its own entries (equal within
+    a group when they come from this update), i.e. per-channel batch normalization by population
+    statistics — the form :func:`normref.fold` and ``recalibrate`` handle. The variance is unbiased
+    by n/(n − 1), n the values per statistic (N/G_b·C/G·∏spatial), as torch's BN does with its n.
+    State the operation does not estimate (``running_var`` with centering, ``running_mean`` and
+    ``running_var`` with scaling) is accepted, validated and returned unchanged, so that one layer's
+    buffers serve every operation. In the backward the running statistics are constants (no
+    gradient); training-mode gradients are those of :func:`normalize`. Survey §5.1 (Algorithm 1),
+    Eqn 18 (running averages), §4 Eqn 16 (population statistics), §5.1.3 (generated recoveries).
+
+    References
+    ----------
+    Ioffe & Szegedy, Batch Normalization, ICML 2015. de Vries et al., Modulating early visual
+    processing by language (conditional BN), NeurIPS 2017. Park et al., Semantic Image Synthesis
+    with Spatially-Adaptive Normalization (SPADE), CVPR 2019. Zhou et al., Towards Stabilizing Batch
+    Statistics in Backward Propagation of Batch Normalization (BGN), ICLR 2020.
+    """
+    fn = "batch_normalize"
+    from ._validate import check_momentum, check_ndim, check_nonnegative_values
+    from .standardization import _check_nbt, _empty_call, _factor
+
+    xp = namespace(fn, input=input, running_mean=running_mean, running_var=running_var, weight=weight,
+                   bias=bias, running_mean_square=running_mean_square)
+    check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
+    check_choice(fn, "partition", partition, ("batch", "batch_group"))
+    check_choice(fn, "operation", operation, ("standardizing", "centering", "scaling"))
+    check_choice(fn, "recovery", recovery, ("none", "affine", "generated"))
+    training = check_bool(fn, "training", training)
+    momentum = check_momentum(fn, momentum)
+    _check_nbt(fn, num_batches_tracked)
+    num_groups = check_int(fn, "num_groups", num_groups)
+    batch_groups = check_int(fn, "batch_groups", batch_groups)
+    eps = check_nonnegative(fn, "eps", eps) if operation == "centering" else check_positive(fn, "eps", eps)
+    if operation != "centering":
+        check_eps_representable(fn, eps, xp, compute_dtype(xp, input.dtype))
+    shape = tuple(input.shape)
+    c = shape[1]
+    for name, a in (("running_mean", running_mean), ("running_var", running_var),
+                    ("running_mean_square", running_mean_square)):
+        check_param_shape(fn, name, a, (c,), f"one value per channel, input.shape[1] = {c}")
+    check_nonnegative_values(fn, "running_var", xp, running_var)
+    check_nonnegative_values(fn, "running_mean_square", xp, running_mean_square, "a mean square")
+    if operation == "standardizing" and (running_mean is None) != (running_var is None):
+        given, missing = ("running_mean", "running_var") if running_var is None else ("running_var", "running_mean")
+        raise ValueError(f"{fn}: {given} and {missing} go together for standardizing; got {given} but {missing}=None")
+    if not training:
+        need = {"standardizing": ("running_mean", "running_var"), "centering": ("running_mean",),
+                "scaling": ("running_mean_square",)}[operation]
+        given = {"running_mean": running_mean, "running_var": running_var, "running_mean_square": running_mean_square}
+        missing = [k for k in need if given[k] is None]
+        if missing:
+            raise ValueError(f"{fn}: operation={operation!r} at inference (training=False) needs "
+                             f"{' and '.join(need)} (the population statistics); got {missing[0]}=None")
+    part = (_part.Partition("batch") if partition == "batch"
+            else _part.Partition("batch_group", num_groups=num_groups, batch_groups=batch_groups))
+    # at inference the statistics are per channel and each sample is normalized alone: the batch
+    # need not split into batch groups (a single sample is fine), the channels must split into groups
+    (part if training or partition == "batch" else _part.Partition("batch_group", num_groups=num_groups)
+     ).validate(fn, shape)
+    empty = any(int(d) == 0 for d in shape)
+    if training and operation != "scaling" and part.count(shape) < 2 and not empty:
+        raise ValueError(f"{fn}: the {partition} partition of input shape {shape} leaves 1 value per statistic; "
+                         f"expected more than 1 value per statistic for batch statistics in training")
+    if recovery == "none" and (weight is not None or bias is not None):
+        raise ValueError(f"{fn}: recovery='none' takes no weight or bias; got weight={weight is not None}, "
+                         f"bias={bias is not None}")
+    if recovery == "affine":
+        check_param_shape(fn, "weight", weight, (c,), "per channel")
+        check_param_shape(fn, "bias", bias, (c,), "per channel")
+    elif recovery == "generated":
+        check_broadcastable(fn, "weight", weight, shape)
+        check_broadcastable(fn, "bias", bias, shape)
+    has_state = any(r is not None for r in (running_mean, running_var, running_mean_square))
+    f = _factor(fn, momentum, num_batches_tracked) if training and has_state else None
+    if empty:  # an empty output, the state back unchanged (copies), zero parameter gradients
+        y, res = _empty_call(xp, input, (input, running_mean, running_var, weight, bias, running_mean_square))
+        if training and has_state:
+            return RunningResult(y, *(None if r is None else xp.asarray(r, copy=True)
+                                      for r in (running_mean, running_var, running_mean_square))), res
+        return y, res
+    return running_call(fn, xp, input, part, operation, recovery, weight, bias, training, f, eps,
+                        running_mean, running_var, running_mean_square)
+
+
+@batch_normalize.defbackward
+def _batch_normalize_backward(res: Residuals, g):
+    xp = namespace("batch_normalize.backward", cotangent=g)
+    dx, dg, db, _ = unpack_backward(xp, res, g)
+    wshape, bshape = res.static.extra
+    return (dx, None, None, None if dg is None else xp.reshape(dg, wshape),
+            None if db is None else xp.reshape(db, bshape), None)

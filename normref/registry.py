@@ -29,13 +29,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, Callable, Generic, Iterable, NamedTuple, ParamSpec, Sequence, TypeVar, overload
 
 from numpy import bool_ as _np_bool
 
 from ._xp import is_array, library_name
 
 __all__ = ["Residuals", "Meta", "Empty", "Method", "Example", "Invariant", "method", "vjp", "REGISTRY", "get", "methods"]
+
+#: The parameters of a registered method's function (its signature, for type checkers).
+P = ParamSpec("P")
+#: What calling the method returns: the function's (user-facing) return annotation.
+R = TypeVar("R")
 
 
 class Meta(NamedTuple):
@@ -109,12 +114,19 @@ class Invariant:
     scale: float = 64.0
 
 
-class Method:
-    """A registered normalization: callable for the forward, with ``forward``/``backward``/``vjp``."""
+class Method(Generic[P, R]):
+    """A registered normalization: callable for the forward, with ``forward``/``backward``/``vjp``.
+
+    It carries its function's identity: ``__name__``, ``__qualname__``, ``__module__``, ``__doc__``,
+    ``__wrapped__`` (the function) and ``__signature__``, so that ``inspect.signature``, ``help()``,
+    IDEs and documentation tools show the function's own signature and docstring. For type checkers
+    it is a ``Method[P, R]``: ``P`` the function's parameters, ``R`` its return annotation (what a
+    call returns); ``forward`` returns ``(R, Residuals)``.
+    """
 
     def __init__(
         self,
-        forward: Callable,
+        forward: Callable[P, R],
         *,
         name: str,
         array_params: Sequence[str],
@@ -128,7 +140,8 @@ class Method:
         fd_target: Callable | None = None,
         nullable: Sequence[str] = (),
     ):
-        self._forward = forward
+        # at run time the registered function returns (out, residuals): see method()
+        self._forward: Callable[..., Any] = forward
         # For methods with stop-gradient constants (batch renormalization's r and d): given a call,
         # the function (same signature) whose true derivative the analytic backward computes.
         self.fd_target = fd_target
@@ -172,8 +185,15 @@ class Method:
         self._backward: Callable | None = None
         self._backward_takes_needs = False
         self._inspected: Callable | None = None
+        # __module__, __name__, __qualname__, __doc__, __wrapped__ (and the function's __dict__)
         functools.update_wrapper(self, forward)
         self.__signature__ = self.signature
+
+    def __get__(self, obj: object, objtype: type | None = None) -> "Method[P, R]":
+        # A method stays itself when read off a class or an instance (a stored function would bind
+        # as a method instead). Defining ``__get__`` also makes ``inspect.isroutine`` true, so that
+        # ``help()``/pydoc and documentation tools render it as a function: name, signature, docstring.
+        return self
 
     # -- registration helpers -------------------------------------------------------------------
     def defbackward(self, backward: Callable) -> Callable:
@@ -203,7 +223,7 @@ class Method:
             return args[pos]
         return kwargs.get(name, default)
 
-    def forward(self, *args: Any, **kwargs: Any):
+    def forward(self, *args: P.args, **kwargs: P.kwargs) -> tuple[R, Residuals]:
         """``(out, residuals)``; ``out`` is what calling the method returns."""
         out, res = self._call(args, kwargs)
         y = self.primary(out)
@@ -218,7 +238,7 @@ class Method:
 
     def backward(
         self, residuals: Residuals, cotangent: Any, needs: "Sequence[bool] | None" = None
-    ) -> tuple:
+    ) -> tuple[Any, ...]:
         """One gradient per array parameter (signature order); ``None`` where there is none.
 
         ``cotangent`` is the cotangent of the primary output: an array of its shape and library
@@ -258,7 +278,7 @@ class Method:
         dtypes = meta.dtypes if isinstance(meta, Meta) else (meta or (None,) * n)
         if needs is None:
             needs = (True,) * n
-        out = []
+        out: list[Any] = []
         for p, g, dt, want in zip(self.array_params, grads, dtypes, needs):
             if dt is None or p in self.nondiff or g is None or not want:
                 out.append(None)
@@ -280,7 +300,7 @@ class Method:
         dtypes = meta.dtypes if isinstance(meta, Meta) else (None,) * len(self.array_params)
         if needs is None:
             needs = (True,) * len(self.array_params)
-        out = []
+        out: list[Any] = []
         try:
             dev = {"device": device(cotangent)}
         except Exception:  # a traced value without a concrete device: the library's default
@@ -342,7 +362,7 @@ class Method:
             self.bind(*args, **kwargs)  # raises "<name>: ..." when the arguments do not fit
             raise
 
-    def __call__(self, *args: Any, **kwargs: Any):
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         # the residuals' metadata (dtypes, output shape) only serve a backward: not computed here
         return self._call(args, kwargs)[0]
 
@@ -362,7 +382,7 @@ def _declares_needs(backward: Callable) -> bool:
         return False
 
 
-REGISTRY: dict[str, Method] = {}
+REGISTRY: dict[str, Method[..., Any]] = {}
 
 
 def method(
@@ -378,13 +398,19 @@ def method(
     torch_reference: Callable | None = None,
     fd_target: Callable | None = None,
     nullable: Sequence[str] = (),
-) -> Callable[[Callable], Method]:
+) -> Callable[[Callable[P, R]], Method[P, R]]:
     """Decorator: turn ``forward(*args) -> (out, Residuals)`` into a registered :class:`Method`.
 
-    The decorated function's name, signature and docstring become the public function's.
+    The decorated function's name, signature and docstring become the public function's. Annotate
+    it with the *user-facing* return type, what calling the method returns (``-> Array``, ``->
+    Array | NormResult``): type checkers then see the public function as ``Method[P, R]``, whose
+    call takes the function's parameters ``P`` and returns ``R`` and whose ``forward`` returns
+    ``(R, Residuals)``. (``Array`` is ``Any``, so the function's own ``return out, residuals``
+    type-checks; a function annotated with a precise type, e.g. a NamedTuple, marks that return
+    with ``# type: ignore[return-value]``.)
     """
 
-    def wrap(forward: Callable) -> Method:
+    def wrap(forward: Callable[P, R]) -> Method[P, R]:
         m = Method(
             forward,
             name=name or forward.__name__,
@@ -407,7 +433,11 @@ def method(
     return wrap
 
 
-def get(name_or_method: "str | Method") -> Method:
+@overload
+def get(name_or_method: Method[P, R]) -> Method[P, R]: ...
+@overload
+def get(name_or_method: str) -> Method[..., Any]: ...
+def get(name_or_method: "str | Method[..., Any]") -> Method[..., Any]:
     """The registered method of that name (the error lists the valid names)."""
     if isinstance(name_or_method, Method):
         return name_or_method
@@ -419,12 +449,16 @@ def get(name_or_method: "str | Method") -> Method:
         ) from None
 
 
-def methods(category: str | None = None) -> list[Method]:
+def methods(category: str | None = None) -> list[Method[..., Any]]:
     """Every registered method (optionally one category: activation, weight, gradient), by name."""
     return [m for _, m in sorted(REGISTRY.items()) if category is None or m.category == category]
 
 
-def vjp(fn: "Method | str", *args: Any, **kwargs: Any):
+@overload
+def vjp(fn: Method[P, R], *args: P.args, **kwargs: P.kwargs) -> tuple[R, Callable[[Any], tuple[Any, ...]]]: ...
+@overload
+def vjp(fn: str, *args: Any, **kwargs: Any) -> tuple[Any, Callable[[Any], tuple[Any, ...]]]: ...
+def vjp(fn: "Method[..., Any] | str", *args: Any, **kwargs: Any) -> tuple[Any, Callable[[Any], tuple[Any, ...]]]:
     """``(out, pullback)`` for a registered method: the vector-Jacobian product, analytic (JAX's vjp shape).
 
     ``pullback(cotangent)`` takes the cotangent of the primary (differentiable) output and returns a
@@ -447,7 +481,7 @@ def vjp(fn: "Method | str", *args: Any, **kwargs: Any):
     m = get(fn)
     out, res = m.forward(*args, **kwargs)
 
-    def pullback(cotangent: Any) -> tuple:
+    def pullback(cotangent: Any) -> tuple[Any, ...]:
         return m.backward(res, cotangent)
 
     return out, pullback

@@ -45,7 +45,7 @@ from ._validate import (check_bool, check_eps_representable, check_int, check_mo
                         check_nonnegative_values, check_p, check_positive)
 from ._xp import Array, compute_dtype, finfo_eps, namespace, to_compute, to_numpy
 from .distributed import check_reducer
-from .framework import channel_param, check_param_shape, pack, run_forward, unpack_backward
+from .framework import RunningResult, channel_param, check_param_shape, pack, run_forward, unpack_backward
 from .partition import Partition
 from .recovery import affine_forward, tlu_backward, tlu_forward
 from .registry import Empty, Example, Invariant, Residuals, method
@@ -416,7 +416,7 @@ def batch_norm(
     gamma = channel_param(xp, to_compute(xp, weight, cd), nd)
     beta = channel_param(xp, to_compute(xp, bias, cd), nd)
     if training:
-        op = _op.Standardizing(eps, sync)
+        op: _op.Operation = _op.Standardizing(eps, sync)
         y, op_res, st = run_forward(xp, x, part, op, gamma, beta, out=_kernel_out(out, input, cd))
     else:
         op = _op.PopulationStandardizing(eps)
@@ -520,7 +520,7 @@ def instance_norm(
     gamma = channel_param(xp, to_compute(xp, weight, cd), nd)
     beta = channel_param(xp, to_compute(xp, bias, cd), nd)
     if use_input_stats:
-        op = _op.Standardizing(eps)
+        op: _op.Operation = _op.Standardizing(eps)
         y, op_res, st = run_forward(xp, x, part, op, gamma, beta, out=_kernel_out(out, input, cd))
     else:
         op = _op.PopulationStandardizing(eps)
@@ -551,7 +551,7 @@ def _normalized_shape(fn, input, normalized_shape) -> tuple[int, ...]:
         return isinstance(d, numbers.Integral) and not isinstance(d, bool)
 
     if _is_int(normalized_shape):
-        ns = (int(normalized_shape),)
+        ns: tuple[int, ...] = (int(normalized_shape),)
     elif isinstance(normalized_shape, (tuple, list)) and all(_is_int(d) for d in normalized_shape):
         ns = tuple(int(d) for d in normalized_shape)
     else:
@@ -749,6 +749,20 @@ def _ex_batch_group_norm(rng):
     yield Example((x, 3), dict(batch_groups=2), label="G=3, 2 batch groups")
     yield Example((x, 2, rng.standard_normal(6), rng.standard_normal(6)), dict(batch_groups=1), label="G=2, whole batch, affine")
     yield Example((rng.standard_normal((6, 4)), 2), dict(batch_groups=3), label="2-D")
+    w, b, rm, rv = rng.standard_normal(6), rng.standard_normal(6), rng.standard_normal(6), rng.uniform(0.5, 2.0, 6)
+    yield Example((x, 3, w, b), dict(batch_groups=2, running_mean=rm, running_var=rv, momentum=0.3),
+                  label="G=3, 2 batch groups, running update")
+    yield Example((x, 3, w, b), dict(batch_groups=2, running_mean=rm, running_var=rv, training=False),
+                  label="inference (population statistics)")
+
+
+def _batch_stats_only(inv: Invariant) -> Invariant:
+    """``inv`` for the calls with batch statistics only (population statistics are not scale invariant)."""
+
+    def check(m, xp, out, args, kwargs):
+        return None if kwargs.get("training", True) is False else inv.check(m, xp, out, args, kwargs)
+
+    return Invariant(inv.name, check, inv.scale)
 
 
 def _bgn_partition(args, kwargs):
@@ -758,22 +772,32 @@ def _bgn_partition(args, kwargs):
 
 
 @method(
-    array_params=("input", "weight", "bias"),
-    survey="§5.1.1 (Table 1: Π_BGN ∈ R^{g_m g×s_m s hw}, standardizing)",
+    array_params=("input", "weight", "bias", "running_mean", "running_var"),
+    nondiff=("running_mean", "running_var"),
+    survey="§5.1.1 (Table 1: Π_BGN ∈ R^{g_m g×s_m s hw}, standardizing; running statistics Eqn 18)",
     paper="Zhou et al., Towards Stabilizing Batch Statistics in Backward Propagation of BN (BGN), ICLR 2020",
     examples=_ex_batch_group_norm,
-    invariants=(moment_invariant("standardizing", _bgn_partition), scale_invariant()),
+    invariants=(moment_invariant("standardizing", _bgn_partition), _batch_stats_only(scale_invariant())),
 )
 def batch_group_norm(
     input: Any, num_groups: int, weight: Any = None, bias: Any = None, eps: float = 1e-5, *, batch_groups: int = 1,
-    sync: Any = None,
-) -> Array:
+    sync: Any = None, running_mean: Any = None, running_var: Any = None, training: bool = True,
+    momentum: float | None = 0.1, num_batches_tracked: int | None = None,
+) -> Array | RunningResult:
     """Batch group normalization: statistics per group of C/G channels *and* group of N/Gb samples.
 
     The view (Gb, N/Gb, G, C/G, *spatial) is standardized over (N/Gb, C/G, *spatial); γ, β per
-    channel. ``batch_groups=1`` pools the whole batch (the paper's setting); statistics always come
-    from the batch (no running statistics), so, like :func:`batch_norm` in training, a partition that
+    channel. ``batch_groups=1`` pools the whole batch (the paper's setting). In training (the default)
+    the statistics come from the batch, so, like :func:`batch_norm` in training, a partition that
     leaves one value per statistic raises ``ValueError``.
+
+    Running statistics (keywords; the paper evaluates with them, as BN): with ``running_mean`` and
+    ``running_var`` (C,) a training call returns ``RunningResult(output, running_mean, running_var,
+    None)`` with s ← (1 − momentum)·s + momentum·s_B (Eqn 18; ``momentum=None``: the cumulative
+    average over ``num_batches_tracked`` batches), s_B the batch statistic of each channel's group
+    averaged over the batch groups, the variance unbiased by n/(n − 1), n = N/Gb·C/G·∏spatial;
+    ``training=False`` standardizes each channel by them (population statistics, constants in the
+    backward). This is :func:`normref.batch_normalize` with ``partition="batch_group"``.
 
     ``sync`` (a reducer, :mod:`normref.distributed`): each batch group spans the ranks — batch group
     j is the union of every rank's j-th chunk of N_r/Gb consecutive samples (each rank's batch split
@@ -789,12 +813,49 @@ def batch_group_norm(
     batch_groups = check_int(fn, "batch_groups", batch_groups)
     sync = check_reducer(fn, sync)
     part = Partition("batch_group", num_groups=num_groups, batch_groups=batch_groups)
+    training = check_bool(fn, "training", training)
+    momentum = check_momentum(fn, momentum)
+    _check_nbt(fn, num_batches_tracked)
+    if running_mean is not None or running_var is not None or not training:
+        return _bgn_running(fn, input, part, weight, bias, eps, sync, running_mean, running_var, training,
+                            momentum, num_batches_tracked)
     return _group_like(fn, input, weight, bias, eps, part,
                        count_what="statistic (N/batch_groups samples × C/num_groups channels × spatial "
                                   "positions; statistics always come from the batch)", sync=sync)
 
 
-batch_group_norm.defbackward(_backward_for("x", "w", "b"))
+batch_group_norm.defbackward(_backward_for("x", "w", "b", None, None))
+
+
+def _bgn_running(fn, input, part, weight, bias, eps, sync, running_mean, running_var, training, momentum, nbt):
+    """batch_group_norm with running statistics (training update or inference): the framework's
+    :func:`normref.framework.running_call` on the batch-group partition, standardizing, affine."""
+    from .framework import running_call
+
+    xp = namespace(fn, input=input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
+    # at inference each sample is normalized alone by per-channel statistics: N need not split into
+    # batch groups (one sample is fine); the channels must split into the groups
+    (part if training else Partition("batch_group", num_groups=part.num_groups)).validate(fn, tuple(input.shape))
+    _check_channels(fn, input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    _running_pair(fn, running_mean, running_var)
+    check_nonnegative_values(fn, "running_var", xp, running_var)
+    eps = _eps(fn, xp, input, eps)
+    if not training:
+        if running_mean is None:
+            raise ValueError(f"{fn}: running_mean and running_var are required when training=False; got None")
+        sync = None  # population statistics: nothing to synchronize
+    elif sync is None:
+        _check_training_count(fn, part, tuple(input.shape), "statistic (N/batch_groups samples × C/num_groups "
+                                                            "channels × spatial positions) when training")
+    f = _factor(fn, momentum, nbt) if training else None
+    if _is_empty(input.shape) and sync is None:  # empty output, state unchanged, zero parameter gradients
+        if training:
+            y, res = _empty_call(xp, input, (input, weight, bias, running_mean, running_var))
+            return RunningResult(y, xp.asarray(running_mean, copy=True), xp.asarray(running_var, copy=True), None), res
+        return _empty_call(xp, input, (input, weight, bias, running_mean, running_var))
+    return running_call(fn, xp, input, part, "standardizing", "affine", weight, bias, training, f, eps,
+                        running_mean, running_var, None, sync=sync)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -941,7 +1002,7 @@ def mean_only_batch_norm(
     nd = len(shape)
     beta = channel_param(xp, to_compute(xp, bias, cd), nd)
     if training:
-        op = _op.Centering(sync=sync)
+        op: _op.Operation = _op.Centering(sync=sync)
         y, op_res, st = run_forward(xp, x, part, op, None, beta)
     else:
         # x − μ̂ is standardizing by population statistics with σ̂² + ε = 1
@@ -1006,7 +1067,7 @@ def filter_response_norm(input: Any, weight: Any = None, bias: Any = None, tau: 
     t = channel_param(xp, to_compute(xp, tau, cd), nd)
     op = _op.Scaling(eps)
     y, op_res, _ = run_forward(xp, x, part, op, gamma, beta)
-    extra_arrays = ()
+    extra_arrays: tuple[Any, ...] = ()
     if t is not None:
         # Residuals stay minimal: the backward's mask [γ·x̂ + β ≥ τ] is recomputed from x̂ and the
         # per-channel β, τ (no full-size pre-TLU copy). The forward's TLU applies the same
@@ -1138,7 +1199,7 @@ def lp_batch_norm(
     gamma = channel_param(xp, to_compute(xp, weight, cd), nd)
     beta = channel_param(xp, to_compute(xp, bias, cd), nd)
     if training:
-        op = _op.LpStandardizing(p=p, eps=eps, l1_factor=l1_factor, sync=sync)
+        op: _op.Operation = _op.LpStandardizing(p=p, eps=eps, l1_factor=l1_factor, sync=sync)
         y, op_res, st = run_forward(xp, x, part, op, gamma, beta)
     else:
         op = _op.PopulationLp(eps=eps, c=_op.LpStandardizing(p=p, l1_factor=l1_factor).c)
@@ -1271,7 +1332,7 @@ def batch_renorm(
     rm = channel_param(xp, to_compute(xp, running_mean, cd), nd)
     rv = channel_param(xp, to_compute(xp, running_var, cd), nd)
     if training:
-        op = _op.BatchRenormalizing(eps=eps, rmax=rmax, dmax=dmax, sync=sync)
+        op: _op.Operation = _op.BatchRenormalizing(eps=eps, rmax=rmax, dmax=dmax, sync=sync)
         y, op_res, st = run_forward(xp, x, part, op, gamma, beta, running_mean=rm, running_var=rv)
     else:
         op = _op.PopulationStandardizing(eps)
@@ -1387,6 +1448,7 @@ def ghost_batch_norm(
     nd = len(shape)
     gamma = channel_param(xp, to_compute(xp, weight, cd), nd)
     beta = channel_param(xp, to_compute(xp, bias, cd), nd)
+    op: _op.Operation
     if k == 0:  # a rank without samples (synchronized): an empty output, zero parameter gradients
         if sync is None:
             raise ValueError(f"{fn}: expected a non-empty batch when training without sync; got input of shape {shape}")

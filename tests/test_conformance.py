@@ -445,13 +445,20 @@ def test_json_round_trip_and_replay_of_a_failing_case(planted, tmp_path):
 
 
 def test_cli_lists_skipped_libraries_and_usage_errors(capsys):
-    assert main(["conformance", "--method", "pixel_norm", "--backend", "numpy,cupy,torch-cuda",
-                 "--dtype", "float64", "--quick", "--no-progress"]) == 0
+    # every library by default: the missing ones are listed (with the reason), the run passes
+    assert main(["conformance", "--method", "pixel_norm", "--dtype", "float64", "--quick", "--no-progress"]) == 0
     out = capsys.readouterr().out
     for b in ("cupy", "torch-cuda"):
         if not get_backend(b).available:
             assert b in out and get_backend(b).reason.split(" (")[0] in out
     assert "checks:" in out and "passed" in out
+    # a library asked for by name that is not available: a usage error with the reason, no silent empty run
+    for b in ("cupy", "torch-cuda"):
+        if not get_backend(b).available:
+            assert main(["conformance", "--method", "pixel_norm", "--backend", f"numpy,{b}", "--quick",
+                         "--no-progress"]) == 2
+            err = capsys.readouterr().err
+            assert f"--backend {b} is not available here" in err and get_backend(b).reason.split(" (")[0] in err
     assert main(["conformance", "--method", "no_such_method"]) == 2
     assert main(["conformance", "--backend", "no_such_library"]) == 2
     assert main(["conformance", "--dtype", "float8"]) == 2
@@ -561,7 +568,9 @@ def test_a_library_not_installed_is_listed_as_skipped(monkeypatch, capsys):
     assert ("jax", why) in rep.skipped and "jax" not in rep.columns
     assert not any(r.backend == "jax" for r in rep.records)
     text = str(rep)
-    assert why in text and "skipped" in text.split("tolerances")[0]  # its column in the table says so
+    table = text.split("tolerances")[0]
+    # listed right below the table, and no column of "skipped" in it
+    assert f"skipped: jax: {why}" in table and "skipped" not in table.split("skipped: jax")[0]
     assert "jax (" + why in rep.summary()
     assert main(["conformance", "--method", "pixel_norm", "--dtype", "float64", "--quick", "--no-progress"]) == 0
     assert why in capsys.readouterr().out

@@ -40,6 +40,18 @@ def __getattr__(name: str):
         modules = importlib.import_module(".modules", __name__)
         if name in modules.__all__:
             return getattr(modules, name)
+    if name in ("fold", "layer_affine"):  # folding eval-mode norm layers into convolutions (issue 14)
+        from . import folding
+
+        return getattr(folding, name)
+    if name == "recalibrate":  # population statistics re-estimated after training (issue 14)
+        from .inference import recalibrate
+
+        return recalibrate
+    if name in ("OnlineNorm", "PowerNorm"):  # layers whose backward updates state (issue 14)
+        from . import online
+
+        return getattr(online, name)
     if name == "parametrize":
         import importlib
 

@@ -37,6 +37,8 @@ argument            shape                           initial value
 ``tau``             (C,)                            0 (FRN's TLU threshold, Singh & Krishnan 2020)
 ==================  ==============================  ==================================================
 
+``running_mean_square`` (C,) starts at 1 (the running E[x²] of scaling-only BN, :func:`normref.batch_normalize`).
+
 Named layers (each also as ``...1d``/``...2d``/``...3d``, which check the input rank as torch's
 ``BatchNorm1d/2d/3d`` do): ``BatchWhitening``, ``DecorrelatedBatchNorm``, ``IterNorm``,
 ``WhiteningColoring``, ``BatchRenorm``, ``GhostBatchNorm``, ``SwitchableNorm``, ``LpBatchNorm``,
@@ -386,7 +388,7 @@ def _initial(method: str, name: str, c: int, gs: int, factory: dict) -> torch.Te
         return _eye_stack(g, gs, **factory)
     if name == "weight" and method == "whitening_coloring":  # the coloring matrices Γ
         return _eye_stack(g, gs, **factory)
-    if name in ("running_var", "running_scale", "weight", "rho"):
+    if name in ("running_var", "running_scale", "running_mean_square", "weight", "rho"):
         return torch.ones(c, **factory)
     if name in ("running_mean", "bias", "tau"):
         return torch.zeros(c, **factory)

@@ -1,0 +1,399 @@
+"""Folding normalizations at inference into linear/convolution layers (issue 14 §3): normref.fold,
+normref.inference_affine and normref.backends.torch.fold.
+
+Tolerances (how each is derived)
+- (A, c) of inference_affine applied to x vs the method's own inference call, float64: the same
+  numbers summed in another order (a d ≤ 3 matrix–vector product against the method's centring
+  then scaling), so ~d·ε relative; for whitening W is the same matrix function of the same Σ̂ + εI
+  (Cholesky: L⁻¹ formed vs a triangular solve, which differ by ~ε·κ(L)), so the budget is
+  TOL64·cond = 1e3·ε₆₄·κ(Σ̂ + εI).
+- folded layer vs the pair (layer, norm), float64: each output is a sum of n = C_in/groups·K products
+  (≤ 36 here) plus the d-term map, re-associated: |Δ| ≤ (n + d)·ε·Σ|terms| ≈ 40·ε·(a few)·max|y|,
+  inside TOL64·cond.
+- float32 models: the folding is computed in float64 and cast, so the folded weights are within
+  ε₃₂ of the exact ones and each output within ~(n + d)·ε₃₂·Σ|terms|: 2e3·ε₃₂·max|y| allowed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import normref
+from normref.folding import FOLDABLE, NormAffine, fold, inference_affine
+from tests.conftest import TOL64, On, assert_same_kind
+from tests.conftest import rel_err as _rel
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+
+def _spd(rng, g, d, lo=0.5, hi=2.0):
+    """g random symmetric positive definite d×d matrices with eigenvalues in [lo, hi] (κ ≤ hi/lo)."""
+    out = []
+    for _ in range(g):
+        q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+        out.append((q * rng.uniform(lo, hi, d)) @ q.T)
+    return np.stack(out)
+
+
+def _kappa(rc, eps=1e-5):
+    lam = np.linalg.eigvalsh(rc + eps * np.eye(rc.shape[-1]))
+    return float(np.max(lam[..., -1] / lam[..., 0]))
+
+
+def _cases(rng, c=6):
+    """(label, method, args after input, kwargs, cond): every method of FOLDABLE, every whitening method."""
+    rm, rv = rng.standard_normal(c), rng.uniform(0.3, 2.0, c)
+    w, b = rng.uniform(0.5, 1.5, c) * rng.choice([-1, 1], c), rng.standard_normal(c)
+    rc2, rc3, rc6 = _spd(rng, 3, 2), _spd(rng, 2, 3), _spd(rng, 1, 6)
+    out = [
+        ("bn", "batch_norm", (rm, rv, w, b), {}, 1.0),
+        ("bn, no affine, eps=1e-3", "batch_norm", (rm, rv), dict(eps=1e-3), 1.0),
+        ("renorm", "batch_renorm", (rm, rv, w, b), dict(rmax=2.0), 1.0),
+        ("ghost", "ghost_batch_norm", (rm, rv, w, b), dict(virtual_batch_size=2), 1.0),
+        ("in, running stats", "instance_norm", (rm, rv, w, b), dict(use_input_stats=False), 1.0),
+        ("lp p=1", "lp_batch_norm", (rm, rv, w, b), dict(p=1.0), 1.0),
+        ("lp p=3 no l1 factor", "lp_batch_norm", (rm, rv, w, b), dict(p=3.0, l1_factor=False), 1.0),
+        ("mean only", "mean_only_batch_norm", (rm, b), {}, 1.0),
+        ("dbn gs 2", "decorrelated_batch_norm", (rm, rc2, w, b), dict(group_size=2), _kappa(rc2)),
+        ("dbn one group", "decorrelated_batch_norm", (rm, rc6, w, b), {}, _kappa(rc6)),
+        ("iter_norm T=5", "iter_norm", (rm, rc3, w, b), dict(group_size=3), _kappa(rc3)),
+        ("iter_norm T=9 (coupled)", "iter_norm", (rm, rc3, w, b), dict(group_size=3, iterations=9), _kappa(rc3)),
+        ("coloring cholesky", "whitening_coloring", (rm, rc3, rng.standard_normal((2, 3, 3)), b),
+         dict(group_size=3), _kappa(rc3)),
+        ("coloring zca, no bias", "whitening_coloring", (rm, rc2, rng.standard_normal((3, 2, 2))),
+         dict(group_size=2, method="zca"), _kappa(rc2)),
+    ]
+    for meth in normref.WHITENING_METHODS:
+        out.append((f"bw {meth}", "batch_whitening", (rm, rc2, w, b), dict(group_size=2, method=meth), _kappa(rc2)))
+    return out
+
+
+def _apply(na, x):
+    """y = A·x + c per group of d channels, NumPy float64 (einsum: independent of normref's layout)."""
+    a, c = np.asarray(na[0], np.float64), np.asarray(na[1], np.float64)
+    g, d, _ = a.shape
+    xs = x.reshape(x.shape[0], g, d, -1)
+    return np.einsum("gij,ngjk->ngik", a, xs).reshape(x.shape) + c.reshape((1, -1) + (1,) * (x.ndim - 2))
+
+
+def test_exported():
+    assert normref.fold is fold and normref.inference_affine is inference_affine
+    assert set(FOLDABLE) <= set(normref.REGISTRY)
+    from normref.backends import torch as nt
+
+    assert callable(nt.fold) and callable(nt.layer_affine)
+
+
+def test_affine_is_the_inference_call(backend):
+    """(A, c) on every array library: y = A·x + c equals the method's inference output, and the
+    results keep the statistics' library, device and dtype; fold runs there too."""
+    on, rng = On(backend), np.random.default_rng(3)
+    x = rng.standard_normal((4, 6, 3, 2))
+    seen = set()
+    for label, name, args, kw, cond in _cases(rng):
+        seen.add(name)
+        want = np.asarray(normref.get(name)(x, *args, **kw))  # NumPy float64: the method itself
+        na = inference_affine(name, *[on(a) for a in args], **kw)
+        assert isinstance(na, NormAffine)
+        assert_same_kind(na.matrix, on(args[0]))
+        assert_same_kind(na.shift, on(args[0]))
+        got = _apply((on.np(na.matrix), on.np(na.shift)), x)
+        assert _rel(got, want) <= TOL64 * cond, label
+        # the method on this backend as well (the same call, its own path)
+        assert _rel(on.np(normref.get(name)(on(x), *[on(a) for a in args], **kw)), got) <= TOL64 * cond, label
+        w, b = rng.standard_normal((5, 6, 3, 3)), rng.standard_normal(5)
+        for layer, wt in (("after", w), ("before", rng.standard_normal((6, 2, 3)))):
+            ref = fold((np.asarray(on.np(na.matrix)), on.np(na.shift)), wt, b if layer == "after" else None, layer=layer)
+            res = fold(na, on(wt), on(b) if layer == "after" else None, layer=layer)
+            assert_same_kind(res.weight, on(wt))
+            assert _rel(on.np(res.weight), ref.weight) <= TOL64 and _rel(on.np(res.bias), ref.bias) <= TOL64, label
+    assert seen == set(FOLDABLE)
+
+
+def _t(a):
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+_NORMS = {
+    "bn": lambda rng, c: ("batch_norm", (rng.standard_normal(c), rng.uniform(0.3, 2, c), rng.standard_normal(c),
+                                         rng.standard_normal(c)), {}),
+    "dbn": lambda rng, c: ("decorrelated_batch_norm", (rng.standard_normal(c), _spd(rng, c // 2, 2),
+                                                       rng.standard_normal(c), rng.standard_normal(c)),
+                           dict(group_size=2)),
+    "iter_norm": lambda rng, c: ("iter_norm", (rng.standard_normal(c), _spd(rng, c // 2, 2), None,
+                                               rng.standard_normal(c)), dict(group_size=2, iterations=4)),
+    "coloring": lambda rng, c: ("whitening_coloring", (rng.standard_normal(c), _spd(rng, c // 2, 2),
+                                                       rng.standard_normal((c // 2, 2, 2)), rng.standard_normal(c)),
+                                dict(group_size=2)),
+}
+
+
+@pytest.mark.parametrize("norm", sorted(_NORMS))
+@pytest.mark.parametrize("kind", ["conv2d", "conv2d groups=2", "conv1d", "conv3d", "linear", "linear flattened"])
+@pytest.mark.parametrize("layer", ["before", "after"])
+def test_folded_layer_equals_the_pair(norm, kind, layer):
+    """The folded layer's output equals layer → norm (or norm → layer) to float64 rounding, with
+    torch's own convolution/linear as the engine (conv with padding, stride and groups before the
+    norm; no zero padding after it)."""
+    rng = np.random.default_rng(hash((norm, kind, layer)) % 2**32)
+    c = 4
+    name, args, kw = _NORMS[norm](rng, c)
+    kw = dict(kw)
+    cond = _kappa(args[1]) if args[1].ndim == 3 else 1.0
+    na = inference_affine(name, *args, **kw)
+    groups = 2 if "groups" in kind else 1
+    run = lambda v: normref.get(name)(v, *args, **kw)  # noqa: E731  the norm's own inference call
+    if kind.startswith("conv"):
+        nd = int(kind[4])
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
+        ks = (3,) * nd if nd < 3 else (2, 1, 2)
+        opts = dict(stride=2, padding=1, groups=groups) if layer == "before" else dict(stride=1, groups=groups)
+        cin, cout = (6, c) if layer == "before" else (c, 6)
+        x = rng.standard_normal((3, cin) + (5,) * nd)
+        w, b = rng.standard_normal((cout, cin // groups) + ks), rng.standard_normal(cout)
+        f = fold(na, w, b, layer=layer, groups=groups)
+        assert f.weight.shape == w.shape and f.bias.shape == (cout,)
+        if layer == "before":
+            want = run(conv(_t(x), _t(w), _t(b), **opts).numpy())
+        else:
+            want = conv(_t(run(x)), _t(w), _t(b), **opts).numpy()
+        got = conv(_t(x), _t(f.weight), _t(f.bias), **opts).numpy()
+    elif kind == "linear":
+        if layer == "before":  # Linear(7 → C) then the norm on (N, C)
+            x, w = rng.standard_normal((9, 7)), rng.standard_normal((c, 7))
+            f = fold(na, w, None, layer=layer)
+            want, got = run(F.linear(_t(x), _t(w)).numpy()), F.linear(_t(x), _t(f.weight), _t(f.bias)).numpy()
+        else:
+            x, w, b = rng.standard_normal((9, c)), rng.standard_normal((5, c)), rng.standard_normal(5)
+            f = fold(na, w, b, layer=layer)
+            want, got = F.linear(_t(run(x)), _t(w), _t(b)).numpy(), F.linear(_t(x), _t(f.weight), _t(f.bias)).numpy()
+    else:  # the norm on (N, C, 3, 2), flattened channel-major, then Linear(C·6 → 5)
+        if layer == "before":
+            pytest.skip("a linear layer before a norm on (N, C, *spatial) has no spatial axes")
+        x, w, b = rng.standard_normal((5, c, 3, 2)), rng.standard_normal((5, c * 6)), rng.standard_normal(5)
+        f = fold(na, w, b, layer=layer)
+        want = F.linear(_t(run(x)).flatten(1), _t(w), _t(b)).numpy()
+        got = F.linear(_t(x).flatten(1), _t(f.weight), _t(f.bias)).numpy()
+    assert _rel(got, want) <= TOL64 * cond
+
+
+def test_zero_padding_after_is_not_foldable():
+    """Why the torch helper refuses a zero-padded convolution after a norm: the border differs."""
+    rng = np.random.default_rng(5)
+    name, args, kw = _NORMS["bn"](rng, 4)
+    na = inference_affine(name, *args, **kw)
+    x, w = rng.standard_normal((2, 4, 5, 5)), rng.standard_normal((3, 4, 3, 3))
+    f = fold(na, w, None, layer="after")
+    want = F.conv2d(_t(normref.batch_norm(x, *args)), _t(w), padding=1).numpy()
+    got = F.conv2d(_t(x), _t(f.weight), _t(f.bias), padding=1).numpy()
+    assert np.abs(got - want)[..., 1:-1, 1:-1].max() <= 1e-12 * np.abs(want).max()  # interior: exact
+    assert np.abs(got - want).max() > 1e-3  # the zero-padded border: not the same map
+
+
+# --------------------------------------------------------------------------------------------------
+# the torch helper
+
+
+def _model(dtype):
+    from torch import nn
+
+    from normref.backends import torch as nt
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False), nt.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1, groups=2), nt.IterNorm2d(4, group_size=2), nn.ReLU(),
+        nt.DecorrelatedBatchNorm2d(4, group_size=2), nn.Conv2d(4, 6, 1),          # folds into the conv after it
+        nt.WhiteningColoring2d(6, group_size=3), nn.ReLU(),
+        nn.Sequential(nn.Conv1d(6, 6, 1), nt.BatchWhitening1d(6, group_size=2, method="cholesky"),
+                      nn.Conv1d(6, 6, 1), nt.InstanceNorm1d(6, affine=True, track_running_stats=True)),
+        nt.BatchRenorm1d(6), nn.Flatten(), nn.Linear(6 * 16, 5),                   # renorm → flatten → linear
+        nt.BatchNorm1d(5), nn.Linear(5, 4), nn.BatchNorm1d(4),                    # torch's own BN too
+    ).to(dtype)
+
+
+class _Reshape(torch.nn.Module):
+    def __init__(self, *shape):
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, x):
+        return x.reshape(x.shape[0], *self.shape)
+
+
+def _trained(dtype):
+    """The model after three SGD steps (non-trivial running statistics and parameters), in eval mode."""
+    from torch import nn
+
+    m = _model(dtype)
+    # (N, 6, 4, 4) → (N, 6, 16) for the 1-d layers
+    layers = list(m)
+    layers.insert(10, _Reshape(6, 16))
+    layers.append(nn.Sequential())  # an empty container: nothing to fold, no error
+    m = nn.Sequential(*layers)
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(8, 3, 4, 4, generator=g, dtype=dtype) * 2 + 0.5
+        loss = (m(x) - 1.0).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval()
+
+
+def test_torch_fold_model_float64():
+    from torch import nn
+
+    from normref.backends import torch as nt
+
+    m = _trained(torch.float64)
+    x = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    with torch.no_grad():
+        want = m(x)
+        before = [type(k) for k in m.modules()]
+        f = nt.fold(m)
+        got = f(x)
+    assert [type(k) for k in m.modules()] == before  # the original is left as it was
+    assert f.normref_folded == 9
+    norm_types = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nt.StatefulNorm)
+    assert not any(isinstance(k, norm_types) for k in f.modules())  # every norm folded
+    # κ of the whitening layers' Σ̂ + εI enters as in the pure test
+    conds = [float(np.max(np.linalg.cond(k.running_cov.numpy()))) for k in m.modules() if hasattr(k, "running_cov")]
+    assert _rel(got.numpy(), want.numpy()) <= TOL64 * max(conds)
+    # the folded model is a model: its parameters train
+    f.train()
+    f(x).sum().backward()
+
+
+def test_torch_fold_model_float32_and_matches_torch_fuse():
+    from torch import nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    from normref.backends import torch as nt
+
+    m = _trained(torch.float32)
+    x = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want, got = m(x), nt.fold(m)(x)
+    assert _rel(got.numpy(), want.numpy()) <= 2e3 * float(np.finfo(np.float32).eps)
+    # an external oracle for batch norm: torch's fuse_conv_bn_eval on the same pair
+    conv, bn = nn.Conv2d(3, 4, 3, padding=1).eval(), nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(-2, 2)
+        bn.bias.uniform_(-1, 1)
+    theirs = fuse_conv_bn_eval(conv, bn)
+    ours = nt.fold(nn.Sequential(conv, bn))
+    assert ours.normref_folded == 1 and isinstance(ours[1], nn.Identity)
+    # both are W·γ/√(σ̂² + ε) rounded once to float32 (torch computes in float32: a few ε₃₂)
+    e32 = float(np.finfo(np.float32).eps)
+    assert _rel(ours[0].weight.detach().numpy(), theirs.weight.detach().numpy()) <= 8 * e32
+    assert _rel(ours[0].bias.detach().numpy(), theirs.bias.detach().numpy()) <= 8 * e32
+    assert ours[0].weight.dtype == torch.float32
+
+
+def test_torch_fold_leaves_what_does_not_fold():
+    from torch import nn
+
+    from normref.backends import torch as nt
+
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    cases = {
+        "zero-padded conv after the norm": nn.Sequential(nt.BatchNorm2d(4), nn.Conv2d(4, 3, 3, padding=1)),
+        "training mode": nn.Sequential(nn.Conv2d(4, 4, 1), nt.BatchNorm2d(4).train()),
+        "no running statistics": nn.Sequential(nn.Conv2d(4, 4, 1), nt.BatchNorm2d(4, track_running_stats=False)),
+        "whitening group across conv groups": nn.Sequential(nn.Conv2d(4, 4, 1, groups=4),
+                                                            nt.DecorrelatedBatchNorm2d(4, group_size=2)),
+        "per-sample statistics (IN)": nn.Sequential(nn.Conv2d(4, 4, 1), nt.InstanceNorm2d(4)),
+        "batch whitening, instance partition": nn.Sequential(
+            nn.Conv2d(4, 4, 1), nt.BatchWhitening2d(4, group_size=2, partition="instance")),
+        "group norm": nn.Sequential(nn.Conv2d(4, 4, 1), nt.GroupNorm(2, 4)),
+    }
+    for label, m in cases.items():
+        m = m.double()
+        if label != "training mode":
+            m.eval()
+        else:
+            m[0].eval()
+        f = nt.fold(m)
+        assert f.normref_folded == 0, label
+        assert [type(k) for k in f.modules()] == [type(k) for k in m.modules()], label
+    # replicate padding after a norm commutes with the affine map: folded, and exact
+    m = nn.Sequential(nt.BatchNorm2d(4), nn.Conv2d(4, 3, 3, padding=1, padding_mode="replicate")).double()
+    with torch.no_grad():
+        m[0].running_mean.uniform_(-1, 1)
+        m[0].running_var.uniform_(0.5, 2)
+    m.eval()
+    f = nt.fold(m, inplace=True)
+    assert f is m and f.normref_folded == 1 and isinstance(m[0], nn.Identity)
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input: a clear error naming the function and the argument, before any work
+
+
+def test_bad_input():
+    rng = np.random.default_rng(0)
+    rm, rv, w = rng.standard_normal(4), rng.uniform(0.5, 2, 4), rng.standard_normal(4)
+    rc = _spd(rng, 2, 2)
+    na = inference_affine("batch_norm", rm, rv, w)
+    wt = rng.standard_normal((3, 4, 3, 3))
+    cases = [
+        (ValueError, "inference_affine: method", lambda: inference_affine("layer_norm", (4,))),
+        (ValueError, "unknown method", lambda: inference_affine(3)),
+        (ValueError, "training=True", lambda: inference_affine("batch_norm", rm, rv, training=True)),
+        (ValueError, "use_input_stats=True", lambda: inference_affine("instance_norm", rm, rv)),
+        (TypeError, "training", lambda: inference_affine("batch_norm", rm, rv, training=1)),
+        (ValueError, "running_mean and running_var", lambda: inference_affine("batch_norm", None, rv)),
+        (ValueError, "running_var must be nonnegative", lambda: inference_affine("batch_norm", rm, -rv)),
+        (ValueError, "running_var + eps must be positive", lambda: inference_affine("batch_norm", rm, 0 * rv, eps=0.0)),
+        (ValueError, "weight must be shape (4,)", lambda: inference_affine("batch_norm", rm, rv, w[:3])),
+        (ValueError, "eps", lambda: inference_affine("batch_norm", rm, rv, eps=-1.0)),
+        (TypeError, "without input", lambda: inference_affine("batch_norm", rm, rv, input=rm)),
+        (TypeError, "batch_norm:", lambda: inference_affine("batch_norm", rm, rv, bogus=1)),
+        (TypeError, "running_mean must be an array", lambda: inference_affine("batch_norm", [0.0] * 4, rv)),
+        (ValueError, "partition='instance'", lambda: inference_affine("batch_whitening", rm, rc, group_size=2,
+                                                                       partition="instance")),
+        (ValueError, "running_cov must have shape", lambda: inference_affine("decorrelated_batch_norm", rm, rc)),
+        (ValueError, "running_mean and running_cov", lambda: inference_affine("iter_norm", rm, None, group_size=2)),
+        (ValueError, "running_cov", lambda: inference_affine("decorrelated_batch_norm", rm, -rc, group_size=2)),
+        (ValueError, "weight must have shape (2, 2, 2)", lambda: inference_affine("whitening_coloring", rm, rc, w,
+                                                                                  group_size=2)),
+        (ValueError, "fold: layer", lambda: fold(na, wt, layer="middle")),
+        (ValueError, "fold: groups", lambda: fold(na, wt, groups=0)),
+        (ValueError, "groups=2 must divide", lambda: fold(na, wt, groups=2, layer="before")),
+        (ValueError, "output channels weight.shape[0] = the norm's channels 4", lambda: fold(na, wt, layer="before")),
+        (ValueError, "groups·weight.shape[1]", lambda: fold(na, rng.standard_normal((3, 2, 1)), layer="after")),
+        (ValueError, "bias must have shape (3,)", lambda: fold(na, wt, np.zeros(4), layer="after")),
+        (ValueError, "a multiple of the norm's channels 4", lambda: fold(na, rng.standard_normal((3, 6)), layer="after")),
+        (ValueError, "takes groups=1", lambda: fold(na, rng.standard_normal((4, 4)), groups=2)),
+        (ValueError, "weight must be a linear", lambda: fold(na, np.zeros(4))),
+        (ValueError, "mix convolution groups", lambda: fold(inference_affine("decorrelated_batch_norm", rm, rc,
+                                                                             group_size=2),
+                                                            rng.standard_normal((4, 1, 3)), layer="before", groups=4)),
+        (ValueError, "mix convolution groups", lambda: fold(inference_affine("decorrelated_batch_norm", rm, rc,
+                                                                             group_size=2),
+                                                            rng.standard_normal((4, 1, 3)), layer="after", groups=4)),
+        (ValueError, "matrix (G, d, d)", lambda: fold((np.zeros((4, 1, 2)), np.zeros(4)), wt)),
+        (TypeError, "norm must be a NormAffine", lambda: fold(np.zeros(4), wt)),
+        (TypeError, "'method' key", lambda: fold({"running_mean": rm}, wt)),
+        (TypeError, "weight is a torch", lambda: fold(na, torch.zeros(3, 4, 3, 3, dtype=torch.float64), layer="after")),
+    ]
+    for exc, msg, call in cases:
+        with pytest.raises(exc) as info:
+            call()
+        assert msg in str(info.value), (msg, str(info.value))
+    # a mapping is the inference call's arguments
+    f1 = fold({"method": "batch_norm", "running_mean": rm, "running_var": rv, "weight": w}, wt, layer="after")
+    f2 = fold(na, wt, layer="after")
+    assert np.array_equal(f1.weight, f2.weight) and np.array_equal(f1.bias, f2.bias)
+    from normref.backends import torch as nt
+
+    with pytest.raises(TypeError, match="fold: model must be a torch.nn.Module"):
+        nt.fold(np.zeros(3))
+    with pytest.raises(TypeError, match="fold: inplace must be a bool"):
+        nt.fold(torch.nn.Sequential(), inplace=1)
