@@ -24,12 +24,12 @@ __all__ = ["register_torch", "register_jax", "register_numpy"]
 def register_torch() -> None:
     import torch
 
-    def solve(l, b, lower, transpose):
+    def solve(chol, b, lower, transpose):
         # op(L)·X = B solved as Xᵀ·op(L)ᵀ = Bᵀ (left=False): the same substitution, but torch's CPU
         # kernel runs it 2-4× faster on the (d × m) sample blocks of whitening (measured)
         if transpose:  # Lᵀ·X = G  ⇔  Xᵀ·L = Gᵀ
-            return torch.linalg.solve_triangular(l, b.mT, upper=not lower, left=False).mT
-        return torch.linalg.solve_triangular(l.mT, b.mT, upper=lower, left=False).mT
+            return torch.linalg.solve_triangular(chol, b.mT, upper=not lower, left=False).mT
+        return torch.linalg.solve_triangular(chol.mT, b.mT, upper=lower, left=False).mT
 
     register_kernel("torch", "solve_triangular", solve)
 
@@ -37,8 +37,8 @@ def register_torch() -> None:
 def register_jax() -> None:
     import jax.scipy.linalg as jsl
 
-    def solve(l, b, lower, transpose):
-        return jsl.solve_triangular(l, b, trans=1 if transpose else 0, lower=lower)
+    def solve(chol, b, lower, transpose):
+        return jsl.solve_triangular(chol, b, trans=1 if transpose else 0, lower=lower)
 
     register_kernel("jax", "solve_triangular", solve)
 
@@ -50,7 +50,7 @@ def register_numpy() -> None:
         return
     state: list = []
 
-    def solve(l, b, lower, transpose):
+    def solve(chol, b, lower, transpose):
         # SciPy is imported on the first solve, not when NumPy arrays are first seen (it would cost
         # every normref user a fraction of a second); an older SciPy solves one matrix at a time, so
         # the kernel declines (None) and the formula runs
@@ -63,6 +63,6 @@ def register_numpy() -> None:
         sl = state[0]
         if sl is None:
             return None
-        return sl.solve_triangular(l, b, trans=1 if transpose else 0, lower=lower, check_finite=False)
+        return sl.solve_triangular(chol, b, trans=1 if transpose else 0, lower=lower, check_finite=False)
 
     register_kernel("numpy", "solve_triangular", solve)

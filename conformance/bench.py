@@ -496,6 +496,10 @@ def _plot(rows, path: Path) -> None:
     plt.close(fig)
 
 
+def _broken_pipe() -> None:
+    raise BrokenPipeError
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(argv) if argv is not None else None)
     try:
@@ -503,6 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:  # rich is optional: plain lines and a plain table
         Console = None
     console = Console(width=max(Console().width, 160)) if Console is not None else None
+    if console is not None:
+        console.on_broken_pipe = _broken_pipe  # `normref bench | head`: the command line stops quietly
 
     def say(text: str, end: str = "\n") -> None:
         if console is not None:

@@ -1,4 +1,4 @@
-"""Benchmark of synchronized batch statistics (issue 12, §4): one step on gloo ranks against the local step.
+"""Benchmark of synchronized batch statistics: one step on gloo ranks against the local step.
 
     normref bench sync [--shape 32 64 16 16] [--group-size 16] [--world-size 2] [--repeat 10]
     python -m normref.conformance.bench_sync ...          (the same)

@@ -1,4 +1,4 @@
-"""Benchmark of batch whitening (issue 3, §5): where the time goes, against the machine's matmul speed.
+"""Benchmark of batch whitening: where the time goes, against the machine's matmul speed.
 
     normref bench whitening [--shape 32 64 56 56] [--group-size 64] [--method zca] [--repeat 5]
     python -m normref.conformance.bench_whitening ...          (the same)
@@ -21,7 +21,7 @@ d = ``group_size`` channels, m = N·H·W samples per covariance:
   backward) in the same run.
 
 Every timing is the best (minimum) of ``--repeat`` runs after one warm-up: the least disturbed
-estimate on a shared machine. The verdict lines compare with the issue's targets: covariance and
+estimate on a shared machine. The verdict lines compare with the targets: covariance and
 application ≥ 60% of the measured matmul throughput, the O(d³) part < 10% of the forward. This is a
 benchmark, not a test.
 """
@@ -98,7 +98,6 @@ def main(argv=None) -> dict:
     shape = tuple(args.shape)
     n, c = shape[:2]
     d = args.group_size
-    g = c // d
     hw = 1
     for s in shape[2:]:
         hw *= s
@@ -192,7 +191,7 @@ def main(argv=None) -> dict:
         if key == "verdict":
             continue
         print(f"{key:44s} {val:.4g}" if isinstance(val, float) else f"{key:44s} {val}")
-    print("verdict (issue 3 §5 targets):")
+    print("verdict (the targets: covariance and application >= 60% of matmul, O(d^3) < 10% of forward):")
     for key, val in out["verdict"].items():
         print(f"  {key:42s} {val}")
     return out

@@ -26,6 +26,10 @@ __all__ = ["main", "conformance_main"]
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process stopped by SIGPIPE (``| head``)
 
 
+def _broken_pipe() -> None:
+    raise BrokenPipeError
+
+
 def _split(values) -> list | None:
     if not values:
         return None
@@ -124,7 +128,9 @@ def conformance_main(argv: Sequence[str] | None = None) -> int:
         write_junit_xml(report, args.junit_xml)
     if Console is not None:
         width = args.width or (None if sys.stdout.isatty() else 100)
-        report.render(Console(width=width), verbose=args.verbose)
+        con = Console(width=width)
+        con.on_broken_pipe = _broken_pipe  # rich would exit 1 (a failed check's status); main() says 141
+        report.render(con, verbose=args.verbose)
     else:
         print(report.plain_text(args.verbose))
     for what, path in (("report", args.json), ("JUnit XML report", args.junit_xml)):

@@ -35,7 +35,7 @@ import sys
 import time
 import zlib
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 

@@ -9,24 +9,21 @@ its gradients too, when it comes with a ``backward`` or its arrays have autograd
 
 from __future__ import annotations
 
-import inspect
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from normref._kernels import use_kernels
 from normref.registry import Example, get
 
 from . import tolerance as T
 from .backends import Backend, get_backend
-from .report import Record, Report
+from .report import Report
 from .suite import (
     _Case,
     _autograd_vjp,
     _convert,
     _f64,
-    _fields,
     _first_array,
     _msg,
     _relerr,

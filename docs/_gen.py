@@ -11,8 +11,9 @@ their index; into ``docs/_generated/`` (ignored): the figures and the JSON they 
 - Each page's example is executed here (its doctest block holds the printed output, and the
   ``doctest`` builder runs it again).
 
-Everything is regenerated when a source file of normref, its backends, its conformance suite or this
-generator changes (a hash over them is kept in ``_generated/stamp``), or with ``NORMREF_DOCS_FORCE=1``.
+The pages and figures are written at every build; the conformance report and the bench JSON are
+cached in ``_generated/`` and rerun when a source file of normref, its backends or its conformance
+suite changes (a hash over them), when the registered methods change, or with ``NORMREF_DOCS_FORCE=1``.
 """
 
 from __future__ import annotations
@@ -58,16 +59,27 @@ def _warn(msg: str) -> None:
 
 
 def _stamp() -> str:
+    """A hash of the code the conformance report and the bench measure (normref, its backends and its
+    suite): the cached report and bench JSON are reused while it holds."""
     h = hashlib.sha256()
-    for folder in ("normref", "backends", "conformance", "docs"):
+    for folder in ("normref", "backends", "conformance"):
         for p in sorted((ROOT / folder).rglob("*.py")):
-            if "_generated" in p.parts or "methods" in p.parts and p.parent == METHODS_DIR:
-                continue
             h.update(str(p.relative_to(ROOT)).encode())
             h.update(p.read_bytes())
-    h.update(os.environ.get("NORMREF_DOCS_CONFORMANCE", "").encode())
-    h.update(os.environ.get("NORMREF_DOCS_BENCH", "").encode())
     return h.hexdigest()
+
+
+def _cached(kind: str, stamp: str):
+    """The cached JSON of ``kind`` (``conformance`` or ``bench``) if made from the same code."""
+    js, st = GEN_DIR / f"{kind}.cache.json", GEN_DIR / f"{kind}.stamp"
+    if os.environ.get("NORMREF_DOCS_FORCE") == "1" or not (js.exists() and st.exists()) or st.read_text() != stamp:
+        return None
+    return json.loads(js.read_text())
+
+
+def _store(kind: str, stamp: str, value) -> None:
+    (GEN_DIR / f"{kind}.cache.json").write_text(json.dumps(value))
+    (GEN_DIR / f"{kind}.stamp").write_text(stamp)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,20 +206,21 @@ def fig_partitions(path: Path) -> None:
         mask = np.isin(np.arange(N * C * L), ids[sel]).reshape(shape)
         # voxels on (x: N, y: C, z: H·W)
         filled = np.ones(shape, bool)
-        colors = np.empty(shape, dtype=object)
-        colors[:] = "#e8e8e8"
-        colors[mask] = "#2b6cb0"
+        colors = np.zeros(shape + (4,))
+        colors[:] = (0.85, 0.85, 0.85, 0.18)
+        colors[mask] = (0.17, 0.42, 0.69, 0.95)
         ax = fig.add_subplot(2, 3, i + 1, projection="3d")
-        ax.voxels(filled, facecolors=colors, edgecolor="#555555", linewidth=0.4)
-        ax.set_xlabel("N")
-        ax.set_ylabel("C")
-        ax.set_zlabel("H, W")
+        ax.voxels(filled, facecolors=colors, edgecolor=(0.3, 0.3, 0.3, 0.35), linewidth=0.3)
+        ax.view_init(elev=22, azim=-58)
+        ax.set_xlabel("N (samples)", labelpad=-10)
+        ax.set_ylabel("C (channels)", labelpad=-10)
+        ax.set_zlabel("H, W", labelpad=-10)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_zticks([])
         ax.set_box_aspect((N, C, L))
         n = int(mask.sum())
-        ax.set_title(f"{title}\n{part.kind}: view {vs}, reduce {axes}; {n} elements per statistic", fontsize=8.5)
+        ax.set_title(f"{title}\nview {vs}, reduce axes {axes}: {n} elements per statistic", fontsize=8.5)
     fig.suptitle("Normalization area partitioning (survey Table 1) on an (N, C, H, W) block: the elements of one "
                  "statistic in blue (from normref.partition)", fontsize=10)
     fig.tight_layout()
@@ -306,7 +319,7 @@ def fig_heatmap(rep: dict, path: Path) -> None:
     from matplotlib.colors import LogNorm
 
     cl = cells(rep)
-    keys = column_keys(rep)
+    keys = [k for k in column_keys(rep) if any(k in c for c in cl.values())]
     names = sorted(cl)
     a = np.full((len(names), len(keys)), np.nan)
     for i, m in enumerate(names):
@@ -331,8 +344,9 @@ def fig_heatmap(rep: dict, path: Path) -> None:
     ax.set_yticklabels(names, fontsize=7)
     cb = fig.colorbar(im, ax=ax, shrink=0.6)
     cb.set_label("largest error / tolerance (below 1 passes; clipped to [1e-4, 1e2])", fontsize=8)
-    ax.set_title(f"{rep['meta'].get('docs_command', 'normref conformance')}\n{rep.get('summary', '')[:140]}",
-                 fontsize=7)
+    summary = rep.get("summary", "")
+    ax.set_title(f"{rep['meta'].get('docs_command', 'normref conformance')}\n"
+                 + "\n".join(textwrap.wrap(summary.split(": ", 1)[-1], 80)), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -358,7 +372,11 @@ def example_session(name: str) -> list:
     exs = list(m.examples(np.random.default_rng(0)))
     if not exs:
         return []
-    ex = exs[0]
+    def n_arrays(e):
+        return sum(isinstance(a, np.ndarray) for a in list(e.args) + list(e.kwargs.values()))
+
+    index = max(range(len(exs)), key=lambda i: (n_arrays(exs[i]), -i))  # the most array arguments, then the first
+    ex = exs[index]
     bound = m.signature.bind(*ex.args, **ex.kwargs)
     params = list(m.signature.parameters)
     pos_names = params[: len(ex.args)]
@@ -366,7 +384,7 @@ def example_session(name: str) -> list:
     lines = [
         "import numpy as np",
         "import normref",
-        f"ex = next(iter(normref.get({name!r}).examples(np.random.default_rng(0))))",
+        f"ex = list(normref.get({name!r}).examples(np.random.default_rng(0)))[{index}]",
         "ex.label",
     ]
     if pos_names:
@@ -533,8 +551,8 @@ def method_page(m, cl: dict, keys: list, rep: dict, auto_target: str) -> str:
               f"adapters: ``normref.backends.torch.{name}`` (a ``torch.autograd.Function``) and "
               f"``normref.backends.jax.{name}`` (a ``jax.custom_vjp``), both running this backward.", ""]
     parts += ["Executed example", "----------------", "",
-              "Run when this page was built (the registry's first example; the ``doctest`` builder runs it "
-              "again and compares the output):", ""]
+              "Run when this page was built, on the registry's example with the most array arguments (the "
+              "``doctest`` builder runs it again and compares the output):", ""]
     session = example_session(name)
     parts.append(_doctest_block(session) if session else "This method registers no examples.\n")
     parts += ["Conformance", "-----------", ""]
@@ -592,22 +610,26 @@ def generate(log=print) -> list:
     GEN_DIR.mkdir(exist_ok=True)
     METHODS_DIR.mkdir(exist_ok=True)
     stamp = _stamp()
-    stamp_file = GEN_DIR / "stamp"
     ms = normref.methods()
     expected = {f"{m.name}.rst" for m in ms} | {"index.rst"}
-    have = {p.name for p in METHODS_DIR.glob("*.rst")}
-    figs = ("partitions.png", "whitening.png", "bench.png", "conformance.png")
-    if (os.environ.get("NORMREF_DOCS_FORCE") != "1" and stamp_file.exists() and stamp_file.read_text() == stamp
-            and have == expected and all((GEN_DIR / f).exists() for f in figs)):
-        log("normref docs: generated pages are up to date")
-        saved = GEN_DIR / "warnings.json"
-        return json.loads(saved.read_text()) if saved.exists() else []
     t0 = time.perf_counter()
     for p in METHODS_DIR.glob("*.rst"):
         if p.name not in expected:
             p.unlink()
-    rep = conformance_report(log)
-    bench, label = bench_report(log)
+    rep = None if os.environ.get("NORMREF_DOCS_CONFORMANCE") else _cached("conformance", stamp)
+    if rep is None or set(rep.get("methods", ())) != {m.name for m in ms}:
+        rep = conformance_report(log)
+        if not os.environ.get("NORMREF_DOCS_CONFORMANCE"):
+            _store("conformance", stamp, rep)
+    else:
+        log("normref docs: the conformance report of this code is cached")
+    cached = None if os.environ.get("NORMREF_DOCS_BENCH") else _cached("bench", stamp)
+    if cached is None:
+        bench, label = bench_report(log)
+        if not os.environ.get("NORMREF_DOCS_BENCH"):
+            _store("bench", stamp, [bench, label])
+    else:
+        bench, label = cached
     fig_partitions(GEN_DIR / "partitions.png")
     fig_whitening(GEN_DIR / "whitening.png")
     info = fig_bench(bench, label, GEN_DIR / "bench.png")
@@ -624,8 +646,6 @@ def generate(log=print) -> list:
         if not p.exists() or p.read_text() != text:
             p.write_text(text)
     (METHODS_DIR / "index.rst").write_text(methods_index(ms, cl))
-    (GEN_DIR / "warnings.json").write_text(json.dumps(_warnings))
-    stamp_file.write_text(stamp)
     log(f"normref docs: {len(ms)} method pages and 4 figures in {time.perf_counter() - t0:.0f} s")
     return list(_warnings)
 

@@ -206,6 +206,81 @@ FORMULAS = {
         "g̃_i = g_i − mean(g_i) per output row (over all axes but 0)",
         "d(grad) = c − mean(c) per row (the centering is a projection: its own adjoint)",
     ),
+    # -- issue 14's methods (population statistics in training, streaming, cross-iteration, inference) --
+    "batch_normalize": (
+        "training: x̂ = Φ_B(x) by batch statistics (partition batch or batch_group; standardizing, centering or "
+        "scaling), running statistics s ← (1 − m)·s + m·s_B; inference: x̂ = (x − μ̂)/√(σ̂² + ε) (or x − μ̂, "
+        "x/√(running_mean_square + ε)); y = γ ⊙ x̂ + β (affine or generated γ, β)",
+        "training: the backward of normalize (the operation's backward on the partition's view, then the "
+        "recovery's); inference: the running statistics are constants, dx = γ·g·(σ̂² + ε)^-1/2 (standardizing), "
+        "γ·g (centering), γ·g·(running_mean_square + ε)^-1/2 (scaling); dγ = Σ g·x̂, dβ = Σ g (summed over the "
+        "broadcast axes for generated γ, β)",
+    ),
+    "blended_batch_norm": (
+        "μ = (1 − α)·μ_run + α·μ_B, σ² = (1 − α)·σ²_run + α·m/(m − 1)·σ_B², x̂ = (x − μ)/√(σ² + ε), "
+        "y = γ·x̂ + β; (μ, σ²) returned as the new running statistics (presets dinh, diminishing, momentum)",
+        "exact, with (μ_run, σ²_run) constant: g′ = γ·g, s = (σ² + ε)^-1/2, κ = α·m/(m − 1): "
+        "dx = s·(g′ − α·mean(g′) − κ·(x̂ − s·(μ_B − μ))·mean(g′·x̂)); dγ = Σ g·x̂, dβ = Σ g",
+    ),
+    "centralized_weight": (
+        "W_i = V_i − mean(V_i), the mean over each output row's fan-in (all axes but 0)",
+        "dV_i = dW_i − mean(dW_i) per row (the centering is a projection: its own adjoint)",
+    ),
+    "cross_iteration_batch_norm": (
+        "past statistics compensated to the current weights θ_t by a first-order Taylor step, "
+        "μ′ = μ_{t−τ} + ρ·(∂μ_{t−τ}/∂θ)·(θ_t − θ_{t−τ}) (ν′ likewise, ν = E[x²]); μ̄ = mean_τ μ′, "
+        "σ̄² = mean_τ max(ν′, μ′²) − μ̄²; y = γ·(x − μ̄)/√(σ̄² + ε) + β",
+        "every past (compensated) statistic and θ constant; the current batch's μ_t, ν_t enter with weight 1/k "
+        "(1/k_c per channel with invalid='drop'): s = (σ̄² + ε)^-1/2, x̂ = (x − μ̄)·s, dx̂ = γ·g, "
+        "dx = s·(dx̂ − mean(dx̂)/k − x̂·mean(dx̂·x̂)/k); dγ = Σ g·x̂, dβ = Σ g",
+    ),
+    "eval_norm": (
+        "μ̂ = α·μ_x + (1 − α)·μ_p, σ̂² = β·σ_x² + (1 − β)·σ_p² + β(1 − β)·(μ_x − μ_p)², y = γ·(x − μ̂)/√(σ̂² + ε) + b, "
+        "μ_x, σ_x² the example's own statistics per channel over its spatial positions",
+        "exact: s = (σ̂² + ε)^-1/2, x̂ = (x − μ̂)·s, dx̂ = γ·g, per sample and channel A = −s·Σ_sp dx̂, "
+        "B = −½·s²·Σ_sp dx̂·x̂; dμ_x = α·A + 2β(1 − β)·(μ_x − μ_p)·B, dσ_x² = β·B; dx = s·dx̂ + dμ_x/M + "
+        "2·dσ_x²·(x − μ_x)/M; dα = Σ A·(μ_x − μ_p), dβ = Σ B·(σ_x² − σ_p² + (1 − 2β)·(μ_x − μ_p)²) (without the "
+        "mixture term: Σ B·(σ_x² − σ_p²)); dγ = Σ g·x̂, db = Σ g",
+    ),
+    "memorized_batch_norm": (
+        "μ̄ = Σ_i η_i·μ_{t−i}, σ̄² = Σ_i η_i·(σ²_{t−i} + μ²_{t−i}) − μ̄² (pooled) or Σ_i η_i·σ²_{t−i} (average) over "
+        "the current and the last k − 1 batches; y = γ·(x − μ̄)/√(σ̄² + ε) + β",
+        "the memorized statistics constant, the current batch's with weight η_0: s = (σ̄² + ε)^-1/2, x̂ = (x − μ̄)·s, "
+        "dx̂ = γ·g; pooled: dx = s·(dx̂ − η_0·mean(dx̂) − η_0·x̂·mean(dx̂·x̂)); average: dx = s·dx̂ − η_0·s·mean(dx̂) − "
+        "η_0·s²·mean(dx̂·x̂)·(x − μ_t); dγ = Σ g·x̂, dβ = Σ g",
+    ),
+    "moving_average_batch_norm": (
+        "χ²_t = mean(x²) per channel over (N, *spatial), ψ̄_t = (χ²_t + Σ_{τ=1}^{m−1} χ²_{t−τ})/m, z = x/√(ψ̄_t + ε), "
+        "y = γ·r·z + β (no centering; r the batch-renormalization factor, a constant)",
+        "the paper's: ĝ = γ·r·g, Ψ_t = mean(ĝ·z), Ψ̄_t = (Ψ_t + Σ_{τ=1}^{m−1} Ψ_{t−τ})/m, dx = (ĝ − z·Ψ̄_t)/√(ψ̄_t + ε) "
+        "(without past_grad_stats: the exact derivative with the past χ² held fixed); dγ = Σ g·r·z, dβ = Σ g",
+    ),
+    "online_norm": (
+        "per sample n of the stream: y_n = γ·(x_n − μ̂_{n−1})/√(σ̂²_{n−1} + ε) + β, μ̂_n = α_f·μ̂_{n−1} + "
+        "(1 − α_f)·μ(x_n), σ̂²_n = α_f·σ̂²_{n−1} + (1 − α_f)·σ²(x_n) + α_f(1 − α_f)·(μ(x_n) − μ̂_{n−1})²",
+        "Algorithm 2, per sample n, with u = error_mean and v = error_proj carried across samples and batches "
+        "(ŷ the normalized value): g′ = γ·g_n − (1 − α_b)·v·ŷ_n, v += mean_sp(g′·ŷ_n), "
+        "dx_n = g′/√(σ̂²_{n−1} + ε) − (1 − α_b)·u, u += mean_sp(dx_n); α_b = 1: the exact derivative with the stream "
+        "frozen; dγ = Σ g·ŷ, dβ = Σ g",
+    ),
+    "population_norm": (
+        "μ̂ ← (1 − f)·μ̂ + f·μ_B, σ̂² ← (1 − f)·σ̂² + f·m/(m − 1)·σ_B², then x̂ = x − μ̂ (centering) or "
+        "(x − μ̂)/√(σ̂² + ε), y = γ·x̂ + β",
+        "μ̂, σ̂² constants: dx = γ·g (centering) or γ·g/√(σ̂² + ε); dγ = Σ g·x̂, dβ = Σ g",
+    ),
+    "power_norm": (
+        "X̂ = X/ψ_{t−1}, Y = γ·X̂ + β, ψ = √(ψ² + ε), ψ_B² = mean_B(x²), ψ_t² = α_f·ψ²_{t−1} + (1 − α_f)·ψ_B² "
+        "(pn-v: X̂ = X/ψ_B by the batch quadratic mean)",
+        "the paper's approximate backward: X̃′ = γ·g − ν_{t−1}·X̂, dX = X̃′/ψ_{t−1}, ν_t = ν_{t−1}·(1 − (1 − α_b)·Γ_t) "
+        "+ (1 − α_b)·Λ_t with Γ_t = mean_B(x̂²), Λ_t = mean_B(x̂·γ·g); pn-v: the exact dX = (g′ − X̂·mean_B(g′·X̂))/ψ_B, "
+        "g′ = γ·g; dγ = Σ g·X̂, dβ = Σ g",
+    ),
+    "prong_whitening": (
+        "μ̂ ← (1 − f)·μ̂ + f·μ_B, Σ̂ ← (1 − f)·Σ̂ + f·Σ_B at the steps k ≡ 0 (mod T); x̂ = U·(x − μ̂), "
+        "U = W(Σ̂ + εI) (PCA by default), y = γ·x̂ + β per group of group_size channels",
+        "μ̂, Σ̂ and U constants: dx = Uᵀ·(γ·g) per group (the inference backward of batch_whitening); "
+        "dγ = Σ g·x̂, dβ = Σ g",
+    ),
 }
 
 _N = None  # none in that framework

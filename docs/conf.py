@@ -39,7 +39,12 @@ autodoc_typehints = "signature"
 autodoc_member_order = "bysource"
 exclude_patterns = ["_build", "_generated/bench", "README.md"]
 templates_path: list = []
-html_theme = "furo"
+try:
+    import furo  # noqa: F401
+
+    html_theme = "furo"
+except ImportError:  # the docs extra installs furo; Sphinx's default theme otherwise
+    html_theme = "alabaster"
 html_title = f"normref {release}"
 html_static_path: list = []
 doctest_global_setup = "import numpy as np\nimport normref"
@@ -58,5 +63,9 @@ def _generate(app) -> None:
 
 
 def setup(app):
+    import _plaintext
+
     app.connect("builder-inited", _generate)
+    # before napoleon (priority 500): the docstrings' plain-text math (|x|, *spatial) stays text
+    app.connect("autodoc-process-docstring", _plaintext.process_docstring, priority=400)
     return {"parallel_read_safe": True}

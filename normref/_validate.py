@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence, overload
 
 __all__ = [
     "check_ndim",
@@ -64,6 +64,10 @@ def check_nonnegative(fn: str, name: str, v: Any) -> float:
     return v
 
 
+@overload
+def check_momentum(fn: str, momentum: Any, allow_none: Literal[False]) -> float: ...
+@overload
+def check_momentum(fn: str, momentum: Any, allow_none: bool = True) -> float | None: ...
 def check_momentum(fn: str, momentum: Any, allow_none: bool = True) -> float | None:
     if momentum is None and allow_none:
         return None

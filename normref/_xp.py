@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as _np
 
 import math
-from typing import Any, Sequence, overload
+from typing import Any, Sequence
 
 import array_api_compat
 from array_api_compat import array_namespace
@@ -170,12 +170,11 @@ def compute_dtype(xp: Any, dtype: Any) -> Any:
     return xp.float32
 
 
-@overload
-def to_compute(xp: Any, a: None, dtype: Any) -> None: ...
-@overload
-def to_compute(xp: Any, a: Array, dtype: Any) -> Array: ...
-def to_compute(xp: Any, a: Array | None, dtype: Any) -> Array | None:
-    """``a`` cast to the compute dtype (no copy when it already has it); ``None`` passes through."""
+def to_compute(xp: Any, a: Array | None, dtype: Any) -> Array:
+    """``a`` cast to the compute dtype (no copy when it already has it); ``None`` passes through.
+
+    (Annotated ``-> Array``, which is ``Any``: the callers pass an optional parameter through and
+    test it for ``None`` themselves.)"""
     if a is None or a.dtype == dtype:
         return a
     return xp.astype(a, dtype)

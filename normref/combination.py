@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._validate import (check_bool, check_eps_representable, check_momentum, check_ndim,
-                        check_nonnegative_values, check_positive, check_shape, concrete_any)
+from ._validate import (check_bool, check_momentum, check_ndim, check_nonnegative_values, check_shape,
+                        concrete_any)
 from ._xp import Array, compute_dtype, namespace, to_compute
 from .distributed import check_reducer
 from .framework import channel_param
@@ -162,6 +162,7 @@ def switchable_norm(
         (shape, bool(training), beta is not None, sync),
     )
     if training and running_mean is not None:
+        assert f is not None  # the factor is set whenever running_mean is given (for the type checker)
         nb = n * m if count is None else count  # the global count when synchronized
         rm = (1.0 - f) * to_compute(xp, running_mean, cd) + f * xp.reshape(mu_bn, (c,))
         rv = (1.0 - f) * to_compute(xp, running_var, cd) + f * xp.reshape(var_bn, (c,)) * (nb / (nb - 1))
@@ -335,6 +336,7 @@ def batch_instance_norm(
     if y.dtype != input.dtype:
         y = xp.astype(y, input.dtype)
     if training and running_mean is not None:
+        assert f is not None  # the factor is set whenever running_mean is given (for the type checker)
         n = sa.get("count", parts[0].count(shape))  # the global count when synchronized
         rm = (1.0 - f) * to_compute(xp, running_mean, cd) + f * xp.reshape(sa["mean"], (c,))
         rv = (1.0 - f) * to_compute(xp, running_var, cd) + f * xp.reshape(sa["var"], (c,)) * (n / (n - 1))

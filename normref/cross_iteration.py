@@ -258,7 +258,7 @@ def _mabn_frozen(args, kwargs):
     m = moving_average_batch_norm
     b = m.bind(*args, **kwargs).arguments
     if not b["training"] or b["rmax"] is None:
-        return None
+        return m  # no stop-gradient constant: the function itself
     xp = namespace("moving_average_batch_norm", input=b["input"])
     r = _mabn_parts(xp, b["input"], b["past_sq_means"], b["running_mean_square"], b["eps"], b["rmax"])[2]
 
@@ -970,7 +970,7 @@ def cross_iteration_batch_norm(
               layer_weight=layer_weight, past_layer_weights=past_layer_weights)
     w = _check_window(fn, c, past_means=past_means, past_sq_means=past_sq_means)
     compensate = layer_weight is not None
-    if compensate:
+    if layer_weight is not None:  # with the three others (_together)
         if past_means is None:
             raise ValueError(f"{fn}: past_mean_grads and the layer weights compensate past_means; got past_means=None")
         if layer_weight.ndim < 2 or int(layer_weight.shape[0]) != c:
@@ -979,7 +979,7 @@ def cross_iteration_batch_norm(
         want = (w,) + tuple(int(d) for d in layer_weight.shape)
         for name, a in (("past_mean_grads", past_mean_grads), ("past_sq_mean_grads", past_sq_mean_grads),
                         ("past_layer_weights", past_layer_weights)):
-            if tuple(int(d) for d in a.shape) != want:
+            if a is not None and tuple(int(d) for d in a.shape) != want:
                 raise ValueError(f"{fn}: {name} must have shape (k − 1, *layer_weight.shape) = {want}; got shape {tuple(a.shape)}")
     eps = _eps(fn, xp, input, eps)
     momentum = check_momentum(fn, momentum, allow_none=False)

@@ -7,7 +7,8 @@ per channel or per group of d consecutive channels (a block-diagonal matrix):
     y_g = A_g·x_g + c_g,    A (G, d, d),  c (C,),  C = G·d,
 
     standardization (BN, batch renorm, ghost BN, IN with running statistics; d = 1):
-        A = γ/√(σ̂² + ε),  c = β − A·μ̂;   Lp BN: A = γ/(k·σ̂_p + ε);   mean-only BN: A = 1, c = β − μ̂
+        A = γ/√(σ̂² + ε),  c = β − A·μ̂;   Lp BN: A = γ/(k·σ̂_p + ε);   mean-only BN: A = 1, c = β − μ̂;
+        scaling only (power norm, MABN; ψ̂² the running mean square): A = γ/√(ψ̂² + ε), c = β
     whitening (DBN/ZCA, PCA, Cholesky, IterNorm, Newton–Schulz; whitening-coloring):
         A_g = diag(γ_g)·W(Σ̂_g + ε·I)  (coloring: Γ_g·W(Σ̂_g + ε·I)),  c_g = β_g − A_g·μ̂_g
 
@@ -30,19 +31,28 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from ._validate import check_bool, check_choice, check_int, check_nonnegative, concrete_any
+from ._validate import check_bool, check_choice, check_int, check_nonnegative, check_p, concrete_any
 from ._xp import Array, compute_dtype, namespace, prod, to_compute
 
 __all__ = ["NormAffine", "FoldedLayer", "inference_affine", "fold", "FOLDABLE"]
 
-# method -> family; the per-channel ones name their batch-statistics flag
+# per-channel methods: name -> (batch-statistics flag, centre, spread, rule); at inference
+# "std": A = γ/√(spread + ε), c = β − A·μ̂;  "lp": A = γ/(k·spread + ε);  "mean": A = 1, c = β − μ̂;
+# "scale": A = γ/√(spread + ε), c = β (scaling only: no centring)
 _PER_CHANNEL = {
-    "batch_norm": "training",
-    "batch_renorm": "training",
-    "ghost_batch_norm": "training",
-    "lp_batch_norm": "training",
-    "mean_only_batch_norm": "training",
-    "instance_norm": "use_input_stats",
+    "batch_norm": ("training", "running_mean", "running_var", "std"),
+    "batch_renorm": ("training", "running_mean", "running_var", "std"),
+    "ghost_batch_norm": ("training", "running_mean", "running_var", "std"),
+    "batch_group_norm": ("training", "running_mean", "running_var", "std"),
+    "blended_batch_norm": ("training", "running_mean", "running_var", "std"),
+    "memorized_batch_norm": ("training", "running_mean", "running_var", "std"),
+    "cross_iteration_batch_norm": ("training", "running_mean", "running_var", "std"),
+    "online_norm": ("training", "running_mean", "running_var", "std"),
+    "instance_norm": ("use_input_stats", "running_mean", "running_var", "std"),
+    "lp_batch_norm": ("training", "running_mean", "running_scale", "lp"),
+    "mean_only_batch_norm": ("training", "running_mean", None, "mean"),
+    "power_norm": ("training", None, "running_mean_square", "scale"),
+    "moving_average_batch_norm": ("training", None, "running_mean_square", "scale"),
 }
 _WHITENING = ("batch_whitening", "decorrelated_batch_norm", "iter_norm", "whitening_coloring")
 
@@ -84,34 +94,35 @@ def _vector(fn: str, name: str, a: Any, c: int | None) -> int:
 
 
 def _per_channel(fn: str, name: str, a: dict) -> NormAffine:
-    """A = γ·s, c = β − A·μ̂ with s = 1/√(σ̂² + ε) (Lp: 1/(k·σ̂_p + ε); mean-only: s = 1, γ = 1)."""
-    _flag(fn, name, _PER_CHANNEL[name], a[_PER_CHANNEL[name]])
-    mean_only = name == "mean_only_batch_norm"
-    spread = None if mean_only else ("running_scale" if name == "lp_batch_norm" else "running_var")
-    rm, rs = a["running_mean"], None if mean_only else a[spread]
-    if rm is None or (not mean_only and rs is None):
-        need = "running_mean" if mean_only else f"running_mean and {spread}"
-        raise ValueError(f"{fn}: {name} at inference needs {need} (the population statistics); got None")
-    weight = None if mean_only else a["weight"]
+    """A = γ·s, c = β − A·μ̂ with s = 1/√(σ̂² + ε) (Lp: 1/(k·σ̂_p + ε); mean-only: s = 1, γ = 1;
+    scaling only: μ̂ = 0), by the rule of :data:`_PER_CHANNEL`."""
+    flag, centre, spread, rule = _PER_CHANNEL[name]
+    _flag(fn, name, flag, a[flag])
+    rm = None if centre is None else a[centre]
+    rs = None if spread is None else a[spread]
+    given = [k for k in (centre, spread) if k is not None]
+    if (centre is not None and rm is None) or (spread is not None and rs is None):
+        raise ValueError(f"{fn}: {name} at inference needs {' and '.join(given)} (the population statistics); got None")
+    weight = a["weight"] if rule != "mean" else None
     bias = a["bias"]
-    xp = namespace(fn, running_mean=rm, **({} if mean_only else {spread: rs}), weight=weight, bias=bias)
-    c = _vector(fn, "running_mean", rm, None)
-    for k, v in ((spread, rs), ("weight", weight), ("bias", bias)):
+    stats = {k: a[k] for k in given}
+    xp = namespace(fn, **stats, weight=weight, bias=bias)
+    c = _vector(fn, given[0], stats[given[0]], None)
+    for key, v in (*stats.items(), ("weight", weight), ("bias", bias)):
         if v is not None:
-            _vector(fn, k, v, c)
-    cd = compute_dtype(xp, rm.dtype)
-    mu = to_compute(xp, rm, cd)
-    if mean_only:
-        scale = xp.ones_like(mu)
+            _vector(fn, key, v, c)
+    cd = compute_dtype(xp, stats[given[0]].dtype)
+    if rule == "mean":
+        scale = xp.ones((c,), dtype=cd)
     else:
         eps = check_nonnegative(fn, "eps", a["eps"])
         s = to_compute(xp, rs, cd)
         if concrete_any(xp, s < 0):
             raise ValueError(f"{fn}: {spread} must be nonnegative (a population spread); it has negative entries")
-        if name == "lp_batch_norm":
+        if rule == "lp":
             from .operation import LpStandardizing
 
-            k = LpStandardizing(p=a["p"], l1_factor=check_bool(fn, "l1_factor", a["l1_factor"])).c
+            k = LpStandardizing(p=check_p(fn, a["p"]), l1_factor=check_bool(fn, "l1_factor", a["l1_factor"])).c
             den = k * s + eps
         else:
             den = xp.sqrt(s + eps)
@@ -119,7 +130,9 @@ def _per_channel(fn: str, name: str, a: dict) -> NormAffine:
             raise ValueError(f"{fn}: {spread} + eps must be positive; a channel has {spread} = 0 with eps = 0")
         scale = 1.0 / den
     mat = scale if weight is None else to_compute(xp, weight, cd) * scale
-    shift = -mat * mu if bias is None else to_compute(xp, bias, cd) - mat * mu
+    shift = xp.zeros((c,), dtype=cd) if rm is None else -mat * to_compute(xp, rm, cd)
+    if bias is not None:
+        shift = to_compute(xp, bias, cd) + shift
     return NormAffine(xp.reshape(mat, (c, 1, 1)), shift)
 
 
@@ -188,9 +201,13 @@ def inference_affine(method: str, /, *args: Any, **kwargs: Any) -> NormAffine:
     weight, bias, eps=1e-5)`` is the map x ↦ ``normref.batch_norm(x, running_mean, running_var,
     weight, bias, eps=1e-5)``. Per channel (d = 1), with s the population spread:
 
-        A = γ/√(σ̂² + ε)   (batch_norm, batch_renorm, ghost_batch_norm; instance_norm with
-                            ``use_input_stats=False``),    A = γ/(k·σ̂_p + ε)  (lp_batch_norm),
-        c = β − A·μ̂;       mean_only_batch_norm: A = 1, c = β − μ̂;
+        A = γ/√(σ̂² + ε)   (batch_norm, batch_renorm, ghost_batch_norm, batch_group_norm,
+                            blended_batch_norm, memorized_batch_norm, cross_iteration_batch_norm,
+                            online_norm; instance_norm with ``use_input_stats=False``),
+        A = γ/(k·σ̂_p + ε)  (lp_batch_norm),   c = β − A·μ̂;
+        mean_only_batch_norm: A = 1, c = β − μ̂;
+        power_norm, moving_average_batch_norm (scaling only): A = γ/√(ψ̂² + ε), c = β
+        (ψ̂² = ``running_mean_square``);
 
     per group of d = ``group_size`` channels (batch_whitening with ``partition="batch"``,
     decorrelated_batch_norm, iter_norm, whitening_coloring):

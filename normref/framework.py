@@ -220,7 +220,7 @@ def normalize(
     group_size: int | None = None,
     iterations: int = 5,
     sync: Any = None,
-):
+) -> Array:
     """Any partition × any operation × any recovery, from batch statistics (survey Algorithm 1).
 
     ``y = Ψ(Φ(Π(x)))`` reshaped back, with
@@ -335,8 +335,8 @@ def normalize(
         from .whitening import whitening_operation
 
         # synchronized whitening (H5b): whitening_operation takes sync= (never dropped silently)
-        op = whitening_operation(fn, part, shape, operation, group_size, iterations, eps,
-                                 **({} if sync is None else {"sync": sync}))
+        op: _op.Operation = whitening_operation(fn, part, shape, operation, group_size, iterations, eps,
+                                                **({} if sync is None else {"sync": sync}))
     else:
         op = _op.make(operation, eps=eps, p=p, l1_factor=l1_factor, sync=sync)
     y, op_res, _ = run_forward(xp, x, part, op, gamma, beta)

@@ -124,7 +124,7 @@ def _block_forward(weight: Any, grad: Any, ratio: bool = False, eps: float = 1e-
     ng = _norm(xp, g)
     d = xp.maximum(ng, xp.asarray(eps, dtype=cd, device=device_of(g)))
     ghat = g / d
-    s = w = nw = None
+    w = nw = None
     if ratio:
         w = to_compute(xp, weight, cd)
         nw = _norm(xp, w)

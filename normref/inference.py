@@ -39,6 +39,13 @@ _POOLED = {
     "batch_norm": None, "batch_renorm": None, "ghost_batch_norm": None, "mean_only_batch_norm": None,
     "switchable_norm": None, "batch_instance_norm": None, "decorrelated_batch_norm": None, "iter_norm": None,
     "whitening_coloring": None, "batch_normalize": ("partition", "batch"), "batch_whitening": ("partition", "batch"),
+    "blended_batch_norm": None, "population_norm": None, "prong_whitening": None, "memorized_batch_norm": None,
+    "cross_iteration_batch_norm": None, "moving_average_batch_norm": None, "power_norm": None,
+}
+# methods whose running statistics are not an average of batch statistics, with the reason
+_NOT_RECALIBRATED = {
+    "online_norm": "its statistics are a per-sample stream (Chiley et al.'s Algorithm 1), not batch statistics; "
+                   "stream the batches through online_norm(..., training=True) instead",
 }
 _POOLABLE_STATE = ("running_mean", "running_var", "running_cov", "running_mean_square")
 
@@ -141,7 +148,7 @@ def recalibrate(
     for k, v in state.items():
         if v is not None and not is_array(v):
             raise TypeError(f"{fn}: state[{k!r}] must be an array; got {type(v).__name__}")
-    fixed = {"momentum", "num_batches_tracked", flag}
+    fixed = {"momentum", "num_batches_tracked", "alpha_fwd", flag}
     bad = [k for k in arguments if k in fixed or k in state or k not in params or k == m.array_params[0]]
     if bad:
         k = bad[0]
@@ -153,16 +160,21 @@ def recalibrate(
                         f"got {type(batches).__name__}")
     if estimator == "pooled":
         return _pooled(fn, m, batches, state, estimated, arguments)
-    if "momentum" not in params:
-        raise TypeError(f"{fn}: {m.name} has no momentum argument: its running statistics are not a running "
-                        f"average, which the average estimator needs")
+    if m.name in _NOT_RECALIBRATED:
+        raise TypeError(f"{fn}: {m.name} cannot be recalibrated from batches: {_NOT_RECALIBRATED[m.name]}")
     call = dict(arguments)
     call.update({k: v for k, v in state.items() if v is not None})
     call[flag] = True
-    if "num_batches_tracked" in params:
-        call.update(momentum=None, num_batches_tracked=0)  # this batch's statistics alone (ghost BN: its average)
+    # the update factor that makes a call return this batch's statistics alone
+    if "momentum" in params and "num_batches_tracked" in params:
+        call.update(momentum=None, num_batches_tracked=0)  # the cumulative average (ghost BN: of its virtual batches)
+    elif "momentum" in params:
+        call.update(momentum=1.0)  # running ← (1 − m)·running + m·batch statistic, m = 1
+    elif "alpha_fwd" in params:
+        call.update(alpha_fwd=0.0)  # running ← α·running + (1 − α)·batch statistic, α = 0 (PowerNorm)
     else:
-        call.update(momentum=1.0)
+        raise TypeError(f"{fn}: {m.name} has no momentum (or alpha_fwd) argument: its running statistics are "
+                        f"not a running average, which the average estimator needs")
     acc: dict = {}
     first = None
     k = 0

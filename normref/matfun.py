@@ -76,7 +76,7 @@ import warnings
 
 from . import _kernels
 
-from typing import Any
+from typing import Any, Callable
 
 from ._xp import device_of, is_lazy
 
@@ -427,7 +427,7 @@ def native_triangular_solve(xp):
     return _kernels.lookup(xp, "solve_triangular")
 
 
-def solve_triangular(xp, l, b, lower: bool = True, transpose: bool = False, native: bool = True):
+def solve_triangular(xp, chol, b, lower: bool = True, transpose: bool = False, native: bool = True):
     """X = L^-1·B (``transpose``: X = L^-ᵀ·B) for triangular L (..., d, d) and B (..., d, k),
     batch axes broadcast.
 
@@ -439,16 +439,16 @@ def solve_triangular(xp, l, b, lower: bool = True, transpose: bool = False, nati
     if any(int(k) == 0 for k in b.shape):  # no samples (a rank with an empty batch): nothing to solve
         import numpy as _np
 
-        shape = tuple(_np.broadcast_shapes(tuple(l.shape[:-2]), tuple(b.shape[:-2]))) + tuple(b.shape[-2:])
+        shape = tuple(_np.broadcast_shapes(tuple(chol.shape[:-2]), tuple(b.shape[:-2]))) + tuple(b.shape[-2:])
         return xp.zeros(shape, dtype=b.dtype, device=_index_device(b))
     f = native_triangular_solve(xp) if native else None
     if f is not None:
-        x = f(l, b, lower, transpose)
+        x = f(chol, b, lower, transpose)
         if x is not None:
             return x
-    if is_lazy(l) or is_lazy(b):
-        return _dask_linalg("solve", mT(xp, l) if transpose else l, b)
-    return xp.linalg.solve(mT(xp, l) if transpose else l, b)
+    if is_lazy(chol) or is_lazy(b):
+        return _dask_linalg("solve", mT(xp, chol) if transpose else chol, b)
+    return xp.linalg.solve(mT(xp, chol) if transpose else chol, b)
 
 
 def cholesky(xp, s):
@@ -464,13 +464,13 @@ def cholesky_inv_forward(xp, s):
     W is lower triangular, formed by one triangular solve L·W = I. Batch whitening never forms it:
     it applies W to the samples by solving L·X̂ = Xc (:func:`apply_whitening`). ``res = (L,)``.
     """
-    l = cholesky(xp, s)
-    return triangular_inverse(xp, l), (l,)
+    chol = cholesky(xp, s)
+    return triangular_inverse(xp, chol), (chol,)
 
 
-def triangular_inverse(xp, l):
+def triangular_inverse(xp, chol):
     """L^-1 of a lower triangular L by one triangular solve L·W = I (exact zeros above the diagonal)."""
-    return xp.tril(solve_triangular(xp, l, eye_like(xp, l) + xp.zeros_like(l)))
+    return xp.tril(solve_triangular(xp, chol, eye_like(xp, chol) + xp.zeros_like(chol)))
 
 
 def cholesky_inv_backward(xp, res, dw):
@@ -480,13 +480,13 @@ def cholesky_inv_backward(xp, res, dw):
     diagonal halved), dS = sym(L^-ᵀ·P·L^-1); each product with L^-1 or L^-ᵀ is a solve
     (A·L^-ᵀ = (L^-1·Aᵀ)ᵀ, A·L^-1 = (L^-ᵀ·Aᵀ)ᵀ).
     """
-    (l,) = res
-    a = solve_triangular(xp, l, dw, transpose=True)                 # L^-ᵀ·dW
-    dl = xp.tril(-mT(xp, solve_triangular(xp, l, mT(xp, a))))       # −(L^-ᵀ·dW)·L^-ᵀ, lower part
-    p = xp.tril(xp.matmul(mT(xp, l), dl))
+    (chol,) = res
+    a = solve_triangular(xp, chol, dw, transpose=True)                 # L^-ᵀ·dW
+    dl = xp.tril(-mT(xp, solve_triangular(xp, chol, mT(xp, a))))       # −(L^-ᵀ·dW)·L^-ᵀ, lower part
+    p = xp.tril(xp.matmul(mT(xp, chol), dl))
     p = p - 0.5 * _diag_embed(xp, _diag(xp, p), p)                  # Φ: lower triangle, diagonal halved
-    b = solve_triangular(xp, l, p, transpose=True)                  # L^-ᵀ·P
-    return sym(xp, mT(xp, solve_triangular(xp, l, mT(xp, b), transpose=True)))  # (L^-ᵀ·P)·L^-1
+    b = solve_triangular(xp, chol, p, transpose=True)                  # L^-ᵀ·P
+    return sym(xp, mT(xp, solve_triangular(xp, chol, mT(xp, b), transpose=True)))  # (L^-ᵀ·P)·L^-1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -604,14 +604,14 @@ def newton_schulz_backward(xp, res, dw):
 # --------------------------------------------------------------------------------------------------
 # dispatch by name
 
-FORWARD = {
+FORWARD: dict[str, Callable[..., Any]] = {
     "zca": inv_sqrt_eigh_forward,
     "pca": pca_eigh_forward,
     "cholesky": cholesky_inv_forward,
     "iternorm": newton_inv_sqrt_forward,
     "newton_schulz": newton_schulz_forward,
 }
-BACKWARD = {
+BACKWARD: dict[str, Callable[..., Any]] = {
     "zca": inv_sqrt_eigh_backward,
     "pca": pca_eigh_backward,
     "cholesky": cholesky_inv_backward,
@@ -645,8 +645,8 @@ def operator_forward(xp, s, method: str = "zca", iterations: int = 5, eig=None) 
     applied by a triangular solve instead of being formed; ``res`` is the method's residual tuple,
     the one :func:`whitening_matrix_backward` takes (for cholesky ``(L,)``)."""
     if method == "cholesky":
-        l = cholesky(xp, s)
-        return l, (l,)
+        chol = cholesky(xp, s)
+        return chol, (chol,)
     return whitening_matrix_forward(xp, s, method, iterations, eig=eig)
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from ._results import result_tuple
 from ._validate import _real, check_bool, check_choice, check_eps_representable, check_ndim, check_nonnegative_values
 from ._xp import Array, compute_dtype, namespace, to_compute
 from .framework import channel_param, check_param_shape
@@ -54,6 +55,7 @@ __all__ = [
 ]
 
 
+@result_tuple
 class OnlineNormResult(NamedTuple):
     """A training-mode :func:`online_norm`: the output and the streaming statistics after the batch."""
 
@@ -62,6 +64,7 @@ class OnlineNormResult(NamedTuple):
     running_var: Any
 
 
+@result_tuple
 class OnlineNormGrad(NamedTuple):
     """:func:`online_norm_backward`: the gradients and the control process's accumulators after it."""
 
@@ -72,6 +75,7 @@ class OnlineNormGrad(NamedTuple):
     error_proj: Any
 
 
+@result_tuple
 class PowerNormResult(NamedTuple):
     """A training-mode :func:`power_norm`: the output and the running quadratic mean after the batch."""
 
@@ -79,6 +83,7 @@ class PowerNormResult(NamedTuple):
     running_mean_square: Any
 
 
+@result_tuple
 class PowerNormGrad(NamedTuple):
     """:func:`power_norm_backward`: the gradients and the running gradient statistic ν after it."""
 
@@ -148,6 +153,15 @@ def _empty(xp, input, arrays, result, running, keep=()):
     return y, res
 
 
+def _unfrozen(m):
+    """An ``fd_target`` that freezes nothing: the method's own forward (its primary output)."""
+
+    def same(*args, **kwargs):
+        return m.primary(m(*args, **kwargs))
+
+    return same
+
+
 def _zeros(xp, c, like):
     from array_api_compat import device
 
@@ -215,8 +229,10 @@ def _online_frozen(args, kwargs):
     at the base call's values: the function whose derivative the backward is when alpha_bkw = 1."""
     b = online_norm.bind(*args, **kwargs)
     a = b.arguments
-    if not a["training"] or a["alpha_bkw"] != 1.0:
-        return None  # inference needs no freezing; alpha_bkw < 1 is no derivative (module docstring)
+    if not a["training"]:
+        return _unfrozen(online_norm)  # inference: the exact derivative of the function itself
+    if a["alpha_bkw"] != 1.0:
+        return None  # the compensation is the derivative of no function (module docstring)
     x = a["input"]
     xp = namespace("online_norm", input=x)
     c, s, _, _ = _online_stream(xp, x, a["running_mean"], a["running_var"], a["alpha_fwd"], a["eps"])
@@ -495,7 +511,9 @@ def _power_frozen(args, kwargs):
     b = power_norm.bind(*args, **kwargs)
     a = b.arguments
     if not a["training"] or a["variant"] != "pn" or a["grad_scale"] != "batch":
-        return None
+        # inference, PN-V and PN with the paper's divisor: with ν = 0 the derivative of the function
+        # itself (ν ≠ 0 is the derivative of no function: the module docstring)
+        return _unfrozen(power_norm)
     x = a["input"]
     xp = namespace("power_norm", input=x)
     nd = x.ndim

@@ -22,19 +22,24 @@ import math
 from typing import Any, NamedTuple
 
 from ._validate import check_int, check_ndim
+from ._results import result_tuple
 from ._xp import Array, compute_dtype, is_array, library_name, namespace, to_compute
 
 __all__ = ["population_statistics", "PopulationStatistics"]
 
 
+@result_tuple
 class PopulationStatistics(NamedTuple):
     """``mean`` (C,); ``var`` (C,) unbiased; ``cov`` (C/group_size, group_size, group_size) unbiased, or
-    ``None`` without ``group_size``; ``count``: the samples per channel (N·∏spatial, a Python int)."""
+    ``None`` without ``group_size``; ``count``: the samples per channel (N·∏spatial, a Python int).
+
+    A ``NamedTuple`` ``(mean, var, cov, count)``, not an array: read the fields (arithmetic on the
+    tuple or an array attribute raises an error that says so)."""
 
     mean: Array
     var: Array
     cov: Array | None
-    count: int
+    count: int  # type: ignore[assignment]  # a field named like tuple.count (the method is shadowed)
 
 
 def population_statistics(input: Array, *, group_size: int | None = None, batch_size: int | None = None
@@ -157,6 +162,7 @@ def _stream(fn: str, batches: Any, group_size: int | None, batch_size: int | Non
         w = xp.asarray([float(na), float(n)], dtype=mu.dtype)
         N, mean, M2 = combine_moments(xp, w, xp.stack([mua, mu]), xp.stack([m2a, m2]))
         if m2g is not None:
+            assert group_size is not None  # m2g exists only with a group_size (for the type checker)
             g = c // group_size
             mug = xp.stack([xp.reshape(mua, (g, group_size)), xp.reshape(mu, (g, group_size))])
             _, _, M2g = combine_moments(xp, w, mug, xp.stack([m2ga, m2g]))

@@ -137,8 +137,8 @@ def _population_frozen(args, kwargs):
     backward differentiates (the statistics are constants of the backward, survey Eqn 15)."""
     b = population_norm.bind(*args, **kwargs)
     a = b.arguments
-    if not a["training"]:
-        return None
+    if not a["training"]:  # at inference the statistics are given: the backward is the method's own derivative
+        return population_norm
     out = population_norm(*b.args, **b.kwargs)
     op = a["operation"]
     if a["use_updated"]:
@@ -340,8 +340,8 @@ def _prong_frozen(args, kwargs):
 
     b = prong_whitening.bind(*args, **kwargs)
     a = b.arguments
-    if not a["training"]:
-        return None
+    if not a["training"]:  # at inference the statistics are given: the backward is the method's own derivative
+        return prong_whitening
     out = prong_whitening(*b.args, **b.kwargs)
     rm, rc = (out.running_mean, out.running_cov) if a["use_updated"] else (a["running_mean"], a["running_cov"])
     eps, meth, gs = a["eps"], a["method"], a["group_size"]

@@ -44,8 +44,9 @@ from . import operation as _op
 from ._validate import (check_bool, check_eps_representable, check_int, check_momentum, check_ndim,
                         check_nonnegative_values, check_p, check_positive)
 from ._xp import Array, compute_dtype, finfo_eps, namespace, to_compute, to_numpy
+from ._results import result_tuple
 from .distributed import check_reducer
-from .framework import RunningResult, channel_param, check_param_shape, pack, run_forward, unpack_backward
+from .framework import channel_param, check_param_shape, pack, run_forward, unpack_backward
 from .partition import Partition
 from .recovery import affine_forward, tlu_backward, tlu_forward
 from .registry import Empty, Example, Invariant, Residuals, method
@@ -70,23 +71,75 @@ __all__ = [
 ]
 
 
+_RESULT_NOTE = """
+    Notes
+    -----
+    A ``NamedTuple``, not an array: unpack it or read ``result.output``. Arithmetic on the tuple
+    (``result * 2``), NumPy conversion and array attributes (``result.sum()``, ``result.shape``)
+    raise a ``TypeError``/``AttributeError`` that says so (:func:`normref._results.result_tuple`).
+    The running statistics carry no gradient (state, not outputs of the math).
+    """
+
+
+@result_tuple
 class NormResult(NamedTuple):
-    """Output and updated running statistics of a training-mode call given running statistics."""
+    """Output and updated running statistics of a training-mode call given running statistics
+    (``batch_norm``, ``instance_norm``, ``batch_renorm``, ``ghost_batch_norm``, ...).
 
-    output: Any
-    running_mean: Any
-    running_var: Any
+    Attributes
+    ----------
+    output : Array
+        The normalized array (same shape and dtype as the input): the differentiable output.
+    running_mean : Array
+        The updated running mean, (C,), in the dtype of the given ``running_mean``.
+    running_var : Array
+        The updated running (unbiased) variance, (C,), in the dtype of the given ``running_var``.
+    """
+
+    output: Array
+    running_mean: Array
+    running_var: Array
 
 
+@result_tuple
 class MeanOnlyResult(NamedTuple):
-    output: Any
-    running_mean: Any
+    """Output and updated running mean of a training-mode ``mean_only_batch_norm`` given
+    ``running_mean``.
+
+    Attributes
+    ----------
+    output : Array
+        The centred array (same shape and dtype as the input): the differentiable output.
+    running_mean : Array
+        The updated running mean, (C,).
+    """
+
+    output: Array
+    running_mean: Array
 
 
+@result_tuple
 class LpNormResult(NamedTuple):
-    output: Any
-    running_mean: Any
-    running_scale: Any
+    """Output and updated running statistics of a training-mode ``lp_batch_norm`` given running
+    statistics.
+
+    Attributes
+    ----------
+    output : Array
+        The normalized array (same shape and dtype as the input): the differentiable output.
+    running_mean : Array
+        The updated running mean, (C,).
+    running_scale : Array
+        The updated running Lp deviation (the scale divided by), (C,).
+    """
+
+    output: Array
+    running_mean: Array
+    running_scale: Array
+
+
+for _cls in (NormResult, MeanOnlyResult, LpNormResult):
+    _cls.__doc__ = (_cls.__doc__ or "") + _RESULT_NOTE
 
 
 # --------------------------------------------------------------------------------------------------
@@ -783,7 +836,7 @@ def batch_group_norm(
     input: Any, num_groups: int, weight: Any = None, bias: Any = None, eps: float = 1e-5, *, batch_groups: int = 1,
     sync: Any = None, running_mean: Any = None, running_var: Any = None, training: bool = True,
     momentum: float | None = 0.1, num_batches_tracked: int | None = None,
-) -> Array | RunningResult:
+) -> Array | NormResult:
     """Batch group normalization: statistics per group of C/G channels *and* group of N/Gb samples.
 
     The view (Gb, N/Gb, G, C/G, *spatial) is standardized over (N/Gb, C/G, *spatial); γ, β per
@@ -792,8 +845,7 @@ def batch_group_norm(
     leaves one value per statistic raises ``ValueError``.
 
     Running statistics (keywords; the paper evaluates with them, as BN): with ``running_mean`` and
-    ``running_var`` (C,) a training call returns ``RunningResult(output, running_mean, running_var,
-    None)`` with s ← (1 − momentum)·s + momentum·s_B (Eqn 18; ``momentum=None``: the cumulative
+    ``running_var`` (C,) a training call returns ``NormResult(output, running_mean, running_var)`` with s ← (1 − momentum)·s + momentum·s_B (Eqn 18; ``momentum=None``: the cumulative
     average over ``num_batches_tracked`` batches), s_B the batch statistic of each channel's group
     averaged over the batch groups, the variance unbiased by n/(n − 1), n = N/Gb·C/G·∏spatial;
     ``training=False`` standardizes each channel by them (population statistics, constants in the
@@ -850,12 +902,12 @@ def _bgn_running(fn, input, part, weight, bias, eps, sync, running_mean, running
                                                             "channels × spatial positions) when training")
     f = _factor(fn, momentum, nbt) if training else None
     if _is_empty(input.shape) and sync is None:  # empty output, state unchanged, zero parameter gradients
-        if training:
-            y, res = _empty_call(xp, input, (input, weight, bias, running_mean, running_var))
-            return RunningResult(y, xp.asarray(running_mean, copy=True), xp.asarray(running_var, copy=True), None), res
-        return _empty_call(xp, input, (input, weight, bias, running_mean, running_var))
-    return running_call(fn, xp, input, part, "standardizing", "affine", weight, bias, training, f, eps,
-                        running_mean, running_var, None, sync=sync)
+        return _empty_call(xp, input, (input, weight, bias, running_mean, running_var), None,
+                           NormResult if training else None, (running_mean, running_var))
+    out, res = running_call(fn, xp, input, part, "standardizing", "affine", weight, bias, training, f, eps,
+                            running_mean, running_var, None, sync=sync)
+    # as batch_norm: NormResult(output, running_mean, running_var) (no mean square field)
+    return (NormResult(out.output, out.running_mean, out.running_var) if isinstance(out, tuple) else out), res
 
 
 # --------------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ import numpy as _np
 from . import matfun as _mf
 from . import operation as _op
 from ._validate import check_choice, check_int, check_nonnegative, check_positive, concrete_any
+from ._results import result_tuple
 from ._xp import compute_dtype, device_of, is_lazy, namespace, to_compute, to_numpy
 from .registry import Example, Invariant, Residuals, method
 
@@ -179,7 +180,7 @@ def _ex_weight_norm(rng):
 
 
 def _wn_row_norms(m, xp, out, args, kwargs):
-    v, g = args[0], args[1]
+    g = args[1]
     dim = kwargs.get("dim", 0)
     w = _np.asarray(to_numpy(m.primary(out)), _np.float64)
     gg = _np.abs(_np.asarray(to_numpy(g), _np.float64))
@@ -409,10 +410,15 @@ def _ws_backward(res, dw):
 # spectral normalization (Miyato et al., ICLR 2018)
 
 
+@result_tuple
 class SpectralNormResult(NamedTuple):
     """The spectrally normalized weight and the power-iteration state after the call (no gradient):
     ``u`` (shape ``(w.shape[dim],)``) and ``v`` (shape ``(fan,)``, the other axes flattened), the
-    vectors of σ = uᵀ·W·v."""
+    vectors of σ = uᵀ·W·v.
+
+    A ``NamedTuple`` ``(weight, u, v)``, not an array: ``result.weight`` is the normalized weight
+    (the differentiable output); arithmetic on the tuple or an array attribute (``result.shape``)
+    raises an error that says so."""
 
     weight: Any
     u: Any
@@ -600,7 +606,8 @@ def spectral_norm(w: Any, u: Any, n_power_iterations: int = 1, eps: float = 1e-1
     sa = None if a is None else xp.asarray(a, dtype=cd, device=device_of(wc))
     res = Residuals((wc, uu, vv, sigma, sa), (dim, tuple(w.shape)))
     v_dtype = u.dtype if v is None else v.dtype
-    return SpectralNormResult(_out(xp, y, w.dtype), _out(xp, uu, u.dtype), _out(xp, vv, v_dtype)), res
+    # a registered forward returns (out, residuals); its annotation is what a call returns (registry.method)
+    return SpectralNormResult(_out(xp, y, w.dtype), _out(xp, uu, u.dtype), _out(xp, vv, v_dtype)), res  # type: ignore[return-value]
 
 
 def _pow2_scale(xp, w):

@@ -101,14 +101,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import numpy as _np
 
 from . import matfun as _mf
 from . import partition as _part
 from ._validate import check_bool, check_choice, check_int, check_momentum, check_ndim, check_nonnegative, check_positive
-from ._xp import compute_dtype, is_lazy, namespace, to_compute, to_numpy
+from ._results import result_tuple
+from ._xp import Array, compute_dtype, is_lazy, namespace, to_compute, to_numpy
 from .framework import channel_param, check_param_shape, pack, run_backward, run_forward, unpack_backward
 from .operation import Operation
 from .recovery import affine_backward, affine_forward
@@ -136,8 +137,14 @@ PARTITIONS = _part.KINDS
 ITERNORM_STABLE_T = 6
 
 
+@result_tuple
 class WhiteningResult(NamedTuple):
-    """Output and updated population statistics of a training-mode call given running statistics."""
+    """Output and updated population statistics of a training-mode call given running statistics.
+
+    A ``NamedTuple`` ``(output, running_mean, running_cov)``, not an array: ``result.output`` is the
+    whitened array (the differentiable output); ``running_mean`` (C,) and ``running_cov`` (the
+    per-group covariances) are the updated statistics (no gradient). Arithmetic on the tuple or an
+    array attribute (``result.sum()``) raises an error that says so."""
 
     output: Any
     running_mean: Any
@@ -296,21 +303,21 @@ def _check_spectrum(fn, xp, lam, eps, source, m):
         raise _refuse(fn, source, eps, _dtype_name(lam.dtype), "smallest eigenvalue", lo_k, hi_k, _noise(d, e, hi_k), d, m)
 
 
-def _check_pivots(fn, xp, l, sigma, eps, source, m):
+def _check_pivots(fn, xp, chol, sigma, eps, source, m):
     """cholesky: every squared pivot L_ii² (a Schur complement of Σ) above ν = 2√d·ε_dtype·max diag Σ."""
-    piv = _concrete(_mf._diag(xp, l))
+    piv = _concrete(_mf._diag(xp, chol))
     dg = _concrete(_mf._diag(xp, sigma))
     if piv is None or dg is None:
         return
     d = piv.shape[-1]
-    e = float(xp.finfo(l.dtype).eps)
+    e = float(xp.finfo(chol.dtype).eps)
     hi = dg.max(axis=-1)
     p2 = _np.where(_np.isfinite(piv), piv * piv, -_np.inf).min(axis=-1)  # a NaN pivot (JAX): failed factorization
     bad = p2 <= _noise(d, e, hi)
     if _np.any(bad):
         k = int(_np.argmax(bad.ravel()))
         lo_k, hi_k = float(p2.ravel()[k]), float(hi.ravel()[k])
-        raise _refuse(fn, source, eps, _dtype_name(l.dtype), "smallest squared Cholesky pivot", lo_k, hi_k,
+        raise _refuse(fn, source, eps, _dtype_name(chol.dtype), "smallest squared Cholesky pivot", lo_k, hi_k,
                       _noise(d, e, hi_k), d, m)
 
 
@@ -364,7 +371,7 @@ def _operator(fn, xp, sigma, method, iterations, eps, source, m=None, data=None)
         _check_newton(fn, xp, sigma, eps, source, method)
         return _mf.operator_forward(xp, sigma, method, iterations)
     try:
-        l, res = _mf.operator_forward(xp, sigma, method, iterations)
+        chol, res = _mf.operator_forward(xp, sigma, method, iterations)
     except Exception as exc:  # numpy/torch LinAlgError of a failed Cholesky
         if not ("LinAlg" in type(exc).__name__ or "positive" in str(exc).lower()):
             raise
@@ -375,8 +382,8 @@ def _operator(fn, xp, sigma, method, iterations, eps, source, m=None, data=None)
         raise _refuse(fn, source, eps, _dtype_name(sigma.dtype), f"its Cholesky factorization failed "
                       f"({type(exc).__name__}: a pivot is not positive), i.e. a Schur complement is not above",
                       None, hi, _noise(d, e, hi), d, m) from None
-    _check_pivots(fn, xp, l, sigma, eps, source, m)
-    return l, res
+    _check_pivots(fn, xp, chol, sigma, eps, source, m)
+    return chol, res
 
 
 # --------------------------------------------------------------------------------------------------
@@ -626,7 +633,7 @@ def _features(part: _part.Partition, shape) -> tuple[int, str]:
     return f, "input.shape[1]"
 
 
-def whitening_operation(fn: str, part: _part.Partition, shape, method: str = "zca", group_size: int | None = None,
+def whitening_operation(fn: str, part: _part.Partition, shape: Sequence[int], method: str = "zca", group_size: int | None = None,
                         iterations: int = 5, eps: float = 1e-5, population: bool = False,
                         sync: Any = None) -> Whitening:
     """The :class:`Whitening` operation of ``method`` for ``part`` on inputs of ``shape``: validates
@@ -739,7 +746,7 @@ def _whitening(
     part.validate(fn, shape)
     op = whitening_operation(fn, part, shape, method, group_size, iterations, eps, sync=sync)
     lay = op.layout(part.view_shape(shape))
-    n, c = shape[0], shape[1]
+    c = shape[1]
     g, gs, batch = lay.g, lay.c, partition == "batch"
     if (running_mean is None) != (running_cov is None):
         given = "running_mean" if running_cov is None else "running_cov"
@@ -978,7 +985,7 @@ def batch_whitening(
     normalized_ndim: int = 1,
     num_batches_tracked: int | None = None,
     sync: Any = None,
-):
+) -> Array | WhiteningResult:
     """Batch whitening: X̂ = W(Σ)·(X − μ) per group of ``group_size`` features, y = γ·X̂ + β per channel.
 
     Σ = Xc·Xcᵀ/m + ε·I (survey Eqn 23); W by ``method`` (``"zca"``, ``"pca"``, ``"cholesky"``,
@@ -1055,7 +1062,7 @@ def decorrelated_batch_norm(
     *,
     num_batches_tracked: int | None = None,
     sync: Any = None,
-):
+) -> Array | WhiteningResult:
     """Decorrelated batch normalization: ZCA batch whitening X̂ = Σ^-1/2·(X − μ) per channel group,
     then a per-channel affine y = γ·X̂ + β (:func:`batch_whitening` with ``method="zca"``).
     Huang et al., CVPR 2018 (Algorithm 1; their default group size is 16).
@@ -1120,7 +1127,7 @@ def iter_norm(
     num_batches_tracked: int | None = None,
     coupled: bool | None = None,
     sync: Any = None,
-):
+) -> Array | WhiteningResult:
     """Iterative normalization: X̂ = (P_T/√tr Σ)·(X − μ), P_0 = I, P_k = ½(3·P_{k−1} − P_{k−1}³·Σ/tr Σ),
     then y = γ·X̂ + β (:func:`batch_whitening` with ``method="iternorm"``). The running covariance is
     kept and W recomputed from it at inference (the paper keeps a running W instead; survey §5.3.2).
@@ -1219,7 +1226,7 @@ def whitening_coloring(
     *,
     num_batches_tracked: int | None = None,
     sync: Any = None,
-):
+) -> Array | WhiteningResult:
     """Whitening and coloring: X̃ = Γ_g·X̂_g + β, X̂ the batch whitening of :func:`batch_whitening`.
 
     ``weight`` holds the coloring matrices Γ, one per group, shape (C/group_size, group_size,
@@ -1284,7 +1291,7 @@ def _ex_matrix(rng):
     examples=_ex_matrix,
     invariants=(_matrix_invariant(),),
 )
-def whitening_matrix(cov: Any, method: str = "zca", iterations: int = 5):
+def whitening_matrix(cov: Any, method: str = "zca", iterations: int = 5) -> Array:
     """The whitening matrix W of sym(Σ) for each matrix of ``cov`` (..., d, d), one batched call.
 
     zca: Σ^-1/2 = D·Λ^-1/2·Dᵀ; pca: Λ^-1/2·Dᵀ; cholesky: L^-1 (one triangular solve); iternorm /
@@ -1377,7 +1384,7 @@ def _check_style(fn, content, style):
     examples=_ex_adain,
     invariants=(_adain_invariant(),),
 )
-def adain(content: Any, style: Any, eps: float = 1e-5):
+def adain(content: Any, style: Any, eps: float = 1e-5) -> Array:
     """Adaptive instance normalization: y = σ_s·(x − μ_c)/σ_c + μ_s.
 
     μ, σ per sample and channel over the spatial axes, σ = √(mean((x − μ)²) + ε) (biased variance, ε
@@ -1486,7 +1493,7 @@ def _ex_wct(rng):
     examples=_ex_wct,
     invariants=(_wct_invariant(),),
 )
-def wct(content: Any, style: Any, alpha: float = 1.0, eps: float = 1e-5, group_size: int | None = None):
+def wct(content: Any, style: Any, alpha: float = 1.0, eps: float = 1e-5, group_size: int | None = None) -> Array:
     """Whitening and coloring transform: y = α·(Σ_s^1/2·Σ_c^-1/2·(x − μ_c) + μ_s) + (1 − α)·x.
 
     Per sample (the instance partition) and group of ``group_size`` channels (``None``: all):

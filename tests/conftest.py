@@ -2,15 +2,83 @@
 
 A library that is not installed (or has no device here) is skipped with its reason, never dropped
 silently. Arrays are made in NumPy float64 and converted, so every backend sees the same numbers.
+
+The suite in two parts: ``python -m pytest`` runs the fast tests; the tests of :data:`SLOW` (marked
+``slow`` here, by module and name, so that no test file needs editing) run with ``--full``.
+``python -m pytest --full -m slow`` runs the slow part alone: CI runs both, the union is the suite.
 """
 
 from __future__ import annotations
 
+import fnmatch
+
 import numpy as np
 import pytest
 
-import normref
+import normref  # noqa: F401  (every method registered before the tests are collected)
 from normref.conformance.backends import all_backends
+
+
+# --------------------------------------------------------------------------------------------------
+# fast and full runs
+
+# {test module: test function names (fnmatch patterns, parameters ignored)} marked ``slow``: the
+# multi-process engines (gloo, MPI, JAX's simulated devices, dask clusters), subprocesses that import
+# a framework, the whole conformance suite and the large drawn layouts (measured with --durations)
+SLOW: dict[str, tuple[str, ...]] = {
+    "test_jax_sharded.py": ("*",),
+    "test_sync.py": ("test_sync_equals_single_process", "test_values_sent_minimum",
+                     "test_float32_stability_across_ranks", "test_jax_collectives_shard_map_vmap_pmap",
+                     "test_mpi4py"),
+    "test_sync_whitening.py": ("test_sync_whitening_equals_single_process",),
+    "test_torch_sync.py": ("test_synchronized_layers_equal_the_full_batch",
+                           "test_convert_sync_and_torch_converter_interplay", "test_torch_ddp_example_*",
+                           "test_bench_sync_quick"),
+    "test_dask.py": ("test_local_cluster_*",),
+    "test_conformance.py": ("test_quick_run_of_everything_registered",),
+    "test_kernel_layouts.py": ("*",),
+    "test_kernels.py": ("test_bench_quick_smoke",),
+    "test_embedding.py": ("test_readme_jax_example_*",),
+}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true", default=False,
+                     help="normref: run the whole suite, the tests marked slow included (python -m pytest "
+                     "--full; --full -m slow runs the slow ones alone)")
+
+
+def _is_slow(item) -> bool:
+    patterns = SLOW.get(item.path.name if hasattr(item, "path") else "", ())
+    name = getattr(item, "originalname", None) or item.name.split("[")[0]
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _is_slow(item):
+            item.add_marker(pytest.mark.slow)
+    if config.getoption("--full"):
+        return
+    kept, slow = [], []
+    for item in items:
+        (slow if item.get_closest_marker("slow") else kept).append(item)
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = kept
+        config._normref_slow_deselected = len(slow)
+
+
+def pytest_report_header(config):
+    if config.getoption("--full"):
+        return "normref: the full suite (--full)"
+    return "normref: the fast tests; the tests marked slow run with --full (python -m pytest --full -m slow)"
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    n = getattr(config, "_normref_slow_deselected", 0)
+    if n:
+        terminalreporter.write_line(f"normref: {n} slow tests not run (python -m pytest --full -m slow runs them)")
 
 
 def _params():

@@ -235,7 +235,7 @@ def test_frn_nan_tau_propagates(backend):
 def test_ndarray_subclasses_refused(make, name):
     with pytest.raises(TypeError, match=rf"batch_norm: input must be a plain numpy.ndarray.*got {name}"):
         normref.batch_norm(make(), None, None, training=True)
-    with pytest.raises(TypeError, match=rf"group_norm: weight must be a plain numpy.ndarray.*got MaskedArray"):
+    with pytest.raises(TypeError, match=r"group_norm: weight must be a plain numpy.ndarray.*got MaskedArray"):
         normref.group_norm(X, 2, np.ma.masked_array(C))
 
 

@@ -67,6 +67,14 @@ def _cases(rng, c=6):
     ]
     for meth in normref.WHITENING_METHODS:
         out.append((f"bw {meth}", "batch_whitening", (rm, rc2, w, b), dict(group_size=2, method=meth), _kappa(rc2)))
+    # issue 14's stateful methods: inference by the running statistics, as batch norm (or scaling only)
+    std = dict(running_mean=rm, running_var=rv, weight=w, bias=b, training=False)
+    for name, extra in (("batch_group_norm", dict(num_groups=2)), ("blended_batch_norm", {}),
+                        ("memorized_batch_norm", {}), ("cross_iteration_batch_norm", {}), ("online_norm", {})):
+        out.append((name, name, (), {**std, **extra}, 1.0))
+    ms = rng.uniform(0.3, 2.0, c)
+    for name in ("power_norm", "moving_average_batch_norm"):
+        out.append((name, name, (), dict(running_mean_square=ms, weight=w, bias=b), 1.0))
     return out
 
 
@@ -94,15 +102,20 @@ def test_affine_is_the_inference_call(backend):
     seen = set()
     for label, name, args, kw, cond in _cases(rng):
         seen.add(name)
-        want = np.asarray(normref.get(name)(x, *args, **kw))  # NumPy float64: the method itself
-        na = inference_affine(name, *[on(a) for a in args], **kw)
+        want = normref.get(name)(x, *args, **kw)  # NumPy float64: the method itself
+        want = np.asarray(want[0] if isinstance(want, tuple) else want)
+        bargs = [on(a) for a in args]
+        bkw = {k: on(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
+        na = inference_affine(name, *bargs, **bkw)
         assert isinstance(na, NormAffine)
-        assert_same_kind(na.matrix, on(args[0]))
-        assert_same_kind(na.shift, on(args[0]))
+        like = (bargs or [v for v in bkw.values() if isinstance(v, type(on(x)))])[0]
+        assert_same_kind(na.matrix, like)
+        assert_same_kind(na.shift, like)
         got = _apply((on.np(na.matrix), on.np(na.shift)), x)
         assert _rel(got, want) <= TOL64 * cond, label
         # the method on this backend as well (the same call, its own path)
-        assert _rel(on.np(normref.get(name)(on(x), *[on(a) for a in args], **kw)), got) <= TOL64 * cond, label
+        yb = normref.get(name)(on(x), *bargs, **bkw)
+        assert _rel(on.np(yb[0] if isinstance(yb, tuple) else yb), got) <= TOL64 * cond, label
         w, b = rng.standard_normal((5, 6, 3, 3)), rng.standard_normal(5)
         for layer, wt in (("after", w), ("before", rng.standard_normal((6, 2, 3)))):
             ref = fold((np.asarray(on.np(na.matrix)), on.np(na.shift)), wt, b if layer == "after" else None, layer=layer)
@@ -296,12 +309,32 @@ def test_torch_fold_model_float32_and_matches_torch_fuse():
     assert ours[0].weight.dtype == torch.float32
 
 
+@pytest.mark.parametrize("method,kw", [("lp_batch_norm", dict(p=1.0)), ("mean_only_batch_norm", {}),
+                                       ("ghost_batch_norm", dict(virtual_batch_size=4)),
+                                       ("batch_group_norm", dict(num_groups=2)), ("blended_batch_norm", {})])
+def test_torch_fold_stateful_layers(method, kw):
+    """Every StatefulNorm layer of a foldable per-channel method folds into the convolution before it."""
+    from torch import nn
+
+    from normref.backends import torch as nt
+
+    torch.manual_seed(4)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nt.StatefulNorm(method, 4, **kw)).double()
+    x = torch.randn(8, 3, 5, 5, dtype=torch.float64)
+    for _ in range(2):  # training-mode steps update the running statistics
+        m(x)
+    m.eval()
+    with torch.no_grad():
+        f = nt.fold(m)
+        assert f.normref_folded == 1 and isinstance(f[1], nn.Identity)
+        assert _rel(f(x).numpy(), m(x).numpy()) <= TOL64
+
+
 def test_torch_fold_leaves_what_does_not_fold():
     from torch import nn
 
     from normref.backends import torch as nt
 
-    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
     cases = {
         "zero-padded conv after the norm": nn.Sequential(nt.BatchNorm2d(4), nn.Conv2d(4, 3, 3, padding=1)),
         "training mode": nn.Sequential(nn.Conv2d(4, 4, 1), nt.BatchNorm2d(4).train()),

@@ -124,7 +124,7 @@ def test_spade_per_position_and_presets(rng):
     w, b = rng.standard_normal(6), rng.standard_normal(6)
     rm, rv = rng.standard_normal(6), rng.uniform(0.5, 2.0, 6)
     spade = rng.standard_normal((4, 6, 3, 2))
-    y = normref.batch_normalize(x, rm, rv, spade, -spade, False)
+    y = normref.batch_normalize(x, rm, rv, spade, -spade, False, recovery="generated")
     assert rel_err(y, np_infer(x, (rm, rv, rv), spade, -spade, "standardizing")) < TOL64
     a = normref.batch_normalize(x, rm, rv, w, b, True, 0.3)
     e = normref.batch_norm(x, rm, rv, w, b, True, 0.3)
@@ -314,3 +314,37 @@ def test_bad_input_batch_group_norm(rng):
         normref.batch_group_norm(x, 3, running_mean=np.zeros(6), running_var=np.ones(3))
     with pytest.raises(TypeError, match=r"batch_group_norm: training must be a bool"):
         normref.batch_group_norm(x, 3, training=1)
+
+
+def sync_worker(rank, world_size, xs, rm, rv, w, b):
+    """One rank of the synchronized batch_group_norm-with-running-statistics check (gloo)."""
+    from normref.backends.distributed.torch import TorchReducer
+
+    out, pb = normref.vjp(normref.batch_group_norm, xs[rank], 3, w, b, batch_groups=2, sync=TorchReducer(),
+                          running_mean=rm, running_var=rv, momentum=0.3)
+    g = np.ones_like(out.output) * (rank + 1.0)
+    dx = pb(g)[0]
+    return {"y": out.output, "rm": out.running_mean, "rv": out.running_var, "dx": dx}
+
+
+def test_synchronized_running_statistics(rng):
+    """batch_group_norm with running statistics and sync= over 2 gloo ranks: batch group j is the
+    union of the ranks' j-th chunks; every rank gets the running statistics of the global batch
+    groups (the variance unbiased by the global count), equal to one process holding the union."""
+    pytest.importorskip("torch")
+    from ._dist import run_ranks
+
+    xs = [rng.standard_normal((4, 6, 3)) + 0.3 * r for r in range(2)]
+    rm, rv = rng.standard_normal(6), rng.uniform(0.5, 2.0, 6)
+    w, b = rng.standard_normal(6), rng.standard_normal(6)
+    res = run_ranks(sync_worker, 2, xs, rm, rv, w, b, timeout=120)
+    # the union: batch group j = rank 0's j-th chunk then rank 1's (2 samples each)
+    union = np.concatenate([xs[0][:2], xs[1][:2], xs[0][2:], xs[1][2:]])
+    ref, pb = normref.vjp(normref.batch_group_norm, union, 3, w, b, batch_groups=2, running_mean=rm, running_var=rv,
+                          momentum=0.3)
+    g = np.concatenate([np.ones((2, 6, 3)), 2 * np.ones((2, 6, 3)), np.ones((2, 6, 3)), 2 * np.ones((2, 6, 3))])
+    dx = pb(g)[0]
+    for r in range(2):
+        assert rel_err(res[r]["rm"], ref.running_mean) < TOL64 and rel_err(res[r]["rv"], ref.running_var) < TOL64
+        assert rel_err(res[r]["y"], np.concatenate([ref.output[2 * r:2 * r + 2], ref.output[4 + 2 * r:6 + 2 * r]])) < TOL64
+        assert rel_err(res[r]["dx"], np.concatenate([dx[2 * r:2 * r + 2], dx[4 + 2 * r:6 + 2 * r]])) < TOL64

@@ -31,7 +31,7 @@ import normref  # noqa: E402
 from normref.backends.torch import parametrize as P  # noqa: E402
 from normref.backends.torch._function import autograd_function  # noqa: E402
 from torch.nn.utils import parametrizations as TP  # noqa: E402
-from tests.conftest import EPS64, TOL64
+from tests.conftest import TOL64  # noqa: E402
 
 DT = torch.float64
 

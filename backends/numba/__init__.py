@@ -298,7 +298,6 @@ def normalize_forward(xv, axes, mode, eps, shift, scale, gamma, beta, shape, out
     size = xv.size
     threads = 1 if size < _serial_below() else _threads()
     code = _MODES[mode]
-    from . import _fused as F
 
     if order == "rows":
         _kf("fwd_rows", size)(xf, xs, yf, ys, lay.sizes, code, float(eps), gf, gs, g is not None, bf, bs,

@@ -11,8 +11,9 @@ design. Layers (``modules``): ``nt.BatchNorm2d``, ``nt.LayerNorm``, ``nt.LocalRe
 (drop-ins for torch's, same constructor and state_dict); ``nt.StatefulNorm(method, C, ...)`` for any
 activation method, with its running statistics as buffers, and named ones generated from it
 (``nt.IterNorm``, ``nt.BatchWhitening2d``, ``nt.BatchRenorm2d``, ``nt.SwitchableNorm``, ...);
-``nt.Norm`` for a stateless wrapper whose arrays are passed to ``forward``. Parametrizations for the
-weight methods are in ``normref.backends.torch.parametrize``.
+``nt.Norm`` for a stateless wrapper whose arrays are passed to ``forward``. ``nt.fold(model)``
+folds a model's eval-mode norm layers (whitening included) into its convolutions (``folding``).
+Parametrizations for the weight methods are in ``normref.backends.torch.parametrize``.
 
 Data-parallel training (synchronized batch statistics, on CPU/gloo too): every layer with batch
 statistics takes ``process_group=`` (``None``: local, the default; ``nt.WORLD`` or a
