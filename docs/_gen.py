@@ -547,7 +547,9 @@ def method_page(m, cl: dict, keys: list, rep: dict, auto_target: str) -> str:
         cells_eq.append(f"``{val.split(' (')[0]}``" + (f" ({val.split(' (', 1)[1]}" if " (" in val else ""))
     parts += ["Equivalents in other frameworks", "-------------------------------", "",
               _table(list(FRAMEWORKS), [cells_eq]),
-              "PyTorch names are checked against the installed torch when the site is built. normref's own "
+              "PyTorch names are checked against the installed torch when the site is built; the JAX-ecosystem "
+              "names (jax, optax, flax.nnx, equinox.nn) are those libraries' public API, not imported here. "
+              "\"none\": the framework has no such function or layer. normref's own "
               f"adapters: ``normref.backends.torch.{name}`` (a ``torch.autograd.Function``) and "
               f"``normref.backends.jax.{name}`` (a ``jax.custom_vjp``), both running this backward.", ""]
     parts += ["Executed example", "----------------", "",

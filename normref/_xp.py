@@ -152,8 +152,8 @@ def namespace(fn: str, **arrays: Any) -> Any:
 def compute_dtype(xp: Any, dtype: Any) -> Any:
     """The dtype statistics are accumulated in: float32 for float16/bfloat16, else the dtype itself.
 
-    NumPy dtypes are read by kind and size, not by identity (issue 11: every dtype that was not
-    exactly ``float32``/``float64`` used to compute in float32):
+    NumPy dtypes are read by kind and size, not by identity (an earlier version computed
+    every dtype that was not exactly ``float32``/``float64`` in float32):
 
     - non-native byte order (``'>f8'``, ``'>f4'`` on a little-endian machine) computes in the native
       dtype of the same size, native float64 / float32 precision; the result is cast back, so the

@@ -345,6 +345,10 @@ def moving_average_batch_norm(
         \bar\Psi_t = \tfrac{1}{m}\big(\Psi_t + \sum_{\tau=1}^{m-1}\Psi_{t-\tau}\big), \quad
         \partial L/\partial x = (\hat g - z\,\bar\Psi_t)/\sqrt{\bar\psi_t + \epsilon}.
 
+    Backward: ĝ = γ·r·g, Ψ_t = mean(ĝ·z); dx = (ĝ − z·(Ψ_t + Σ_τ Ψ_{t−τ})/m)/√(ψ̄ + ε) (with no
+    ``past_grad_stats``, Ψ_t/m: the exact derivative); dγ = Σ g·r·z, dβ = Σ g; the past χ² and r are
+    constants. At inference dx = γ·g/√(running_mean_square + ε).
+
     Parameters
     ----------
     input : Array
@@ -571,6 +575,8 @@ def centralized_weight(v: Array) -> Array:
 
     over all axes but 0 (n = fan-in: in-channels × kernel).
 
+    Backward: dv_i = dw_i − mean(dw_i) over each row (the same projection).
+
     Parameters
     ----------
     v : Array
@@ -701,6 +707,10 @@ def memorized_batch_norm(
         y = \gamma\,(x - \bar\mu)/\sqrt{\bar\sigma^2 + \epsilon} + \beta,
 
     μ_{t−i}, σ²_{t−i} the per-channel mean and biased variance of batch t − i over (N, *spatial).
+
+    Backward: ĝ = γ·g, x̂ = (x − μ̄)·s, s = (σ̄² + ε)^-1/2, A = Σ ĝ, B = Σ ĝ·x̂, δ = −s²·B/2, a = η_0,
+    M values per channel: dx = s·ĝ + a·(−s·A + 2(μ_t − μ̄)·δ)/M + 2a·δ·(x − μ_t)/M ("pooled"; "average"
+    drops the 2(μ_t − μ̄)·δ term); dγ = Σ g·x̂, dβ = Σ g; the memorized statistics are constants.
 
     Parameters
     ----------
@@ -898,6 +908,10 @@ def cross_iteration_batch_norm(
 
     with μ, ν = E[x²] per channel over (N, *spatial) and θ the weights of the layer before (the
     τ = 0 term is the current batch's, uncompensated).
+
+    Backward: ĝ = γ·g, x̂ = (x − μ̄)·s, s = (σ̄² + ε)^-1/2, A = Σ ĝ, B = Σ ĝ·x̂, δ = −s²·B/2, a = 1/k
+    (1/k_c with ``invalid="drop"``), M values per channel: dx = s·ĝ + a·(−s·A + 2(μ_t − μ̄)·δ)/M +
+    2a·δ·(x − μ_t)/M; dγ = Σ g·x̂, dβ = Σ g; the compensated past statistics (and θ) are constants.
 
     Parameters
     ----------

@@ -78,7 +78,7 @@ def _any_or_traced(xp, mask) -> bool:
 def _rsqrt(xp, ms, eps, centered, axes):
     """(ms + ε)^-½ per statistic, ms = mean(d²) with d = ``centered()`` (x − μ, or x for scaling).
 
-    Overflow (issue 11): at |d| ≳ 1.8e19 (float32) or 1.3e154 (float64) d² and ms overflow to inf and
+    Overflow: at |d| ≳ 1.8e19 (float32) or 1.3e154 (float64) d² and ms overflow to inf and
     the plain formula gives 0, so every output would be β. x̂ = d·(ms + ε)^-½ is scale-free and
     representable: where ms is inf but d is finite, d is rescaled by an exact power of two
     p = 2^-⌊log2 max|d|⌋ (|d·p| < 2, no rounding), ms_p = mean((d·p)²) is formed without overflow, and
@@ -102,7 +102,7 @@ def _rsqrt(xp, ms, eps, centered, axes):
 def _power_mean(xp, a, axes, p, power):
     """σ_p = (mean aᵖ)^{1/p} over ``axes`` for a = |x − μ| ≥ 0 (``power(t)`` = tᵖ).
 
-    Overflow (issue 11): aᵖ overflows long before σ_p does (p = 3 in float32 at a ≈ 5e12). σ_p is
+    Overflow: aᵖ overflows long before σ_p does (p = 3 in float32 at a ≈ 5e12). σ_p is
     homogeneous, σ_p(a) = q·σ_p(a/q): where the plain result is inf but a is finite, a is divided
     by an exact power of two q = 2^⌊log2 max a⌋ (no rounding) and σ_p recomputed. ``xp.where`` keeps
     it traceable; on concrete arrays the second pass runs only when something overflowed."""

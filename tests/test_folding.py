@@ -125,6 +125,25 @@ def test_affine_is_the_inference_call(backend):
     assert seen == set(FOLDABLE)
 
 
+def test_jax_jit():
+    """fold and inference_affine are traceable: under jax.jit (the value checks are skipped there, as
+    for every normref function) they give the eager results."""
+    from normref.conformance.backends import get_backend
+
+    b = get_backend("jax")
+    if not b.available:
+        pytest.skip(f"jax: {b.reason}")
+    import jax
+
+    rng = np.random.default_rng(8)
+    rm, rc, w = rng.standard_normal(4), _spd(rng, 2, 2), rng.standard_normal((3, 4, 3, 3))
+    for name in ("iter_norm", "decorrelated_batch_norm"):
+        eager = fold(inference_affine(name, rm, rc, group_size=2), w, layer="after")
+        jitted = jax.jit(lambda m, c, v: fold(inference_affine(name, m, c, group_size=2), v, layer="after"))(  # noqa: B023
+            b.asarray(rm), b.asarray(rc), b.asarray(w))
+        assert _rel(b.to_numpy(jitted.weight), eager.weight) <= TOL64 and _rel(b.to_numpy(jitted.bias), eager.bias) <= TOL64
+
+
 def _t(a):
     return torch.from_numpy(np.ascontiguousarray(a))
 

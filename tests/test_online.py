@@ -509,6 +509,17 @@ def test_torch_layer_options_are_checked_at_construction():
         nt.PowerNorm(3, variant="bn")
     with pytest.raises(ValueError, match=r"OnlineNorm: num_features must be a positive int"):
         nt.OnlineNorm(0)
+    # the generic layer cannot update backward state: it refuses rather than never updating it
+    with pytest.raises(TypeError, match=r"no initial value is known for the state argument 'error_mean'"):
+        nt.StatefulNorm("online_norm", 3)
+    # one backward per training-mode forward (a second would run the control process twice)
+    import torch
+
+    layer = nt.OnlineNorm(3, dtype=torch.float64)
+    y = layer(torch.ones(2, 3, dtype=torch.float64, requires_grad=True))
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match=r"OnlineNorm: the training-mode backward ran already"):
+        y.sum().backward()
 
 
 def test_empty_batch_keeps_every_state():

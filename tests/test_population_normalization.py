@@ -254,15 +254,17 @@ def test_population_norm_schedule_and_inference(rng):
 
 
 def test_prong_whitens_with_fresh_statistics(rng):
-    """On a re-estimation step with momentum 1 the whitened batch has cov(x̂) + ε·U·Uᵀ = I (PCA and ZCA),
-    and the Mahalanobis norm of every sample is basis-free: Σ_i x̂_i² = (x − μ)ᵀ(Σ + εI)⁻¹(x − μ)."""
+    """On a re-estimation step with momentum 1 the whitened batch has cov(x̂) = U·Σ·Uᵀ with the eigenvalues
+    λ_i/(λ_i + ε) of Σ(Σ + εI)⁻¹ whatever the basis (PCA and ZCA), and the Mahalanobis norm of every
+    sample is basis-free: Σ_i x̂_i² = (x − μ)ᵀ(Σ + εI)⁻¹(x − μ) (UᵀU = (Σ + εI)⁻¹)."""
     x = rng.standard_normal((40, 4)) @ np.diag([2.0, 1.0, 0.6, 0.3]) + 1.0
     for meth in ("pca", "zca"):
         out = PW(x, np.zeros(4), np.eye(4)[None], None, None, True, method=meth, num_batches_tracked=0, update_every=4)
+        assert rel_err(out.running_cov[0], np.cov(x.T)) <= TOL64 and rel_err(out.running_mean, x.mean(0)) <= TOL64
         cov = out.running_cov[0] + 1e-5 * np.eye(4)
-        c = np.cov(out.output.T)
-        u = np_zca(cov)  # U·Uᵀ = (Σ + εI)⁻¹ for either basis
-        assert rel_err(c + 1e-5 * u @ u, np.eye(4)) <= 10 * TOL64
+        lam = np.linalg.eigvalsh(out.running_cov[0])
+        got = np.linalg.eigvalsh(np.cov(out.output.T))
+        assert rel_err(got, lam / (lam + 1e-5)) <= 10 * TOL64  # cond: κ(Σ) ≈ (2/0.3)² ≈ 44 → eigenvalues
         maha = np.einsum("ni,ij,nj->n", x - out.running_mean, np.linalg.inv(cov), x - out.running_mean)
         assert rel_err((out.output ** 2).sum(1), maha) <= 10 * TOL64
 
@@ -464,12 +466,13 @@ def test_training_loop_prong(rng, meth):
     whiten = np_pca if meth == "pca" else np_zca
     # reference
     A, V, d, cm, U = A0.copy(), V0.copy(), d0.copy(), np.zeros(c), np.eye(c) / np.sqrt(1 + eps)
-    ref_losses, ref_can = [], []
+    ref_losses, ref_can, conds = [], [], []
     for k, (x, t) in enumerate(data):
         h = x @ A
         if k % T == 0:
             c_new = h.mean(0)
             S = (h - c_new).T @ (h - c_new) / (n - 1)
+            kappa = float(np.linalg.cond(S + eps * np.eye(c)))
             U_new = whiten(S + eps * np.eye(c))
             V, d = V @ U @ np.linalg.inv(U_new), d + V @ U @ (c_new - cm)
             cm, U = c_new, U_new
@@ -480,6 +483,7 @@ def test_training_loop_prong(rng, meth):
         dV, dd, dh = do.T @ z, do.sum(0), (do @ V) @ U
         A, V, d = A - LR * (x.T @ dh), V - LR * dV, d - LR * dd
         ref_can.append((V @ U, d - V @ U @ cm, A))
+        conds.append(kappa)
     # normref
     A, V, d, rm, rc = A0.copy(), V0.copy(), d0.copy(), np.zeros(c), np.eye(c)[None]
     losses = []
@@ -497,9 +501,13 @@ def test_training_loop_prong(rng, meth):
         A, V, d = A - LR * (x.T @ dh), V - LR * (do.T @ z), d - LR * do.sum(0)
         U = normref.whitening_matrix(rc[0] + eps * np.eye(c), meth)
         can = (V @ U, d - V @ U @ rm, A)
+        # cond: κ(Σ + εI) of the statistics in use (U_new⁻¹ and the eigendecomposition amplify by it),
+        # accumulated over the k + 1 steps so far
+        budget = (k + 1) * max(conds[: k + 1]) * TOL64
         for u, v in zip(can, ref_can[k]):
-            assert rel_err(u, v) <= (k + 1) * 10 * TOL64  # cond: κ(Σ) of the drawn activations ≤ 10
-    assert rel_err(losses, ref_losses) <= 7 * 10 * TOL64
+            assert rel_err(u, v) <= budget
+    assert rel_err(losses, ref_losses) <= len(data) * max(conds) * TOL64
+    assert max(conds) < 1e3  # a benign problem: the comparison is meaningful at these budgets
 
 
 # --------------------------------------------------------------------------------------------------

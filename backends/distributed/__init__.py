@@ -1,4 +1,4 @@
-"""Reducers for synchronized batch statistics (issue 12), one per distributed engine.
+"""Reducers for synchronized batch statistics, one per distributed engine.
 
 - :class:`normref.backends.distributed.torch.TorchReducer` (``torch.distributed``, any backend);
 - :class:`normref.backends.distributed.jax.JaxReducer` (``lax.psum`` / ``lax.all_gather`` under

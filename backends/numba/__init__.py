@@ -35,8 +35,8 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 def _whole_elements(a) -> bool:
     """Every byte stride a multiple of the itemsize and the data aligned. The kernels address operands
-    in elements (``_flat``); issue 11: a field of a packed structured array (byte stride 9 for a
-    float64 after an int8) was floor-divided into element strides, so the kernels read garbage and,
+    in elements (``_flat``); a field of a packed structured array (byte stride 9 for a
+    float64 after an int8) used to be floor-divided into element strides, so the kernels read garbage and,
     through ``out=``, wrote into the neighbouring field. Such arrays are declined (the formula runs,
     and NumPy writes ``out=`` element by element)."""
     f = a.flags

@@ -97,7 +97,7 @@ def moments_split(x, shifted, nchunk, s1, s2):
     index, one task per (statistic, range), so that a single statistic (layer norm of one sample,
     batch norm of one channel) still runs on every thread.
 
-    Issue 11: these layouts used to go to :func:`moments_cols`, which assumes R2 = R3 = 1 and read only
+    These layouts used to go to :func:`moments_cols`, which assumes R2 = R3 = 1 and read only
     the first element of each run (mean = first element, variance 0). Every range uses the same
     shift s (the statistic's first element), so its partial sums Σ(x − s), Σ(x − s)² are float64
     sums of the same shifted terms and add exactly like one long sum: the combination is as stable as

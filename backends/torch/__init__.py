@@ -20,6 +20,10 @@ statistics takes ``process_group=`` (``None``: local, the default; ``nt.WORLD`` 
 ``torch.distributed.ProcessGroup``: the whole batch's statistics across the group in training mode);
 ``nt.convert_sync(model, nt.WORLD)`` synchronizes a built model (normref's layers in place, torch's
 BatchNorm*d / SyncBatchNorm replaced by normref's); ``nt.SyncBatchNorm`` is a drop-in for torch's.
+
+After training, ``nt.recalibrate(model, batches)`` re-estimates the population statistics of every
+normref layer (and torch's batch norms) — Algorithm 2, precise BN or AdaBN — where torch's
+``update_bn`` skips normref's ``StatefulNorm`` layers (``normref.backends.torch.inference``).
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ Named layers (each also as ``...1d``/``...2d``/``...3d``, which check the input 
 ``MeanOnlyBatchNorm``, ``BatchGroupNorm``, ``BatchInstanceNorm``, ``FilterResponseNorm``.
 ``LocalResponseNorm`` is a drop-in for ``torch.nn.LocalResponseNorm``.
 
-Synchronized statistics (issue 12): the layers with batch statistics (``BatchNorm1d/2d/3d`` and the
+Synchronized statistics: the layers with batch statistics (``BatchNorm1d/2d/3d`` and the
 ``StatefulNorm`` layers whose method has a ``sync=`` reducer argument) take ``process_group=``
 (keyword; ``None`` = local, the default, as before; :data:`WORLD` = the default process group; or a
 ``torch.distributed.ProcessGroup``) and, in training mode, compute the whole group's batch statistics
@@ -526,8 +526,11 @@ class StatefulNorm(_Synchronized, nn.Module):
         for p in self._param_names + self._state_names:
             kwargs[p] = getattr(self, p)
         update = self.training and self.track_running_stats and bool(self._state_names)
-        if update and self._counts and kwargs.get("momentum", 0.0) is None:
-            # the cumulative average needs k, the number of batches seen before this one (a host read)
+        if update and self._counts and (kwargs.get("momentum", 0.0) is None or kwargs.get("update_every", 1) != 1
+                                        or kwargs.get("preset") == "diminishing"):
+            # the cumulative average, a schedule in the step (population_norm / prong_whitening's
+            # update_every, blended_batch_norm's diminishing α_k) need k, the number of batches seen
+            # before this one (a host read)
             kwargs["num_batches_tracked"] = int(self.num_batches_tracked)
         kwargs.update(self._sync_kwargs())
         out = function(self.normref_method)(input, **kwargs)

@@ -13,8 +13,8 @@ statistics and the backward is exact (the generated Function).
     layer = OnlineNorm(64)                       # buffers running_mean, running_var, error_mean, error_proj
     layer = PowerNorm(512, variant="pn")         # buffers running_mean_square, grad_correlation
 
-One training-mode forward is paired with one backward: calling ``backward`` twice on the same graph
-(``retain_graph=True``) runs the control process twice, as the authors' layers do. Second
+One training-mode forward is paired with one backward: a second ``backward`` through the same graph
+(``retain_graph=True``) is a ``RuntimeError`` (it would run the control process twice). Second
 derivatives are not supported through the training-mode path (the papers define first-order
 gradients only); eval mode has them (the generated Function).
 """
@@ -88,6 +88,11 @@ class _BackwardStateNorm(nn.Module):
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
+
+    @property
+    def normref_method(self) -> str:
+        """The registered method this layer computes (as :class:`StatefulNorm`'s attribute)."""
+        return self._method
 
     def _static(self) -> dict:
         return {k: getattr(self, k) for k in self._static_names}
