@@ -421,12 +421,11 @@ def batch_norm(
 ) -> Array | NormResult:
     """Batch normalization, with ``torch.nn.functional.batch_norm``'s arguments and results.
 
-    y = γ·(x − μ_B)/√(σ_B² + ε) + β, statistics per channel over (N, *spatial) (Π_BN, survey Eqn 20),
+    y = γ·(x − μ_B)/√(σ_B² + ε) + β, statistics per channel over ``(N, *spatial)`` (Π_BN, survey Eqn 20),
     σ_B² biased. With ``training=False`` the running statistics are the population statistics
     (constants in the backward, survey Eqn 16). With ``training=True`` and running statistics the
     result is ``NormResult(output, running_mean, running_var)`` with
     running ← (1 − momentum)·running + momentum·batch statistic (Eqn 18; variance unbiased).
-    ``out``: an optional NumPy/CuPy array of input's shape and dtype that receives the output.
 
     ``sync``: a reducer (:mod:`normref.distributed`; e.g.
     ``normref.backends.distributed.torch.TorchReducer()``) makes the batch the union of every rank's
@@ -436,9 +435,49 @@ def batch_norm(
     forward one all_gather of 2C + 1 values per rank ([n, μ, M2]), backward one all_reduce_sum of
     2C values ([Σg, Σg·x̂]). Per-rank batches may differ in size, a rank may hold 0 samples (its
     output is empty); dγ, dβ are this rank's part (sum them across ranks, as DDP does). Unused with
-    ``training=False``. Survey §5.1.1 (batch statistics over the whole mini-batch).
+    ``training=False``.
 
-    Ioffe & Szegedy, ICML 2015.
+    Parameters
+    ----------
+    input : array, shape ``(N, C, *spatial)``
+        The input.
+    running_mean : array or None, shape ``(C,)``
+        The running mean: the population mean used when ``training=False``; updated (in the result,
+        not in place) when ``training=True``. ``None``: batch statistics only.
+    running_var : array or None, shape ``(C,)``
+        The running (unbiased) variance, as ``running_mean``.
+    weight : array or None, shape ``(C,)``, default None
+        γ (``None``: 1).
+    bias : array or None, shape ``(C,)``, default None
+        β (``None``: 0).
+    training : bool, default False
+        Use the batch statistics (and update the running statistics, if given).
+    momentum : float or None, default 0.1
+        The running-statistic factor; ``None``: the cumulative average 1/(k + 1) with
+        ``k = num_batches_tracked``.
+    eps : float, default 1e-5
+        ε, added to the variance.
+    num_batches_tracked : int or None, default None
+        Batches seen before this one (needed with ``momentum=None``).
+    out : array or None, default None
+        An optional NumPy/CuPy array of input's shape and dtype that receives the output.
+    sync : reducer or None, default None
+        A reducer (:mod:`normref.distributed`): synchronized batch normalization (see above).
+
+    Returns
+    -------
+    out : array or NormResult
+        The output (input's shape and dtype), or ``NormResult(output, running_mean, running_var)``
+        when ``training=True`` and running statistics are given.
+
+    Notes
+    -----
+    Survey §5.1.1 (batch statistics over the whole mini-batch), Eqns 16, 18 and 20.
+
+    References
+    ----------
+    .. [1] S. Ioffe and C. Szegedy, "Batch Normalization: Accelerating Deep Network Training by Reducing
+       Internal Covariate Shift", ICML 2015.
     """
     fn = "batch_norm"
     xp = namespace(fn, input=input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
@@ -538,13 +577,51 @@ def instance_norm(
     y = γ·(x − μ_nc)/√(σ_nc² + ε) + β, statistics per sample and channel over the spatial axes.
     With ``use_input_stats`` and running statistics, returns ``NormResult`` whose running statistics
     move toward the batch average of the instance statistics (variance unbiased over the spatial
-    count), as torch does. ``out``: as in :func:`batch_norm`. Ulyanov et al. 2016.
+    count), as torch does.
+
+    Parameters
+    ----------
+    input : array, shape ``(N, C, *spatial)``
+        The input.
+    running_mean : array or None, shape ``(C,)``, default None
+        The running mean (used when ``use_input_stats=False``; updated when it is true).
+    running_var : array or None, shape ``(C,)``, default None
+        The running (unbiased) variance, as ``running_mean``.
+    weight : array or None, shape ``(C,)``, default None
+        γ (``None``: 1).
+    bias : array or None, shape ``(C,)``, default None
+        β (``None``: 0).
+    use_input_stats : bool, default True
+        Use each instance's statistics (torch's argument); ``False``: the running statistics.
+    momentum : float or None, default 0.1
+        The running-statistic factor; ``None``: the cumulative average (see Notes).
+    eps : float, default 1e-5
+        ε, added to the variance.
+    num_batches_tracked : int or None, default None
+        Batches seen before this one (needed with ``momentum=None``).
+    out : array or None, default None
+        As in :func:`batch_norm`.
+
+    Returns
+    -------
+    out : array or NormResult
+        The output, or ``NormResult(output, running_mean, running_var)`` with ``use_input_stats`` and
+        running statistics.
+
+    Notes
+    -----
+    Survey §5.1.1 (Table 1: Π_IN with the standardizing operation).
 
     ``momentum=None`` diverges from torch on purpose: ``F.instance_norm`` refuses it (``TypeError``:
     momentum must be float) and ``nn.InstanceNorm*d(momentum=None, track_running_stats=True)``
     passes momentum 0.0, so its running statistics never move and ``num_batches_tracked`` stays 0
     (checked with torch 2.13). Here, as in :func:`batch_norm`, ``momentum=None`` is the cumulative
     average and needs ``num_batches_tracked``; pass ``momentum=0.0`` to reproduce torch's module.
+
+    References
+    ----------
+    .. [1] D. Ulyanov, A. Vedaldi and V. Lempitsky, "Instance Normalization: The Missing Ingredient for
+       Fast Stylization", arXiv:1607.08022, 2016.
     """
     fn = "instance_norm"
     xp = namespace(fn, input=input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
@@ -652,7 +729,35 @@ def layer_norm(
     """Layer normalization, with ``torch.nn.functional.layer_norm``'s arguments and results.
 
     y = γ ⊙ (x − μ)/√(σ² + ε) + β, statistics per sample over the trailing ``normalized_shape``
-    dimensions; γ, β have ``normalized_shape``. ``out``: as in :func:`batch_norm`. Ba et al. 2016.
+    dimensions; γ, β have ``normalized_shape``.
+
+    Parameters
+    ----------
+    input : array, shape ``(N, *, *normalized_shape)``
+        The input.
+    normalized_shape : int or sequence of int
+        The trailing dimensions the statistics run over.
+    weight : array or None, shape ``normalized_shape``, default None
+        γ (``None``: 1).
+    bias : array or None, shape ``normalized_shape``, default None
+        β (``None``: 0).
+    eps : float, default 1e-5
+        ε, added to the variance.
+    out : array or None, default None
+        As in :func:`batch_norm`.
+
+    Returns
+    -------
+    out : array
+        The output, input's shape and dtype.
+
+    Notes
+    -----
+    Survey §5.1.1 (Table 1: Π_LN with the standardizing operation).
+
+    References
+    ----------
+    .. [1] J. L. Ba, J. R. Kiros and G. E. Hinton, "Layer Normalization", arXiv:1607.06450, 2016.
     """
     fn = "layer_norm"
     xp = namespace(fn, input=input, weight=weight, bias=bias)
@@ -708,11 +813,36 @@ def rms_norm(
     """RMS normalization, with ``torch.nn.functional.rms_norm``'s arguments and results.
 
     y = γ ⊙ x/√(mean(x²) + ε) over the trailing ``normalized_shape`` dimensions (survey Table 1:
-    Π_LN with the scaling operation). ``eps=None`` means the machine epsilon of the dtype the
-    statistics are computed in, as in torch: ``finfo(float32).eps`` for float16/bfloat16 inputs
-    (they accumulate in float32), ``finfo(dtype).eps`` for float32 and float64 (torch 2.13:
-    ``F.rms_norm(x16, s) == F.rms_norm(x16.float(), s, eps=finfo(float32).eps).half()``).
-    ``out``: as in :func:`batch_norm`. Zhang & Sennrich, NeurIPS 2019.
+    Π_LN with the scaling operation).
+
+    Parameters
+    ----------
+    input : array, shape ``(N, *, *normalized_shape)``
+        The input.
+    normalized_shape : int or sequence of int
+        The trailing dimensions the mean of squares runs over.
+    weight : array or None, shape ``normalized_shape``, default None
+        γ (``None``: 1).
+    eps : float or None, default None
+        ε; ``None`` means the machine epsilon of the dtype the statistics are computed in, as in torch:
+        ``finfo(float32).eps`` for float16/bfloat16 inputs (they accumulate in float32),
+        ``finfo(dtype).eps`` for float32 and float64 (torch 2.13:
+        ``F.rms_norm(x16, s) == F.rms_norm(x16.float(), s, eps=finfo(float32).eps).half()``).
+    out : array or None, default None
+        As in :func:`batch_norm`.
+
+    Returns
+    -------
+    out : array
+        The output, input's shape and dtype.
+
+    Notes
+    -----
+    Survey §5.1.2 (Table 1: Π_LN with the scaling operation).
+
+    References
+    ----------
+    .. [1] B. Zhang and R. Sennrich, "Root Mean Square Layer Normalization", NeurIPS 2019.
     """
     fn = "rms_norm"
     xp = namespace(fn, input=input, weight=weight)
@@ -786,8 +916,35 @@ def group_norm(
     """Group normalization, with ``torch.nn.functional.group_norm``'s arguments and results.
 
     The C channels are split into ``num_groups`` groups; y = γ·(x − μ_ng)/√(σ_ng² + ε) + β with
-    statistics per sample and group over (C/G, *spatial). ``out``: as in :func:`batch_norm`.
-    Wu & He, ECCV 2018.
+    statistics per sample and group over ``(C/G, *spatial)``.
+
+    Parameters
+    ----------
+    input : array, shape ``(N, C, *spatial)``
+        The input.
+    num_groups : int
+        G, which must divide C.
+    weight : array or None, shape ``(C,)``, default None
+        γ per channel (``None``: 1).
+    bias : array or None, shape ``(C,)``, default None
+        β per channel (``None``: 0).
+    eps : float, default 1e-5
+        ε, added to the variance.
+    out : array or None, default None
+        As in :func:`batch_norm`.
+
+    Returns
+    -------
+    out : array
+        The output, input's shape and dtype.
+
+    Notes
+    -----
+    Survey §5.1.1 (Table 1: Π_GN with the standardizing operation).
+
+    References
+    ----------
+    .. [1] Y. Wu and K. He, "Group Normalization", ECCV 2018.
     """
     fn = "group_norm"
     num_groups = check_int(fn, "num_groups", num_groups)
@@ -839,13 +996,14 @@ def batch_group_norm(
 ) -> Array | NormResult:
     """Batch group normalization: statistics per group of C/G channels *and* group of N/Gb samples.
 
-    The view (Gb, N/Gb, G, C/G, *spatial) is standardized over (N/Gb, C/G, *spatial); γ, β per
+    The view ``(Gb, N/Gb, G, C/G, *spatial)`` is standardized over ``(N/Gb, C/G, *spatial)``; γ, β per
     channel. ``batch_groups=1`` pools the whole batch (the paper's setting). In training (the default)
     the statistics come from the batch, so, like :func:`batch_norm` in training, a partition that
     leaves one value per statistic raises ``ValueError``.
 
     Running statistics (keywords; the paper evaluates with them, as BN): with ``running_mean`` and
-    ``running_var`` (C,) a training call returns ``NormResult(output, running_mean, running_var)`` with s ← (1 − momentum)·s + momentum·s_B (Eqn 18; ``momentum=None``: the cumulative
+    ``running_var`` (C,) a training call returns ``NormResult(output, running_mean, running_var)`` with
+    s ← (1 − momentum)·s + momentum·s_B (Eqn 18; ``momentum=None``: the cumulative
     average over ``num_batches_tracked`` batches), s_B the batch statistic of each channel's group
     averaged over the batch groups, the variance unbiased by n/(n − 1), n = N/Gb·C/G·∏spatial;
     ``training=False`` standardizes each channel by them (population statistics, constants in the
@@ -856,9 +1014,49 @@ def batch_group_norm(
     as without sync), and its statistics are pooled over the ranks (Chan). With ``batch_groups=1``
     this is the whole global batch, as the paper's BGN. Per step: forward one all_gather of
     2·Gb·G + 1 values, backward one all_reduce_sum of 2·Gb·G values. Ranks may hold different
-    batch sizes (each divisible by ``batch_groups``), also 0. Survey §5.1.1.
+    batch sizes (each divisible by ``batch_groups``), also 0.
 
-    Zhou et al., ICLR 2020.
+    Parameters
+    ----------
+    input : array, shape ``(N, C, *spatial)``
+        The input.
+    num_groups : int
+        G, the channel groups (divides C).
+    weight : array or None, shape ``(C,)``, default None
+        γ (``None``: 1).
+    bias : array or None, shape ``(C,)``, default None
+        β (``None``: 0).
+    eps : float, default 1e-5
+        ε, added to the variance.
+    batch_groups : int, default 1
+        Gb, the batch groups (divides N).
+    sync : reducer or None, default None
+        A reducer (:mod:`normref.distributed`): batch groups across ranks (see above).
+    running_mean : array or None, shape ``(C,)``, default None
+        The running mean (see above).
+    running_var : array or None, shape ``(C,)``, default None
+        The running (unbiased) variance.
+    training : bool, default True
+        Batch statistics (``True``) or the running statistics (``False``).
+    momentum : float or None, default 0.1
+        The running-statistic factor; ``None``: the cumulative average.
+    num_batches_tracked : int or None, default None
+        Batches seen before this one (needed with ``momentum=None``).
+
+    Returns
+    -------
+    out : array or NormResult
+        The output, or ``NormResult(output, running_mean, running_var)`` in training with running
+        statistics.
+
+    Notes
+    -----
+    Survey §5.1.1 (batch group partition), Eqn 18.
+
+    References
+    ----------
+    .. [1] X.-Y. Zhou, J. Sun, N. Ye, X. Lan, Q. Luo, B.-L. Lai, P. Esperanca, G.-Z. Yang and Z. Li,
+       "Batch Group Normalization", ICLR 2020 (submission; arXiv:2012.02782).
     """
     fn = "batch_group_norm"
     num_groups = check_int(fn, "num_groups", num_groups)
@@ -938,7 +1136,31 @@ def position_norm(input: Any, weight: Any = None, bias: Any = None, eps: float =
     """Positional normalization (PONO): standardize each sample's channel vector at every position.
 
     y = γ·(x − μ_nhw)/√(σ_nhw² + ε) + β with μ, σ² over the C channels; σ² biased, as in the paper's
-    equation (its public code uses the unbiased variance). Li et al., NeurIPS 2019.
+    equation (its public code uses the unbiased variance).
+
+    Parameters
+    ----------
+    input : array, shape ``(N, C, *spatial)``
+        The input.
+    weight : array or None, shape ``(C,)``, default None
+        γ (``None``: 1).
+    bias : array or None, shape ``(C,)``, default None
+        β (``None``: 0).
+    eps : float, default 1e-5
+        ε, added to the variance.
+
+    Returns
+    -------
+    out : array
+        The output, input's shape and dtype.
+
+    Notes
+    -----
+    Survey §5.1.1 (Table 1: Π_PN, the position partition, with the standardizing operation).
+
+    References
+    ----------
+    .. [1] B. Li, F. Wu, K. Q. Weinberger and S. Belongie, "Positional Normalization", NeurIPS 2019.
     """
     return _group_like("position_norm", input, weight, bias, eps, Partition("position"))
 
@@ -966,7 +1188,30 @@ def _pixel_partition(args, kwargs):
 def pixel_norm(input: Any, eps: float = 1e-8) -> Array:
     """Pixelwise feature vector normalization: y = x/√(mean_C(x²) + ε), ε = 1e-8 as in the paper.
 
-    Karras et al., ICLR 2018 (ProGAN), Eqn of §4.2.
+    The mean of squares runs over the C channels at each sample and position (the position partition
+    with the scaling operation).
+
+    Parameters
+    ----------
+    input : array, shape ``(N, C, *spatial)``
+        The input.
+    eps : float, default 1e-8
+        ε, added to the mean of squares.
+
+    Returns
+    -------
+    out : array
+        The output, input's shape and dtype.
+
+    Notes
+    -----
+    Survey §5.1.2 (Table 1: the position partition with the scaling operation); the paper's equation is
+    in its §4.2.
+
+    References
+    ----------
+    .. [1] T. Karras, T. Aila, S. Laine and J. Lehtinen, "Progressive Growing of GANs for Improved
+       Quality, Stability, and Variation", ICLR 2018 (ProGAN), Eqn of §4.2.
     """
     fn = "pixel_norm"
     xp = namespace(fn, input=input)
@@ -1029,7 +1274,38 @@ def mean_only_batch_norm(
     ``sync`` (a reducer, :mod:`normref.distributed`): μ_B over every rank's batch (and the same running
     mean on every rank); per step forward one all_gather of C + 1 values ([n, μ]), backward one
     all_reduce_sum of C values (Σg). Ranks may hold different batch sizes, also 0; unused in
-    inference. Survey §5.1.1.
+    inference.
+
+    Parameters
+    ----------
+    input : array, shape ``(N, C, *spatial)``
+        The input.
+    running_mean : array or None, shape ``(C,)``, default None
+        The running mean (used at inference; updated in training).
+    bias : array or None, shape ``(C,)``, default None
+        β (``None``: 0).
+    training : bool, default False
+        Use the batch mean (and update the running mean, if given).
+    momentum : float or None, default 0.1
+        The running-mean factor; ``None``: the cumulative average over ``num_batches_tracked``.
+    num_batches_tracked : int or None, default None
+        Batches seen before this one (needed with ``momentum=None``).
+    sync : reducer or None, default None
+        A reducer (:mod:`normref.distributed`): the batch mean over every rank (see above).
+
+    Returns
+    -------
+    out : array or MeanOnlyResult
+        The output, or ``MeanOnlyResult(output, running_mean)`` with ``training=True`` and a running mean.
+
+    Notes
+    -----
+    Survey §5.1.1 (Table 1: Π_BN with the centering operation).
+
+    References
+    ----------
+    .. [1] T. Salimans and D. P. Kingma, "Weight Normalization: A Simple Reparameterization to Accelerate
+       Training of Deep Neural Networks", NeurIPS 2016.
     """
     fn = "mean_only_batch_norm"
     xp = namespace(fn, input=input, running_mean=running_mean, bias=bias)
@@ -1101,7 +1377,33 @@ def filter_response_norm(input: Any, weight: Any = None, bias: Any = None, tau: 
 
     ν² = mean_{H,W}(x²), x̂ = x/√(ν² + ε), y = γ·x̂ + β, and with ``tau`` (per channel) the thresholded
     linear unit z = max(y, τ). ε = 1e-6 as in the paper (fixed here, not learned).
-    Singh & Krishnan, CVPR 2020.
+
+    Parameters
+    ----------
+    input : array, shape ``(N, C, *spatial)``
+        The input.
+    weight : array or None, shape ``(C,)``, default None
+        γ (``None``: 1).
+    bias : array or None, shape ``(C,)``, default None
+        β (``None``: 0).
+    tau : array or None, shape ``(C,)``, default None
+        τ of the TLU (``None``: no TLU).
+    eps : float, default 1e-6
+        ε, added to ν².
+
+    Returns
+    -------
+    out : array
+        The output, input's shape and dtype.
+
+    Notes
+    -----
+    Survey §5.1.2 (Table 1: Π_IN with the scaling operation).
+
+    References
+    ----------
+    .. [1] S. Singh and S. Krishnan, "Filter Response Normalization Layer: Eliminating Batch Dependence
+       in the Training of Deep Neural Networks", CVPR 2020.
     """
     fn = "filter_response_norm"
     xp = namespace(fn, input=input, weight=weight, bias=bias, tau=tau)
@@ -1211,15 +1513,60 @@ def lp_batch_norm(
     Over Π_BN; p = ∞ gives σ = max|x − μ|; p = 1 with ``l1_factor`` uses c = √(π/2), which makes σ₁ an
     estimate of the standard deviation for Gaussian data (Hoffer et al. 2018; Wu et al. 2018),
     otherwise c = 1. ε is added *outside* the deviation. The running scale tracks σ_p (no bias
-    correction); at inference x̂ = (x − μ̂)/(c·σ̂_p + ε) with constants. Liao et al. 2016.
+    correction); at inference x̂ = (x − μ̂)/(c·σ̂_p + ε) with constants.
 
     ``sync`` (a reducer, :mod:`normref.distributed`): μ_B and σ_p over every rank's batch, the same
     running statistics on every rank. σ_p needs the global μ first, so the forward takes two rounds
     for p ≠ 2: an all_gather of C + 1 values ([n, μ]), then an all_reduce_sum of Σ|x − μ|^p (C
     values), or for p = ∞ an all_gather of each rank's max|x − μ| (C values) and a max over ranks;
     p = 2 takes σ₂ from Chan's pooled M2 in one all_gather of 2C + 1 values. Backward: one
-    all_reduce_sum of [Σg, Σg·x̂, Σw] (3C values; 2C for p = 2, where Σw = Σu/σ₂ = 0; for p = ∞ [Σg, Σg·x̂, Σ sign·[tie], Σ[tie]], 4C,
-    the ties counted over all ranks). Ranks may hold 0 samples; unused in inference. Survey §5.1.1.
+    all_reduce_sum of [Σg, Σg·x̂, Σw] (3C values; 2C for p = 2, where Σw = Σu/σ₂ = 0; for p = ∞
+    [Σg, Σg·x̂, Σ sign·[tie], Σ[tie]], 4C, the ties counted over all ranks). Ranks may hold 0 samples;
+    unused in inference.
+
+    Parameters
+    ----------
+    input : array, shape ``(N, C, *spatial)``
+        The input.
+    running_mean : array or None, shape ``(C,)``, default None
+        The running mean (used at inference; updated in training).
+    running_scale : array or None, shape ``(C,)``, default None
+        The running Lp deviation σ_p (no bias correction).
+    weight : array or None, shape ``(C,)``, default None
+        γ (``None``: 1).
+    bias : array or None, shape ``(C,)``, default None
+        β (``None``: 0).
+    training : bool, default False
+        Use the batch statistics (and update the running ones, if given).
+    momentum : float or None, default 0.1
+        The running-statistic factor; ``None``: the cumulative average.
+    eps : float, default 1e-5
+        ε, added outside the deviation.
+    p : float, default 2.0
+        p ≥ 1, or ``inf``.
+    l1_factor : bool, default True
+        For p = 1, multiply σ₁ by c = √(π/2).
+    num_batches_tracked : int or None, default None
+        Batches seen before this one (needed with ``momentum=None``).
+    sync : reducer or None, default None
+        A reducer (:mod:`normref.distributed`): statistics over every rank's batch (see above).
+
+    Returns
+    -------
+    out : array or LpNormResult
+        The output, or ``LpNormResult(output, running_mean, running_scale)`` in training with running
+        statistics.
+
+    Notes
+    -----
+    Survey §5.1.1 (batch statistics) and §5.1.2 (the L1 and Lp operations).
+
+    References
+    ----------
+    .. [1] Q. Liao, K. Kawaguchi and T. Poggio, "Streaming Normalization: Towards Simpler and More
+       Biologically-plausible Normalizations for Online and Recurrent Learning", arXiv:1610.06160, 2016.
+    .. [2] E. Hoffer, R. Banner, I. Golan and D. Soudry, "Norm matters: efficient and accurate
+       normalization schemes in deep networks", NeurIPS 2018.
     """
     fn = "lp_batch_norm"
     xp = namespace(fn, input=input, running_mean=running_mean, running_scale=running_scale, weight=weight, bias=bias)
@@ -1345,13 +1692,53 @@ def batch_renorm(
     d = clip((μ_B − μ)/σ, −d_max, d_max); r and d are constants of the backward (stop-gradient), so
     dx = r·(the standardization backward). The running statistics are required in training, are
     updated as in :func:`batch_norm` (unbiased variance) and returned in a ``NormResult``; at inference
-    this is :func:`batch_norm` with running statistics. Ioffe, NeurIPS 2017 (Algorithm 1).
+    this is :func:`batch_norm` with running statistics.
 
     ``sync`` (a reducer, :mod:`normref.distributed`): μ_B, σ_B over every rank's batch, so r and d
     come from the global statistics and every rank gets the same running statistics (variance
     unbiased by the global count). Per step as :func:`batch_norm`: forward one all_gather of 2C + 1
     values, backward one all_reduce_sum of 2C. Ranks may hold 0 samples; unused in inference.
+
+    Parameters
+    ----------
+    input : array, shape ``(N, C, *spatial)``
+        The input.
+    running_mean : array, shape ``(C,)``
+        The running mean μ (required in training).
+    running_var : array, shape ``(C,)``
+        The running (unbiased) variance.
+    weight : array or None, shape ``(C,)``, default None
+        γ (``None``: 1).
+    bias : array or None, shape ``(C,)``, default None
+        β (``None``: 0).
+    training : bool, default False
+        Renormalize with the batch statistics (and update the running ones).
+    momentum : float or None, default 0.1
+        The running-statistic factor; ``None``: the cumulative average.
+    eps : float, default 1e-5
+        ε, added to the variances.
+    rmax : float, default 3.0
+        r_max, the clip of r.
+    dmax : float, default 5.0
+        d_max, the clip of d.
+    num_batches_tracked : int or None, default None
+        Batches seen before this one (needed with ``momentum=None``).
+    sync : reducer or None, default None
+        A reducer (:mod:`normref.distributed`): global statistics (see above).
+
+    Returns
+    -------
+    out : array or NormResult
+        The output, or ``NormResult(output, running_mean, running_var)`` in training.
+
+    Notes
+    -----
     Survey §5.3.1.
+
+    References
+    ----------
+    .. [1] S. Ioffe, "Batch Renormalization: Towards Reducing Minibatch Dependence in Batch-Normalized
+       Models", NeurIPS 2017 (Algorithm 1).
     """
     fn = "batch_renorm"
     xp = namespace(fn, input=input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
@@ -1466,9 +1853,47 @@ def ghost_batch_norm(
     (with the same ``virtual_batch_size``; with ``momentum=None`` pass ``num_batches_tracked = t + K``
     next time). Per step: an all_gather of 1 value (k_r), then one of 2·C·max k_r values (each rank's
     means and unbiased variances, padded); nothing in the backward. A rank may hold 0 samples. Under
-    JAX (equal shapes on every rank) k_r is the local k. Survey §8.3.
+    JAX (equal shapes on every rank) k_r is the local k.
 
-    Hoffer et al., NeurIPS 2017 (Algorithm 1).
+    Parameters
+    ----------
+    input : array, shape ``(N, C, *spatial)``
+        The input.
+    running_mean : array or None, shape ``(C,)``
+        The running mean (used at inference; updated once per virtual batch in training).
+    running_var : array or None, shape ``(C,)``
+        The running (unbiased) variance.
+    weight : array or None, shape ``(C,)``, default None
+        γ (``None``: 1).
+    bias : array or None, shape ``(C,)``, default None
+        β (``None``: 0).
+    training : bool, default False
+        Virtual-batch statistics (``True``) or the running statistics (``False``).
+    momentum : float or None, default 0.1
+        The running-statistic factor; ``None``: the cumulative average (see above).
+    eps : float, default 1e-5
+        ε, added to the variance.
+    virtual_batch_size : int or None, default None
+        The virtual batch size (divides N); ``None``: the whole batch.
+    num_batches_tracked : int or None, default None
+        Batches seen before this call (needed with ``momentum=None``).
+    sync : reducer or None, default None
+        A reducer (:mod:`normref.distributed`): global running statistics (see above).
+
+    Returns
+    -------
+    out : array or NormResult
+        The output, or ``NormResult(output, running_mean, running_var)`` in training with running
+        statistics.
+
+    Notes
+    -----
+    Survey §8.3.
+
+    References
+    ----------
+    .. [1] E. Hoffer, I. Hubara and D. Soudry, "Train longer, generalize better: closing the
+       generalization gap in large batch training of neural networks", NeurIPS 2017 (Algorithm 1).
     """
     fn = "ghost_batch_norm"
     xp = namespace(fn, input=input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)

@@ -62,6 +62,8 @@ BATCH_STATS = {
     "batch_norm", "mean_only_batch_norm", "lp_batch_norm", "batch_renorm", "ghost_batch_norm",
     "batch_group_norm", "switchable_norm", "batch_instance_norm", "batch_whitening",
     "decorrelated_batch_norm", "iter_norm", "whitening_coloring",
+    # population statistics blended with or updated from the batch's (no sync= argument: per device)
+    "population_norm", "blended_batch_norm", "prong_whitening",
 }
 PER_SAMPLE_PARTITIONS = {"instance", "group", "layer", "position"}  # normalize(partition=...)
 # axis_name under vmap(axis_name=...): one BN-like and one whitening method here (each engine costs a

@@ -119,7 +119,8 @@ def test_torch_recalibrate_model(rng):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                           nn.Conv2d(4, 4, 1), nt.BatchNorm2d(4), nt.IterNorm2d(4, group_size=2),
-                          nt.StatefulNorm("batch_normalize", 4, operation="scaling")).double()
+                          nt.StatefulNorm("batch_normalize", 4, operation="scaling"),
+                          nt.InstanceNorm2d(4, track_running_stats=True)).double()
     data = [torch.tensor(rng.standard_normal((6, 3, 4, 4))) for _ in range(3)]
     with torch.no_grad():  # a little training first, so every state is away from its initial value
         model.train()
@@ -139,7 +140,7 @@ def test_torch_recalibrate_model(rng):
     feats = {}
     probe = copy.deepcopy(model).train()
     hooks = [probe[i].register_forward_pre_hook(lambda m, a, i=i: feats.setdefault(i, []).append(a[0].numpy().copy()))
-             for i in (5, 6)]
+             for i in (5, 6, 7)]
     with torch.no_grad():
         for x in data:
             probe(x)
@@ -149,6 +150,10 @@ def test_torch_recalibrate_model(rng):
     assert rel_err(model[5].running_cov, np.mean(covs, axis=0)) < TOL64
     ms = np.mean([(f * f).mean(axis=(0, 2, 3)) for f in feats[6]], axis=0)
     assert rel_err(model[6].running_mean_square, ms) < TOL64
+    # instance norm: per batch the mean over samples of each instance's mean and unbiased variance
+    im = np.mean([f.mean(axis=(2, 3)).mean(axis=0) for f in feats[7]], axis=0)
+    iv = np.mean([f.reshape(6, 4, -1).var(axis=2, ddof=1).mean(axis=0) for f in feats[7]], axis=0)
+    assert rel_err(model[7].running_mean, im) < TOL64 and rel_err(model[7].running_var, iv) < TOL64
     assert int(model[5].num_batches_tracked) == 3
     assert not torch.equal(ref[5].running_cov, model[5].running_cov)  # update_bn left it as trained
     # precise BN: the pooled moments of the first norm layer's inputs

@@ -5,8 +5,8 @@ model, an eval-mode normalization layer with population statistics (normref's ``
 ``InstanceNorm*d`` with ``track_running_stats``, the :class:`~normref.backends.torch.StatefulNorm`
 layers of the methods in :data:`normref.folding.FOLDABLE` — ``BatchRenorm``, ``GhostBatchNorm``,
 ``LpBatchNorm``, ``MeanOnlyBatchNorm``, ``BatchWhitening`` (batch partition),
-``DecorrelatedBatchNorm``, ``IterNorm``, ``WhiteningColoring`` — and torch's own ``BatchNorm*d`` /
-``InstanceNorm*d``) is an affine map y_g = A_g·x_g + c_g (:func:`normref.folding.inference_affine`)
+``DecorrelatedBatchNorm``, ``IterNorm``, ``WhiteningColoring``, ``BatchGroupNorm`` and any other
+``StatefulNorm("<method>", ...)`` of that list — and torch's own ``BatchNorm*d`` / ``InstanceNorm*d``) is an affine map y_g = A_g·x_g + c_g (:func:`normref.folding.inference_affine`)
 and is folded into
 
 1. the ``nn.Conv1d/2d/3d`` or ``nn.Linear`` right before it (W' = A·W, b' = A·b + c), or else
