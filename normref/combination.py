@@ -83,13 +83,55 @@ def switchable_norm(
     v; they receive gradients. σ² biased (the paper's equations; its public code uses the unbiased
     instance variance). The running BN statistics follow :func:`normref.batch_norm` (unbiased
     variance; ``NormResult`` when training with running statistics); at inference they replace the
-    batch statistics. Luo et al., ICLR 2019, Eqns 1–4.
+    batch statistics.
 
     ``sync`` (a reducer, :mod:`normref.distributed`): the BN statistics μ_BN, σ²_BN over every rank's
     batch (IN and LN are per sample, local); the same running statistics on every rank. Per step:
     forward one all_gather of 2C + 1 values, backward one all_reduce_sum of 2C values (the BN
     terms Σ_n a, Σ_n b). The logits' and γ, β's gradients are this rank's part (summed across ranks
-    by the caller, as DDP does). Ranks may hold 0 samples; unused in inference. Survey §5.2.
+    by the caller, as DDP does). Ranks may hold 0 samples; unused in inference.
+
+    Parameters
+    ----------
+    input : array, shape ``(N, C, *spatial)``
+        The input.
+    mean_weight : array, shape ``(3,)``
+        The logits of the means (IN, LN, BN).
+    var_weight : array, shape ``(3,)``
+        The logits of the variances (IN, LN, BN).
+    weight : array or None, shape ``(C,)``, default None
+        γ (``None``: 1).
+    bias : array or None, shape ``(C,)``, default None
+        β (``None``: 0).
+    running_mean : array or None, shape ``(C,)``, default None
+        The running BN mean.
+    running_var : array or None, shape ``(C,)``, default None
+        The running BN (unbiased) variance.
+    training : bool, default False
+        Use the batch statistics (and update the running ones, if given).
+    momentum : float or None, default 0.1
+        The running-statistic factor; ``None``: the cumulative average.
+    eps : float, default 1e-5
+        ε, added to the variance.
+    num_batches_tracked : int or None, default None
+        Batches seen before this one (needed with ``momentum=None``).
+    sync : reducer or None, default None
+        A reducer (see above).
+
+    Returns
+    -------
+    out : array or NormResult
+        The output, or ``NormResult(output, running_mean, running_var)`` in training with running
+        statistics.
+
+    Notes
+    -----
+    Survey §5.2 (multi-mode and combinational normalization).
+
+    References
+    ----------
+    .. [1] P. Luo, J. Ren, Z. Peng, R. Zhang and J. Li, "Differentiable Learning-to-Normalize via
+       Switchable Normalization", ICLR 2019, Eqns 1–4.
     """
     fn = "switchable_norm"
     xp = namespace(fn, input=input, mean_weight=mean_weight, var_weight=var_weight, weight=weight, bias=bias,
@@ -286,9 +328,47 @@ def batch_instance_norm(
     batch (the IN branch is per sample, local), the same running statistics on every rank; per step
     as :func:`normref.batch_norm`: forward one all_gather of 2C + 1 values, backward one
     all_reduce_sum of 2C. dρ, dγ, dβ are this rank's part (summed across ranks by the caller).
-    Ranks may hold 0 samples; unused in inference. Survey §5.2.
+    Ranks may hold 0 samples; unused in inference.
 
-    Nam & Kim, NeurIPS 2018, Eqn 3.
+    Parameters
+    ----------
+    input : array, shape ``(N, C, *spatial)``
+        The input.
+    rho : array, shape ``(C,)``
+        ρ ∈ [0, 1], the BN share per channel.
+    weight : array or None, shape ``(C,)``, default None
+        γ (``None``: 1).
+    bias : array or None, shape ``(C,)``, default None
+        β (``None``: 0).
+    running_mean : array or None, shape ``(C,)``, default None
+        The running BN mean.
+    running_var : array or None, shape ``(C,)``, default None
+        The running BN (unbiased) variance.
+    training : bool, default False
+        Use the batch statistics (and update the running ones, if given).
+    momentum : float or None, default 0.1
+        The running-statistic factor; ``None``: the cumulative average.
+    eps : float, default 1e-5
+        ε, added to the variances.
+    num_batches_tracked : int or None, default None
+        Batches seen before this one (needed with ``momentum=None``).
+    sync : reducer or None, default None
+        A reducer (see above).
+
+    Returns
+    -------
+    out : array or NormResult
+        The output, or ``NormResult(output, running_mean, running_var)`` in training with running
+        statistics.
+
+    Notes
+    -----
+    Survey §5.2 (multi-mode and combinational normalization).
+
+    References
+    ----------
+    .. [1] H. Nam and H.-E. Kim, "Batch-Instance Normalization for Adaptively Style-Invariant Neural
+       Networks", NeurIPS 2018, Eqn 3.
     """
     from . import operation as _op
 
@@ -377,9 +457,35 @@ def _ex_adalin(rng):
 def adaptive_layer_instance_norm(input: Any, rho: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) -> Array:
     """AdaLIN: y = γ·(ρ·x̂_IN + (1 − ρ)·x̂_LN) + β, ρ ∈ [0, 1] per channel.
 
-    γ, β are per channel (C,) or generated: broadcastable to the input, e.g. (N, C, 1, 1) computed per
-    sample as in U-GAT-IT; both receive gradients, as does ρ. Variances biased (the paper's equation).
-    Kim et al., ICLR 2020, Eqn 1.
+    Both γ, β receive gradients, as does ρ. Variances biased (the paper's equation).
+
+    Parameters
+    ----------
+    input : array, shape ``(N, C, *spatial)``
+        The input.
+    rho : array, shape ``(C,)``
+        ρ ∈ [0, 1], the IN share per channel.
+    weight : array or None, default None
+        γ, per channel (C,) or generated: broadcastable to the input, e.g. (N, C, 1, 1) computed per
+        sample as in U-GAT-IT.
+    bias : array or None, default None
+        β, as ``weight``.
+    eps : float, default 1e-5
+        ε, added to the variances.
+
+    Returns
+    -------
+    out : array
+        The output, input's shape and dtype.
+
+    Notes
+    -----
+    Survey §5.1.3 and §5.2 (AdaLIN, for image-to-image translation).
+
+    References
+    ----------
+    .. [1] J. Kim, M. Kim, H. Kang and K. Lee, "U-GAT-IT: Unsupervised Generative Attentional Networks
+       with Adaptive Layer-Instance Normalization for Image-to-Image Translation", ICLR 2020, Eqn 1.
     """
     from . import operation as _op
     from .framework import check_broadcastable

@@ -112,8 +112,34 @@ def _block_forward(weight: Any, grad: Any, ratio: bool = False, eps: float = 1e-
     One block is one layer's parameter tensor (the norm is over all of it). The unit-norm step removes
     the gradient's scale, so the learning rate alone sets each layer's step length; the ratio makes
     the step proportional to the weight's norm (Yu et al.'s adaptive variant, LARS's trust ratio
-    without η). A gradient with ‖g‖ ≤ ε (zero, say) gives g/ε (zero), never NaN. ``weight`` may be
-    ``None`` unless ``ratio=True``. Survey §7; Yu, Lin, Li, Salakhutdinov & Carbonell 2017.
+    without η). A gradient with ‖g‖ ≤ ε (zero, say) gives g/ε (zero), never NaN.
+
+    Parameters
+    ----------
+    weight : array or None
+        The layer's weight w; may be ``None`` unless ``ratio=True``.
+    grad : array
+        Its gradient g (one block).
+    ratio : bool, default False
+        Multiply by ‖w‖ (the adaptive variant).
+    eps : float, default 1e-12
+        ε, the floor on ‖g‖.
+
+    Returns
+    -------
+    out : array or tuple of array
+        The normalized gradient g̃, grad's shape.
+
+    Notes
+    -----
+    Survey §7 (normalizing gradients). Called with two sequences (one weight and one gradient per
+    layer; ``weight=None`` for all) the method maps over the layers and returns a tuple;
+    ``forward``/``backward``/:func:`normref.vjp` take one layer.
+
+    References
+    ----------
+    .. [1] A. W. Yu, L. Huang, Q. Lin, R. Salakhutdinov and J. Carbonell, "Block-Normalized Gradient
+       Method: An Empirical Study for Training Deep Neural Network", arXiv:1707.04822, 2017.
     """
     fn = "block_gradient_norm"
     ratio = check_bool(fn, "ratio", ratio)
@@ -187,10 +213,38 @@ def _lars_formula(m, xp, out, args, kwargs):
 def _lars_forward(weight: Any, grad: Any, eta: float = 1e-3, weight_decay: float = 0.0, eps: float = 1e-8) -> Any:
     """LARS: the layer-wise trust ratio λ = η·‖w‖/(‖g‖ + β·‖w‖ + ε) applied to g + β·w (β = weight decay).
 
-    Returns λ·(g + β·w), the update direction before the global learning rate and momentum
+    The result λ·(g + β·w) is the update direction before the global learning rate and momentum
     (You et al. 2017, Algorithm 1). Where ‖w‖ = 0 or ‖g‖ = 0 the ratio is 1 (the convention of NVIDIA's
     LARC and timm's ``Lars``: the paper's formula would freeze a zero-initialized layer forever).
-    Survey §7; You, Gitman & Ginsburg, Large Batch Training of Convolutional Networks, arXiv 2017.
+
+    Parameters
+    ----------
+    weight : array
+        The layer's weight w.
+    grad : array
+        Its gradient g.
+    eta : float, default 0.001
+        η, the trust coefficient.
+    weight_decay : float, default 0.0
+        β.
+    eps : float, default 1e-8
+        ε, added to the denominator.
+
+    Returns
+    -------
+    out : array or tuple of array
+        λ·(g + β·w), grad's shape.
+
+    Notes
+    -----
+    Survey §7 (normalizing gradients). Called with two sequences (one weight and one gradient per
+    layer; ``weight=None`` for all) the method maps over the layers and returns a tuple;
+    ``forward``/``backward``/:func:`normref.vjp` take one layer.
+
+    References
+    ----------
+    .. [1] Y. You, I. Gitman and B. Ginsburg, "Large Batch Training of Convolutional Networks",
+       arXiv:1708.03888, 2017 (Algorithm 1).
     """
     fn = "lars"
     xp = _check_pair(fn, weight, grad, need_weight=True)
@@ -257,11 +311,33 @@ def _gc_forward(weight: Any, grad: Any) -> Any:
     """Gradient centralization: g̃_i = g_i − mean(g_i) for each output neuron i (row over all axes but 0).
 
     For a linear weight (d_out, d_in) the mean is over d_in; for a convolution kernel
-    (d_out, d_in, k...) over (d_in, k...) (Yong et al., Eqn 3). An empty gradient (d_out = 0 or a zero-size
-    fan-in) is returned as it is (a new empty array): there is nothing to centre. The weight is not used (it may be
-    ``None``); it is accepted so that every gradient method takes ``(weight, grad)``. Tensors with fewer
-    than 2 dimensions (biases, normalization scales) have no fan-in: pass only weights (the reference
-    optimizer leaves 1-D tensors untouched). Survey §7; Yong, Huang, Hua & Zhang, ECCV 2020.
+    (d_out, d_in, k...) over (d_in, k...) (Yong et al., Eqn 3). An empty gradient (d_out = 0 or a
+    zero-size fan-in) is returned as it is (a new empty array): there is nothing to centre.
+
+    Parameters
+    ----------
+    weight : array or None
+        Not used (it may be ``None``); accepted so that every gradient method takes ``(weight, grad)``.
+    grad : array, shape ``(d_out, ...)``
+        The gradient, with at least 2 dimensions. Tensors with fewer than 2 dimensions (biases,
+        normalization scales) have no fan-in: pass only weights (the reference optimizer leaves 1-D
+        tensors untouched).
+
+    Returns
+    -------
+    out : array or tuple of array
+        The centralized gradient, grad's shape.
+
+    Notes
+    -----
+    Survey §7 (normalizing gradients). Called with two sequences (one weight and one gradient per
+    layer; ``weight=None`` for all) the method maps over the layers and returns a tuple;
+    ``forward``/``backward``/:func:`normref.vjp` take one layer.
+
+    References
+    ----------
+    .. [1] H. Yong, J. Huang, X. Hua and L. Zhang, "Gradient Centralization: A New Optimization
+       Technique for Deep Neural Networks", ECCV 2020 (Eqn 3).
     """
     fn = "gradient_centralization"
     xp = _check_pair(fn, weight, grad, need_weight=False)

@@ -207,20 +207,7 @@ def recalibrate(
 def _pooled(fn: str, m: Method, batches: Iterable[Array], state: Mapping[str, Array], estimated: list,
             arguments: Mapping[str, Any]) -> dict[str, Array]:
     """The exact moments of the union of the batches (precise BN), in the state's shapes and dtypes."""
-    if m.name not in _POOLED:
-        raise ValueError(f"{fn}: estimator='pooled' applies to methods whose running statistics are per-channel "
-                         f"batch moments ({', '.join(sorted(_POOLED))}); {m.name}'s are not: use "
-                         f"estimator='average'")
-    cond = _POOLED[m.name]
-    if cond is not None:
-        value = arguments.get(cond[0], m.signature.parameters[cond[0]].default)
-        if value != cond[1]:
-            raise ValueError(f"{fn}: estimator='pooled' applies to {m.name} with {cond[0]}={cond[1]!r} (per-channel "
-                             f"batch moments); got {cond[0]}={value!r}: use estimator='average'")
-    other = [p for p in estimated if p not in _POOLABLE_STATE]
-    if other:
-        raise ValueError(f"{fn}: estimator='pooled' estimates {', '.join(_POOLABLE_STATE)}; {m.name} also keeps "
-                         f"{other[0]}: use estimator='average'")
+    check_pooled(fn, m, estimated, arguments)
     gs = None
     if state.get("running_cov") is not None:
         gs = int(state["running_cov"].shape[-1])
@@ -248,6 +235,26 @@ def _pooled(fn: str, m: Method, batches: Iterable[Array], state: Mapping[str, Ar
                              f"shape {tuple(v.shape)}")
         out[p] = xp.astype(v, like.dtype) if v.dtype != like.dtype else v
     return out
+
+
+def check_pooled(fn: str, m: "str | Method", estimated: Iterable[str], arguments: Mapping[str, Any]) -> None:
+    """``ValueError`` unless the pooled estimator applies to method ``m`` called with ``arguments``
+    and its state ``estimated`` (per-channel batch moments only)."""
+    m = get(m)
+    if m.name not in _POOLED:
+        raise ValueError(f"{fn}: estimator='pooled' applies to methods whose running statistics are per-channel "
+                         f"batch moments ({', '.join(sorted(_POOLED))}); {m.name}'s are not: use "
+                         f"estimator='average'")
+    cond = _POOLED[m.name]
+    if cond is not None:
+        value = arguments.get(cond[0], m.signature.parameters[cond[0]].default)
+        if value != cond[1]:
+            raise ValueError(f"{fn}: estimator='pooled' applies to {m.name} with {cond[0]}={cond[1]!r} (per-channel "
+                             f"batch moments); got {cond[0]}={value!r}: use estimator='average'")
+    other = [p for p in estimated if p not in _POOLABLE_STATE]
+    if other:
+        raise ValueError(f"{fn}: estimator='pooled' estimates {', '.join(_POOLABLE_STATE)}; {m.name} also keeps "
+                         f"{other[0]}: use estimator='average'")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -61,11 +61,38 @@ def local_response_norm(input: Any, size: int, alpha: float = 1e-4, beta: float 
     """Local response normalization, with ``torch.nn.functional.local_response_norm``'s arguments.
 
     y_i = x_i·(k + (α/n)·Σ_{j∈W(i)} x_j²)^{−β}, W(i) the ``size`` = n channels around i (⌊n/2⌋ before,
-    ⌊(n−1)/2⌋ after, zero-padded; torch's window). Krizhevsky et al., NeurIPS 2012, §3.3.
+    ⌊(n−1)/2⌋ after, zero-padded; torch's window).
 
     A window wider than the channels is clipped to them (at most C − 1 channels on each side): every
     channel past the edge is zero padding, so the sum, and the result, are unchanged, while the
     work is bounded by C whatever ``size`` (α/n keeps the given n).
+
+    Parameters
+    ----------
+    input : array, shape ``(N, C, *spatial)``
+        The input.
+    size : int
+        n, the channels in the window.
+    alpha : float, default 1e-4
+        α.
+    beta : float, default 0.75
+        β.
+    k : float, default 1.0
+        k.
+
+    Returns
+    -------
+    out : array
+        The output, input's shape and dtype.
+
+    Notes
+    -----
+    Survey §5.1.1 (local response normalization).
+
+    References
+    ----------
+    .. [1] A. Krizhevsky, I. Sutskever and G. E. Hinton, "ImageNet Classification with Deep
+       Convolutional Neural Networks", NeurIPS 2012, §3.3.
     """
     fn = "local_response_norm"
     xp = namespace(fn, input=input)

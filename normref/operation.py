@@ -187,7 +187,7 @@ class Operation:
 
     name = "operation"
 
-    def forward(self, xp, x, axes):  # pragma: no cover - interface
+    def forward(self, xp, x, axes, *arrays: Any, **named: Any) -> Any:  # pragma: no cover - interface
         raise NotImplementedError
 
     def backward(self, xp, res, axes, g):  # pragma: no cover - interface

@@ -207,16 +207,42 @@ def weight_norm(v: Any, g: Any, dim: int | None = 0) -> Any:
 
     The same result as ``torch._weight_norm(v, g, dim)``, i.e. torch's
     ``torch.nn.utils.parametrizations.weight_norm`` with ``original0 = g``, ``original1 = v``.
-    ``g`` has torch's shape (the size of ``dim``, 1 elsewhere: ``(d_out, 1, ...)`` for ``dim=0``) or
-    is the vector ``(v.shape[dim],)``; its gradient comes back in its own shape. ``dim=None`` takes
-    the norm of the whole tensor with a scalar (0-d or all-ones shape) ``g``. A negative ``dim``
-    counts from the end, as everywhere in Python (torch's own ``dim=-1`` means "whole tensor"; here
-    that is ``dim=None``).
+    A negative ``dim`` counts from the end, as everywhere in Python (torch's own ``dim=-1`` means
+    "whole tensor"; here that is ``dim=None``).
 
     Backward: dg = ⟨dw, v̂⟩ (summed over the normalized axes), dv = g·(dw − v̂·⟨dw, v̂⟩)/‖v‖.
-    A zero slice of v raises ``ValueError`` (no direction; torch returns NaN); a tiny or huge slice
-    (Σv² under/overflowing, e.g. |v| ≲ 1e-19 or ≳ 1e19 in float32) has its norm computed as
-    a·‖v/a‖, a = max|v|. Salimans & Kingma, NeurIPS 2016.
+    A tiny or huge slice (Σv² under/overflowing, e.g. ``|v| ≲ 1e-19`` or ``≳ 1e19`` in float32) has its
+    norm computed as a·‖v/a‖, a = max|v|.
+
+    Parameters
+    ----------
+    v : array
+        The direction.
+    g : array
+        The magnitude: torch's shape (the size of ``dim``, 1 elsewhere: ``(d_out, 1, ...)`` for
+        ``dim=0``) or the vector ``(v.shape[dim],)``; its gradient comes back in its own shape. With
+        ``dim=None`` a scalar (0-d or all-ones shape).
+    dim : int or None, default 0
+        The axis kept; ``None``: the norm of the whole tensor.
+
+    Returns
+    -------
+    w : array
+        The weight, v's shape.
+
+    Raises
+    ------
+    ValueError
+        For a zero slice of v (no direction; torch returns NaN).
+
+    Notes
+    -----
+    Survey §6.1, Eqn 29.
+
+    References
+    ----------
+    .. [1] T. Salimans and D. P. Kingma, "Weight Normalization: A Simple Reparameterization to Accelerate
+       Training of Deep Neural Networks", NeurIPS 2016.
     """
     fn = "weight_norm"
     _required(fn, v=v, g=g)
@@ -299,14 +325,39 @@ def _check_row_gain(fn, g, d_out, ndim):
     ),
 )
 def centered_weight_norm(v: Any, g: Any = None) -> Any:
-    """Centered weight normalization: w_i = g_i·(v_i − mean(v_i))/‖v_i − mean(v_i)‖ for each output row
-    (survey Eqn 30: W_iᵀ·1 = 0 and ‖W_i‖ = 1; the optional per-neuron scale g recovers capacity, §6.1).
+    """Centered weight normalization: w_i = g_i·(v_i − mean(v_i))/‖v_i − mean(v_i)‖ for each output row.
 
-    Rows are the fan-in of each output neuron (all axes but 0). ``g`` is ``None`` (unit rows) or one
-    value per row, shape ``(d_out,)`` or ``(d_out, 1, ...)``. Backward: with ŵ = c/‖c‖,
-    dc = (g·dw − ŵ·⟨ŵ, g·dw⟩)/‖c‖ and dv = dc − mean(dc) (the centering's backward).
-    A constant row (zero after centering) raises ``ValueError``.
-    Huang et al., ICCV 2017.
+    Survey Eqn 30: W_iᵀ·1 = 0 and ‖W_i‖ = 1; the optional per-neuron scale g recovers capacity (§6.1).
+    Rows are the fan-in of each output neuron (all axes but 0).
+
+    Backward: with ŵ = c/‖c‖, dc = (g·dw − ŵ·⟨ŵ, g·dw⟩)/‖c‖ and dv = dc − mean(dc) (the centering's
+    backward).
+
+    Parameters
+    ----------
+    v : array, shape ``(d_out, ...)``
+        The unnormalized weight.
+    g : array or None, default None
+        ``None`` (unit rows) or one value per row, shape ``(d_out,)`` or ``(d_out, 1, ...)``.
+
+    Returns
+    -------
+    w : array
+        The weight, v's shape.
+
+    Raises
+    ------
+    ValueError
+        For a constant row (zero after centering).
+
+    Notes
+    -----
+    Survey §6.1, Eqn 30.
+
+    References
+    ----------
+    .. [1] L. Huang, X. Liu, Y. Liu, B. Lang and D. Tao, "Centered Weight Normalization in Accelerating
+       Training of Deep Neural Networks", ICCV 2017.
     """
     fn = "centered_weight_norm"
     _required(fn, v=v)
@@ -384,7 +435,27 @@ def weight_standardization(v: Any, eps: float = 1e-5) -> Any:
     a zero row (ε > 0 is required; no NaN). The forward and the backward are the standardizing
     operation of :mod:`normref.operation` on each row (survey Eqn 17):
     dv = s·(dw − mean(dw) − ŵ·mean(dw·ŵ)), s = (σ²+ε)^-1/2.
-    Qiao et al., arXiv:1903.10520, 2019.
+
+    Parameters
+    ----------
+    v : array, shape ``(d_out, ...)``
+        The unnormalized weight.
+    eps : float, default 1e-5
+        ε > 0, inside the square root.
+
+    Returns
+    -------
+    w : array
+        The weight, v's shape.
+
+    Notes
+    -----
+    Survey §6.1 (weight normalization methods) and Eqn 17.
+
+    References
+    ----------
+    .. [1] S. Qiao, H. Wang, C. Liu, W. Shen and A. Yuille, "Micro-Batch Training with Batch-Channel
+       Normalization and Weight Standardization", arXiv:1903.10520, 2019.
     """
     fn = "weight_standardization"
     _required(fn, v=v)
@@ -536,12 +607,10 @@ def _spectral_fd_target(args, kwargs):
 )
 def spectral_norm(w: Any, u: Any, n_power_iterations: int = 1, eps: float = 1e-12, dim: int = 0, *,
                   v: Any = None) -> SpectralNormResult:
-    """Spectral normalization: W_SN = W/σ(W), σ = uᵀ·W·v estimated by power iteration (Miyato et al.,
-    Algorithm 1; survey §6.1).
+    """Spectral normalization: W_SN = W/σ(W), σ = uᵀ·W·v estimated by power iteration.
 
     W is reshaped to a matrix with ``dim`` first (torch's ``_reshape_weight_to_matrix``: d_out rows for
-    ``dim=0``; ``dim=1`` for transposed convolutions, whose weight is (d_in, d_out, k...)). ``u`` has
-    shape ``(w.shape[dim],)`` and ``v`` shape ``(fan,)``, fan = w.size/w.shape[dim]. N(x) =
+    ``dim=0``; ``dim=1`` for transposed convolutions, whose weight is (d_in, d_out, k...)). N(x) =
     x/max(‖x‖, eps), ``F.normalize``'s eps convention (eps outside the root, a floor on the norm).
     The state, and so the order of the alternation, follows torch's two APIs:
 
@@ -558,15 +627,46 @@ def spectral_norm(w: Any, u: Any, n_power_iterations: int = 1, eps: float = 1e-1
     gradient. Torch's parametrization initialises (u, v) from normalised Gaussians and 15 steps of the
     second form (``normref.backends.torch.parametrize.SpectralNorm`` does the same).
 
-    Returns ``SpectralNormResult(weight, u, v)`` with the updated state (pure: the given arrays are
-    untouched; carry u, or u and v, to the next call). u and v are constants of the backward, as in
-    torch (their dependence on W is not differentiated): dW = dW_SN/σ − (⟨dW_SN, W⟩/σ²)·u·vᵀ.
-    σ = 0 raises ``ValueError`` saying why: a zero weight, a state orthogonal to W's range, or an eps
-    above the norms N divides by (u and v then shrink by ‖·‖/eps each step until σ underflows). W is
-    divided by a power of two first (with eps by the same: exact, the same u, v and W/σ), so tiny or
-    huge weights (float32 |W| ≲ 1e-19 or ≳ 1e19) are not lost to under/overflow of the norms.
-    ``n_power_iterations`` is at most ``normref.matfun.MAX_ITERATIONS`` (1000).
-    Miyato et al., ICLR 2018.
+    u and v are constants of the backward, as in torch (their dependence on W is not differentiated):
+    dW = dW_SN/σ − (⟨dW_SN, W⟩/σ²)·u·vᵀ. W is divided by a power of two first (with eps by the same:
+    exact, the same u, v and W/σ), so tiny or huge weights (float32 ``|W| ≲ 1e-19`` or ``≳ 1e19``) are
+    not lost to under/overflow of the norms.
+
+    Parameters
+    ----------
+    w : array
+        The weight W.
+    u : array, shape ``(w.shape[dim],)``
+        The left power-iteration vector (the state).
+    n_power_iterations : int, default 1
+        Power-iteration steps, at most ``normref.matfun.MAX_ITERATIONS`` (1000).
+    eps : float, default 1e-12
+        The floor on the norms N divides by.
+    dim : int, default 0
+        The axis of W that becomes the matrix's rows.
+    v : array or None, shape ``(fan,)``, default None
+        The right vector (keyword), fan = w.size/w.shape[dim]; given: the parametrization's state.
+
+    Returns
+    -------
+    out : SpectralNormResult
+        ``SpectralNormResult(weight, u, v)`` with the updated state (pure: the given arrays are
+        untouched; carry u, or u and v, to the next call).
+
+    Raises
+    ------
+    ValueError
+        For σ = 0, saying why: a zero weight, a state orthogonal to W's range, or an eps above the
+        norms N divides by (u and v then shrink by ‖·‖/eps each step until σ underflows).
+
+    Notes
+    -----
+    Survey §6.1 (Miyato et al.'s Algorithm 1).
+
+    References
+    ----------
+    .. [1] T. Miyato, T. Kataoka, M. Koyama and Y. Yoshida, "Spectral Normalization for Generative
+       Adversarial Networks", ICLR 2018 (Algorithm 1).
     """
     fn = "spectral_norm"
     _required(fn, w=w, u=u)
@@ -846,19 +946,47 @@ def orthogonal_weight_norm(v: Any, group_size: int | None = None, eps: float = 0
     of ``group_size`` consecutive rows, each group orthogonalized on its own, so W_g·W_gᵀ = I: the
     rows of a group are orthonormal and have zero mean. Centred rows span at most fan_in − 1
     dimensions, so with eps = 0 a group must have at most fan_in − 1 rows (the reason for groups when
-    d_out ≥ d_in). ``group_size=None`` (default) takes the largest divisor of d_out that is at most
-    max(1, fan_in − 1): all rows in one group when d_out ≤ fan_in − 1 (the paper's W·Wᵀ = I), else the
-    fewest groups that can each be orthonormal (groups of one row, i.e. centered weight normalization,
-    when no larger divisor fits). The inverse square root is the ZCA one of :mod:`normref.matfun`
+    d_out ≥ d_in). The inverse square root is the ZCA one of :mod:`normref.matfun`
     (one batched ``eigh``; eigenvalues Λ, eigenvectors D), with its Loewner backward:
     dM = dW·Vcᵀ, dS = D·(K ∘ (Dᵀ·sym(dM)·D))·Dᵀ, dVc = M·dW + 2·dS·Vc, dV = dVc − mean(dVc).
-    ``eps`` > 0 adds ε·I to Vc·Vcᵀ (rows then only approximately orthonormal); the default 0 is the
-    paper's. A numerically singular group (a zero, constant or repeated row, with eps = 0) raises
-    ``ValueError`` naming the group, after the eigendecomposition and before Λ^-1/2 is taken; NaN or
-    inf entries raise ``ValueError`` before it. W(a·V; ε) = W(V; ε/a²), so each group is first divided
-    by a power of two (exact) bringing max|V_g| into [0.5, 1): weights whose Gram matrix would
-    overflow (|V| ≳ 1e19 float32, 1e154 float64) or underflow (≲ 1e-19 float32) give their W.
-    Huang et al., AAAI 2018.
+    W(a·V; ε) = W(V; ε/a²), so each group is first divided by a power of two (exact) bringing
+    max|V_g| into [0.5, 1): weights whose Gram matrix would overflow (``|V| ≳ 1e19`` float32, 1e154
+    float64) or underflow (``≲ 1e-19`` float32) give their W.
+
+    Parameters
+    ----------
+    v : array, shape ``(d_out, ...)``
+        V, the unnormalized weight.
+    group_size : int or None, default None
+        Rows per group; ``None`` takes the largest divisor of d_out that is at most
+        max(1, fan_in − 1): all rows in one group when d_out ≤ fan_in − 1 (the paper's W·Wᵀ = I), else
+        the fewest groups that can each be orthonormal (groups of one row, i.e. centered weight
+        normalization, when no larger divisor fits).
+    eps : float, default 0.0
+        ε > 0 adds ε·I to Vc·Vcᵀ (rows then only approximately orthonormal); the default 0 is the
+        paper's.
+
+    Returns
+    -------
+    w : array
+        W, v's shape.
+
+    Raises
+    ------
+    ValueError
+        For a numerically singular group (a zero, constant or repeated row, with eps = 0), naming the
+        group, after the eigendecomposition and before Λ^-1/2 is taken; for NaN or inf entries before
+        it.
+
+    Notes
+    -----
+    Survey §6.1, Eqn 31.
+
+    References
+    ----------
+    .. [1] L. Huang, X. Liu, B. Lang, A. W. Yu, Y. Wang and B. Li, "Orthogonal Weight Normalization:
+       Solution to Optimization over Multiple Dependent Stiefel Manifolds in Deep Neural Networks",
+       AAAI 2018.
     """
     fn = "orthogonal_weight_norm"
     _required(fn, v=v)
@@ -956,30 +1084,57 @@ def oni(v: Any, iterations: int = 5, group_size: int | None = None, eps: float =
     The eigenvalues λ of S lie in (0, 1]; each singular value of W is p_T(λ)·√λ, increasing in T from
     √λ = σ(V̂) to 1: small T bounds the singular values in [σ_min(V̂), 1] (T = 0 would be Frobenius
     normalization, close to spectral normalization when one singular value dominates), large T gives
-    W·Wᵀ = I for a group of at most fan_in − 1 rows. ``group_size=None`` (default) is one group of all
-    d_out rows, whatever fan_in (unlike :func:`orthogonal_weight_norm`, ONI is well defined for any
-    group: the Newton iteration needs no inverse). A group of more than fan_in − 1 rows can never
+    W·Wᵀ = I for a group of at most fan_in − 1 rows. A group of more than fan_in − 1 rows can never
     reach W·Wᵀ = I: S then has rank ≤ fan_in − 1, its zero eigenvalues stay zero singular values of W
     for every T (W·Wᵀ converges to the orthogonal projector onto the range of Zc·Zcᵀ); choose
     group_size ≤ fan_in − 1 when orthogonality is the aim. Likewise a single zero (or constant) row
-    in a group gives a zero row of W, finite for every T, never NaN. ``eps`` adds ε·I to Zc·Zcᵀ (the
-    authors' code uses 1e-5; the default 0 is Algorithm 1). The authors' code divides S by ‖S‖_F
-    instead of tr S (faster convergence, ‖S‖_F ≤ tr S); that variant is not offered yet: this function
-    is Algorithm 1 as published. A group that is zero after centring, or NaN/inf entries, raise
-    ``ValueError``; groups are rescaled by powers of two as in :func:`orthogonal_weight_norm`.
-    ``iterations`` is at most ``normref.matfun.MAX_ITERATIONS`` (1000).
+    in a group gives a zero row of W, finite for every T, never NaN. The authors' code divides S by
+    ‖S‖_F instead of tr S (faster convergence, ‖S‖_F ≤ tr S); that variant is not offered yet: this
+    function is Algorithm 1 as published. Groups are rescaled by powers of two as in
+    :func:`orthogonal_weight_norm`.
 
-    ``iteration`` chooses how B_T is computed; both give the same polynomial in S, so the same W in
-    exact arithmetic:
+    Parameters
+    ----------
+    v : array, shape ``(d_out, ...)``
+        The unnormalized weight.
+    iterations : int, default 5
+        T ≥ 1, at most ``normref.matfun.MAX_ITERATIONS`` (1000).
+    group_size : int or None, default None
+        Rows per group; ``None`` (default) is one group of all d_out rows, whatever fan_in (unlike
+        :func:`orthogonal_weight_norm`, ONI is well defined for any group: the Newton iteration needs no
+        inverse).
+    eps : float, default 0.0
+        Adds ε·I to Zc·Zcᵀ (the authors' code uses 1e-5; the default 0 is Algorithm 1).
+    iteration : str, default "newton_schulz"
+        How B_T is computed; both give the same polynomial in S, so the same W in exact arithmetic:
 
-    - ``"newton_schulz"`` (default): the coupled form Y_0 = S, Z_0 = I, M = ½(3I − Z·Y), Y ← Y·M,
-      Z ← M·Z, B_T = Z_T (matfun's coupled Newton–Schulz). Numerically stable for any T.
-    - ``"newton"``: the paper's recurrence B ← 1.5·B − 0.5·B³·S literally (matfun's IterNorm). It is
-      unstable once converged: rounding errors grow by |1 − ½·r·(1 + r)|, r = √(λ_j/λ_i), per
-      iteration, which exceeds 1 when an eigenvalue ratio of S exceeds 2.44 (Higham 2008, §6.4). With
-      κ(S) = 27 and T = 20 we measured ‖W·Wᵀ − I‖ = 1e6 in float64 (NaN at T = 40); with the paper's
-      T ≤ 7 the loss is a few digits.
-    Huang et al., CVPR 2020.
+        - ``"newton_schulz"`` (default): the coupled form Y_0 = S, Z_0 = I, M = ½(3I − Z·Y), Y ← Y·M,
+          Z ← M·Z, B_T = Z_T (matfun's coupled Newton–Schulz). Numerically stable for any T.
+        - ``"newton"``: the paper's recurrence B ← 1.5·B − 0.5·B³·S literally (matfun's IterNorm). It
+          is unstable once converged: rounding errors grow by ``|1 − ½·r·(1 + r)|``, r = √(λ_j/λ_i),
+          per iteration, which exceeds 1 when an eigenvalue ratio of S exceeds 2.44 (Higham 2008,
+          §6.4). With κ(S) = 27 and T = 20 we measured ‖W·Wᵀ − I‖ = 1e6 in float64 (NaN at T = 40);
+          with the paper's T ≤ 7 the loss is a few digits.
+
+    Returns
+    -------
+    w : array
+        W, v's shape.
+
+    Raises
+    ------
+    ValueError
+        For a group that is zero after centring, or NaN/inf entries.
+
+    Notes
+    -----
+    Survey §6.1 (ONI).
+
+    References
+    ----------
+    .. [1] L. Huang, L. Liu, F. Zhu, D. Wan, Z. Yuan, B. Li and L. Shao, "Controllable Orthogonalization
+       in Training DNNs", CVPR 2020 (Algorithm 1).
+    .. [2] N. J. Higham, "Functions of Matrices: Theory and Computation", SIAM 2008, §6.4.
     """
     fn = "oni"
     _required(fn, v=v)
@@ -1060,28 +1215,56 @@ def orthogonal_penalty(w: Any, kind: str = "frobenius", gram: str = "rows") -> A
       ignored).
     - ``"off_diagonal"``: ‖G ∘ (11ᵀ − I)‖²_F, orthogonality without unit norms (BigGAN's orthogonal
       regularization, Brock et al. 2019).
-    - ``"mc"``: ‖M‖_∞ = max_ij |M_ij|, the mutual-coherence form of Bansal et al. (their "MC"; for unit
-      rows it is the largest |cosine| between two rows, the diagonal counts too).
-    - ``"srip"``: σ_max(M) = max_k |λ_k(M)|, the spectral norm of the symmetric M (Bansal et al.'s
+    - ``"mc"``: ‖M‖_∞ = max_ij ``|M_ij|``, the mutual-coherence form of Bansal et al. (their "MC"; for unit
+      rows it is the largest ``|cosine|`` between two rows, the diagonal counts too).
+    - ``"srip"``: σ_max(M) = max_k ``|λ_k(M)|``, the spectral norm of the symmetric M (Bansal et al.'s
       "SRIP", the spectral restricted isometry property), computed exactly with one ``eigh`` where the
       paper uses two power-iteration steps.
 
-    ``gram``: ``"rows"`` (default) takes G = W·Wᵀ (d_out × d_out: orthonormal rows), ``"columns"``
-    G = Wᵀ·W (fan_in × fan_in: orthonormal columns, Bansal et al.'s layout for a convolution's
-    (k·k·C_in) × C_out matrix), ``"auto"`` the smaller of the two, the only one that can equal I
-    (rows when d_out ≤ fan_in, so a tall weight or a 1×1 convolution with more filters than inputs
-    gets its columns). Multiply by the regularization strength yourself.
+    Multiply by the regularization strength yourself.
 
     Gradients (G = W·Wᵀ: ∂/∂W = (Ω + Ωᵀ)·W; G = Wᵀ·W: W·(Ω + Ωᵀ); Ω = ∂ψ/∂G, symmetric here):
     Ω = 2·M for the squared forms (∂ = 4·M·W on the rows); for "mc", Ω = sign(M_ij) on the entries
     attaining the maximum; for "srip", Ω = sign(λ_k)·q_k·q_kᵀ for the eigenpair (λ_k, q_k) with the
-    largest |λ| (dσ = q_kᵀ·dM·q_k). "mc" and "srip" are maxima, not differentiable where the maximum
+    largest ``|λ|`` (dσ = q_kᵀ·dM·q_k). "mc" and "srip" are maxima, not differentiable where the maximum
     is attained twice (other than by M_ij and its mirror M_ji, which are one function): two entries
-    of equal modulus, or a repeated top |λ| (a repeated eigenvalue, or λ_max = −λ_min). There the
+    of equal modulus, or a repeated top ``|λ|`` (a repeated eigenvalue, or λ_max = −λ_min). There the
     backward returns the average of the tied terms' gradients, an element of the (Clarke)
     subdifferential (for a repeated eigenvalue, sign·P/m with P the projector onto its eigenspace:
     independent of the eigenvectors eigh picks); ties are detected by exact floating-point equality,
     so a near-tie gets the gradient of whichever term rounds larger. At the minimum M = 0 it is 0.
+
+    Parameters
+    ----------
+    w : array, shape ``(d_out, ...)``
+        W, flattened per output row to d_out × fan_in.
+    kind : str, default "frobenius"
+        ``"frobenius"``, ``"double"``, ``"off_diagonal"``, ``"mc"`` or ``"srip"`` (see above).
+    gram : str, default "rows"
+        ``"rows"`` (default) takes G = W·Wᵀ (d_out × d_out: orthonormal rows), ``"columns"``
+        G = Wᵀ·W (fan_in × fan_in: orthonormal columns, Bansal et al.'s layout for a convolution's
+        (k·k·C_in) × C_out matrix), ``"auto"`` the smaller of the two, the only one that can equal I
+        (rows when d_out ≤ fan_in, so a tall weight or a 1×1 convolution with more filters than inputs
+        gets its columns).
+
+    Returns
+    -------
+    penalty : array, shape ``()``
+        The penalty, a 0-d array.
+
+    Notes
+    -----
+    Survey §6.2 (training with constraints: soft orthogonality penalties).
+
+    References
+    ----------
+    .. [1] N. Bansal, X. Chen and Z. Wang, "Can We Gain More from Orthogonality Regularizations in
+       Training Deep CNNs?", NeurIPS 2018.
+    .. [2] D. Xie, J. Xiong and S. Pu, "All You Need is Beyond a Good Init: Exploring Better Solution for
+       Training Extremely Deep Convolutional Neural Networks with Orthonormality and Modulation",
+       CVPR 2017.
+    .. [3] A. Brock, J. Donahue and K. Simonyan, "Large Scale GAN Training for High Fidelity Natural
+       Image Synthesis", ICLR 2019.
     """
     fn = "orthogonal_penalty"
     _required(fn, w=w)
@@ -1172,14 +1355,36 @@ def _cos_bounded(m, xp, out, args, kwargs):
 def cosine_norm(x: Any, w: Any, eps: float = 1e-12) -> Any:
     """Cosine normalization of a linear layer: y_{…j} = ⟨x, w_j⟩/(‖x‖·‖w_j‖), in [−1, 1].
 
-    ``x`` has shape (..., fan_in) and ``w`` (d_out, d_in, *kernel) with fan_in = d_in·Πkernel (a
-    convolution applies this to each unfolded patch); the output has shape (..., d_out). Both norms
-    are regularized as √(‖·‖² + ε) (ε inside the root, ε > 0): a zero input or a zero row gives a
-    zero output, never NaN; the relative effect of ε is ε/‖·‖² (1e-12 by default: below float32
-    round-off for norms above 1e-2). The paper's bias variant folds b into w and a constant 1 into x.
+    A convolution applies this to each unfolded patch. Both norms are regularized as √(‖·‖² + ε)
+    (ε inside the root, ε > 0): a zero input or a zero row gives a zero output, never NaN; the
+    relative effect of ε is ε/‖·‖² (1e-12 by default: below float32 round-off for norms above 1e-2).
+    The paper's bias variant folds b into w and a constant 1 into x.
+
     Backward, with x̂ = x/‖x‖, ŵ = w/‖w‖ and y = x̂·ŵᵀ: dx̂ = g·ŵ, dŵ = gᵀ·x̂ (summed over samples),
     dx = (dx̂ − x̂·⟨x̂, dx̂⟩)/‖x‖, dw = (dŵ − ŵ·⟨ŵ, dŵ⟩)/‖w‖.
-    Luo et al., ICANN 2018.
+
+    Parameters
+    ----------
+    x : array, shape ``(..., fan_in)``
+        The input.
+    w : array, shape ``(d_out, d_in, *kernel)``
+        The weight, fan_in = d_in·Πkernel.
+    eps : float, default 1e-12
+        ε > 0, inside the root of both norms.
+
+    Returns
+    -------
+    y : array, shape ``(..., d_out)``
+        The cosines.
+
+    Notes
+    -----
+    Survey §6.1 (cosine normalization).
+
+    References
+    ----------
+    .. [1] C. Luo, J. Zhan, L. Wang and Q. Yang, "Cosine Normalization: Using Cosine Similarity Instead
+       of Dot Product in Neural Networks", ICANN 2018.
     """
     fn = "cosine_norm"
     _required(fn, x=x, w=w)

@@ -560,7 +560,7 @@ class Whitening(Operation):
         lay = self.layout(x.shape)
         x5 = lay.orient(xp, x)
         n = None  # the global sample count of a synchronized call (an array: it comes from the ranks)
-        m = lay.m
+        m: int | None = lay.m
         if self.population:
             mu = mean
             source = "running_cov"
@@ -636,11 +636,47 @@ def _features(part: _part.Partition, shape) -> tuple[int, str]:
 def whitening_operation(fn: str, part: _part.Partition, shape: Sequence[int], method: str = "zca", group_size: int | None = None,
                         iterations: int = 5, eps: float = 1e-5, population: bool = False,
                         sync: Any = None) -> Whitening:
-    """The :class:`Whitening` operation of ``method`` for ``part`` on inputs of ``shape``: validates
-    ``method``, ``group_size`` (a divisor of the partition's number of features) and ``iterations``;
-    ``fn`` names the public function in error messages. ``sync``: a reducer (see :class:`Whitening`),
-    accepted for the partitions whose samples include the batch axis (``"batch"``, ``"batch_group"``)
-    and refused (``ValueError``) for every other, whose statistics never span ranks."""
+    """The :class:`Whitening` operation of ``method`` for ``part`` on inputs of ``shape``.
+
+    It validates ``method``, ``group_size`` (a divisor of the partition's number of features) and
+    ``iterations``; ``fn`` names the public function in error messages.
+
+    Parameters
+    ----------
+    fn : str
+        The public function's name, for error messages.
+    part : Partition
+        The partition (NAP) whose features are decorrelated.
+    shape : sequence of int
+        The input's shape.
+    method : str, default "zca"
+        ``"zca"``, ``"pca"``, ``"cholesky"``, ``"iternorm"`` or ``"newton_schulz"``.
+    group_size : int or None, default None
+        Features per whitening group (a divisor of the partition's number of features); ``None``: all.
+    iterations : int, default 5
+        T, the Newton steps of ``"iternorm"``/``"newton_schulz"``.
+    eps : float, default 1e-5
+        ε, added to the covariance (Σ + εI).
+    population : bool, default False
+        Whiten with given (population) statistics, constants of the backward.
+    sync : reducer or None, default None
+        A reducer (see :class:`Whitening`), accepted for the partitions whose samples include the batch
+        axis (``"batch"``, ``"batch_group"``) and refused (``ValueError``) for every other, whose
+        statistics never span ranks.
+
+    Returns
+    -------
+    op : Whitening
+        The operation (NOP), with its forward and analytic backward.
+
+    Notes
+    -----
+    Survey §5.1.2 (the whitening operation, Eqn 23).
+
+    References
+    ----------
+    .. [1] L. Huang, D. Yang, B. Lang and J. Deng, "Decorrelated Batch Normalization", CVPR 2018.
+    """
     sync = _check_sync(fn, sync, part.kind)
     method = _check_method(fn, method)
     iterations = _mf.check_iterations(fn, "iterations", iterations, minimum=1)
@@ -997,7 +1033,7 @@ def batch_whitening(
     statistics (batch partition): ``running_mean`` (C,) and ``running_cov`` (C/group_size,
     group_size, group_size), unbiased, returned updated in a :class:`WhiteningResult` by a training
     call; required by an inference call (``training=False``), which whitens with
-    W(running_cov + εI) and treats it as a constant. Huang et al., CVPR 2018.
+    W(running_cov + εI) and treats it as a constant.
 
     ``sync`` (keyword, default ``None``: this process's statistics): a reducer
     (:class:`normref.distributed.Reducer`, e.g. ``normref.backends.distributed.torch.TorchReducer``)
@@ -1014,6 +1050,57 @@ def batch_whitening(
     Partitions: ``"batch"`` and ``"batch_group"`` (each rank's k-th batch group is pooled with the
     other ranks' k-th: the global batch group k is their union); every other partition is per
     sample and refuses ``sync`` (``ValueError``).
+
+    Parameters
+    ----------
+    input : array, shape ``(N, C, *spatial)``
+        The input.
+    running_mean : array or None, shape ``(C,)``, default None
+        The running mean (batch partition).
+    running_cov : array or None, shape ``(C/group_size, group_size, group_size)``, default None
+        The running (unbiased) covariance of each group.
+    weight : array or None, shape ``(C,)``, default None
+        γ (``None``: 1).
+    bias : array or None, shape ``(C,)``, default None
+        β (``None``: 0).
+    training : bool, default False
+        Whiten with the batch statistics (and update the running ones, if given).
+    momentum : float or None, default 0.1
+        The running-statistic factor; ``None``: the cumulative average over ``num_batches_tracked``.
+    eps : float, default 1e-5
+        ε, added to the covariance (Σ + εI, ε ≥ 0).
+    method : str, default "zca"
+        ``"zca"``, ``"pca"``, ``"cholesky"``, ``"iternorm"`` or ``"newton_schulz"``.
+    group_size : int or None, default None
+        Features per whitening group; ``None``: all of them.
+    iterations : int, default 5
+        T, the Newton steps of ``"iternorm"``/``"newton_schulz"``.
+    partition : str, default "batch"
+        ``"batch"``, ``"instance"``, ``"group"``, ``"batch_group"``, ``"position"`` or ``"layer"``.
+    num_groups : int or None, default None
+        The channel groups of ``"group"``/``"batch_group"``.
+    batch_groups : int, default 1
+        The batch groups of ``"batch_group"``.
+    normalized_ndim : int, default 1
+        The trailing axes of ``"layer"``.
+    num_batches_tracked : int or None, default None
+        Batches seen before this one (needed with ``momentum=None``).
+    sync : reducer or None, default None
+        A reducer: whitening with the global batch's statistics (see above).
+
+    Returns
+    -------
+    out : array or WhiteningResult
+        The output, or ``WhiteningResult(output, running_mean, running_cov)`` in training with running
+        statistics.
+
+    Notes
+    -----
+    Survey §5.1.2 (whitening, Eqn 23).
+
+    References
+    ----------
+    .. [1] L. Huang, D. Yang, B. Lang and J. Deng, "Decorrelated Batch Normalization", CVPR 2018.
     """
     return _whitening("batch_whitening", input, running_mean, running_cov, weight, bias, training, momentum, eps,
                       method, group_size, iterations, partition, num_groups, num_batches_tracked, "affine",
@@ -1063,14 +1150,54 @@ def decorrelated_batch_norm(
     num_batches_tracked: int | None = None,
     sync: Any = None,
 ) -> Array | WhiteningResult:
-    """Decorrelated batch normalization: ZCA batch whitening X̂ = Σ^-1/2·(X − μ) per channel group,
-    then a per-channel affine y = γ·X̂ + β (:func:`batch_whitening` with ``method="zca"``).
-    Huang et al., CVPR 2018 (Algorithm 1; their default group size is 16).
+    """Decorrelated batch normalization: ZCA batch whitening, then a per-channel affine.
+
+    X̂ = Σ^-1/2·(X − μ) per channel group, then y = γ·X̂ + β (:func:`batch_whitening` with
+    ``method="zca"``).
 
     ``sync`` (keyword, default ``None``): a reducer for a batch split across ranks; a training call
     then whitens with the global batch's statistics, exactly as :func:`batch_whitening` says
     (one all_gather of d + d(d+1)/2 values per group plus one count forward, one all_reduce_sum
     of d(d+1)/2 + d per group backward; ``training=False`` ignores ``sync``).
+
+    Parameters
+    ----------
+    input : array, shape ``(N, C, *spatial)``
+        The input.
+    running_mean : array or None, shape ``(C,)``, default None
+        The running mean.
+    running_cov : array or None, shape ``(C/group_size, group_size, group_size)``, default None
+        The running (unbiased) covariance of each group.
+    weight : array or None, shape ``(C,)``, default None
+        γ (``None``: 1).
+    bias : array or None, shape ``(C,)``, default None
+        β (``None``: 0).
+    training : bool, default False
+        Whiten with the batch statistics (and update the running ones, if given).
+    momentum : float or None, default 0.1
+        The running-statistic factor; ``None``: the cumulative average.
+    eps : float, default 1e-5
+        ε, added to the covariance.
+    group_size : int or None, default None
+        Channels per group (the authors' default is 16); ``None``: all.
+    num_batches_tracked : int or None, default None
+        Batches seen before this one (needed with ``momentum=None``).
+    sync : reducer or None, default None
+        A reducer (see above).
+
+    Returns
+    -------
+    out : array or WhiteningResult
+        The output, or ``WhiteningResult`` in training with running statistics.
+
+    Notes
+    -----
+    Survey §5.1.2 (Table 1: Π_BN with ZCA whitening).
+
+    References
+    ----------
+    .. [1] L. Huang, D. Yang, B. Lang and J. Deng, "Decorrelated Batch Normalization", CVPR 2018
+       (Algorithm 1; their default group size is 16).
     """
     return _whitening("decorrelated_batch_norm", input, running_mean, running_cov, weight, bias, training, momentum,
                       eps, "zca", group_size, 5, "batch", None, num_batches_tracked, "affine", sync=sync)
@@ -1128,7 +1255,9 @@ def iter_norm(
     coupled: bool | None = None,
     sync: Any = None,
 ) -> Array | WhiteningResult:
-    """Iterative normalization: X̂ = (P_T/√tr Σ)·(X − μ), P_0 = I, P_k = ½(3·P_{k−1} − P_{k−1}³·Σ/tr Σ),
+    """Iterative normalization: Newton-iteration batch whitening, then a per-channel affine.
+
+    X̂ = (P_T/√tr Σ)·(X − μ), P_0 = I, P_k = ½(3·P_{k−1} − P_{k−1}³·Σ/tr Σ),
     then y = γ·X̂ + β (:func:`batch_whitening` with ``method="iternorm"``). The running covariance is
     kept and W recomputed from it at inference (the paper keeps a running W instead; survey §5.3.2).
 
@@ -1136,15 +1265,57 @@ def iter_norm(
     step). ``coupled=None`` (default) computes P_T as written for T ≤ :data:`ITERNORM_STABLE_T` (6)
     and by the coupled Newton–Schulz form (``method="newton_schulz"``, the same polynomial, stable)
     for larger T; ``coupled=False`` forces the uncoupled form (with a ``RuntimeWarning`` above 6),
-    ``coupled=True`` the coupled one (``coupled`` is a bool or ``np.bool_``, or None). ``iterations`` is at
-    most ``normref.matfun.MAX_ITERATIONS`` (1000). Huang et al., CVPR 2019 (Algorithm 1; T = 5 is their
-    default).
+    ``coupled=True`` the coupled one.
 
     ``sync`` (keyword, default ``None``): a reducer for a batch split across ranks; a training call
     then whitens with the global batch's statistics, exactly as :func:`batch_whitening` says
     (one all_gather of d + d(d+1)/2 values per group plus one count forward, one all_reduce_sum
     of d(d+1)/2 + d per group backward; ``training=False`` ignores ``sync``).
     Every rank runs the same T iterations on the same global Σ.
+
+    Parameters
+    ----------
+    input : array, shape ``(N, C, *spatial)``
+        The input.
+    running_mean : array or None, shape ``(C,)``, default None
+        The running mean.
+    running_cov : array or None, shape ``(C/group_size, group_size, group_size)``, default None
+        The running (unbiased) covariance of each group.
+    weight : array or None, shape ``(C,)``, default None
+        γ (``None``: 1).
+    bias : array or None, shape ``(C,)``, default None
+        β (``None``: 0).
+    training : bool, default False
+        Whiten with the batch statistics (and update the running ones, if given).
+    momentum : float or None, default 0.1
+        The running-statistic factor; ``None``: the cumulative average.
+    eps : float, default 1e-5
+        ε, added to the covariance.
+    group_size : int or None, default None
+        Channels per group; ``None``: all.
+    iterations : int, default 5
+        T (the paper's default is 5), at most ``normref.matfun.MAX_ITERATIONS`` (1000).
+    num_batches_tracked : int or None, default None
+        Batches seen before this one (needed with ``momentum=None``).
+    coupled : bool or None, default None
+        ``None``: uncoupled for T ≤ 6, coupled above; ``True``/``False`` force one form (a bool or
+        ``np.bool_``).
+    sync : reducer or None, default None
+        A reducer (see above).
+
+    Returns
+    -------
+    out : array or WhiteningResult
+        The output, or ``WhiteningResult`` in training with running statistics.
+
+    Notes
+    -----
+    Survey §5.1.2 (IterNorm) and §5.3.2 (inference with running statistics).
+
+    References
+    ----------
+    .. [1] L. Huang, Y. Zhou, F. Zhu, L. Liu and L. Shao, "Iterative Normalization: Beyond
+       Standardization towards Efficient Whitening", CVPR 2019 (Algorithm 1; T = 5 is their default).
     """
     if coupled is not None:
         try:
@@ -1229,14 +1400,56 @@ def whitening_coloring(
 ) -> Array | WhiteningResult:
     """Whitening and coloring: X̃ = Γ_g·X̂_g + β, X̂ the batch whitening of :func:`batch_whitening`.
 
-    ``weight`` holds the coloring matrices Γ, one per group, shape (C/group_size, group_size,
-    group_size) (Siarohin et al.'s learnable d×d matrix; ``None`` skips it), ``bias`` is β per
-    channel. Default ``method="cholesky"`` as in the paper. dΓ_g = Σ_n G_g·X̂_gᵀ, dX̂_g = Γ_gᵀ·G_g.
-    Siarohin et al., ICLR 2019.
+    ``weight`` holds the coloring matrices Γ, one per group (Siarohin et al.'s learnable d×d matrix;
+    ``None`` skips it), ``bias`` is β per channel. Default ``method="cholesky"`` as in the paper.
+    Backward: dΓ_g = Σ_n G_g·X̂_gᵀ, dX̂_g = Γ_gᵀ·G_g.
 
     ``sync``: the whitening synchronized across ranks exactly as in :func:`batch_whitening`
     (forward: one gather of d + d(d+1)/2 values per group plus a count; backward: one all-reduce of
     d(d+1)/2 + d values per group); dΓ and dβ stay per rank.
+
+    Parameters
+    ----------
+    input : array, shape ``(N, C, *spatial)``
+        The input.
+    running_mean : array or None, shape ``(C,)``, default None
+        The running mean.
+    running_cov : array or None, shape ``(C/group_size, group_size, group_size)``, default None
+        The running (unbiased) covariance of each group.
+    weight : array or None, shape ``(C/group_size, group_size, group_size)``, default None
+        The coloring matrices Γ (``None``: none).
+    bias : array or None, shape ``(C,)``, default None
+        β (``None``: 0).
+    training : bool, default False
+        Whiten with the batch statistics (and update the running ones, if given).
+    momentum : float or None, default 0.1
+        The running-statistic factor; ``None``: the cumulative average.
+    eps : float, default 1e-5
+        ε, added to the covariance.
+    method : str, default "cholesky"
+        The whitening, as in :func:`batch_whitening`.
+    group_size : int or None, default None
+        Channels per group; ``None``: all.
+    iterations : int, default 5
+        T, for the Newton whitenings.
+    num_batches_tracked : int or None, default None
+        Batches seen before this one (needed with ``momentum=None``).
+    sync : reducer or None, default None
+        A reducer (see above).
+
+    Returns
+    -------
+    out : array or WhiteningResult
+        The output, or ``WhiteningResult`` in training with running statistics.
+
+    Notes
+    -----
+    Survey §5.1.3 (Table 1: CD whitening with the color transformation).
+
+    References
+    ----------
+    .. [1] A. Siarohin, E. Sangineto and N. Sebe, "Whitening and Coloring Batch Transform for GANs",
+       ICLR 2019.
     """
     return _whitening("whitening_coloring", input, running_mean, running_cov, weight, bias, training, momentum, eps,
                       method, group_size, iterations, "batch", None, num_batches_tracked, "coloring", sync=sync)
@@ -1296,10 +1509,36 @@ def whitening_matrix(cov: Any, method: str = "zca", iterations: int = 5) -> Arra
 
     zca: Σ^-1/2 = D·Λ^-1/2·Dᵀ; pca: Λ^-1/2·Dᵀ; cholesky: L^-1 (one triangular solve); iternorm /
     newton_schulz: T = ``iterations`` Newton steps on Σ/tr Σ, divided by √tr Σ (:mod:`normref.matfun`).
-    The gradient is symmetric: W reads sym(Σ) = (Σ + Σᵀ)/2. Raises ``ValueError`` for non-finite
-    entries, for a Σ that is not numerically positive definite (zca, pca, cholesky: eigenvalues or
-    squared pivots not above 2√d·ε_dtype·max), and for a Σ with zero trace or that is indefinite
-    (Newton: a Cholesky test of Σ + d·ε·tr Σ·I). Survey Eqn 23; Huang et al., CVPR 2018.
+    The gradient is symmetric: W reads sym(Σ) = (Σ + Σᵀ)/2.
+
+    Parameters
+    ----------
+    cov : array, shape ``(..., d, d)``
+        The covariance matrices Σ.
+    method : str, default "zca"
+        ``"zca"``, ``"pca"``, ``"cholesky"``, ``"iternorm"`` or ``"newton_schulz"``.
+    iterations : int, default 5
+        T, the Newton steps of ``"iternorm"``/``"newton_schulz"``.
+
+    Returns
+    -------
+    W : array, shape ``(..., d, d)``
+        The whitening matrix of each Σ.
+
+    Raises
+    ------
+    ValueError
+        For non-finite entries, for a Σ that is not numerically positive definite (zca, pca, cholesky:
+        eigenvalues or squared pivots not above 2√d·ε_dtype·max), and for a Σ with zero trace or that
+        is indefinite (Newton: a Cholesky test of Σ + d·ε·tr Σ·I).
+
+    Notes
+    -----
+    Survey §5.1.2, Eqn 23.
+
+    References
+    ----------
+    .. [1] L. Huang, D. Yang, B. Lang and J. Deng, "Decorrelated Batch Normalization", CVPR 2018.
     """
     fn = "whitening_matrix"
     _required(fn, cov=cov)
@@ -1389,9 +1628,33 @@ def adain(content: Any, style: Any, eps: float = 1e-5) -> Array:
 
     μ, σ per sample and channel over the spatial axes, σ = √(mean((x − μ)²) + ε) (biased variance, ε
     inside the root, as in the paper's Eqn 8; the authors' code uses the unbiased variance). content
-    and style share (N, C); their spatial sizes may differ. Backward: with x̂ = (x − μ_c)/σ_c,
-    ŝ = (s − μ_s)/σ_s and G' = σ_s·G, dx = (G' − mean(G') − x̂·mean(G'·x̂))/σ_c,
-    ds = (Σ G·x̂ · ŝ + Σ G)/M_s. Huang & Belongie, ICCV 2017.
+    and style share (N, C); their spatial sizes may differ.
+
+    Backward: with x̂ = (x − μ_c)/σ_c, ŝ = (s − μ_s)/σ_s and G' = σ_s·G,
+    dx = (G' − mean(G') − x̂·mean(G'·x̂))/σ_c, ds = (Σ G·x̂ · ŝ + Σ G)/M_s.
+
+    Parameters
+    ----------
+    content : array, shape ``(N, C, *spatial)``
+        x, the content features.
+    style : array, shape ``(N, C, *spatial_s)``
+        s, the style features (spatial sizes may differ from content's).
+    eps : float, default 1e-5
+        ε, added to the variances.
+
+    Returns
+    -------
+    out : array
+        The output, content's shape.
+
+    Notes
+    -----
+    Survey §9.2 (style transfer).
+
+    References
+    ----------
+    .. [1] X. Huang and S. Belongie, "Arbitrary Style Transfer in Real-time with Adaptive Instance
+       Normalization", ICCV 2017.
     """
     fn = "adain"
     _required(fn, content=content, style=style)
@@ -1500,7 +1763,34 @@ def wct(content: Any, style: Any, alpha: float = 1.0, eps: float = 1e-5, group_s
     Σ = Xc·Xcᵀ/M + ε·I (biased, ε added; Li et al. use M − 1 and drop small eigenvalues instead),
     Σ_c^-1/2 by the ZCA :class:`Whitening` operation and Σ_s^1/2 by the symmetric square root, both
     through ``eigh`` with the Loewner backward, so gradients reach content and style exactly even at
-    equal eigenvalues. Li et al., NeurIPS 2017.
+    equal eigenvalues.
+
+    Parameters
+    ----------
+    content : array, shape ``(N, C, *spatial)``
+        x, the content features.
+    style : array, shape ``(N, C, *spatial_s)``
+        The style features (spatial sizes may differ).
+    alpha : float, default 1.0
+        α, the blend with the content.
+    eps : float, default 1e-5
+        ε, added to both covariances.
+    group_size : int or None, default None
+        Channels per group; ``None``: all.
+
+    Returns
+    -------
+    out : array
+        The output, content's shape.
+
+    Notes
+    -----
+    Survey §9.2 (style transfer).
+
+    References
+    ----------
+    .. [1] Y. Li, C. Fang, J. Yang, Z. Wang, X. Lu and M.-H. Yang, "Universal Style Transfer via Feature
+       Transforms", NeurIPS 2017.
     """
     fn = "wct"
     _required(fn, content=content, style=style)

@@ -156,7 +156,14 @@ def test_torch_recalibrate_model(rng):
     assert rel_err(model[7].running_mean, im) < TOL64 and rel_err(model[7].running_var, iv) < TOL64
     assert int(model[5].num_batches_tracked) == 3
     assert not torch.equal(ref[5].running_cov, model[5].running_cov)  # update_bn left it as trained
-    # precise BN: the pooled moments of the first norm layer's inputs
+    # precise BN: refused before any work for a model with an instance norm (per-sample statistics)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"estimator='pooled' applies to .*instance_norm's are not.*layer '7'"):
+        nt.recalibrate(model, data, estimator="pooled")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # the pooled moments of the first norm layer's inputs
+    model = model[:7]
     nt.recalibrate(model, data, estimator="pooled")
     with torch.no_grad():
         h = torch.cat([model[0](x) for x in data]).numpy().transpose(1, 0, 2, 3).reshape(4, -1)

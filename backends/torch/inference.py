@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from normref.inference import PooledMoments, recalibrate as _recalibrate_pure
+from normref.inference import PooledMoments, check_pooled, recalibrate as _recalibrate_pure
 
 from .modules import StatefulNorm, _NormrefBatchNorm, _NormrefInstanceNorm
 
@@ -100,6 +100,13 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], *, estimator: str = "a
         raise TypeError(f"{fn}: batches must be an iterable of model inputs (one per batch); "
                         f"got {type(batches).__name__}")
     layers = [(m, s) for m in model.modules() if (s := _spec(m)) is not None]
+    if estimator == "pooled":  # every layer must take it, before any work
+        names = {id(m): n for n, m in model.named_modules()}
+        for m, (method, state, others) in layers:
+            try:
+                check_pooled(fn, method, state, others)
+            except ValueError as e:
+                raise ValueError(f"{e} (layer {names[id(m)]!r}, {type(m).__name__})") from None
     acc: dict = {}
     hooks = []
     counts = {id(m): 0 for m, _ in layers}
@@ -115,9 +122,6 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], *, estimator: str = "a
             if id(m) not in acc:
                 cov = state.get("running_cov")
                 acc[id(m)] = PooledMoments(None if cov is None else int(cov.shape[-1]))
-            # the method's own check that the pooled estimator applies, on the first batch
-            if k == 1:
-                _recalibrate_pure(method, [x], state, estimator="pooled", **others)
             acc[id(m)].add(x)
             return
         new = _recalibrate_pure(method, [x], state, **others)
