@@ -2,8 +2,9 @@
 shows it. In reStructuredText ``|x|`` is a substitution reference and a lone ``*`` starts an emphasis,
 so autodoc would turn the math into errors. This ``autodoc-process-docstring`` handler (run before
 napoleon) escapes ``|`` and the ``*`` that do not delimit a well-formed ``*emphasis*`` or
-``**strong**``, outside inline literals, roles, literal blocks (after ``::``) and doctest blocks; the
-rendered text is then exactly the docstring's.
+``**strong**``, and an author's initial that starts a line ("Y. Wu", which would start an enumerated
+list and vanish), outside inline literals, roles, literal blocks (after ``::``) and doctest blocks;
+the rendered text is then exactly the docstring's.
 """
 
 from __future__ import annotations
@@ -41,6 +42,15 @@ def escape_line(line: str) -> str:
     return "".join(out)
 
 
+_FOOTNOTE = re.compile(r"^(\s*\.\. \[[^\]]+\]\s+)")
+# an author's initial at the start of a line ("Y. Wu and K. He") would start an enumerated list
+_INITIAL = re.compile(r"^(\s*)([A-Z])\. (?=[A-Z])")
+
+
+def _initial(line: str) -> str:
+    return _INITIAL.sub(lambda m: f"{m.group(1)}{m.group(2)}\\. ", line)
+
+
 def _indent(s: str) -> int:
     return len(s) - len(s.lstrip())
 
@@ -66,13 +76,17 @@ def escape_lines(lines: list) -> list:
             doctest = True
             out.append(ln)
             continue
+        m = _FOOTNOTE.match(ln)
+        if m:  # a footnote or citation (numpydoc's References): its text is text
+            out.append(m.group(1) + _initial(escape_line(ln[m.end(1):])))
+            continue
         if stripped.startswith(".. "):  # a directive or comment: leave its line alone
             out.append(ln)
             if re.match(r"\.\. (code-block|code|math|doctest|testcode|testoutput|sourcecode|parsed-literal)::",
                         stripped) or not re.match(r"\.\. [\w-]+::", stripped):
                 literal_indent = _indent(ln)  # literal content, or a comment's body
             continue
-        out.append(escape_line(ln))
+        out.append(_initial(escape_line(ln)))
         if stripped.endswith("::"):
             literal_indent = _indent(ln)
     return out

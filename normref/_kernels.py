@@ -106,7 +106,23 @@ def lookup(xp, primitive: str) -> Callable | None:
 
 @contextlib.contextmanager
 def use_kernels(enabled: bool = True) -> Iterator[None]:
-    """Context manager: ``with normref.use_kernels(False):`` runs the pure array-API formulas."""
+    """Context manager: ``with normref.use_kernels(False):`` runs the pure array-API formulas.
+
+    Inside the block the registered kernels (e.g. the numba backend's) are used, or not, in this
+    context (a ``contextvars`` setting: threads and tasks keep their own); the innermost block wins.
+    Outside any block the environment decides: ``NORMREF_KERNELS=0`` (read once, at import) makes the
+    array-API formulas (the reference) the default.
+
+    Parameters
+    ----------
+    enabled : bool, default True
+        Use the registered kernels (``True``) or the formulas only (``False``).
+
+    Returns
+    -------
+    context : context manager
+        Yields ``None``; the previous setting comes back on exit.
+    """
     from ._validate import check_bool
 
     token = _ENABLED.set(check_bool("use_kernels", "enabled", enabled))

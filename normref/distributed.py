@@ -71,6 +71,21 @@ class Reducer:
 
     Subclasses implement :meth:`_all_reduce_sum` and :meth:`_all_gather`; the public methods count
     the values sent.
+
+    Attributes
+    ----------
+    world_size : int or None
+        The number of ranks taking part (may be a traced value under JAX).
+    values_sent : int
+        Values sent so far (the sum of the sizes given to the collectives).
+    bytes_sent : int
+        Bytes sent so far.
+    calls : int
+        Collective calls so far.
+
+    Notes
+    -----
+    Survey §5.1.1 (batch statistics over the whole mini-batch, here spread over ranks).
     """
 
     #: number of ranks taking part (may be a traced value under JAX)
@@ -82,14 +97,36 @@ class Reducer:
         self.calls = 0
 
     def all_reduce_sum(self, a: Any) -> Any:
-        """Σ over ranks of ``a`` (same shape), on every rank."""
+        """Σ over ranks of ``a`` (same shape), on every rank.
+
+        Parameters
+        ----------
+        a : array
+            This rank's values.
+
+        Returns
+        -------
+        out : array
+            The sum over ranks, a's shape.
+        """
         self.values_sent += _size(a)
         self.bytes_sent += _size(a) * _itemsize(a)
         self.calls += 1
         return self._all_reduce_sum(a)
 
     def all_gather(self, a: Any) -> Any:
-        """Every rank's ``a`` stacked along a new leading axis (rank order), on every rank."""
+        """Every rank's ``a`` stacked along a new leading axis (rank order), on every rank.
+
+        Parameters
+        ----------
+        a : array
+            This rank's values.
+
+        Returns
+        -------
+        out : array, shape ``(W, *a.shape)``
+            Every rank's ``a``, in rank order.
+        """
         self.values_sent += _size(a)
         self.bytes_sent += _size(a) * _itemsize(a)
         self.calls += 1
@@ -118,7 +155,25 @@ def _itemsize(a: Any) -> int:
 
 
 def check_reducer(fn: str, sync: Any) -> Any:
-    """``sync`` is ``None`` (local statistics) or a :class:`Reducer`-like object; else ``TypeError``."""
+    """``sync`` is ``None`` (local statistics) or a :class:`Reducer`-like object; else ``TypeError``.
+
+    Parameters
+    ----------
+    fn : str
+        The public function's name, for the error message.
+    sync : Reducer or None
+        The argument to check.
+
+    Returns
+    -------
+    sync : Reducer or None
+        ``sync``, accepted.
+
+    Raises
+    ------
+    TypeError
+        When ``sync`` is neither ``None`` nor reducer-like.
+    """
     if sync is None:
         return None
     if not (callable(getattr(sync, "all_reduce_sum", None)) and callable(getattr(sync, "all_gather", None))):
@@ -133,9 +188,38 @@ def check_reducer(fn: str, sync: Any) -> Any:
 def combine_moments(xp: Any, n: Any, mean: Any, m2: Any) -> tuple[Any, Any, Any]:
     """Chan's pooled (N, μ, M2) from gathered per-rank values.
 
-    ``n``: (W,) counts; ``mean``: (W, *S) per-rank means; ``m2``: (W, *S) per-rank centred sums of
-    squares (or (W, *S, d, d) centred cross-products for a covariance, with ``mean`` (W, *S, d)).
-    Returns N (0-d), μ (*S) and M2 (*S) (or (*S, d, d)); ranks with n_i = 0 count for nothing.
+    N = Σ n_i, μ = Σ n_i·μ_i/N, M2 = Σ M2_i + Σ n_i(μ_i − μ)(μ_i − μ)ᵀ; ranks with n_i = 0 count for
+    nothing.
+
+    Parameters
+    ----------
+    xp : module
+        The array namespace.
+    n : array, shape ``(W,)``
+        The per-rank counts.
+    mean : array, shape ``(W, *S)``
+        The per-rank means (``(W, *S, d)`` for a covariance).
+    m2 : array, shape ``(W, *S)``
+        The per-rank centred sums of squares (or ``(W, *S, d, d)`` centred cross-products for a
+        covariance).
+
+    Returns
+    -------
+    N : array, shape ``()``
+        The total count.
+    mu : array, shape ``S``
+        The pooled mean (``(*S, d)`` for a covariance).
+    M2 : array, shape ``S``
+        The pooled centred sums (or ``(*S, d, d)``).
+
+    Notes
+    -----
+    Survey §5.1.1 (batch statistics; synchronized across ranks).
+
+    References
+    ----------
+    .. [1] T. F. Chan, G. H. Golub and R. J. LeVeque, "Updating Formulae and a Pairwise Algorithm for
+       Computing Sample Variances", Stanford CS report STAN-CS-79-773, 1979.
     """
     N = xp.sum(n)
     safe = xp.where(N > 0, N, xp.ones_like(N))

@@ -223,19 +223,8 @@ def normalize(
 ) -> Array:
     """Any partition × any operation × any recovery, from batch statistics (survey Algorithm 1).
 
-    ``y = Ψ(Φ(Π(x)))`` reshaped back, with
-
-    - ``partition`` (NAP): ``"batch"``, ``"layer"`` (the last ``normalized_ndim`` axes), ``"instance"``,
-      ``"group"`` (``num_groups``), ``"position"``, ``"batch_group"`` (``num_groups`` over channels,
-      ``batch_groups`` over the batch);
-    - ``operation`` (NOP): ``"centering"``, ``"scaling"`` (RMS), ``"standardizing"``, ``"lp"`` (Lp
-      deviation, any ``p`` ≥ 1 or ``inf``; ``l1_factor`` multiplies σ₁ by √(π/2)), or whitening
-      (survey Eqn 23, :class:`normref.whitening.Whitening`): ``"zca"``, ``"pca"``, ``"cholesky"``,
-      ``"iternorm"``, ``"newton_schulz"`` (``iterations`` = T), decorrelating the partition's rows
-      (``Partition.feature_axes``: channels for batch and instance, channel groups for group and
-      batch_group, positions for position) in groups of ``group_size`` (``None``: all of them);
-    - ``recovery`` (NRR): ``"none"``, ``"affine"`` (γ, β of shape (C,), or ``normalized_shape`` for the
-      layer partition), ``"generated"`` (γ, β broadcastable to the input: per sample, per position).
+    ``y = Ψ(Φ(Π(x)))`` reshaped back, with the partition Π (NAP), the operation Φ (NOP) and the
+    recovery Ψ (NRR) chosen by ``partition``, ``operation`` and ``recovery``.
 
     Every argument is validated on every call, also one the call does not use (``p`` without
     ``"lp"``, ``iterations`` without an iterative whitening, ``num_groups``/``batch_groups``/
@@ -243,22 +232,76 @@ def normalize(
     ``ValueError`` even though standardizing ignores ``p``. An empty input gives an empty output and
     zero parameter gradients (as the presets, :mod:`normref.standardization`).
 
-    Input layout (N, C, *spatial). ``eps`` is added to the variance (inside the square root) for
-    standardizing and scaling, to the deviation (outside) for ``"lp"``, and to the covariance
-    (Σ + εI, ε ≥ 0) for whitening.
-
     ``sync`` (a reducer, :mod:`normref.distributed`): for the partitions whose statistics run over the
     batch (``"batch"``, ``"batch_group"``) the statistics pool every rank's input — as
     :func:`normref.batch_norm` (``"batch"``) and :func:`normref.batch_group_norm` (``"batch_group"``:
     batch group j is the union of the ranks' j-th chunks) with ``sync``; standardizing: forward one
     all_gather of 2K + 1 values (K statistics), backward one all_reduce_sum of 2K; centering K + 1
     and K; ``"lp"`` as :func:`normref.lp_batch_norm`. Other partitions are per sample (``sync`` must be
-    ``None``: ``ValueError``). Survey §5.1.
+    ``None``: ``ValueError``).
 
-    Example: ``normalize(x, w, b, partition="group", num_groups=4)`` equals ``group_norm(x, 4, w, b)``,
-    ``normalize(x, partition="position", operation="scaling")`` is pixel normalization, and
-    ``normalize(x, partition="instance", operation="zca", group_size=16)`` is the per-sample ZCA
-    whitening of style transfer (``batch_whitening(x, partition="instance", group_size=16)``).
+    Parameters
+    ----------
+    input : array, shape ``(N, C, *spatial)``
+        The input (layout ``(N, C, *spatial)``).
+    weight : array or None, default None
+        γ: shape (C,) for ``recovery="affine"`` (``normalized_shape`` for the layer partition);
+        broadcastable to the input for ``"generated"`` (per sample, per position).
+    bias : array or None, default None
+        β, as ``weight``.
+    partition : str, default "batch"
+        NAP: ``"batch"``, ``"layer"`` (the last ``normalized_ndim`` axes), ``"instance"``,
+        ``"group"`` (``num_groups``), ``"position"``, ``"batch_group"`` (``num_groups`` over channels,
+        ``batch_groups`` over the batch).
+    operation : str, default "standardizing"
+        NOP: ``"centering"``, ``"scaling"`` (RMS), ``"standardizing"``, ``"lp"`` (Lp
+        deviation, any ``p`` ≥ 1 or ``inf``), or whitening (survey Eqn 23,
+        :class:`normref.whitening.Whitening`): ``"zca"``, ``"pca"``, ``"cholesky"``,
+        ``"iternorm"``, ``"newton_schulz"`` (``iterations`` = T), decorrelating the partition's rows
+        (``Partition.feature_axes``: channels for batch and instance, channel groups for group and
+        batch_group, positions for position) in groups of ``group_size``.
+    recovery : str, default "affine"
+        NRR: ``"none"``, ``"affine"`` (γ, β of shape (C,), or ``normalized_shape`` for the
+        layer partition), ``"generated"`` (γ, β broadcastable to the input: per sample, per position).
+    num_groups : int, default 1
+        The channel groups of ``"group"`` and ``"batch_group"``.
+    batch_groups : int, default 1
+        The batch groups of ``"batch_group"``.
+    normalized_ndim : int, default 1
+        The trailing axes of ``"layer"``.
+    eps : float, default 1e-5
+        ε, added to the variance (inside the square root) for standardizing and scaling, to the
+        deviation (outside) for ``"lp"``, and to the covariance (Σ + εI, ε ≥ 0) for whitening.
+    p : float, default 2.0
+        p of ``"lp"`` (≥ 1 or ``inf``).
+    l1_factor : bool, default False
+        For ``"lp"`` with p = 1, multiply σ₁ by √(π/2).
+    group_size : int or None, default None
+        Features per whitening group (``None``: all of them).
+    iterations : int, default 5
+        T, the Newton steps of ``"iternorm"``/``"newton_schulz"``.
+    sync : reducer or None, default None
+        A reducer (see above).
+
+    Returns
+    -------
+    out : array
+        The output, input's shape and dtype.
+
+    Notes
+    -----
+    Survey §5.1 (Algorithm 1; Table 1), Eqn 23 (whitening).
+
+    Examples: ``normalize(x, w, b, partition="group", num_groups=4)`` equals
+    ``group_norm(x, 4, w, b)``, ``normalize(x, partition="position", operation="scaling")`` is pixel
+    normalization, and ``normalize(x, partition="instance", operation="zca", group_size=16)`` is the
+    per-sample ZCA whitening of style transfer (``batch_whitening(x, partition="instance",
+    group_size=16)``).
+
+    References
+    ----------
+    .. [1] L. Huang, J. Qin, Y. Zhou, F. Zhu, L. Liu and L. Shao, "Normalization Techniques in Training
+       DNNs: Methodology, Analysis and Application", IEEE TPAMI 2023 (the survey; §5.1, Algorithm 1).
     """
     fn = "normalize"
     xp = namespace(fn, input=input, weight=weight, bias=bias)

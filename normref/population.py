@@ -44,15 +44,16 @@ class PopulationStatistics(NamedTuple):
 
 def population_statistics(input: Array, *, group_size: int | None = None, batch_size: int | None = None
                           ) -> PopulationStatistics:
-    """Per-channel population mean, unbiased variance and (with ``group_size``) the unbiased covariance of
-    each group of ``group_size`` consecutive channels, over every sample of a dataset ``input``
-    (N, C, *spatial): the batch partition's statistics over all N samples at once.
+    """Per-channel population mean, unbiased variance and (optionally) covariance over a whole dataset.
+
+    The batch partition's statistics over all N samples at once: the mean, the unbiased variance and
+    (with ``group_size``) the unbiased covariance of each group of ``group_size`` consecutive channels.
 
     ``batch_size=None`` (default): the statistics of the whole set, M = N·∏spatial values per channel:
     μ = (1/M)·Σ x,  σ² = Σ (x − μ)²/(M − 1),  Σ_g = Σ (x_g − μ_g)(x_g − μ_g)ᵀ/(M − 1)
     (two passes: the mean, then the centred sums — no raw Σx², stable in float32 too).
 
-    ``input`` may also be an iterable of batches (N_i, C, *spatial) of one library — e.g. a frozen
+    ``input`` may also be an iterable of batches ``(N_i, C, *spatial)`` of one library — e.g. a frozen
     network's activations batch by batch, for a dataset that never exists as one array: the same
     statistics, exact, in one pass. Each batch gives its (n_i, μ_i, M2_i) (two-pass within the batch)
     and they are pooled by Chan et al.'s update (n = n_a + n_b, δ = μ_b − μ_a, μ = μ_a + δ·n_b/n,
@@ -66,15 +67,37 @@ def population_statistics(input: Array, *, group_size: int | None = None, batch_
     (``momentum=None``) hold after one pass over the same batches. torch has no function for it;
     this follows the paper.
 
-    Returned as :class:`PopulationStatistics` in the compute dtype (float32 for float16/bfloat16 input,
-    as running statistics are kept), ready for ``batch_norm(x, st.mean, st.var, training=False)`` and
-    ``batch_whitening(x, st.mean, st.cov, training=False, group_size=...)`` (also
-    ``decorrelated_batch_norm``, ``iter_norm``). On a dask array nothing is computed: the fields are
-    dask arrays of the graph (``dask.compute(st.mean, st.var, st.cov)`` evaluates them together).
+    Parameters
+    ----------
+    input : array or iterable of array
+        The dataset, ``(N, C, *spatial)``, or an iterable of batches ``(N_i, C, *spatial)`` of one
+        library.
+    group_size : int or None, default None
+        Channels per covariance group; ``None``: no covariance.
+    batch_size : int or None, default None
+        m, for Algorithm 2 of the BN paper (divides N); ``None``: the whole set.
 
+    Returns
+    -------
+    stats : PopulationStatistics
+        ``(mean, var, cov, count)`` in the compute dtype (float32 for float16/bfloat16 input, as
+        running statistics are kept), ready for ``batch_norm(x, st.mean, st.var, training=False)`` and
+        ``batch_whitening(x, st.mean, st.cov, training=False, group_size=...)`` (also
+        ``decorrelated_batch_norm``, ``iter_norm``). On a dask array nothing is computed: the fields are
+        dask arrays of the graph (``dask.compute(st.mean, st.var, st.cov)`` evaluates them together).
+
+    Notes
+    -----
     Survey §5.3.2 (estimating population statistics after training) and §4 Eqn 16 (whitening by
-    population statistics); Ioffe & Szegedy, Batch Normalization, ICML 2015 (Algorithm 2); Huang et al.,
-    Decorrelated Batch Normalization, CVPR 2018.
+    population statistics).
+
+    References
+    ----------
+    .. [1] S. Ioffe and C. Szegedy, "Batch Normalization: Accelerating Deep Network Training by Reducing
+       Internal Covariate Shift", ICML 2015 (Algorithm 2).
+    .. [2] L. Huang, D. Yang, B. Lang and J. Deng, "Decorrelated Batch Normalization", CVPR 2018.
+    .. [3] T. F. Chan, G. H. Golub and R. J. LeVeque, "Updating Formulae and a Pairwise Algorithm for
+       Computing Sample Variances", Stanford CS report STAN-CS-79-773, 1979.
     """
     fn = "population_statistics"
     if not is_array(input) and not isinstance(input, (str, bytes)) and hasattr(input, "__iter__"):

@@ -35,7 +35,7 @@ Not implemented, and why (issue 14, recorded for the closing note):
   sequences of its algorithm) could not be checked against the paper here, so it is not registered
   under its name.
 
-Notation: statistics per channel over (N, *spatial) (the batch partition Π_BN, survey Eqn 20);
+Notation: statistics per channel over ``(N, *spatial)`` (the batch partition Π_BN, survey Eqn 20);
 m = N·∏spatial values per channel; running variances and covariances are unbiased (torch's convention
 for ``running_var``).
 """
@@ -49,14 +49,17 @@ from typing import NamedTuple
 import numpy as _np
 
 from . import operation as _op
+from ._results import result_tuple
 from ._validate import check_bool, check_choice, check_int, check_momentum, check_ndim, check_nonnegative_values
 from ._xp import Array, compute_dtype, namespace, to_compute
 from .framework import channel_param, pack, run_forward
 from .partition import Partition
+from .population import population_statistics
 from .registry import Example, Residuals, method
 from .standardization import (MeanOnlyResult, NormResult, _backward_for, _check_channels, _check_nbt,
                               _check_training_count, _ema, _empty_call, _eps, _is_empty, _out,
                               _shapes, _to_channels)
+from .whitening import WHITENING_METHODS, WhiteningResult, _whitening_backward, batch_whitening, whitening_matrix
 
 __all__ = [
     "population_norm",
@@ -193,39 +196,39 @@ def population_norm(
     Parameters
     ----------
     input : Array
-        Activations (N, C, *spatial).
+        Activations ``(N, C, *spatial)``.
     running_mean : Array
         μ̂ (C,), the running estimate of the population mean.
-    running_var : Array or None
+    running_var : Array or None, default None
         σ̂² (C,), unbiased; required by ``operation="standardizing"``. With centering it is optional and,
         when given, updated (and returned) alongside the mean but not used.
-    weight, bias : Array or None
+    weight, bias : Array or None, default None
         γ, β (C,).
-    training : bool
+    training : bool, default False
         ``True``: update the statistics from this batch (on the steps that update, see ``update_every``)
         and normalize by them; ``False``: normalize by the given statistics, no update.
-    momentum : float or None
+    momentum : float or None, default 0.1
         f in Eqn 18, torch's convention (the weight of the batch); ``None``: the cumulative average over
         the updates (needs ``num_batches_tracked``); ``1.0`` with ``update_every=T``: re-estimation from
         the batch every T steps (Desjardins et al.'s schedule, per channel).
-    eps : float
+    eps : float, default 1e-5
         ε added to the variance, inside the square root (standardizing).
-    operation : {"centering", "standardizing"}
+    operation : {"centering", "standardizing"}, default "centering"
         Wiesler et al. and Gregoire et al. center only (the default; Wiesler et al. found the scaling
         brought no gain with running-average estimates); ``"standardizing"`` also divides by σ̂.
-    update_every : int
+    update_every : int, default 1
         T: the statistics are updated at steps k = ``num_batches_tracked`` with k ≡ 0 (mod T) and held
         fixed in between (T > 1 needs ``num_batches_tracked``).
-    num_batches_tracked : int or None
+    num_batches_tracked : int or None, default None
         k, the number of training batches seen before this one (the caller adds 1 per call).
-    use_updated : bool
-        ``True`` (default): normalize by the statistics *after* this step's update (the running estimate
+    use_updated : bool, default True
+        ``True``: normalize by the statistics *after* this step's update (the running estimate
         that includes the current batch, as Algorithm 1 of Desjardins et al. re-estimates before the
         step's gradient update); ``False``: by the incoming statistics (those of the previous steps).
 
     Returns
     -------
-    Array or NormResult or MeanOnlyResult
+    out : Array or NormResult or MeanOnlyResult
         The output y; in training ``NormResult(output, running_mean, running_var)`` (or
         ``MeanOnlyResult(output, running_mean)`` when centering without ``running_var``) with the
         updated statistics (unchanged on a step that does not update).
@@ -288,6 +291,7 @@ def population_norm(
     gamma = channel_param(xp, to_compute(xp, weight, cd), nd)
     beta = channel_param(xp, to_compute(xp, bias, cd), nd)
     mean = channel_param(xp, to_compute(xp, rm, cd), nd)
+    op: _op.Operation
     if operation == "centering":
         op = PopulationCentering()
         y, op_res, _ = run_forward(xp, x, part, op, gamma, beta, mean=mean)
@@ -336,8 +340,6 @@ def _ex_prong(rng):
 
 def _prong_frozen(args, kwargs):
     """prong_whitening with the statistics it whitened by frozen (constants of its backward)."""
-    from .whitening import batch_whitening
-
     b = prong_whitening.bind(*args, **kwargs)
     a = b.arguments
     if not a["training"]:  # at inference the statistics are given: the backward is the method's own derivative
@@ -375,7 +377,7 @@ def prong_whitening(
     update_every: int = 1,
     num_batches_tracked: int | None = None,
     use_updated: bool = True,
-):
+) -> Array | WhiteningResult:
     """Whitening by population statistics re-estimated every T steps (PRONG).
 
     .. math::
@@ -391,37 +393,37 @@ def prong_whitening(
     Parameters
     ----------
     input : Array
-        Activations (N, C, *spatial).
+        Activations ``(N, C, *spatial)``.
     running_mean : Array
         μ̂ (C,).
     running_cov : Array
         Σ̂ (C/group_size, group_size, group_size), unbiased.
-    weight, bias : Array or None
+    weight, bias : Array or None, default None
         γ, β (C,).
-    training : bool
+    training : bool, default False
         Update the statistics on the steps that update, then whiten; ``False``: whiten by the given ones.
-    momentum : float or None
-        f; ``1.0`` (default): re-estimate from this batch (the paper estimates Σ̂ afresh from N_s
+    momentum : float or None, default 1.0
+        f; ``1.0``: re-estimate from this batch (the paper estimates Σ̂ afresh from N_s
         samples every T updates: pass those samples at that step); < 1: a running average; ``None``:
         the cumulative average over the updates.
-    eps : float
+    eps : float, default 1e-5
         ε added to the covariance (Σ̂ + εI; the paper's damping of the eigenvalues).
-    group_size : int or None
+    group_size : int or None, default None
         Channels per whitened group (``None``: all C channels in one group).
-    method : str
+    method : str, default "pca"
         The whitening matrix W: ``"pca"`` (the paper's), ``"zca"``, ``"cholesky"``, ``"iternorm"``,
         ``"newton_schulz"``.
-    update_every : int
+    update_every : int, default 1
         T: statistics re-estimated at steps k = ``num_batches_tracked`` ≡ 0 (mod T), held in between.
-    num_batches_tracked : int or None
+    num_batches_tracked : int or None, default None
         k, the training steps before this one (needed for T > 1 or momentum=None).
-    use_updated : bool
+    use_updated : bool, default True
         Whiten with the statistics after this step's update (default; Algorithm 1 of the paper
         re-estimates, then takes the gradient step) or with the incoming ones.
 
     Returns
     -------
-    Array or WhiteningResult
+    out : Array or WhiteningResult
         y; in training ``WhiteningResult(output, running_mean, running_cov)``.
 
     Notes
@@ -439,9 +441,6 @@ def prong_whitening(
     G. Desjardins, K. Simonyan, R. Pascanu, K. Kavukcuoglu, "Natural Neural Networks", NeurIPS 2015
     (Algorithm 1, PRONG).
     """
-    from .population import population_statistics
-    from .whitening import WHITENING_METHODS, WhiteningResult, batch_whitening
-
     fn = "prong_whitening"
     xp = namespace(fn, input=input, running_mean=running_mean, running_cov=running_cov, weight=weight, bias=bias)
     check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
@@ -485,13 +484,20 @@ def prong_whitening(
 @prong_whitening.defbackward
 def _prong_backward(res: Residuals, g):
     # the residuals are batch_whitening's inference residuals: its backward (U constant) applies
-    from .whitening import _whitening_backward
-
     return _whitening_backward(res, g)
 
 
+@result_tuple
 class ProngReparameterization(NamedTuple):
-    """The next layer's parameters after a re-estimation: ``weight`` V', ``bias`` d'."""
+    """The next layer's parameters after a PRONG re-estimation (:func:`prong_reparameterize`).
+
+    Attributes
+    ----------
+    weight : Array
+        V' = V·U_old·U_new⁻¹, of the given weight's shape and dtype.
+    bias : Array
+        d' = d + V·U_old·(μ̂_new − μ̂_old), (C_out,).
+    """
 
     weight: Array
     bias: Array
@@ -521,21 +527,21 @@ def prong_reparameterize(
     Parameters
     ----------
     weight : Array
-        V, the next layer's weight: linear (C_out, C) or convolution (C_out, C, *kernel) with groups=1,
+        V, the next layer's weight: linear (C_out, C) or convolution ``(C_out, C, *kernel)`` with groups=1,
         C the whitened channels.
     bias : Array or None
         d (C_out,); ``None`` is a zero bias (a bias is returned: the mean shift needs one).
     old_mean, old_cov, new_mean, new_cov : Array
         μ̂ (C,) and Σ̂ (G, c, c) before and after the re-estimation (:func:`prong_whitening`'s
         ``running_mean``/``running_cov`` in and out).
-    eps : float
+    eps : float, default 1e-5
         ε of the whitening (the same as the normalization's).
-    method : str
+    method : str, default "pca"
         The whitening matrix, as in :func:`prong_whitening`.
 
     Returns
     -------
-    ProngReparameterization
+    new : ProngReparameterization
         ``(weight, bias)``: V' of ``weight``'s shape, d' (C_out,).
 
     Notes
@@ -550,8 +556,6 @@ def prong_reparameterize(
     ----------
     G. Desjardins, K. Simonyan, R. Pascanu, K. Kavukcuoglu, "Natural Neural Networks", NeurIPS 2015.
     """
-    from .whitening import WHITENING_METHODS, whitening_matrix
-
     fn = "prong_reparameterize"
     xp = namespace(fn, weight=weight, bias=bias, old_mean=old_mean, old_cov=old_cov, new_mean=new_mean,
                    new_cov=new_cov)
@@ -703,35 +707,35 @@ def blended_batch_norm(
     Parameters
     ----------
     input : Array
-        Activations (N, C, *spatial).
+        Activations ``(N, C, *spatial)``.
     running_mean, running_var : Array
         The incoming population estimates (C,) (variance unbiased); required.
-    weight, bias : Array or None
+    weight, bias : Array or None, default None
         γ, β (C,).
-    training : bool
+    training : bool, default False
         ``True``: blend, normalize by the blend, return it; ``False``: normalize by the running
         statistics (constants, as :func:`normref.batch_norm` at inference).
-    momentum : float or None
+    momentum : float or None, default 0.1
         α, the batch share (torch's convention, Eqn 18) for the presets ``"dinh"`` and ``"momentum"``;
         ``None``: the cumulative average α = 1/(k + 1) (needs ``num_batches_tracked``). Unused by
         ``"diminishing"``.
-    eps : float
+    eps : float, default 1e-5
         ε added to the blended variance, inside the square root.
-    preset : {"dinh", "diminishing", "momentum"}
+    preset : {"dinh", "diminishing", "momentum"}, default "dinh"
         The schedule of α: ``"dinh"`` (Real NVP: α = ``momentum``, Dinh et al. used ρ = 1 − α);
         ``"momentum"`` (momentum BN: λ = 1 − ``momentum`` is the paper's momentum; its dynamic λ_t is
         the caller's per-step argument, this call being pure); ``"diminishing"`` (diminishing BN:
         α_k = (k + 1)^-``decay``, k = ``num_batches_tracked``; α_0 = 1 starts from the batch statistics;
         Σα_k = ∞ and Σα_k² < ∞ for ½ < decay ≤ 1, decay = 1 being the running mean of every batch's
         statistics).
-    decay : float
+    decay : float, default 1.0
         η of the diminishing schedule, in (0, 1].
-    num_batches_tracked : int or None
+    num_batches_tracked : int or None, default None
         k, the training steps before this one.
 
     Returns
     -------
-    Array or NormResult
+    out : Array or NormResult
         y at inference; ``NormResult(output, running_mean, running_var)`` in training, the statistics
         being the blend (μ, σ²) the batch was normalized by.
 
@@ -783,6 +787,7 @@ def blended_batch_norm(
     beta = channel_param(xp, to_compute(xp, bias, cd), nd)
     rm = channel_param(xp, to_compute(xp, running_mean, cd), nd)
     rv = channel_param(xp, to_compute(xp, running_var, cd), nd)
+    op: _op.Operation
     if training:
         n = part.count(shape)
         op = BlendedStandardizing(eps=eps, alpha=float(alpha), kappa=float(alpha) * n / (n - 1))

@@ -202,6 +202,16 @@ class Method(Generic[P, R]):
         If ``backward`` declares a ``needs`` parameter it is called as ``backward(residuals,
         cotangent, needs=mask)`` with one bool per array parameter, and may skip (return ``None`` for)
         the gradients whose entry is false.
+
+        Parameters
+        ----------
+        backward : callable
+            The analytic backward.
+
+        Returns
+        -------
+        backward : callable
+            ``backward`` itself (usable as a decorator).
         """
         self._backward = backward
         self._inspected = backward
@@ -224,7 +234,22 @@ class Method(Generic[P, R]):
         return kwargs.get(name, default)
 
     def forward(self, *args: P.args, **kwargs: P.kwargs) -> tuple[R, Residuals]:
-        """``(out, residuals)``; ``out`` is what calling the method returns."""
+        """``(out, residuals)``; ``out`` is what calling the method returns.
+
+        Parameters
+        ----------
+        *args : Any
+            The method's positional arguments.
+        **kwargs : Any
+            The method's keyword arguments.
+
+        Returns
+        -------
+        out : array or NamedTuple
+            What calling the method returns.
+        residuals : Residuals
+            What :meth:`backward` needs (with its :class:`Meta`).
+        """
         out, res = self._call(args, kwargs)
         y = self.primary(out)
         arrays = [self._array_arg(slot, args, kwargs) for slot in self._array_slots]
@@ -241,10 +266,21 @@ class Method(Generic[P, R]):
     ) -> tuple[Any, ...]:
         """One gradient per array parameter (signature order); ``None`` where there is none.
 
-        ``cotangent`` is the cotangent of the primary output: an array of its shape and library
-        (``ValueError``/``TypeError`` otherwise, before any work). ``needs`` (optional, one bool per
-        array parameter): the gradients wanted; the others come back ``None`` and, where the
-        registered backward supports it, are not computed. No gradient wanted: no work at all.
+        Parameters
+        ----------
+        residuals : Residuals
+            The residuals of :meth:`forward`.
+        cotangent : array
+            The cotangent of the primary output: an array of its shape and library (``ValueError``/
+            ``TypeError`` otherwise, before any work).
+        needs : sequence of bool or None, default None
+            One bool per array parameter: the gradients wanted; the others come back ``None`` and, where
+            the registered backward supports it, are not computed. No gradient wanted: no work at all.
+
+        Returns
+        -------
+        grads : tuple
+            One gradient (or ``None``) per array parameter, in signature order.
         """
         if self._backward is None:
             raise NotImplementedError(f"{self.name} has no registered backward")
@@ -367,7 +403,18 @@ class Method(Generic[P, R]):
         return self._call(args, kwargs)[0]
 
     def primary(self, out: Any) -> Any:
-        """The differentiable output of ``out`` (the first field of a tuple result)."""
+        """The differentiable output of ``out`` (the first field of a tuple result).
+
+        Parameters
+        ----------
+        out : array or NamedTuple
+            What a call returned.
+
+        Returns
+        -------
+        y : array
+            The primary output.
+        """
         return out[0] if isinstance(out, tuple) else out
 
     def __repr__(self) -> str:
@@ -438,7 +485,23 @@ def get(name_or_method: Method[P, R]) -> Method[P, R]: ...
 @overload
 def get(name_or_method: str) -> Method[..., Any]: ...
 def get(name_or_method: "str | Method[..., Any]") -> Method[..., Any]:
-    """The registered method of that name (the error lists the valid names)."""
+    """The registered method of that name (the error lists the valid names).
+
+    Parameters
+    ----------
+    name_or_method : str or Method
+        A registered name, or a :class:`Method` (returned as it is).
+
+    Returns
+    -------
+    method : Method
+        The registered method.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name (the message lists the registered ones).
+    """
     if isinstance(name_or_method, Method):
         return name_or_method
     try:
@@ -450,7 +513,18 @@ def get(name_or_method: "str | Method[..., Any]") -> Method[..., Any]:
 
 
 def methods(category: str | None = None) -> list[Method[..., Any]]:
-    """Every registered method (optionally one category: activation, weight, gradient), by name."""
+    """Every registered method (optionally one category: activation, weight, gradient), by name.
+
+    Parameters
+    ----------
+    category : str or None, default None
+        ``"activation"``, ``"weight"`` or ``"gradient"``; ``None``: all.
+
+    Returns
+    -------
+    methods : list of Method
+        The methods, sorted by name.
+    """
     return [m for _, m in sorted(REGISTRY.items()) if category is None or m.category == category]
 
 
@@ -473,7 +547,25 @@ def vjp(fn: "Method[..., Any] | str", *args: Any, **kwargs: Any) -> tuple[Any, C
     ``ctx.save_for_backward``, so torch's version counter catches it: ``backward`` raises
     ``RuntimeError: ... modified by an inplace operation``. JAX arrays are immutable.
 
-    Example::
+    Parameters
+    ----------
+    fn : Method or str
+        The registered method, or its name.
+    *args : Any
+        The method's positional arguments.
+    **kwargs : Any
+        The method's keyword arguments.
+
+    Returns
+    -------
+    out : array or NamedTuple
+        What calling ``fn(*args, **kwargs)`` returns.
+    pullback : callable
+        ``pullback(cotangent) -> tuple``: one gradient per array parameter of ``fn``.
+
+    Examples
+    --------
+    ::
 
         y, pullback = normref.vjp(normref.group_norm, x, 4, w, b)
         dx, dw, db = pullback(dy)

@@ -327,6 +327,7 @@ def sync_worker(rank, world_size, xs, rm, rv, w, b):
     return {"y": out.output, "rm": out.running_mean, "rv": out.running_var, "dx": dx}
 
 
+@pytest.mark.slow  # two gloo processes (each imports torch): with the suite's other multi-process tests
 def test_synchronized_running_statistics(rng):
     """batch_group_norm with running statistics and sync= over 2 gloo ranks: batch group j is the
     union of the ranks' j-th chunks; every rank gets the running statistics of the global batch

@@ -57,6 +57,12 @@ def __getattr__(name: str):
         from . import online
 
         return getattr(online, name)
+    if not name.startswith("_") and name != "cross_iteration":  # MABN, memorized BN, CBN layers (issue 14)
+        import importlib
+
+        cross_iteration = importlib.import_module(".cross_iteration", __name__)
+        if name in cross_iteration.__all__:
+            return getattr(cross_iteration, name)
     if name == "parametrize":
         import importlib
 
