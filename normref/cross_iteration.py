@@ -353,26 +353,26 @@ def moving_average_batch_norm(
     ----------
     input : Array
         (N, C, *spatial).
-    past_sq_means : Array or None
+    past_sq_means : Array or None, default None
         (m − 1, C): χ² of the last m − 1 iterations, newest first (the ``sq_mean`` of earlier calls);
         ``None`` or (0, C): no window (m = 1, e.g. during the authors' warm-up).
-    past_grad_stats : Array or None
+    past_grad_stats : Array or None, default None
         (m − 1, C): the gradient statistics Ψ of the same iterations
         (:func:`moving_average_gradient_statistic` of their cotangents); ``None``: none (the backward
         is then exactly the derivative of the forward, the past χ² held constant).
-    weight, bias : Array or None
+    weight, bias : Array or None, default None
         γ, β (C,).
-    running_mean_square : Array or None
+    running_mean_square : Array or None, default None
         (C,), the population estimate of E[x²] used at inference (the authors' ``running_var``
         buffer, which holds the mean square); required when ``training=False`` or ``rmax`` is set.
-    training : bool
+    training : bool, default False
         Batch (moving-average) statistics and the state update, or the running mean square.
-    momentum : float
+    momentum : float, default 0.02
         running ← (1 − momentum)·running + momentum·ψ̄_t (normref's/torch's convention; the
         authors' 0.98 on the old value is ``momentum=0.02``, the default).
-    eps : float
+    eps : float, default 1e-5
         ε > 0 inside the square root.
-    rmax : float or None
+    rmax : float or None, default None
         Batch renormalization (the authors use 5 after 1000 iterations): r = clip(√(ψ̄+ε)/√(running+ε),
         1/rmax, rmax), a constant of the backward; ``None``: r = 1 (the authors' first iterations).
 
@@ -498,9 +498,11 @@ def moving_average_gradient_statistic(
     ----------
     input, cotangent : Array
         (N, C, *spatial), the call's input and the cotangent of its output.
-    past_sq_means, weight, running_mean_square : Array or None
+    past_sq_means, weight, running_mean_square : Array or None, default None
         As given to the call.
-    eps, rmax : float
+    eps : float, default 1e-5
+        As given to the call.
+    rmax : float or None, default None
         As given to the call.
 
     Returns
@@ -716,24 +718,24 @@ def memorized_batch_norm(
     ----------
     input : Array
         (N, C, *spatial).
-    past_means, past_vars : Array or None
+    past_means, past_vars : Array or None, default None
         (k − 1, C): the means and biased variances of the last k − 1 batches, newest first (the
         ``mean``/``var`` of earlier calls, or of the Double-Forward pass); ``None`` or (0, C): empty
         memory (then this is :func:`normref.batch_norm` with batch statistics).
-    weight, bias : Array or None
+    weight, bias : Array or None, default None
         γ, β (C,).
-    running_mean, running_var : Array or None
+    running_mean, running_var : Array or None, default None
         (C,) population statistics: used when ``training=False``; updated in training when given.
-    training : bool
+    training : bool, default False
         Memorized statistics and the state out, or the running statistics.
-    momentum : float
+    momentum : float, default 0.1
         running ← (1 − momentum)·running + momentum·(μ̄, σ̄²·n/(n − 1)) with n = k·M values in
         memory; ``momentum=1`` keeps exactly the last memorized statistics, the paper's inference rule.
-    eps : float
+    eps : float, default 1e-5
         ε > 0 inside the square root.
-    memory_weights : tuple of float, optional
+    memory_weights : tuple of float, optional, default None
         η_0 (current batch), η_1, ..., η_{k−1}: ≥ 0, summing to 1, η_0 > 0; default uniform 1/k.
-    variance : {"pooled", "average"}
+    variance : {"pooled", "average"}, default "pooled"
         "pooled" (default): the variance of the union of the memorized batches; "average": the
         weighted mean of the per-batch variances (leaves out the spread of the batch means).
 
@@ -917,33 +919,33 @@ def cross_iteration_batch_norm(
     ----------
     input : Array
         (N, C, *spatial), the output of the layer with weights θ.
-    running_mean, running_var : Array or None
+    running_mean, running_var : Array or None, default None
         (C,) population statistics: used when ``training=False``; updated in training (when given)
         with this batch's mean and unbiased variance, as in the authors' code.
-    weight, bias : Array or None
+    weight, bias : Array or None, default None
         γ, β (C,).
-    past_means, past_sq_means : Array or None
+    past_means, past_sq_means : Array or None, default None
         (k − 1, C): μ_{t−τ}(θ_{t−τ}) and ν_{t−τ}(θ_{t−τ}) for τ = 1..k−1, newest first (the ``mean``,
         ``sq_mean`` of earlier calls); ``None`` or (0, C): no window (batch norm).
-    past_mean_grads, past_sq_mean_grads : Array or None
+    past_mean_grads, past_sq_mean_grads : Array or None, default None
         (k − 1, C, *θ_c): ∂μ_{t−τ,c}/∂θ_{t−τ,c} and ∂ν_{t−τ,c}/∂θ_{t−τ,c}, the gradients of each
         channel's statistics with respect to that output channel's weights θ_c (the paper's, and the
         authors', approximation that μ_c depends on θ_c only); from
         :func:`cross_iteration_statistic_grads` or a framework's autodiff. ``None`` (with the two
         layer weights): no compensation, the paper's "naive" ablation.
-    layer_weight : Array or None
+    layer_weight : Array or None, default None
         θ_t, (C, *θ_c): the current weights of the layer before (e.g. a conv's (C, C_in/groups, kh, kw)).
-    past_layer_weights : Array or None
+    past_layer_weights : Array or None, default None
         (k − 1, C, *θ_c): θ_{t−τ}, the weights when the past statistics were taken.
-    training : bool
+    training : bool, default False
         Cross-iteration statistics and the state out, or the running statistics.
-    momentum : float
+    momentum : float, default 0.1
         Of the running statistics (normref's/torch's convention).
-    eps : float
+    eps : float, default 1e-5
         ε > 0 inside the square root (the authors' default adds it to σ outside the root).
-    rho : float
+    rho : float, default 1.0
         ρ ≥ 0, the factor on the compensation term (the authors' code; 1 in the paper).
-    invalid : {"clamp", "drop"}
+    invalid : {"clamp", "drop"}, default "clamp"
         A compensated past term with ν' < μ'²: "clamp" uses max(ν', μ'²) (the paper, Eqn 9);
         "drop" leaves that iteration out of the channel's average, k_c = 1 + its valid terms (the
         authors' code).

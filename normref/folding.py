@@ -308,11 +308,11 @@ def fold(norm: Any, weight: Array, bias: Array | None = None, *, layer: str = "b
         the norm's C. ``layer="after"``: the layer's input channels, groups·C_in/groups for a
         convolution, must be C; a linear layer's in_features may be C·P, the features of a
         flattened (C, *spatial) activation (channel-major, as ``torch.nn.Flatten``).
-    bias : array or None
+    bias : array or None, default None
         The layer's bias (its output channels); ``None`` is 0. The folded layer always has one.
-    layer : {"before", "after"}
+    layer : {"before", "after"}, default "before"
         Where the layer sits relative to the norm.
-    groups : int
+    groups : int, default 1
         The convolution's groups (1 for a linear layer). Each group of d channels of a whitening must
         lie within one convolution group (d divides the channels per group), or the folded weight
         would mix groups: refused (``ValueError``).

@@ -551,32 +551,32 @@ def batch_normalize(
     ----------
     input : Array
         (N, C, \*spatial).
-    running_mean, running_var : Array or None
+    running_mean, running_var : Array or None, default None
         (C,) each: the running mean and the *unbiased* running variance (standardizing; centering
         uses ``running_mean`` only). Required at inference by the operations that use them.
-    weight, bias : Array or None
+    weight, bias : Array or None, default None
         γ, β: (C,) for ``recovery="affine"``; broadcastable to the input for ``"generated"`` (per
         sample, per position); ``None`` with ``recovery="none"``.
-    training : bool
+    training : bool, default False
         Batch statistics (and the running update) or population statistics.
-    momentum : float or None
+    momentum : float or None, default 0.1
         m of the update s ← (1 − m)·s + m·s_B; ``None``: the cumulative average 1/(k + 1) over
         ``num_batches_tracked = k`` batches seen before, as torch.
-    eps : float
+    eps : float, default 1e-5
         ε, added to the variance (standardizing) or mean square (scaling); unused by centering.
-    partition : {"batch", "batch_group"}
+    partition : {"batch", "batch_group"}, default "batch"
         Π_BN (statistics per channel over (N, \*spatial)) or Π_BGN (per group of ``num_groups``
         channel groups × ``batch_groups`` sample groups, Zhou et al. 2020).
-    operation : {"standardizing", "centering", "scaling"}
+    operation : {"standardizing", "centering", "scaling"}, default "standardizing"
         Φ: (x − μ)/√(σ² + ε), x − μ, or x/√(E[x²] + ε) (scaling-only BN, the running mean square
         ``running_mean_square``).
-    recovery : {"affine", "generated", "none"}
+    recovery : {"affine", "generated", "none"}, default "affine"
         Ψ, as in :func:`normalize`.
-    num_groups, batch_groups : int
+    num_groups, batch_groups : int, default 1
         The batch-group partition's G and G_b.
-    running_mean_square : Array or None
+    running_mean_square : Array or None, default None
         (C,): the running E[x²] of the scaling operation (initially 1).
-    num_batches_tracked : int or None
+    num_batches_tracked : int or None, default None
         k, for ``momentum=None``.
 
     Returns

@@ -86,7 +86,7 @@ def recalibrate(
         ``running_mean_square``, ...): it fixes the shapes and dtypes of the estimates, and is passed
         to the method in each call (batch renormalization measures r, d against it); its values do
         not enter the estimates.
-    estimator : {"average", "pooled"}
+    estimator : {"average", "pooled"}, default "average"
         ``"average"``: each batch's statistics as the method computes them in training (batch moments,
         the variance unbiased per batch; for ghost BN the average over its virtual batches), averaged
         over the K batches with equal weights — Ioffe & Szegedy's Algorithm 2, and what torch's
@@ -294,8 +294,7 @@ def eval_norm(
     *,
     mixture_term: bool = True,
 ) -> Array:
-    r"""EvalNorm: batch normalization at evaluation by each example's statistics blended with the
-    population statistics.
+    r"""EvalNorm: batch normalization at evaluation, each example's statistics blended with the population's.
 
     .. math::
 
@@ -318,11 +317,11 @@ def eval_norm(
         network frozen (the paper's "estimated" variant); α = β = 1/m is its rule of thumb for a
         network trained with mini-batches of m examples. (``beta`` is the paper's variance weight;
         the affine shift is ``bias``.)
-    weight, bias : Array or None
+    weight, bias : Array or None, default None
         γ, b: (C,).
-    eps : float
+    eps : float, default 1e-5
         ε, added to σ̂².
-    mixture_term : bool
+    mixture_term : bool, default True
         Include β(1 − β)(μ_x − μ_p)² (default): σ̂² is then the variance of the mixture that puts weight
         β on the example's values and 1 − β on the population. ``False``: the plain blend
         βσ²_x + (1 − β)σ²_p.

@@ -296,20 +296,20 @@ def online_norm(
         ``(C,)``: μ̂ and σ̂² before this batch (the authors start at 0 and 1). In inference they are
         the population statistics. ``running_var`` is the stream's α-weighted variance (no Bessel
         correction: it pools thousands of samples).
-    error_mean, error_proj : Array or None
+    error_mean, error_proj : Array or None, default None
         ``(C,)``: the control process's accumulators u and v before this backward (``None``: 0, the
         authors' start). Used by the backward only; :func:`online_norm_backward` returns them updated.
-    weight, bias : Array or None
+    weight, bias : Array or None, default None
         ``(C,)`` γ and β (``None``: 1 and 0).
-    training : bool
+    training : bool, default False
         Stream statistics and Algorithm 2 (``True``), or the running statistics as population
         statistics with the exact backward (``False``).
-    alpha_fwd : float
+    alpha_fwd : float, default 0.999
         α_f in [0, 1): the forward stream's decay (authors' default 0.999).
-    alpha_bkw : float
+    alpha_bkw : float, default 0.99
         α_b in [0, 1]: the control process's decay (authors' default 0.99); 1 turns the compensation
         off, leaving the exact derivative of the forward with the streaming statistics frozen.
-    eps : float
+    eps : float, default 1e-5
         ε > 0 under the square root.
 
     Returns
@@ -574,23 +574,23 @@ def power_norm(
         ``(N, C, *spatial)`` (a Transformer's (T·B, C) tokens: ``(N, C)``).
     running_mean_square : Array
         ``(C,)``: ψ²_{t−1} (authors start at 1); the population statistic at inference.
-    grad_correlation : Array or None
+    grad_correlation : Array or None, default None
         ``(C,)``: ν_{t−1} (``None``: 0, the authors' start). Used by the backward only;
         :func:`power_norm_backward` returns ν_t. It is the paper's ν; the authors' buffer ``ema_gz``
         holds ν/(1 − α_b) (the same recursion, scaled).
-    weight, bias : Array or None
+    weight, bias : Array or None, default None
         ``(C,)`` γ and β.
-    training : bool
+    training : bool, default False
         Training (running ψ updated) or inference (ψ² as population statistic, exact backward).
-    alpha_fwd, alpha_bkw : float
+    alpha_fwd, alpha_bkw : float, default 0.9
         α of the forward statistic (in [0, 1)) and of ν (in [0, 1]); the authors' defaults 0.9.
-    eps : float
+    eps : float, default 1e-5
         ε > 0 under the square root.
-    variant : {"pn", "pn-v"}
+    variant : {"pn", "pn-v"}, default "pn"
         ``"pn"``: PN, the method above. ``"pn-v"``: PN-V, the batch variant: X̂ = X/ψ_B with the batch
         quadratic mean and its exact backward ∂L/∂X = (g' − X̂·mean_B(g'X̂))/ψ_B (g' = γ ∂L/∂Y);
         ψ² is still updated for inference and ν is unused.
-    grad_scale : {"running", "batch"}
+    grad_scale : {"running", "batch"}, default "running"
         PN's divisor in the backward: ψ_{t−1} as in the paper's Algorithm 1 (``"running"``) or the
         batch's √(ψ_B² + ε) as in the authors' code (``"batch"``).
 

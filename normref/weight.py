@@ -1379,7 +1379,7 @@ def cosine_norm(x: Any, w: Any, eps: float = 1e-12) -> Any:
 
     Notes
     -----
-    Survey §6.1 (cosine normalization).
+    Survey §6.3 (combining activation normalization: cosine normalization).
 
     References
     ----------

@@ -23,6 +23,7 @@ import inspect
 import re
 
 import pytest
+from docutils.parsers.rst import Directive, directives
 
 import normref
 from normref.registry import Method
@@ -75,14 +76,19 @@ def parse(doc: str) -> tuple[list[str], dict]:
     return summary, sections
 
 
-def entries(body: list[str]) -> list[tuple[list[str], str, list[str]]]:
-    """The ``name : type`` entries of a Parameters/Returns section: (names, type, description)."""
+def entries(body: list[str], returns: bool = False) -> list[tuple[list[str], str, list[str]]]:
+    """The ``name : type`` entries of a Parameters/Returns section: (names, type, description).
+
+    A Returns entry may be a bare type (numpydoc allows ``Returns`` without names)."""
     out: list = []
     for ln in body:
         if not ln.strip():
             continue
         if not ln.startswith(" "):
             m = _ENTRY.match(ln.strip())
+            if returns and (not m or m.group(2) is None):
+                out.append(([], ln.strip(), []))
+                continue
             assert m, f"not a 'name : type' line: {ln!r}"
             out.append(([n.strip() for n in m.group(1).split(",")], (m.group(2) or "").strip(), []))
         else:
@@ -101,6 +107,23 @@ def signature_names(fn) -> dict:
     return names
 
 
+class _SphinxObject(Directive):
+    """Stand-in for Sphinx's ``.. attribute::`` directive: parses its content as Sphinx would."""
+
+    has_content = True
+    optional_arguments = 1
+    final_argument_whitespace = True
+    option_spec = {"type": directives.unchanged, "value": directives.unchanged, "no-index": directives.flag,
+                   "noindex": directives.flag}
+
+    def run(self):
+        from docutils import nodes
+
+        node = nodes.container()
+        self.state.nested_parse(self.content, self.content_offset, node)
+        return [node]
+
+
 def _rst_warnings(doc: str) -> list[str]:
     """Warnings docutils reports on napoleon's rendering of ``doc`` (Sphinx roles stubbed)."""
     import docutils.core
@@ -116,6 +139,7 @@ def _rst_warnings(doc: str) -> list[str]:
 
     for r in ("func", "class", "mod", "meth", "attr", "data", "obj", "exc", "ref", "math", "doc"):
         roles.register_local_role(r, _xref)
+    directives.register_directive("attribute", _SphinxObject)  # napoleon's Attributes (Sphinx's directive)
     rst = str(NumpyDocstring(inspect.cleandoc(doc), Config(napoleon_use_param=True, napoleon_use_rtype=False)))
     found: list = []
 
@@ -149,11 +173,11 @@ def check(name: str, fn) -> None:
     assert not extra, f"documented but not in the signature: {extra}"
     for n, p in sig.items():
         typ, desc = documented[n]
-        assert typ, f"parameter {n!r} has no type"
+        assert typ or n.startswith("*"), f"parameter {n!r} has no type"  # numpydoc: ``**kwargs`` may go untyped
         assert desc, f"parameter {n!r} has no description"
         if p.default is not p.empty:
             assert "default" in typ, f"parameter {n!r} has a default ({p.default!r}) its type line omits: {typ!r}"
-    rets = entries(sections["Returns"])
+    rets = entries(sections["Returns"], returns=True)
     assert rets and all(d for _, _, d in rets), "Returns has an entry without a description"
     if name not in MACHINERY:
         assert "§" in doc, "no survey section (§)"
@@ -218,5 +242,63 @@ def test_checker_rejects_bad_rst():
 def test_numpydoc(name):
     try:
         check(name, TARGETS[name])
+    except AssertionError as e:
+        raise AssertionError(f"{name}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# the backends' public API (torch layers and parametrizations, the JAX/torch adapters, the reducers):
+# numpydoc structure and a clean rendering; functions document every parameter and their return;
+# classes document (in their docstring, numpydoc's convention) only parameters their constructor has.
+
+
+def _backend_targets() -> dict:
+    import importlib
+
+    out = {}
+    for modname in ("normref.backends.torch.modules", "normref.backends.torch.parametrize",
+                    "normref.backends.torch", "normref.backends.jax", "normref.backends.distributed.torch",
+                    "normref.backends.distributed.jax", "normref.backends.distributed.mpi", "normref.distributed"):
+        try:
+            mod = importlib.import_module(modname)
+        except ImportError:  # torch / jax not installed: nothing of theirs to document
+            continue
+        for name in mod.__all__:
+            obj = getattr(mod, name)
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                out[f"{modname}.{name}"] = obj
+    return out
+
+
+BACKEND_TARGETS = _backend_targets()
+
+
+def check_backend(name: str, obj) -> None:
+    doc = obj.__doc__
+    assert doc and doc.strip(), "no docstring"
+    summary, sections = parse(doc)
+    assert len(summary) == 1, f"the summary is {len(summary)} lines, not one: {summary!r}"
+    if inspect.isfunction(obj):
+        sig = signature_names(obj)
+        assert "Parameters" in sections or not sig, "no Parameters section"
+        assert "Returns" in sections, "no Returns section"
+    else:
+        init = obj.__init__
+        sig = {} if init is object.__init__ else signature_names(init)
+    if "Parameters" in sections:
+        documented = [n for names, _, _ in entries(sections["Parameters"]) for n in names]
+        extra = [n for n in documented if n not in sig]
+        assert not extra, f"documented but not in the signature: {extra}"
+        if inspect.isfunction(obj):
+            missing = [n for n in sig if n not in documented]
+            assert not missing, f"parameters not documented: {missing}"
+    warnings = _rst_warnings(doc)
+    assert not warnings, "napoleon's rendering has reStructuredText warnings:\n" + "\n".join(warnings)
+
+
+@pytest.mark.parametrize("name", sorted(BACKEND_TARGETS))
+def test_backend_numpydoc(name):
+    try:
+        check_backend(name, BACKEND_TARGETS[name])
     except AssertionError as e:
         raise AssertionError(f"{name}: {e}") from None

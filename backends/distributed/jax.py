@@ -24,7 +24,17 @@ __all__ = ["JaxReducer"]
 
 
 class JaxReducer(Reducer):
-    """Reducer over the mapped axis ``axis_name`` (a name or a tuple of names); hashes by it."""
+    """Reducer over the mapped axis ``axis_name`` (a name or a tuple of names); hashes by it.
+
+    Parameters
+    ----------
+    axis_name : hashable
+        The mapped axis (``jax.pmap``/``shard_map``/``vmap`` axis name), or a tuple of names.
+
+    Notes
+    -----
+    Survey §5.1.1 (batch statistics over the whole mini-batch, here spread over devices).
+    """
 
     def __init__(self, axis_name: Hashable) -> None:
         super().__init__()

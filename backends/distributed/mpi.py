@@ -17,7 +17,17 @@ __all__ = ["MPIReducer"]
 
 
 class MPIReducer(Reducer):
-    """Reducer over ``comm`` (``None``: ``MPI.COMM_WORLD``); hashes by the communicator."""
+    """Reducer over ``comm`` (``None``: ``MPI.COMM_WORLD``); hashes by the communicator.
+
+    Parameters
+    ----------
+    comm : mpi4py.MPI.Comm or None, default None
+        The communicator; ``None``: ``MPI.COMM_WORLD`` (mpi4py is imported at the first collective).
+
+    Notes
+    -----
+    Survey §5.1.1 (batch statistics over the whole mini-batch, here spread over processes).
+    """
 
     def __init__(self, comm: Any = None) -> None:
         super().__init__()

@@ -22,6 +22,16 @@ class TorchReducer(Reducer):
     Hashes and compares by the group (two reducers on one group are interchangeable); ``values_sent``
     counts the elements this rank contributed. ``torch.distributed`` must be initialised before the
     first collective (construction does not need it).
+
+    Parameters
+    ----------
+    process_group : torch.distributed.ProcessGroup or None, default None
+        The group; ``None``: the default (world) group.
+
+    Notes
+    -----
+    Survey §5.1.1 (batch statistics over the whole mini-batch, here spread over ranks, as torch's
+    ``SyncBatchNorm``).
     """
 
     def __init__(self, process_group: Any = None) -> None:

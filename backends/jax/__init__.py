@@ -112,8 +112,17 @@ def _run_forward(m: Method, static, arrays):
 def custom_vjp_function(name: str) -> Callable:
     """The ``jax.custom_vjp`` core of method ``name``: ``core(static, *arrays)``.
 
-    ``static`` is the hashable tuple ``((param, value), ...)`` of the non-array arguments and
-    ``arrays`` holds one array (or ``None``) per array parameter, in signature order.
+    Parameters
+    ----------
+    name : str
+        The registered method's name.
+
+    Returns
+    -------
+    core : callable
+        ``core(static, *arrays)``: ``static`` is the hashable tuple ``((param, value), ...)`` of the
+        non-array arguments and ``arrays`` holds one array (or ``None``) per array parameter, in
+        signature order.
     """
     m = get(name)
     names = m.array_params
@@ -234,7 +243,19 @@ def function(name_or_method: "str | Method") -> Callable:
     Same signature and outputs as the method. Works for every registered method, including those
     registered after this module was imported.
 
-    Example::
+    Parameters
+    ----------
+    name_or_method : str or Method
+        The registered method, or its name.
+
+    Returns
+    -------
+    fn : callable
+        The method for JAX arrays, a ``jax.custom_vjp`` whose backward is the method's.
+
+    Examples
+    --------
+    ::
 
         from normref.backends import jax as nj
         loss = lambda x, w, b: nj.group_norm(x, 2, w, b).sum()
@@ -305,7 +326,22 @@ def _with_axis_name(sig: inspect.Signature) -> inspect.Signature:
 
 
 def apply(name_or_method: "str | Method", *args: Any, **kwargs: Any):
-    """``function(name_or_method)(*args, **kwargs)``."""
+    """``function(name_or_method)(*args, **kwargs)``.
+
+    Parameters
+    ----------
+    name_or_method : str or Method
+        The registered method, or its name.
+    *args : Any
+        The method's positional arguments.
+    **kwargs : Any
+        The method's keyword arguments.
+
+    Returns
+    -------
+    out : array or NamedTuple
+        What the method returns.
+    """
     return function(name_or_method)(*args, **kwargs)
 
 

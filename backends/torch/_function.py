@@ -100,8 +100,17 @@ def _view_of(r: torch.Tensor, arrays) -> int | None:
 def autograd_function(name: str) -> type:
     """The ``torch.autograd.Function`` subclass for the registered method ``name``.
 
-    ``apply(call, *arrays)`` takes a :class:`_Call` and one tensor (or ``None``) per array parameter
-    and returns ``(*output_fields, *residual_arrays)``; use :func:`function` for the public form.
+    Parameters
+    ----------
+    name : str
+        The registered method's name.
+
+    Returns
+    -------
+    cls : type
+        The ``torch.autograd.Function``: ``apply(call, *arrays)`` takes a :class:`_Call` and one tensor
+        (or ``None``) per array parameter and returns ``(*output_fields, *residual_arrays)``; use
+        :func:`function` for the public form.
     """
     m = get(name)
     n_arrays = len(m.array_params)
@@ -252,7 +261,19 @@ def function(name_or_method: "str | Method") -> Callable:
     or a NamedTuple whose auxiliary fields are non-differentiable). Works for every registered method,
     including those registered after this module was imported.
 
-    Example::
+    Parameters
+    ----------
+    name_or_method : str or Method
+        The registered method, or its name.
+
+    Returns
+    -------
+    fn : callable
+        The method for torch tensors (its docstring and signature are the method's).
+
+    Examples
+    --------
+    ::
 
         from normref.backends import torch as nt
         y = nt.function("group_norm")(x, 4, w, b)     # or nt.group_norm(x, 4, w, b)
@@ -283,5 +304,20 @@ def _function(name: str) -> Callable:
 
 
 def apply(name_or_method: "str | Method", *args: Any, **kwargs: Any):
-    """``function(name_or_method)(*args, **kwargs)``."""
+    """``function(name_or_method)(*args, **kwargs)``.
+
+    Parameters
+    ----------
+    name_or_method : str or Method
+        The registered method, or its name.
+    *args : Any
+        The method's positional arguments.
+    **kwargs : Any
+        The method's keyword arguments.
+
+    Returns
+    -------
+    out : tensor or NamedTuple
+        What the method returns.
+    """
     return function(name_or_method)(*args, **kwargs)

@@ -557,7 +557,7 @@ class CrossIterationBatchNorm(_WindowNorm):
                                           eps=self.eps)
         t = self._step() if self.training else int(self.num_batches_tracked)
         seen = int(self.num_batches_tracked)
-        w = min(seen, self.buffer_num) if t > self.burnin else 0
+        w = min(seen, self.buffer_num) if t >= self.burnin else 0
         args: dict = {}
         if w:
             args.update(past_means=self.past_means[:w].clone(), past_sq_means=self.past_sq_means[:w].clone())

@@ -209,10 +209,18 @@ class _Synchronized:
 class _NormrefBatchNorm(_Synchronized):
     """forward of torch's ``_BatchNorm`` (same momentum / num_batches_tracked logic), on normref.
 
-    ``process_group`` (keyword, default ``None`` = local statistics): :data:`WORLD` or a
-    ``torch.distributed.ProcessGroup`` synchronizes the batch statistics across the group's ranks in
-    training mode (``normref.batch_norm(..., sync=TorchReducer(group))``: one all-gather of 2C + 1
-    values in the forward, one all-reduce of 2C in the backward), on CPU too.
+    Parameters
+    ----------
+    *args : Any
+        Torch's positional constructor arguments (``num_features``, ``eps``, ``momentum``, ``affine``,
+        ``track_running_stats``, ``device``, ``dtype``).
+    process_group : str, ProcessGroup or None, default None
+        Keyword; ``None`` = local statistics. :data:`WORLD` or a ``torch.distributed.ProcessGroup``
+        synchronizes the batch statistics across the group's ranks in training mode
+        (``normref.batch_norm(..., sync=TorchReducer(group))``: one all-gather of 2C + 1 values in the
+        forward, one all-reduce of 2C in the backward), on CPU too.
+    **kwargs : Any
+        Torch's keyword constructor arguments.
     """
 
     def __init__(self, *args: Any, process_group: Any = None, **kwargs: Any) -> None:
@@ -244,26 +252,107 @@ class _NormrefBatchNorm(_Synchronized):
 
 
 class BatchNorm1d(_NormrefBatchNorm, nn.BatchNorm1d):
-    """``torch.nn.BatchNorm1d`` computed by :func:`normref.batch_norm` (Ioffe & Szegedy, ICML 2015)."""
+    """``torch.nn.BatchNorm1d`` computed by :func:`normref.batch_norm`.
+
+    Parameters
+    ----------
+    *args : Any
+        ``torch.nn.BatchNorm1d``'s constructor arguments (``num_features``, ``eps=1e-5``,
+        ``momentum=0.1``, ``affine=True``, ``track_running_stats=True``, ``device``, ``dtype``; the
+        keyword ``bias=True``).
+    process_group : str, ProcessGroup or None, default None
+        Keyword: synchronized statistics (see :class:`_NormrefBatchNorm`); ``None``: local.
+    **kwargs : Any
+        The same arguments by keyword.
+
+    Notes
+    -----
+    Survey §5.1.1.
+
+    References
+    ----------
+    .. [1] S. Ioffe and C. Szegedy, "Batch Normalization: Accelerating Deep Network Training by Reducing
+       Internal Covariate Shift", ICML 2015.
+    """
 
 
 class BatchNorm2d(_NormrefBatchNorm, nn.BatchNorm2d):
-    """``torch.nn.BatchNorm2d`` computed by :func:`normref.batch_norm` (Ioffe & Szegedy, ICML 2015)."""
+    """``torch.nn.BatchNorm2d`` computed by :func:`normref.batch_norm`.
+
+    Parameters
+    ----------
+    *args : Any
+        ``torch.nn.BatchNorm2d``'s constructor arguments (``num_features``, ``eps=1e-5``,
+        ``momentum=0.1``, ``affine=True``, ``track_running_stats=True``, ``device``, ``dtype``; the
+        keyword ``bias=True``).
+    process_group : str, ProcessGroup or None, default None
+        Keyword: synchronized statistics (see :class:`_NormrefBatchNorm`); ``None``: local.
+    **kwargs : Any
+        The same arguments by keyword.
+
+    Notes
+    -----
+    Survey §5.1.1.
+
+    References
+    ----------
+    .. [1] S. Ioffe and C. Szegedy, "Batch Normalization: Accelerating Deep Network Training by Reducing
+       Internal Covariate Shift", ICML 2015.
+    """
 
 
 class BatchNorm3d(_NormrefBatchNorm, nn.BatchNorm3d):
-    """``torch.nn.BatchNorm3d`` computed by :func:`normref.batch_norm` (Ioffe & Szegedy, ICML 2015)."""
+    """``torch.nn.BatchNorm3d`` computed by :func:`normref.batch_norm`.
+
+    Parameters
+    ----------
+    *args : Any
+        ``torch.nn.BatchNorm3d``'s constructor arguments (``num_features``, ``eps=1e-5``,
+        ``momentum=0.1``, ``affine=True``, ``track_running_stats=True``, ``device``, ``dtype``; the
+        keyword ``bias=True``).
+    process_group : str, ProcessGroup or None, default None
+        Keyword: synchronized statistics (see :class:`_NormrefBatchNorm`); ``None``: local.
+    **kwargs : Any
+        The same arguments by keyword.
+
+    Notes
+    -----
+    Survey §5.1.1.
+
+    References
+    ----------
+    .. [1] S. Ioffe and C. Szegedy, "Batch Normalization: Accelerating Deep Network Training by Reducing
+       Internal Covariate Shift", ICML 2015.
+    """
 
 
 class SyncBatchNorm(_NormrefBatchNorm, nn.SyncBatchNorm):
     """``torch.nn.SyncBatchNorm`` computed by :func:`normref.batch_norm` with ``sync=`` (on CPU too).
 
     Torch's constructor, verbatim: ``process_group=None`` is the default (world) process group here,
-    as in torch (unlike normref's other layers, where ``None`` is local); input (N, C, *) of any rank
-    ≥ 2. Statistics are synchronized in training mode when a process group is initialized (else
+    as in torch (unlike normref's other layers, where ``None`` is local); input ``(N, C, *)`` of any
+    rank ≥ 2. Statistics are synchronized in training mode when a process group is initialized (else
     local: one process). ``SyncBatchNorm.convert_sync_batchnorm(model, process_group)`` is
     :func:`convert_sync` (normref's layers keep their class; torch's BatchNorm*d and SyncBatchNorm
     become normref's).
+
+    Parameters
+    ----------
+    *args : Any
+        ``torch.nn.SyncBatchNorm``'s constructor arguments (``num_features``, ``eps=1e-5``,
+        ``momentum=0.1``, ``affine=True``, ``track_running_stats=True``, ``process_group=None``,
+        ``device``, ``dtype``; the keyword ``bias=True``).
+    **kwargs : Any
+        The same arguments by keyword.
+
+    Notes
+    -----
+    Survey §5.1.1 (batch statistics over the whole mini-batch, synchronized across ranks).
+
+    References
+    ----------
+    .. [1] S. Ioffe and C. Szegedy, "Batch Normalization: Accelerating Deep Network Training by Reducing
+       Internal Covariate Shift", ICML 2015.
     """
 
     _world_if_none = True
@@ -304,33 +393,111 @@ class _NormrefInstanceNorm:
 
 
 class InstanceNorm1d(_NormrefInstanceNorm, nn.InstanceNorm1d):
-    """``torch.nn.InstanceNorm1d`` computed by :func:`normref.instance_norm` (Ulyanov et al., 2016)."""
+    """``torch.nn.InstanceNorm1d`` computed by :func:`normref.instance_norm`.
+
+    Torch's constructor (``num_features``, ``eps=1e-5``, ``momentum=0.1``, ``affine=False``,
+    ``track_running_stats=False``, ``device``, ``dtype``, the keyword ``bias=True``), shape checks and
+    unbatched-input handling.
+
+    Notes
+    -----
+    Survey §5.1.1.
+
+    References
+    ----------
+    .. [1] D. Ulyanov, A. Vedaldi and V. Lempitsky, "Instance Normalization: The Missing Ingredient for
+       Fast Stylization", arXiv:1607.08022, 2016.
+    """
 
 
 class InstanceNorm2d(_NormrefInstanceNorm, nn.InstanceNorm2d):
-    """``torch.nn.InstanceNorm2d`` computed by :func:`normref.instance_norm` (Ulyanov et al., 2016)."""
+    """``torch.nn.InstanceNorm2d`` computed by :func:`normref.instance_norm`.
+
+    Torch's constructor (``num_features``, ``eps=1e-5``, ``momentum=0.1``, ``affine=False``,
+    ``track_running_stats=False``, ``device``, ``dtype``, the keyword ``bias=True``), shape checks and
+    unbatched-input handling.
+
+    Notes
+    -----
+    Survey §5.1.1.
+
+    References
+    ----------
+    .. [1] D. Ulyanov, A. Vedaldi and V. Lempitsky, "Instance Normalization: The Missing Ingredient for
+       Fast Stylization", arXiv:1607.08022, 2016.
+    """
 
 
 class InstanceNorm3d(_NormrefInstanceNorm, nn.InstanceNorm3d):
-    """``torch.nn.InstanceNorm3d`` computed by :func:`normref.instance_norm` (Ulyanov et al., 2016)."""
+    """``torch.nn.InstanceNorm3d`` computed by :func:`normref.instance_norm`.
+
+    Torch's constructor (``num_features``, ``eps=1e-5``, ``momentum=0.1``, ``affine=False``,
+    ``track_running_stats=False``, ``device``, ``dtype``, the keyword ``bias=True``), shape checks and
+    unbatched-input handling.
+
+    Notes
+    -----
+    Survey §5.1.1.
+
+    References
+    ----------
+    .. [1] D. Ulyanov, A. Vedaldi and V. Lempitsky, "Instance Normalization: The Missing Ingredient for
+       Fast Stylization", arXiv:1607.08022, 2016.
+    """
 
 
 class LayerNorm(nn.LayerNorm):
-    """``torch.nn.LayerNorm`` computed by :func:`normref.layer_norm` (Ba, Kiros & Hinton, 2016)."""
+    """``torch.nn.LayerNorm`` computed by :func:`normref.layer_norm`.
+
+    Torch's constructor (``normalized_shape``, ``eps=1e-5``, ``elementwise_affine=True``,
+    ``bias=True``, ``device``, ``dtype``).
+
+    Notes
+    -----
+    Survey §5.1.1.
+
+    References
+    ----------
+    .. [1] J. L. Ba, J. R. Kiros and G. E. Hinton, "Layer Normalization", arXiv:1607.06450, 2016.
+    """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return function("layer_norm")(input, tuple(self.normalized_shape), self.weight, self.bias, self.eps)
 
 
 class GroupNorm(nn.GroupNorm):
-    """``torch.nn.GroupNorm`` computed by :func:`normref.group_norm` (Wu & He, ECCV 2018)."""
+    """``torch.nn.GroupNorm`` computed by :func:`normref.group_norm`.
+
+    Torch's constructor (``num_groups``, ``num_channels``, ``eps=1e-5``, ``affine=True``, ``device``,
+    ``dtype``, the keyword ``bias=True``).
+
+    Notes
+    -----
+    Survey §5.1.1.
+
+    References
+    ----------
+    .. [1] Y. Wu and K. He, "Group Normalization", ECCV 2018.
+    """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return function("group_norm")(input, self.num_groups, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(nn.RMSNorm):
-    """``torch.nn.RMSNorm`` computed by :func:`normref.rms_norm` (Zhang & Sennrich, NeurIPS 2019)."""
+    """``torch.nn.RMSNorm`` computed by :func:`normref.rms_norm`.
+
+    Torch's constructor (``normalized_shape``, ``eps=None``, ``elementwise_affine=True``, ``device``,
+    ``dtype``).
+
+    Notes
+    -----
+    Survey §5.1.2.
+
+    References
+    ----------
+    .. [1] B. Zhang and R. Sennrich, "Root Mean Square Layer Normalization", NeurIPS 2019.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return function("rms_norm")(x, tuple(self.normalized_shape), self.weight, self.eps)
@@ -343,6 +510,17 @@ class Norm(nn.Module):
     and any further arrays by name (weights, generated γ/β, running statistics) to the method. If the
     method returns a NamedTuple (updated state), the whole NamedTuple is returned: the caller keeps
     the state (see the drop-in classes for layers that keep it in buffers).
+
+    Parameters
+    ----------
+    method : str
+        The registered method's name.
+    **static : Any
+        Its non-array arguments (an array argument here is a ``TypeError``: pass it to ``forward``).
+
+    Notes
+    -----
+    The method's own docstring gives its formula, survey section and paper.
     """
 
     def __init__(self, method: str, **static: Any):
@@ -362,8 +540,19 @@ class Norm(nn.Module):
 
 
 class LocalResponseNorm(nn.LocalResponseNorm):
-    """``torch.nn.LocalResponseNorm`` computed by :func:`normref.local_response_norm`
-    (Krizhevsky, Sutskever & Hinton, NeurIPS 2012): same constructor (size, alpha, beta, k)."""
+    """``torch.nn.LocalResponseNorm`` computed by :func:`normref.local_response_norm`.
+
+    Torch's constructor (``size``, ``alpha=1e-4``, ``beta=0.75``, ``k=1.0``).
+
+    Notes
+    -----
+    Survey §5.1.1.
+
+    References
+    ----------
+    .. [1] A. Krizhevsky, I. Sutskever and G. E. Hinton, "ImageNet Classification with Deep
+       Convolutional Neural Networks", NeurIPS 2012.
+    """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return function("local_response_norm")(input, self.size, self.alpha, self.beta, self.k)
@@ -402,24 +591,42 @@ class StatefulNorm(_Synchronized, nn.Module):
 
     ``StatefulNorm("iter_norm", 64, group_size=16, iterations=5)``; the named layers
     (``nt.IterNorm(64, group_size=16)``, ``nt.BatchRenorm2d(64)``, ...) are this class with the
-    method fixed. Arguments:
-
-    - ``num_features``: C, the channel count (input ``(N, C, *spatial)``);
-    - ``affine``: learnable ``weight``/``bias`` (``False``: both ``None``, as in torch);
-    - ``track_running_stats``: keep the running statistics as buffers (``False``: batch statistics
-      in eval mode too, as in torch); methods without running statistics have no buffers;
-    - ``process_group``: ``None`` (local batch statistics), :data:`WORLD` (the default process group)
-      or a ``torch.distributed.ProcessGroup``: in training mode the batch statistics are the group's
-      (the method's ``sync=`` argument with a ``TorchReducer``; every rank gets the same output
-      statistics and running statistics), for the methods that have synchronized statistics
-      (batch norm variants, batch whitening); ``convert_sync`` sets it on a built model;
-    - every other non-array argument of the method (``momentum``, ``eps``, ``group_size``,
-      ``iterations``, ``virtual_batch_size``, ``rmax``...), with the method's defaults; ``momentum=None``
-      is the cumulative average over ``num_batches_tracked`` batches, as in torch.
+    method fixed.
 
     In training mode the method runs with batch statistics and its returned running statistics
     replace the buffers (no gradient), ``num_batches_tracked`` is incremented; in eval mode the buffers
     are the population statistics, which the method's backward treats as constants.
+
+    Parameters
+    ----------
+    method : str
+        The registered activation method (its first array argument is ``input``).
+    num_features : int
+        C, the channel count (input ``(N, C, *spatial)``).
+    affine : bool, default True
+        Learnable ``weight``/``bias`` (``False``: both ``None``, as in torch).
+    track_running_stats : bool, default True
+        Keep the running statistics as buffers (``False``: batch statistics in eval mode too, as in
+        torch); methods without running statistics have no buffers.
+    process_group : str, ProcessGroup or None, default None
+        ``None`` (local batch statistics), :data:`WORLD` (the default process group) or a
+        ``torch.distributed.ProcessGroup``: in training mode the batch statistics are the group's (the
+        method's ``sync=`` argument with a ``TorchReducer``; every rank gets the same output statistics
+        and running statistics), for the methods that have synchronized statistics (batch norm
+        variants, batch whitening); ``convert_sync`` sets it on a built model.
+    device : torch.device or None, default None
+        The device of the parameters and buffers.
+    dtype : torch.dtype or None, default None
+        Their dtype.
+    **static : Any
+        Every other non-array argument of the method (``momentum``, ``eps``, ``group_size``,
+        ``iterations``, ``virtual_batch_size``, ``rmax``...), with the method's defaults;
+        ``momentum=None`` is the cumulative average over ``num_batches_tracked`` batches, as in torch.
+
+    Notes
+    -----
+    The method's own docstring gives its formula, survey section and paper; running statistics follow
+    survey Eqn 18 (training) and Eqn 16 (inference).
     """
 
     _input_ndim: "tuple[int, ...] | None" = None  # the 1d/2d/3d variants check the input rank
@@ -560,8 +767,14 @@ def _named_layer(cls_name: str, method: str, input_ndim: "tuple[int, ...] | None
     m = get(method)
     rank = "" if input_ndim is None else f" Expects {' or '.join(f'{d}D' for d in input_ndim)} input."
     doc = (
-        f"A layer computing :func:`normref.{method}` ({m.paper or m.survey}), its running statistics as "
-        f"buffers: ``{cls_name}(num_features, **options)``; see :class:`StatefulNorm`.{rank}"
+        f"A layer computing :func:`normref.{method}`, its running statistics as buffers.\n\n"
+        f"``{cls_name}(num_features, **options)``: :class:`StatefulNorm` with the method fixed.{rank}\n\n"
+        "Parameters\n----------\n"
+        "num_features : int\n    C, the channel count (input ``(N, C, *spatial)``).\n"
+        "**kwargs : Any\n    The options of :class:`StatefulNorm` (``affine``, ``track_running_stats``, "
+        "``process_group``, ``device``, ``dtype``) and the method's non-array arguments.\n"
+        + (f"\nNotes\n-----\nSurvey {m.survey}.\n" if m.survey else "")
+        + (f"\nReferences\n----------\n{m.paper}.\n" if m.paper else "")
     )
     return type(cls_name, (StatefulNorm,), {"__init__": __init__, "__doc__": doc, "_input_ndim": input_ndim,
                                            "__module__": __name__})
@@ -605,10 +818,23 @@ def convert_sync(module: nn.Module, process_group: Any = WORLD) -> nn.Module:
       buffers (so ``state_dict`` is unchanged), as torch's converter does;
     - layers without batch statistics (LayerNorm, GroupNorm, instance norm, FRN, ...) are untouched.
 
-    ``process_group``: :data:`WORLD` (default: the default process group; torch's ``None``) or a
-    ``torch.distributed.ProcessGroup`` (or a normref reducer). ``None`` is refused (it means *local*
-    for normref's layers, but *world* in torch's converter; say which). Returns the model (a new
-    object only when ``module`` itself is a torch batch-norm layer, as in torch).
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The model.
+    process_group : str, ProcessGroup or reducer, default WORLD
+        :data:`WORLD` (default: the default process group; torch's ``None``) or a
+        ``torch.distributed.ProcessGroup`` (or a normref reducer). ``None`` is refused (it means *local*
+        for normref's layers, but *world* in torch's converter; say which).
+
+    Returns
+    -------
+    module : torch.nn.Module
+        The model (a new object only when ``module`` itself is a torch batch-norm layer, as in torch).
+
+    Notes
+    -----
+    Survey §5.1.1 (batch statistics over the whole mini-batch, synchronized across ranks).
     """
     if process_group is None:
         raise ValueError(
