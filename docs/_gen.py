@@ -260,16 +260,10 @@ def fig_whitening(path: Path) -> None:
 
 
 def _spread(row: dict, key: str):
-    """(low, high) of a timing where the bench JSON records a spread, else None."""
-    for lo, hi in ((f"{key}_min", f"{key}_max"), (f"{key}_q1", f"{key}_q3")):
-        if lo in row and hi in row:
-            return float(row[lo]), float(row[hi])
-    s = row.get("spread", {})
-    if isinstance(s, dict) and isinstance(s.get(key), dict):
-        d = s[key]
-        for lo, hi in (("min", "max"), ("q1", "q3")):
-            if lo in d and hi in d:
-                return float(d[lo]), float(d[hi])
+    """(q1, q3) of a timing over its repetitions (``normref bench`` writes ``<key>_spread``), else None."""
+    sp = row.get(f"{key}_spread")
+    if isinstance(sp, dict) and "q1" in sp and "q3" in sp:
+        return float(sp["q1"]), float(sp["q3"])
     return None
 
 
@@ -280,7 +274,7 @@ def fig_bench(bench: dict, label: str, path: Path) -> dict:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     if not methods:
         raise RuntimeError("the bench JSON has no rows with both numba and torch timings")
-    fig, axs = plt.subplots(1, len(methods), figsize=(3.1 * len(methods), 4.4), sharey=True, squeeze=False)
+    fig, axs = plt.subplots(1, len(methods), figsize=(3.1 * len(methods), 4.8), sharey=True, squeeze=False)
     for ax, m in zip(axs[0], methods):
         rs = [r for r in rows if r["method"] == m]
         xs = np.arange(len(rs))
@@ -288,7 +282,7 @@ def fig_bench(bench: dict, label: str, path: Path) -> dict:
         err = None
         lohi = [(_spread(r, "torch"), _spread(r, "numba")) for r in rs]
         if all(t is not None and n is not None for t, n in lohi):
-            lo = np.array([t[0] / n[1] for t, n in lohi])  # fastest torch over slowest normref
+            lo = np.array([t[0] / n[1] for t, n in lohi])  # torch q1 / normref q3: a conservative IQR
             hi = np.array([t[1] / n[0] for t, n in lohi])
             err = np.vstack([np.maximum(sp - lo, 0), np.maximum(hi - sp, 0)])
         colors = ["#2b6cb0" if r["pass"] == "forward" else "#dd6b20" for r in rs]
@@ -304,9 +298,13 @@ def fig_bench(bench: dict, label: str, path: Path) -> dict:
 
     fig.legend(handles=[Patch(color="#2b6cb0", label="forward"), Patch(color="#dd6b20", label="backward")],
                loc="upper right", fontsize=8)
-    eb = "error bars: the timings' spread" if err is not None else "no spread in this JSON: medians only"
-    fig.suptitle(f"normref (numba kernels, NumPy float32) vs PyTorch CPU: median time ratio; {eb}\n{label}",
-                 fontsize=9)
+    eb = ("error bars: torch q1/normref q3 to torch q3/normref q1 over the repetitions" if err is not None
+          else "no spread in this JSON: medians only")
+    env = bench.get("environment", {})
+    where = (f"{env.get('cpu_model', '?')}, {env.get('cpus_usable', bench.get('cpu_count', '?'))} CPUs, load average "
+             f"{env['load_average_1min']:.1f} when measured" if env.get("load_average_1min") is not None else "")
+    fig.suptitle(f"normref (numba kernels, NumPy float32) vs PyTorch CPU: median time ratio; {eb}\n{label}"
+                 + (f"\n{where}" if where else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

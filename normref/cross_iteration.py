@@ -53,9 +53,17 @@ __all__ = [
 
 
 class MABNResult(NamedTuple):
-    """Output of a training-mode :func:`moving_average_batch_norm` call and its state out:
-    ``sq_mean`` (C,), this batch's mean square χ²_t (push it into the window of past mean squares);
-    ``running_mean_square`` (C,), the updated running mean square (``None`` when none was given)."""
+    """Output of a training-mode :func:`moving_average_batch_norm` call and its state out.
+
+    Attributes
+    ----------
+    output : Array
+        The output: the differentiable field.
+    sq_mean : Array
+        (C,), this batch's mean square χ²_t (push it into the window of past mean squares).
+    running_mean_square : Array or None
+        (C,), the updated running mean square (``None`` when none was given).
+    """
 
     output: Any
     sq_mean: Any
@@ -63,10 +71,21 @@ class MABNResult(NamedTuple):
 
 
 class MemorizedResult(NamedTuple):
-    """Output of a training-mode :func:`memorized_batch_norm` call and its state out: ``mean``,
-    ``var`` (C,), this batch's mean and biased variance (push them into the memory);
-    ``running_mean``, ``running_var`` (C,), updated with the memorized statistics (``None`` when none
-    were given; the variance unbiased)."""
+    """Output of a training-mode :func:`memorized_batch_norm` call and its state out.
+
+    Attributes
+    ----------
+    output : Array
+        The output: the differentiable field.
+    mean : Array
+        (C,), this batch's mean (push it into the memory).
+    var : Array
+        (C,), this batch's biased variance (push it into the memory).
+    running_mean : Array or None
+        (C,), updated with the memorized statistics (``None`` when none was given).
+    running_var : Array or None
+        (C,), likewise, the variance unbiased.
+    """
 
     output: Any
     mean: Any
@@ -76,10 +95,22 @@ class MemorizedResult(NamedTuple):
 
 
 class CBNResult(NamedTuple):
-    """Output of a training-mode :func:`cross_iteration_batch_norm` call and its state out:
-    ``mean``, ``sq_mean`` (C,), this batch's μ_t and ν_t = E[x²] (push them, with this step's weight
-    gradients and layer weight, into the window); ``running_mean``, ``running_var`` (C,) updated with
-    this batch's mean and unbiased variance, as the authors' code does (``None`` when none given)."""
+    """Output of a training-mode :func:`cross_iteration_batch_norm` call and its state out.
+
+    Attributes
+    ----------
+    output : Array
+        The output: the differentiable field.
+    mean : Array
+        (C,), this batch's μ_t (push it, with this step's weight gradients and layer weight, into the
+        window).
+    sq_mean : Array
+        (C,), this batch's ν_t = E[x²] (likewise).
+    running_mean : Array or None
+        (C,), updated with this batch's mean, as the authors' code does (``None`` when none given).
+    running_var : Array or None
+        (C,), updated with this batch's unbiased variance (``None`` when none given).
+    """
 
     output: Any
     mean: Any
@@ -337,7 +368,7 @@ def moving_average_batch_norm(
         \bar\psi_t = \tfrac{1}{m}\big(\chi^2_t + \sum_{\tau=1}^{m-1}\chi^2_{t-\tau}\big), \quad
         z = x/\sqrt{\bar\psi_t + \epsilon}, \quad y = \gamma\, r\, z + \beta
 
-    per channel over (N, *spatial) (M values), with no centering; the backward is the paper's
+    per channel over ``(N, *spatial)`` (M values), with no centering; the backward is the paper's
 
     .. math::
 
@@ -352,7 +383,7 @@ def moving_average_batch_norm(
     Parameters
     ----------
     input : Array
-        (N, C, *spatial).
+        ``(N, C, *spatial)``.
     past_sq_means : Array or None, default None
         (m − 1, C): χ² of the last m − 1 iterations, newest first (the ``sq_mean`` of earlier calls);
         ``None`` or (0, C): no window (m = 1, e.g. during the authors' warm-up).
@@ -497,7 +528,7 @@ def moving_average_gradient_statistic(
     Parameters
     ----------
     input, cotangent : Array
-        (N, C, *spatial), the call's input and the cotangent of its output.
+        ``(N, C, *spatial)``, the call's input and the cotangent of its output.
     past_sq_means, weight, running_mean_square : Array or None, default None
         As given to the call.
     eps : float, default 1e-5
@@ -528,10 +559,14 @@ def moving_average_gradient_statistic(
     _check_channels(fn, input, weight=weight, running_mean_square=running_mean_square)
     _check_window(fn, c, past_sq_means=past_sq_means)
     eps = _eps(fn, xp, input, eps)
-    if rmax is not None:
+    if rmax is not None:  # refused as moving_average_batch_norm refuses them
         rmax = check_positive(fn, "rmax", rmax)
+        if rmax < 1.0:
+            raise ValueError(f"{fn}: rmax must be >= 1 (r is clipped to [1/rmax, rmax]) or None; got {rmax}")
         if running_mean_square is None:
             raise ValueError(f"{fn}: rmax (renormalization) is measured against running_mean_square; got None")
+    check_nonnegative_values(fn, "running_mean_square", xp, running_mean_square, what="a mean square")
+    check_nonnegative_values(fn, "past_sq_means", xp, past_sq_means, what="a window of mean squares")
     cd = compute_dtype(xp, input.dtype)
     x = to_compute(xp, input, cd)
     z, _, r, _, _ = _mabn_parts(xp, x, past_sq_means, running_mean_square, eps, rmax)
@@ -582,7 +617,8 @@ def centralized_weight(v: Array) -> Array:
     Parameters
     ----------
     v : Array
-        The weight, (C_out, *fan_in) with at least 2 dimensions (linear (out, in), conv (out, in/groups, *k)).
+        The weight, ``(C_out, *fan_in)`` with at least 2 dimensions (linear (out, in), conv
+        ``(out, in/groups, *k)``).
 
     Returns
     -------
@@ -644,7 +680,7 @@ def _moment_invariant(m, xp, out, args, kwargs):
     import numpy as np
 
     b = m.bind(*args, **kwargs).arguments
-    past = args[1] if len(args) > 1 else None
+    past = b["past_means"]  # by name: positional or keyword (CBN's args[1] is running_mean)
     if not b["training"] or past is not None or b["weight"] is not None or b["bias"] is not None:
         return None
     x = to_numpy(args[0]).astype(np.float64)
@@ -708,7 +744,7 @@ def memorized_batch_norm(
 
         y = \gamma\,(x - \bar\mu)/\sqrt{\bar\sigma^2 + \epsilon} + \beta,
 
-    μ_{t−i}, σ²_{t−i} the per-channel mean and biased variance of batch t − i over (N, *spatial).
+    μ_{t−i}, σ²_{t−i} the per-channel mean and biased variance of batch t − i over ``(N, *spatial)``.
 
     Backward: ĝ = γ·g, x̂ = (x − μ̄)·s, s = (σ̄² + ε)^-1/2, A = Σ ĝ, B = Σ ĝ·x̂, δ = −s²·B/2, a = η_0,
     M values per channel: dx = s·ĝ + a·(−s·A + 2(μ_t − μ̄)·δ)/M + 2a·δ·(x − μ_t)/M ("pooled"; "average"
@@ -717,7 +753,7 @@ def memorized_batch_norm(
     Parameters
     ----------
     input : Array
-        (N, C, *spatial).
+        ``(N, C, *spatial)``.
     past_means, past_vars : Array or None, default None
         (k − 1, C): the means and biased variances of the last k − 1 batches, newest first (the
         ``mean``/``var`` of earlier calls, or of the Double-Forward pass); ``None`` or (0, C): empty
@@ -730,7 +766,8 @@ def memorized_batch_norm(
         Memorized statistics and the state out, or the running statistics.
     momentum : float, default 0.1
         running ← (1 − momentum)·running + momentum·(μ̄, σ̄²·n/(n − 1)) with n = k·M values in
-        memory; ``momentum=1`` keeps exactly the last memorized statistics, the paper's inference rule.
+        memory; ``momentum=1`` keeps exactly the last memorized statistics (the abstract's "consistent
+        behaviors in both training and inference" suggests this rule; see Notes).
     eps : float, default 1e-5
         ε > 0 inside the square root.
     memory_weights : tuple of float, optional, default None
@@ -748,9 +785,13 @@ def memorized_batch_norm(
     Notes
     -----
     Survey §5.3.1. The memorized statistics are constants of the backward; the backward is the exact
-    derivative with them held fixed (the current batch enters with weight η_0). The paper leaves
-    open how the variances of different batches combine; "pooled" (the union's variance, what "more
-    examples" means) is the default and "average" the alternative. The Double-Forward scheme is a
+    derivative with them held fixed (the current batch enters with weight η_0). The paper's
+    equations could not be consulted (only its abstract, arXiv:2010.04947, was available, and no
+    released code was found), so how the variances of different batches combine, the default weights
+    and the inference rule are normref's reading of the abstract ("considers multiple recent batches
+    to obtain more accurate and robust statistics"; "consistent behaviors in both training and
+    inference"), not the paper's equations: "pooled" (the union's variance, what "more examples"
+    means) is the default and "average" the alternative. The Double-Forward scheme is a
     training procedure: after the parameter update, run the same batch forward again with
     ``training=True`` and memorize the statistics of that second pass (they then match the updated
     weights); it needs no other support here.
@@ -908,7 +949,7 @@ def cross_iteration_batch_norm(
         \bar\sigma^2 = \tfrac{1}{k}\textstyle\sum_{\tau}\max\big(\nu_{t-\tau}(\theta_t), \mu_{t-\tau}(\theta_t)^2\big) - \bar\mu^2,
         \quad y = \gamma\,(x - \bar\mu)/\sqrt{\bar\sigma^2 + \epsilon} + \beta,
 
-    with μ, ν = E[x²] per channel over (N, *spatial) and θ the weights of the layer before (the
+    with μ, ν = E[x²] per channel over ``(N, *spatial)`` and θ the weights of the layer before (the
     τ = 0 term is the current batch's, uncompensated).
 
     Backward: ĝ = γ·g, x̂ = (x − μ̄)·s, s = (σ̄² + ε)^-1/2, A = Σ ĝ, B = Σ ĝ·x̂, δ = −s²·B/2, a = 1/k
@@ -918,7 +959,7 @@ def cross_iteration_batch_norm(
     Parameters
     ----------
     input : Array
-        (N, C, *spatial), the output of the layer with weights θ.
+        ``(N, C, *spatial)``, the output of the layer with weights θ.
     running_mean, running_var : Array or None, default None
         (C,) population statistics: used when ``training=False``; updated in training (when given)
         with this batch's mean and unbiased variance, as in the authors' code.
@@ -928,15 +969,15 @@ def cross_iteration_batch_norm(
         (k − 1, C): μ_{t−τ}(θ_{t−τ}) and ν_{t−τ}(θ_{t−τ}) for τ = 1..k−1, newest first (the ``mean``,
         ``sq_mean`` of earlier calls); ``None`` or (0, C): no window (batch norm).
     past_mean_grads, past_sq_mean_grads : Array or None, default None
-        (k − 1, C, *θ_c): ∂μ_{t−τ,c}/∂θ_{t−τ,c} and ∂ν_{t−τ,c}/∂θ_{t−τ,c}, the gradients of each
+        ``(k − 1, C, *θ_c)``: ∂μ_{t−τ,c}/∂θ_{t−τ,c} and ∂ν_{t−τ,c}/∂θ_{t−τ,c}, the gradients of each
         channel's statistics with respect to that output channel's weights θ_c (the paper's, and the
         authors', approximation that μ_c depends on θ_c only); from
         :func:`cross_iteration_statistic_grads` or a framework's autodiff. ``None`` (with the two
         layer weights): no compensation, the paper's "naive" ablation.
     layer_weight : Array or None, default None
-        θ_t, (C, *θ_c): the current weights of the layer before (e.g. a conv's (C, C_in/groups, kh, kw)).
+        θ_t, ``(C, *θ_c)``: the current weights of the layer before (e.g. a conv's (C, C_in/groups, kh, kw)).
     past_layer_weights : Array or None, default None
-        (k − 1, C, *θ_c): θ_{t−τ}, the weights when the past statistics were taken.
+        ``(k − 1, C, *θ_c)``: θ_{t−τ}, the weights when the past statistics were taken.
     training : bool, default False
         Cross-iteration statistics and the state out, or the running statistics.
     momentum : float, default 0.1
@@ -965,7 +1006,7 @@ def cross_iteration_batch_norm(
     authors use ``weight.data``). The paper's approximations: the first-order Taylor compensation
     itself, the per-channel dependence ∂μ_c/∂θ_c, and no gradient to θ through the compensation.
     Burn-in (plain BN for the first iterations) is the caller's schedule: pass no window. The
-    variance E[x²] − μ̄² loses accuracy when |μ̄| ≫ σ̄ (the paper's formula; the current batch's part
+    variance E[x²] − μ̄² loses accuracy when ``|μ̄| ≫ σ̄`` (the paper's formula; the current batch's part
     is computed from centered moments).
 
     References
@@ -1060,8 +1101,8 @@ cross_iteration_batch_norm.defbackward(_blend_method_backward(
 def cross_iteration_statistic_grads(patches: Array, preactivation: Array) -> tuple[Array, Array]:
     r"""∂μ_c/∂θ_c and ∂ν_c/∂θ_c of a linear or convolution layer's output statistics (CBN's state).
 
-    For z_{n,c,l} = θ_c · p_{n,l} (p the input patch of output position l; a linear layer has one
-    position), μ_c = mean_{n,l} z, ν_c = mean_{n,l} z²:
+    For z_{n,c,l} = θ_c · p_{n,l} + b_c (p the input patch of output position l; a linear layer has one
+    position; b_c the layer's bias, 0 without one), μ_c = mean_{n,l} z, ν_c = mean_{n,l} z²:
 
     .. math::
 
@@ -1074,8 +1115,10 @@ def cross_iteration_statistic_grads(patches: Array, preactivation: Array) -> tup
         (N, P) for a linear layer (its input), or (N, P, L) for a convolution (``torch.nn.functional
         .unfold`` of its input: P = C_in·kh·kw patch entries, L output positions; groups = 1).
     preactivation : Array
-        z, (N, C) or (N, C, L) (a conv output (N, C, H, W) reshaped to (N, C, H·W)); without bias
-        (a bias shifts μ but has no θ_c-gradient here).
+        z, (N, C) or (N, C, L) (a conv output (N, C, H, W) reshaped to (N, C, H·W)): the layer's
+        output as it is, WITH its bias. The bias has no θ_c-derivative itself, but ν_c is the mean
+        square of the biased z, so ∂ν_c/∂θ_c = 2·mean z·p needs z including b_c (without it the
+        result is off by 2·b_c·mean p).
 
     Returns
     -------

@@ -31,8 +31,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from ._validate import check_bool, check_choice, check_int, check_nonnegative, check_p, concrete_any
-from ._xp import Array, compute_dtype, namespace, prod, to_compute
+from ._validate import check_bool, check_choice, check_int, check_nonnegative, check_p, check_positive, concrete_any
+from ._xp import Array, _device_or_none, compute_dtype, namespace, prod, to_compute
 
 __all__ = ["NormAffine", "FoldedLayer", "inference_affine", "fold", "FOLDABLE"]
 
@@ -113,9 +113,9 @@ def _per_channel(fn: str, name: str, a: dict) -> NormAffine:
             _vector(fn, key, v, c)
     cd = compute_dtype(xp, stats[given[0]].dtype)
     if rule == "mean":
-        scale = xp.ones((c,), dtype=cd)
+        scale = xp.ones((c,), dtype=cd, device=_device_or_none(rm))  # on the statistics' device
     else:
-        eps = check_nonnegative(fn, "eps", a["eps"])
+        eps = check_positive(fn, "eps", a["eps"])  # as the per-channel methods refuse eps <= 0
         s = to_compute(xp, rs, cd)
         if concrete_any(xp, s < 0):
             raise ValueError(f"{fn}: {spread} must be nonnegative (a population spread); it has negative entries")
@@ -130,7 +130,7 @@ def _per_channel(fn: str, name: str, a: dict) -> NormAffine:
             raise ValueError(f"{fn}: {spread} + eps must be positive; a channel has {spread} = 0 with eps = 0")
         scale = 1.0 / den
     mat = scale if weight is None else to_compute(xp, weight, cd) * scale
-    shift = xp.zeros((c,), dtype=cd) if rm is None else -mat * to_compute(xp, rm, cd)
+    shift = xp.zeros((c,), dtype=cd, device=_device_or_none(rs)) if rm is None else -mat * to_compute(xp, rm, cd)
     if bias is not None:
         shift = to_compute(xp, bias, cd) + shift
     return NormAffine(xp.reshape(mat, (c, 1, 1)), shift)
@@ -199,7 +199,7 @@ def inference_affine(method: str, /, *args: Any, **kwargs: Any) -> NormAffine:
     ``args``/``kwargs`` are the arguments of ``normref.<method>``'s inference call without the input
     (positional ones from the second on): ``inference_affine("batch_norm", running_mean, running_var,
     weight, bias, eps=1e-5)`` is the map x ↦ ``normref.batch_norm(x, running_mean, running_var,
-    weight, bias, eps=1e-5)``. Per channel (d = 1), with s the population spread:
+    weight, bias, eps=1e-5)``. Per channel (d = 1), with s the population spread::
 
         A = γ/√(σ̂² + ε)   (batch_norm, batch_renorm, ghost_batch_norm, batch_group_norm,
                             blended_batch_norm, memorized_batch_norm, cross_iteration_batch_norm,
@@ -210,7 +210,7 @@ def inference_affine(method: str, /, *args: Any, **kwargs: Any) -> NormAffine:
         (ψ̂² = ``running_mean_square``);
 
     per group of d = ``group_size`` channels (batch_whitening with ``partition="batch"``,
-    decorrelated_batch_norm, iter_norm, whitening_coloring):
+    decorrelated_batch_norm, iter_norm, whitening_coloring)::
 
         A_g = diag(γ_g)·W(Σ̂_g + ε·I)   (whitening_coloring: Γ_g·W(Σ̂_g + ε·I)),   c_g = β_g − A_g·μ̂_g,
 
@@ -303,11 +303,11 @@ def fold(norm: Any, weight: Array, bias: Array | None = None, *, layer: str = "b
     norm : NormAffine, or a mapping ``{"method": name, **arguments}``
         The normalization's (A, c) from :func:`inference_affine`, or the arguments to get it.
     weight : array
-        A convolution weight (C_out, C_in/groups, *kernel) in torch's layout (NCHW activations), or a
+        A convolution weight ``(C_out, C_in/groups, *kernel)`` in torch's layout (NCHW activations), or a
         linear weight (out_features, in_features). ``layer="before"``: C_out (out_features) must be
         the norm's C. ``layer="after"``: the layer's input channels, groups·C_in/groups for a
         convolution, must be C; a linear layer's in_features may be C·P, the features of a
-        flattened (C, *spatial) activation (channel-major, as ``torch.nn.Flatten``).
+        flattened ``(C, *spatial)`` activation (channel-major, as ``torch.nn.Flatten``).
     bias : array or None, default None
         The layer's bias (its output channels); ``None`` is 0. The folded layer always has one.
     layer : {"before", "after"}, default "before"
@@ -363,7 +363,7 @@ def fold(norm: Any, weight: Array, bias: Array | None = None, *, layer: str = "b
     cd = xp.result_type(compute_dtype(xp, weight.dtype), compute_dtype(xp, mat.dtype))
     w = to_compute(xp, weight, cd)
     a, cv = to_compute(xp, mat, cd), to_compute(xp, shift, cd)
-    b = xp.zeros((c_out,), dtype=cd) if bias is None else to_compute(xp, bias, cd)
+    b = xp.zeros((c_out,), dtype=cd, device=_device_or_none(weight)) if bias is None else to_compute(xp, bias, cd)
     if layer == "before":
         if c_out != c:
             raise ValueError(f"{fn}: layer='before' needs the layer's output channels weight.shape[0] = the norm's "

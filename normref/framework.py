@@ -402,10 +402,23 @@ def _normalize_backward(res: Residuals, g):
 
 
 class RunningResult(NamedTuple):
-    """Output and running statistics of :func:`batch_normalize` (and :func:`normref.batch_group_norm`
-    with running statistics) after a training-mode call: each ``running_*`` field is the updated
-    statistic, the given one unchanged where the operation keeps no such statistic, ``None`` where
-    none was given."""
+    """Output and running statistics of :func:`batch_normalize` after a training-mode call.
+
+    Also of :func:`normref.batch_group_norm` with running statistics: each ``running_*`` field is the
+    updated statistic, the given one unchanged where the operation keeps no such statistic, ``None``
+    where none was given.
+
+    Attributes
+    ----------
+    output : Array
+        The output: the differentiable field.
+    running_mean : Array or None
+        The running mean.
+    running_var : Array or None
+        The running (unbiased) variance.
+    running_mean_square : Array or None
+        The running mean square (scaling operation).
+    """
 
     output: Array
     running_mean: Array | None
@@ -530,8 +543,10 @@ def batch_normalize(
     running_mean_square: Array | None = None,
     num_batches_tracked: int | None = None,
 ) -> Array | RunningResult:
-    r"""Normalize over a batch-type partition with running statistics: batch statistics in training,
-    population statistics at inference, any recovery (affine or generated γ, β).
+    r"""Normalize over a batch-type partition with running statistics, with any recovery.
+
+    Batch statistics in training, population statistics at inference, any recovery (affine or
+    generated γ, β).
 
     .. math::
 

@@ -23,7 +23,7 @@ import math
 from typing import Any, Iterable, Mapping
 
 from ._validate import check_bool, check_choice, check_eps_representable, check_ndim, check_positive
-from ._xp import Array, compute_dtype, is_array, library_name, namespace, to_compute
+from ._xp import Array, compute_dtype, device_of, is_array, library_name, namespace, to_compute
 from .registry import Example, Method, Residuals, get, method
 
 __all__ = ["recalibrate", "eval_norm", "PooledMoments"]
@@ -61,6 +61,7 @@ def recalibrate(
     state: Mapping[str, Array],
     *,
     estimator: str = "average",
+    unbiased: bool = True,
     **arguments: Any,
 ) -> dict[str, Array]:
     r"""Re-estimate a method's population statistics from batches of its input, the network frozen.
@@ -93,9 +94,18 @@ def recalibrate(
         cumulative running average (``momentum=None``) holds after one pass. Defined for every method
         with running statistics. ``"pooled"``: the exact moments of all M values per channel of the
         union of the batches (two-pass per batch, pooled by Chan et al.'s update; uneven batch sizes
-        are fine): "precise BN". Only for the methods whose running statistics are per-channel
-        moments of the batch partition (batch norm and its variants, batch whitening on the batch
-        partition, ``batch_normalize(partition="batch")``); ``ValueError`` otherwise.
+        are fine), in the spirit of "precise BN". Only for the methods whose running statistics are
+        per-channel moments of the batch partition (batch norm and its variants, batch whitening on
+        the batch partition, ``batch_normalize(partition="batch")``); ``ValueError`` otherwise.
+        Both estimators touch the same state: what the call normalizes with (for
+        ``batch_normalize``, its operation's statistics: centering ``running_mean`` only, scaling
+        ``running_mean_square`` only); the rest of ``state`` comes back as given.
+    unbiased : bool, default True
+        The pooled variance and covariance divided by M − 1 (``True``: unbiased, as the running
+        variances of normref, torch and Algorithm 2) or by M (``False``: the biased pooled variance,
+        which is what fvcore's precise BN — ``fvcore.nn.precise_bn``, Wu & Johnson's code — computes,
+        as the mean of the batch variances and of the squared deviations of the batch means).
+        Only with ``estimator="pooled"`` (``ValueError`` otherwise).
     **arguments
         Every other argument of the method (``weight``, ``bias``, ``num_groups``, ``group_size``,
         ``eps``, ``partition``, ...), as the layer calls it. ``momentum`` and ``num_batches_tracked``
@@ -104,8 +114,18 @@ def recalibrate(
     Returns
     -------
     dict of str to Array
-        One fresh estimate per ``running_*`` argument of the method found in ``state``, each of its
-        state's shape and dtype, in the batches' library. ``state`` is not modified.
+        One entry per ``running_*`` argument of the method found in ``state``, each of its state's
+        shape and dtype: a fresh estimate (in the batches' library) for each statistic the call
+        estimates, a copy of the given value for the others. ``state`` is not modified.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Bad arguments, before any work. ``batches`` may be any iterable (a generator, a data
+        loader), so it cannot be checked ahead: each batch is checked as it comes, before any work on
+        it (an array of the first batch's library, (N_k, C, \*spatial) with the state's C channels:
+        ``"recalibrate: batches[3] has 5 channels ...; the state has 4 ..."``), after the earlier
+        batches were processed — nothing is returned and ``state`` is untouched.
 
     Notes
     -----
@@ -118,7 +138,11 @@ def recalibrate(
     unbiased variance m/(m − 1)·E_B[σ²_B] is the average of the per-batch unbiased variances,
     which is what the methods' running variance holds. The pooled estimator is
     :func:`normref.population_statistics` of the stream of batches; its mean square is
-    σ̂²·(M − 1)/M + μ̂².
+    σ̂²·(M − 1)/M + μ̂². Precise BN and normref differ in one convention: fvcore's estimator (Wu &
+    Johnson's reference code) returns the *biased* pooled variance (÷ M, the mean of the batch
+    variances plus the variance of the batch means), normref's the unbiased one (÷ (M − 1)), the
+    convention of every normref and torch running variance; ``unbiased=False`` gives fvcore's. The
+    difference is a factor (M − 1)/M, negligible for the M of a data set.
 
     References
     ----------
@@ -148,6 +172,17 @@ def recalibrate(
     for k, v in state.items():
         if v is not None and not is_array(v):
             raise TypeError(f"{fn}: state[{k!r}] must be an array; got {type(v).__name__}")
+    unbiased = check_bool(fn, "unbiased", unbiased)
+    if not unbiased and estimator != "pooled":
+        raise ValueError(f"{fn}: unbiased=False (the biased pooled variance, as fvcore's precise BN) applies to "
+                         f"estimator='pooled'; got estimator={estimator!r}")
+    # the statistics this call estimates: all of them, except where an operation keeps only some
+    used = uses(m, arguments, estimated)
+    fresh = [p for p in estimated if p in used]
+    if not fresh:
+        raise ValueError(f"{fn}: state holds none of the running statistics {m.name} estimates with these "
+                         f"arguments ({', '.join(p for p in names if p in used)}); got {', '.join(estimated)}")
+    channels = _channels(state, estimated)
     fixed = {"momentum", "num_batches_tracked", "alpha_fwd", flag}
     bad = [k for k in arguments if k in fixed or k in state or k not in params or k == m.array_params[0]]
     if bad:
@@ -159,7 +194,7 @@ def recalibrate(
         raise TypeError(f"{fn}: batches must be an iterable of arrays (N_k, C, *spatial), one per batch; "
                         f"got {type(batches).__name__}")
     if estimator == "pooled":
-        return _pooled(fn, m, batches, state, estimated, arguments)
+        return _pooled(fn, m, batches, state, estimated, fresh, arguments, channels, unbiased)
     if m.name in _NOT_RECALIBRATED:
         raise TypeError(f"{fn}: {m.name} cannot be recalibrated from batches: {_NOT_RECALIBRATED[m.name]}")
     call = dict(arguments)
@@ -179,11 +214,7 @@ def recalibrate(
     first = None
     k = 0
     for i, xb in enumerate(batches):
-        if not is_array(xb):
-            raise TypeError(f"{fn}: batches[{i}] must be an array; got {type(xb).__name__}")
-        if first is not None and library_name(xb) != library_name(first):
-            raise TypeError(f"{fn}: all batches must come from one library; batches[0] is a {library_name(first)} "
-                            f"array but batches[{i}] is a {library_name(xb)} array")
+        check_batch(fn, i, xb, first, channels)  # before any work on this batch (the earlier ones are done)
         first = xb if first is None else first
         if any(int(d) == 0 for d in xb.shape):
             continue  # an empty batch carries no statistics (the methods return the state unchanged)
@@ -192,7 +223,7 @@ def recalibrate(
             raise TypeError(f"{fn}: {m.name} returned no running statistics for this call")
         k += 1
         xp = namespace(fn, **{f"batches[{i}]": xb})
-        for p in estimated:
+        for p in fresh:
             new = getattr(out, p)
             # the cumulative average ŝ_k = ŝ_{k−1} + (s_k − ŝ_{k−1})/k (equal weights, Algorithm 2)
             acc[p] = new if k == 1 else acc[p] + (to_compute(xp, new, acc[p].dtype) - acc[p]) * (1.0 / k)
@@ -201,21 +232,79 @@ def recalibrate(
     if k == 0:
         raise ValueError(f"{fn}: every batch is empty; expected at least one batch with values")
     xp = namespace(fn, batch=first)
-    return {p: xp.astype(acc[p], state[p].dtype) if acc[p].dtype != state[p].dtype else acc[p] for p in estimated}
+    out = {p: xp.astype(acc[p], state[p].dtype) if acc[p].dtype != state[p].dtype else acc[p] for p in fresh}
+    return _with_kept(fn, out, state, estimated)
+
+
+#: methods whose running statistics depend on an option: (option, {value: the statistics it estimates})
+_USES = {
+    "batch_normalize": ("operation", {"standardizing": ("running_mean", "running_var"), "centering": ("running_mean",),
+                                      "scaling": ("running_mean_square",)}),
+}
+
+
+def uses(m: "str | Method", arguments: Mapping[str, Any], names: Iterable[str]) -> tuple[str, ...]:
+    """The running statistics among ``names`` that method ``m`` called with ``arguments`` estimates (and
+    normalizes with): all of them, except for ``batch_normalize``, whose operation keeps only some
+    (centering: ``running_mean``; scaling: ``running_mean_square``)."""
+    m = get(m)
+    if m.name not in _USES:
+        return tuple(names)
+    option, table = _USES[m.name]
+    value = arguments.get(option, m.signature.parameters[option].default)
+    keep = table.get(value, ())
+    return tuple(p for p in names if p in keep)
+
+
+def _with_kept(fn: str, out: dict, state: Mapping[str, Array], estimated: Iterable[str]) -> dict:
+    """The estimates, and the state the call does not estimate back as given (a copy: no aliasing)."""
+    for p in estimated:
+        if p not in out:
+            xp = namespace(fn, **{f"state[{p!r}]": state[p]})
+            out[p] = xp.asarray(state[p], copy=True)
+    return out
+
+
+def _channels(state: Mapping[str, Array], names: Iterable[str]) -> "tuple[int, str] | None":
+    """(C, the state that fixes it): the channels of the running statistics ((C,) vectors; a
+    covariance (C/g, g, g)), or None when no state fixes them."""
+    for p in names:
+        v = state[p]
+        if v.ndim == 1:
+            return int(v.shape[0]), f"{p}.shape = {tuple(int(d) for d in v.shape)}"
+        if p == "running_cov" and v.ndim == 3:
+            return int(v.shape[0]) * int(v.shape[2]), f"{p}.shape = {tuple(int(d) for d in v.shape)}"
+    return None
+
+
+def check_batch(fn: str, i: int, xb: Any, first: Any, channels: "tuple[int, str] | None") -> None:
+    """``TypeError``/``ValueError`` unless batch ``i`` is an array (N_k, C, \\*spatial) of the first
+    batch's library with the state's C channels; raised before any work on that batch."""
+    if not is_array(xb):
+        raise TypeError(f"{fn}: batches[{i}] must be an array (N_k, C, *spatial); got {type(xb).__name__}")
+    if first is not None and library_name(xb) != library_name(first):
+        raise TypeError(f"{fn}: all batches must come from one library; batches[0] is a {library_name(first)} "
+                        f"array but batches[{i}] is a {library_name(xb)} array")
+    if xb.ndim < 2:
+        raise ValueError(f"{fn}: batches[{i}] must have shape (N_k, C, *spatial); got shape {tuple(xb.shape)}")
+    if channels is not None and int(xb.shape[1]) != channels[0]:
+        raise ValueError(f"{fn}: batches[{i}] has {int(xb.shape[1])} channels (shape {tuple(xb.shape)}); the state "
+                         f"has {channels[0]} ({channels[1]})")
 
 
 def _pooled(fn: str, m: Method, batches: Iterable[Array], state: Mapping[str, Array], estimated: list,
-            arguments: Mapping[str, Any]) -> dict[str, Array]:
-    """The exact moments of the union of the batches (precise BN), in the state's shapes and dtypes."""
-    check_pooled(fn, m, estimated, arguments)
+            fresh: list, arguments: Mapping[str, Any], channels: "tuple[int, str] | None",
+            unbiased: bool) -> dict[str, Array]:
+    """The exact moments of the union of the batches (precise BN), in the state's shapes and dtypes:
+    the statistics ``fresh`` the call estimates; the rest of ``estimated`` comes back as given."""
+    check_pooled(fn, m, fresh, arguments)
     gs = None
     if state.get("running_cov") is not None:
         gs = int(state["running_cov"].shape[-1])
     acc = PooledMoments(gs)
     first = None
     for i, xb in enumerate(batches):
-        if not is_array(xb):
-            raise TypeError(f"{fn}: batches[{i}] must be an array; got {type(xb).__name__}")
+        check_batch(fn, i, xb, first, channels)  # before any work on this batch (the earlier ones are done)
         if first is not None and (library_name(xb) != library_name(first) or xb.shape[1:] != first.shape[1:]):
             raise ValueError(f"{fn}: every batch must be a {library_name(first)} array of shape (N_k, "
                              f"{', '.join(str(int(d)) for d in first.shape[1:])}); batches[{i}] is a "
@@ -225,16 +314,16 @@ def _pooled(fn: str, m: Method, batches: Iterable[Array], state: Mapping[str, Ar
         acc.add(xb)
     if first is None:
         raise ValueError(f"{fn}: batches is empty; expected at least one batch")
-    values = acc.estimates(estimated)
+    values = acc.estimates(fresh, unbiased=unbiased)
     xp = namespace(fn, batch=first)
     out = {}
-    for p in estimated:
+    for p in fresh:
         v, like = values[p], state[p]
         if tuple(v.shape) != tuple(like.shape):
             raise ValueError(f"{fn}: state[{p!r}] has shape {tuple(like.shape)}; the batches' statistics have "
                              f"shape {tuple(v.shape)}")
         out[p] = xp.astype(v, like.dtype) if v.dtype != like.dtype else v
-    return out
+    return _with_kept(fn, out, state, estimated)
 
 
 def check_pooled(fn: str, m: "str | Method", estimated: Iterable[str], arguments: Mapping[str, Any]) -> None:
@@ -286,8 +375,8 @@ def eval_norm(
     input: Array,
     running_mean: Array,
     running_var: Array,
-    alpha: Array,
-    beta: Array,
+    alpha: "Array | float",
+    beta: "Array | float",
     weight: Array | None = None,
     bias: Array | None = None,
     eps: float = 1e-5,
@@ -311,12 +400,15 @@ def eval_norm(
         (N, C, \*spatial); without spatial axes μ_x = x and σ²_x = 0.
     running_mean, running_var : Array
         (C,): μ_p, σ²_p (constants: no gradient).
-    alpha, beta : Array
-        The blending weights of the mean and of the variance, in [0, 1]: shape (C,) (per channel) or
-        () (per layer). Differentiable: EvalNorm estimates them by gradient descent with the trained
-        network frozen (the paper's "estimated" variant); α = β = 1/m is its rule of thumb for a
-        network trained with mini-batches of m examples. (``beta`` is the paper's variance weight;
-        the affine shift is ``bias``.)
+    alpha, beta : Array or float
+        The blending weights of the mean and of the variance, in [0, 1]: arrays of shape (C,) (per
+        channel) or () (per layer), or Python floats (per layer, constants: e.g. α = β = 1/m for a
+        network trained with mini-batches of m examples, the value the decomposition in the Notes
+        gives; that the paper recommends it as a rule of thumb could not be verified here). Arrays
+        are differentiable: the paper's abstract says α, β are estimated (online, during training);
+        here they can be fitted by gradient descent through this function's exact backward.
+        (``beta`` is the variance weight; the affine shift is ``bias``. The torch and JAX adapters
+        take them as tensors: ``torch.tensor(1 / m)``.)
     weight, bias : Array or None, default None
         γ, b: (C,).
     eps : float, default 1e-5
@@ -340,8 +432,17 @@ def eval_norm(
     α = β = 0 (x's own share vanishes), which for small m leaves the activations far from those seen
     in training; EvalNorm replaces only the others' statistics by the population's. The mixture term
     follows from this decomposition (with it, α = β = 1/m and the others' exact statistics reproduce
-    the training output; tested); the paper was not available offline when this was written, so
-    ``mixture_term=False`` offers the plain blend as the other reading. The backward is exact
+    the training output; tested): the cross term β(1 − β)(μ_x − μ_p)² is the exact decomposition of
+    the batch variance into the example's and the others' shares, and is the default.
+    ``mixture_term=False`` is the plain blend βσ²_x + (1 − β)σ²_p.
+
+    What could not be verified: only the paper's abstract could be read here, not its body, so its
+    equations — whether its variance blend has the cross term, whether its weights are per channel,
+    and the rule of thumb α = β = 1/m — are not checked against it; the formula above is derived from
+    the abstract's description (each example's statistics blended with the population's, as in a
+    mini-batch) and the exact batch decomposition. The abstract says the blending weights are
+    estimated online during training; this function takes them as inputs (arrays or floats) and
+    gives their exact gradients, so that estimation can be done by the caller. The backward is exact
     (analytic, through μ_x and σ²_x, and to α, β, γ, b). Survey §5.3.2.
 
     References
@@ -352,8 +453,25 @@ def eval_norm(
     from ._validate import concrete_any
     from .framework import check_param_shape
 
-    xp = namespace(fn, input=input, running_mean=running_mean, running_var=running_var, alpha=alpha, beta=beta,
+    # α, β as Python numbers (the rule of thumb α = β = 1/m): 0-d constants of the input's library
+    numbers = {}
+    for name, a in (("alpha", alpha), ("beta", beta)):
+        if isinstance(a, (int, float)) and not isinstance(a, bool):
+            if not (math.isfinite(a) and 0.0 <= a <= 1.0):
+                raise ValueError(f"{fn}: {name} must lie in [0, 1] (a blending weight); got {a!r}")
+            numbers[name] = float(a)
+        elif isinstance(a, bool):
+            raise TypeError(f"{fn}: {name} must be an array or a Python float in [0, 1]; got bool {a!r}")
+    xp = namespace(fn, input=input, running_mean=running_mean, running_var=running_var,
+                   alpha=None if "alpha" in numbers else alpha, beta=None if "beta" in numbers else beta,
                    weight=weight, bias=bias)
+    if alpha is None or beta is None:
+        raise TypeError(f"{fn}: alpha and beta must be arrays or Python floats in [0, 1]; got None")
+    if numbers:
+        check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
+        like = {"dtype": compute_dtype(xp, input.dtype), "device": device_of(input)}
+        alpha = xp.asarray(numbers["alpha"], **like) if "alpha" in numbers else alpha
+        beta = xp.asarray(numbers["beta"], **like) if "beta" in numbers else beta
     check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
     shape = tuple(input.shape)
     c = shape[1]
@@ -481,14 +599,16 @@ class PooledMoments:
                                         xp.stack([m2ga, m2g]))
         self._acc = (na + n, mean, M2, M2g)
 
-    def estimates(self, names: Iterable[str]) -> dict[str, Array]:
-        """The pooled ``running_mean``/``running_var`` (unbiased)/``running_cov`` (unbiased)/
-        ``running_mean_square`` among ``names``."""
-        if self._acc is None or self._acc[0] < 2:
+    def estimates(self, names: Iterable[str], unbiased: bool = True) -> dict[str, Array]:
+        """The pooled ``running_mean``/``running_var``/``running_cov``/``running_mean_square`` among
+        ``names``: the variance and covariance divided by M − 1 (``unbiased=True``, as the running
+        variances of normref and torch) or by M (``unbiased=False``, fvcore's precise BN)."""
+        if self._acc is None or self._acc[0] < (2 if unbiased else 1):
             raise ValueError(f"recalibrate: an unbiased variance needs at least 2 values per channel; the batches "
                              f"hold {0 if self._acc is None else self._acc[0]}")
         n, mean, m2, m2g = self._acc
-        var = m2 / (n - 1)
-        values = {"running_mean": mean, "running_var": var, "running_cov": None if m2g is None else m2g / (n - 1),
+        d = n - 1 if unbiased else n
+        var = m2 / d
+        values = {"running_mean": mean, "running_var": var, "running_cov": None if m2g is None else m2g / d,
                   "running_mean_square": m2 / n + mean * mean}
         return {p: values[p] for p in names}

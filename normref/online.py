@@ -557,7 +557,7 @@ def power_norm(
         \hat X = X/\psi_{t-1},\quad Y = \gamma\hat X + \beta,\quad
         \psi_B^2 = \mathrm{mean}_B(x^2),\quad \psi_t^2 = \alpha_f\psi_{t-1}^2 + (1-\alpha_f)\psi_B^2
 
-    with ψ = √(ψ² + ε), per channel over (N, *spatial) (Algorithm 1, forward). The backward:
+    with ψ = √(ψ² + ε), per channel over ``(N, *spatial)`` (Algorithm 1, forward). The backward:
 
     .. math::
 

@@ -30,11 +30,23 @@ __all__ = ["population_statistics", "PopulationStatistics"]
 
 @result_tuple
 class PopulationStatistics(NamedTuple):
-    """``mean`` (C,); ``var`` (C,) unbiased; ``cov`` (C/group_size, group_size, group_size) unbiased, or
-    ``None`` without ``group_size``; ``count``: the samples per channel (N·∏spatial, a Python int).
+    """The population statistics of :func:`population_statistics`: ``(mean, var, cov, count)``.
 
     A ``NamedTuple`` ``(mean, var, cov, count)``, not an array: read the fields (arithmetic on the
-    tuple or an array attribute raises an error that says so)."""
+    tuple or an array attribute raises an error that says so).
+
+    Attributes
+    ----------
+    mean : Array
+        The mean, (C,).
+    var : Array
+        The unbiased variance, (C,).
+    cov : Array or None
+        The unbiased covariance, (C/group_size, group_size, group_size), or ``None`` without
+        ``group_size``.
+    count : int
+        The samples per channel (N·∏spatial, a Python int).
+    """
 
     mean: Array
     var: Array

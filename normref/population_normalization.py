@@ -287,7 +287,7 @@ def population_norm(
     elif training:  # a step that does not update: the state comes back unchanged (as copies)
         new_rm = xp.asarray(running_mean, copy=True)
         new_rv = None if running_var is None else xp.asarray(running_var, copy=True)
-    rm, rv = (running_mean, running_var)
+    rm, rv = (new_rm, new_rv) if (training and use_updated) else (running_mean, running_var)
     gamma = channel_param(xp, to_compute(xp, weight, cd), nd)
     beta = channel_param(xp, to_compute(xp, bias, cd), nd)
     mean = channel_param(xp, to_compute(xp, rm, cd), nd)

@@ -106,8 +106,20 @@ class Example:
 
 @dataclasses.dataclass(frozen=True)
 class Invariant:
-    """A property of a method's output: ``check(out, args, kwargs, xp) -> float`` returns a residual
-    error that must stay under ``scale`` times the dtype's epsilon (times the example's ``cond``)."""
+    """A property of a method's output, checked by the conformance suite within a tolerance.
+
+    ``check(out, args, kwargs, xp) -> float`` returns a residual error that must stay under ``scale``
+    times the dtype's epsilon (times the example's ``cond``).
+
+    Attributes
+    ----------
+    name : str
+        What the property is.
+    check : callable
+        ``check(out, args, kwargs, xp) -> float``, the residual error.
+    scale : float
+        The tolerance, in units of the dtype's epsilon (default 64).
+    """
 
     name: str
     check: Callable[..., float]

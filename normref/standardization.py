@@ -83,8 +83,9 @@ _RESULT_NOTE = """
 
 @result_tuple
 class NormResult(NamedTuple):
-    """Output and updated running statistics of a training-mode call given running statistics
-    (``batch_norm``, ``instance_norm``, ``batch_renorm``, ``ghost_batch_norm``, ...).
+    """Output and updated running statistics of a training-mode call given running statistics.
+
+    Returned by ``batch_norm``, ``instance_norm``, ``batch_renorm``, ``ghost_batch_norm``, ...
 
     Attributes
     ----------
@@ -103,8 +104,7 @@ class NormResult(NamedTuple):
 
 @result_tuple
 class MeanOnlyResult(NamedTuple):
-    """Output and updated running mean of a training-mode ``mean_only_batch_norm`` given
-    ``running_mean``.
+    """Output and updated running mean of a training-mode ``mean_only_batch_norm`` given ``running_mean``.
 
     Attributes
     ----------
@@ -120,8 +120,7 @@ class MeanOnlyResult(NamedTuple):
 
 @result_tuple
 class LpNormResult(NamedTuple):
-    """Output and updated running statistics of a training-mode ``lp_batch_norm`` given running
-    statistics.
+    """Output and updated running statistics of a training-mode ``lp_batch_norm`` given running statistics.
 
     Attributes
     ----------

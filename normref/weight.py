@@ -483,13 +483,21 @@ def _ws_backward(res, dw):
 
 @result_tuple
 class SpectralNormResult(NamedTuple):
-    """The spectrally normalized weight and the power-iteration state after the call (no gradient):
-    ``u`` (shape ``(w.shape[dim],)``) and ``v`` (shape ``(fan,)``, the other axes flattened), the
-    vectors of σ = uᵀ·W·v.
+    """The spectrally normalized weight and the power-iteration state after the call (no gradient).
 
     A ``NamedTuple`` ``(weight, u, v)``, not an array: ``result.weight`` is the normalized weight
     (the differentiable output); arithmetic on the tuple or an array attribute (``result.shape``)
-    raises an error that says so."""
+    raises an error that says so.
+
+    Attributes
+    ----------
+    weight : Array
+        W_SN = W/σ, w's shape: the differentiable output.
+    u : Array
+        The updated left vector, shape ``(w.shape[dim],)``, of σ = uᵀ·W·v.
+    v : Array
+        The updated right vector, shape ``(fan,)`` (the other axes flattened).
+    """
 
     weight: Any
     u: Any

@@ -276,6 +276,43 @@ def test_cbn_statistic_grads_conv_unfold():
         assert float(gm[[j for j in range(3) if j != i]].abs().max()) == 0.0  # per-channel dependence
 
 
+def test_cbn_statistic_grads_need_the_biased_preactivation():
+    """ν_c = mean z² of the layer's output with its bias: the derivative needs z WITH the bias."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(17)
+    a = torch.tensor(rng.standard_normal((2, 2, 4, 4)))
+    W = torch.tensor(rng.standard_normal((3, 2, 3, 3)), requires_grad=True)
+    b = torch.tensor([1.5, -2.0, 0.7], dtype=torch.float64)
+    z = torch.nn.functional.conv2d(a, W, b)
+    patches = torch.nn.functional.unfold(a, 3)
+    _, dnu = ci.cross_iteration_statistic_grads(patches, z.detach().reshape(2, 3, -1))
+    _, dnu_nobias = ci.cross_iteration_statistic_grads(patches, (z - _c(b)).detach().reshape(2, 3, -1))
+    gn = torch.stack([torch.autograd.grad((z * z).mean(dim=AX)[i], W, retain_graph=True)[0][i] for i in range(3)])
+    assert _rel(dnu.reshape(3, 2, 3, 3), gn) < TOL
+    assert _rel(dnu_nobias.reshape(3, 2, 3, 3), gn) > 0.1  # off by 2·b·mean p
+
+
+def test_moment_invariant_reads_the_window_by_name():
+    """The 'no window / empty memory' invariant finds past_means by name, positional or keyword."""
+    rng = np.random.default_rng(18)
+    x = rng.standard_normal((6, 3)) * 1.5 + 0.5
+    pm, pn = rng.standard_normal((2, 3)) * 0.3, rng.uniform(1.0, 2.0, (2, 3))
+    rm, rv = np.zeros(3), np.ones(3)
+    for name, args, kw, applies in [
+        ("cross_iteration_batch_norm", (x,), dict(past_means=pm, past_sq_means=pn + pm ** 2, training=True), False),
+        ("cross_iteration_batch_norm", (x, rm, rv), dict(training=True), True),  # args[1] is running_mean
+        ("memorized_batch_norm", (x,), dict(past_means=pm, past_vars=pn, training=True), False),
+        ("memorized_batch_norm", (x, None, None), dict(training=True), True),
+    ]:
+        m = normref.get(name)
+        inv = next(i for i in m.invariants if "batch-norm moments" in i.name)
+        r = inv.check(m, np, m(*args, **kw), args, kw)
+        if applies:  # batch norm's moments: float64 rounding on 6 samples, far under the registry's 64·ε
+            assert r is not None and r < 64 * np.finfo(np.float64).eps, (name, r)
+        else:
+            assert r is None, (name, r)
+
+
 def test_cbn_drop_and_no_window():
     rng = np.random.default_rng(8)
     x = rng.standard_normal((5, 2)) + 0.5
@@ -433,6 +470,10 @@ def _bad_calls():
         (ci.centralized_weight, (np.ones(3),), {}, ValueError, "v"),
         (ci.cross_iteration_statistic_grads, (np.ones((2, 3)), np.ones((3, 2))), {}, ValueError, "share N"),
         (ci.moving_average_gradient_statistic, (x, np.ones((4, 2))), {}, ValueError, "cotangent"),
+        # refused as moving_average_batch_norm refuses them (the call whose Ψ_t this is)
+        (ci.moving_average_gradient_statistic, (x, x, None, None, np.ones(3)), dict(rmax=0.5), ValueError, "rmax"),
+        (ci.moving_average_gradient_statistic, (x, x, -np.ones((1, 3))), {}, ValueError, "past_sq_means"),
+        (ci.moving_average_gradient_statistic, (x, x, None, None, -np.ones(3)), {}, ValueError, "running_mean_square"),
     ]
 
 

@@ -302,3 +302,15 @@ def test_backend_numpydoc(name):
         check_backend(name, BACKEND_TARGETS[name])
     except AssertionError as e:
         raise AssertionError(f"{name}: {e}") from None
+
+
+# the public classes of normref.__all__ (result tuples, Method, Whitening, ...): the same structural check
+CLASSES = {name: getattr(normref, name) for name in normref.__all__ if inspect.isclass(getattr(normref, name))}
+
+
+@pytest.mark.parametrize("name", sorted(CLASSES))
+def test_class_numpydoc(name):
+    try:
+        check_backend(name, CLASSES[name])
+    except AssertionError as e:
+        raise AssertionError(f"{name}: {e}") from None

@@ -286,8 +286,12 @@ def test_torch_fold_model_float64():
     with torch.no_grad():
         want = m(x)
         before = [type(k) for k in m.modules()]
-        f = nt.fold(m)
+        f = nt.fold(m, example_input=x)  # the shapes show both Linear → BatchNorm1d pairs see (N, C)
         got = f(x)
+        # without them those two pairs are left (a Linear mixes the last axis): 7 folded
+        f0 = nt.fold(m)
+        got0 = f0(x)
+    assert f0.normref_folded == 7
     assert [type(k) for k in m.modules()] == before  # the original is left as it was
     assert f.normref_folded == 9
     norm_types = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nt.StatefulNorm)
@@ -295,6 +299,7 @@ def test_torch_fold_model_float64():
     # κ of the whitening layers' Σ̂ + εI enters as in the pure test
     conds = [float(np.max(np.linalg.cond(k.running_cov.numpy()))) for k in m.modules() if hasattr(k, "running_cov")]
     assert _rel(got.numpy(), want.numpy()) <= TOL64 * max(conds)
+    assert _rel(got0.numpy(), want.numpy()) <= TOL64 * max(conds)
     # the folded model is a model: its parameters train
     f.train()
     f(x).sum().backward()
@@ -309,7 +314,7 @@ def test_torch_fold_model_float32_and_matches_torch_fuse():
     m = _trained(torch.float32)
     x = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        want, got = m(x), nt.fold(m)(x)
+        want, got = m(x), nt.fold(m, example_input=x)(x)
     assert _rel(got.numpy(), want.numpy()) <= 2e3 * float(np.finfo(np.float32).eps)
     # an external oracle for batch norm: torch's fuse_conv_bn_eval on the same pair
     conv, bn = nn.Conv2d(3, 4, 3, padding=1).eval(), nn.BatchNorm2d(4).eval()
@@ -384,6 +389,134 @@ def test_torch_fold_leaves_what_does_not_fold():
     assert f is m and f.normref_folded == 1 and isinstance(m[0], nn.Identity)
 
 
+def _stats(norm):
+    with torch.no_grad():
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+        norm.weight.uniform_(0.5, 2)
+        norm.bias.uniform_(-1, 1)
+    return norm
+
+
+def test_torch_fold_linear_only_on_the_channel_axis():
+    """A Linear mixes the LAST axis; next to a norm it is folded only where that is the norm's
+    channel axis: an (N, C) input shown by example_input, or norm → Flatten → Linear."""
+    from torch import nn
+
+    from normref.backends import torch as nt
+
+    torch.manual_seed(6)
+    bn1, bn2 = (lambda: _stats(nt.BatchNorm1d(4))), (lambda: _stats(nt.BatchNorm2d(4)))
+    # valid torch models whose Linear acts on a spatial axis: folding them changed outputs by O(1)
+    wrong = {
+        "Linear(5→4) on (N,4,3,5) → BN2d": (nn.Sequential(nn.Linear(5, 4), bn2()), (2, 4, 3, 5)),
+        "BN2d on (N,4,3,4) → Linear(4→3)": (nn.Sequential(bn2(), nn.Linear(4, 3)), (2, 4, 3, 4)),
+        "BN1d on (N,4,8) → Linear(8→3)": (nn.Sequential(bn1(), nn.Linear(8, 3)), (2, 4, 8)),
+        "Linear(8→4) on (N,4,8) → BN1d (out_features = C)": (nn.Sequential(nn.Linear(8, 4), bn1()), (2, 4, 8)),
+        "BN1d on (N,4,4) → Linear(4→3) (in_features = C)": (nn.Sequential(bn1(), nn.Linear(4, 3)), (2, 4, 4)),
+        "OnlineNorm on (N,4,4) → Linear(4→3)": (nn.Sequential(nt.OnlineNorm(4), nn.Linear(4, 3)), (2, 4, 4)),
+    }
+    for label, (m, shape) in wrong.items():
+        m = m.double().eval()
+        x = torch.randn(*shape, dtype=torch.float64)
+        with torch.no_grad():
+            for f in (nt.fold(m), nt.fold(m, example_input=x), nt.fold(m, example_input=(x,))):
+                assert f.normref_folded == 0, label
+                assert torch.equal(f(x), m(x)), label
+    # (N, C): folded once example_input shows it, before and after; float64 rounding (TOL64)
+    right = {
+        "Linear(7→4) → BN1d": (nn.Sequential(nn.Linear(7, 4), bn1(), nn.ReLU()), (9, 7)),
+        "BN1d → Linear(4→3)": (nn.Sequential(nn.ReLU(), bn1(), nn.Linear(4, 3)), (9, 4)),
+        "Linear(7→4) → PowerNorm": (nn.Sequential(nn.Linear(7, 4), nt.PowerNorm(4)), (9, 7)),
+    }
+    with torch.no_grad():
+        right["Linear(7→4) → PowerNorm"][0][1].running_mean_square.uniform_(0.5, 2)
+    for label, (m, shape) in right.items():
+        m = m.double().eval()
+        x = torch.randn(*shape, dtype=torch.float64)
+        with torch.no_grad():
+            assert nt.fold(m).normref_folded == 0, label  # no shapes known: not provable, left
+            f = nt.fold(m, example_input=x)
+            assert f.normref_folded == 1, label
+            assert _rel(f(x).numpy(), m(x).numpy()) <= TOL64, label
+    # norm → Flatten → Linear: channel-major features; no example needed
+    m = nn.Sequential(bn2(), nn.Flatten(), nn.Linear(4 * 6, 3)).double().eval()
+    x = torch.randn(2, 4, 3, 2, dtype=torch.float64)
+    with torch.no_grad():
+        for f in (nt.fold(m), nt.fold(m, example_input=x)):
+            assert f.normref_folded == 1 and _rel(f(x).numpy(), m(x).numpy()) <= TOL64
+    # an instance norm also takes unbatched (C, L) inputs (channel axis 0), so even Flatten → Linear is
+    # not provable without shapes; the example shows which
+    def inorm_flat(features):
+        m = nn.Sequential(nt.InstanceNorm1d(4, affine=True, track_running_stats=True), nn.Flatten(),
+                          nn.Linear(features, 3)).double().eval()
+        with torch.no_grad():
+            m[0].running_mean.uniform_(-1, 1)
+        return m
+
+    m, x = inorm_flat(4 * 4), torch.randn(2, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        assert nt.fold(m).normref_folded == 0
+        f = nt.fold(m, example_input=x)  # batched (N, C, L)
+        assert f.normref_folded == 1 and _rel(f(x).numpy(), m(x).numpy()) <= TOL64
+        m = inorm_flat(4)  # unbatched (C, L) = (4, 4): Flatten(1) keeps it, the Linear mixes L
+        assert nt.fold(m, example_input=x[0]).normref_folded == 0
+    # the example call runs on a copy: a training-mode layer of the model keeps its buffers
+    m = nn.Sequential(nn.Linear(7, 4), bn1(), nn.Linear(4, 4), nt.BatchNorm1d(4)).double().eval()
+    m[3].train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    f = nt.fold(m, inplace=True, example_input=torch.randn(9, 7, dtype=torch.float64))
+    assert f is m and f.normref_folded == 1 and isinstance(m[1], nn.Identity)
+    assert torch.equal(m[3].running_mean, before["3.running_mean"]) and int(m[3].num_batches_tracked) == 0
+    with pytest.raises(TypeError, match="fold: example_input must be a torch.Tensor"):
+        nt.fold(m, example_input=[x])
+
+
+@pytest.mark.parametrize("layer", ["online", "power pn", "power pn-v"])
+def test_torch_fold_online_and_power_norm(layer):
+    """OnlineNorm / PowerNorm (backward-state layers) fold like the StatefulNorm ones: eval mode is
+    by their running statistics (batch norm / scaling only); float64 rounding, TOL64."""
+    from torch import nn
+
+    from normref.backends import torch as nt
+
+    torch.manual_seed(7)
+    norm = nt.OnlineNorm(4) if layer == "online" else nt.PowerNorm(4, variant=layer.split()[1])
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), norm).double()
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    for _ in range(2):  # training steps: the forward's statistics and the backward's state move
+        m(x * 2 + 0.5).square().sum().backward()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2)
+        norm.bias.uniform_(-1, 1)
+    m.eval()
+    with torch.no_grad():
+        f = nt.fold(m)
+        assert f.normref_folded == 1 and isinstance(f[1], nn.Identity)
+        assert _rel(f(x).numpy(), m(x).numpy()) <= TOL64
+
+
+def test_device_follows_the_statistics():
+    """Every array fold / inference_affine makes is on the inputs' device (torch 'meta': shapes and
+    devices only, no data), including power norm's shift and a bias-less layer's bias."""
+    from torch import nn
+
+    from normref.backends import torch as nt
+
+    meta = dict(dtype=torch.float64, device="meta")
+    rm, rv = torch.zeros(4, **meta), torch.ones(4, **meta)
+    for na in (inference_affine("batch_norm", rm, rv), inference_affine("mean_only_batch_norm", rm, rm),
+               inference_affine("power_norm", running_mean_square=rv)):
+        assert na.matrix.device.type == "meta" and na.shift.device.type == "meta"
+        for w, side in ((torch.ones(3, 4, 3, 3, **meta), "after"), (torch.ones(4, 2, 3, **meta), "before"),
+                        (torch.ones(3, 4, **meta), "after")):
+            res = fold(na, w, None, layer=side)
+            assert res.weight.device.type == "meta" and res.bias.device.type == "meta"
+    m = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False, **meta), nt.BatchNorm2d(4, **meta)).eval()
+    f = nt.fold(m)
+    assert f.normref_folded == 1 and f[0].bias.device.type == "meta"
+
+
 # --------------------------------------------------------------------------------------------------
 # bad input: a clear error naming the function and the argument, before any work
 
@@ -402,7 +535,13 @@ def test_bad_input():
         (TypeError, "training", lambda: inference_affine("batch_norm", rm, rv, training=1)),
         (ValueError, "running_mean and running_var", lambda: inference_affine("batch_norm", None, rv)),
         (ValueError, "running_var must be nonnegative", lambda: inference_affine("batch_norm", rm, -rv)),
-        (ValueError, "running_var + eps must be positive", lambda: inference_affine("batch_norm", rm, 0 * rv, eps=0.0)),
+        # eps = 0 refused as the per-channel methods refuse it; a positive eps lost to float32 rounding
+        # (σ̂² = 0, eps = 1e-60 → √(0 + eps) = 0 in float32) still gives the zero-spread error
+        (ValueError, "inference_affine: eps must be a finite number > 0", lambda: inference_affine("batch_norm", rm, rv,
+                                                                                                    eps=0.0)),
+        (ValueError, "eps must be a finite number > 0", lambda: inference_affine("power_norm", rv, eps=0.0)),
+        (ValueError, "running_var + eps must be positive", lambda: inference_affine(
+            "batch_norm", rm.astype(np.float32), 0 * rv.astype(np.float32), eps=1e-60)),
         (ValueError, "weight must be shape (4,)", lambda: inference_affine("batch_norm", rm, rv, w[:3])),
         (ValueError, "eps", lambda: inference_affine("batch_norm", rm, rv, eps=-1.0)),
         (TypeError, "without input", lambda: inference_affine("batch_norm", rm, rv, input=rm)),

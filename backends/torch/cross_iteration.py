@@ -25,7 +25,9 @@ gradient statistic Ψ_t is pushed by the backward of that forward (one backward 
 ``backward`` through a retained graph is a ``RuntimeError``); a training-mode forward with no
 gradient (``torch.no_grad()``, or nothing requiring a gradient) pushes Ψ_t = 0 so that the two windows
 stay aligned. Eval mode reads the running statistics (``track_running_stats=True``) and changes
-nothing.
+nothing. MABN's training step gives first derivatives only (the paper's backward is not the
+derivative of a function); memorized BN, CBN and every eval-mode call go through the generated
+Functions, which have second derivatives too.
 """
 
 from __future__ import annotations
@@ -321,9 +323,12 @@ class MemorizedBatchNorm(_WindowNorm):
       fills, the first ones are used, rescaled to sum to 1. ``variance``: as the function.
     - ``momentum``: of the running statistics, updated with the memorized statistics (the function's
       rule; ``None``: cumulative average).
-    - Double-Forward (the paper's scheme): after the optimizer step, run the same batch forward
-      again inside :func:`double_forward`; the layer then replaces the newest memorized statistics by
-      those of this second pass (computed with the updated weights) and changes nothing else.
+    - Double-Forward (the paper's scheme, as its abstract describes it: the statistics of a batch
+      are taken again after the update, against the distribution shift the update causes): after the
+      optimizer step, run the same batch forward again inside :func:`double_forward`; the layer then
+      replaces the newest memorized statistics by those of this second pass (computed with the
+      updated weights) and changes nothing else (normref's reading: the paper's equations were not
+      available, see :func:`normref.memorized_batch_norm`).
 
     Buffers also ``running_mean``, ``running_var`` (unbiased), ``num_batches_tracked``. Eval: batch
     norm with the running statistics; ``track_running_stats=False``: the memorized statistics in eval
@@ -356,7 +361,7 @@ class MemorizedBatchNorm(_WindowNorm):
         self._setup(num_features, affine, track_running_stats, options, factory)
         self.memory = memory
         self.register_buffer("past_means", torch.zeros(memory - 1, num_features, **factory))
-        self.register_buffer("past_vars", torch.ones(memory - 1, num_features, **factory))
+        self.register_buffer("past_vars", torch.zeros(memory - 1, num_features, **factory))
         self._again = False
 
     def _window_buffers(self) -> tuple:
@@ -468,9 +473,10 @@ class CrossIterationBatchNorm(_WindowNorm):
     ``forward(input, layer=None, layer_input=None)``:
 
     - ``buffer_num``: past iterations used (the authors' name; k = buffer_num + 1 with the current).
-    - ``burnin``: while the iteration t ≤ burnin, plain batch norm (the authors' two-stage burn-in);
-      afterwards the window of the last min(seen, buffer_num) iterations. The statistics are pushed
-      into the window at every training iteration, burn-in included.
+    - ``burnin``: while the iteration t ≤ burnin, plain batch norm and nothing stored (the authors'
+      two-stage burn-in, ``two_stage=True``); afterwards each training iteration stores its
+      statistics and uses those of the last min(stored, buffer_num) iterations, as the authors'
+      ``CBatchNorm2d`` does (its lists fill from the first iteration after the burn-in).
     - Compensation: pass ``layer`` (the ``nn.Conv2d`` with groups = 1 and zero padding, or the
       ``nn.Linear``, whose output ``input`` is) and ``layer_input`` (its input); the layer then
       stores ∂μ/∂θ, ∂ν/∂θ (:func:`normref.cross_iteration_statistic_grads`) and θ with each iteration's
@@ -556,8 +562,9 @@ class CrossIterationBatchNorm(_WindowNorm):
             return function(self._method)(input, self.running_mean, self.running_var, weight, bias, training=False,
                                           eps=self.eps)
         t = self._step() if self.training else int(self.num_batches_tracked)
-        seen = int(self.num_batches_tracked)
-        w = min(seen, self.buffer_num) if t >= self.burnin else 0
+        cbn = t > self.burnin  # after the burn-in (the authors' two-stage schedule)
+        # the window fills from the first iteration after the burn-in on (pushes happen in CBN steps only)
+        w = min(max(0, int(self.num_batches_tracked) - self.burnin), self.buffer_num) if cbn else 0
         args: dict = {}
         if w:
             args.update(past_means=self.past_means[:w].clone(), past_sq_means=self.past_sq_means[:w].clone())
@@ -575,9 +582,10 @@ class CrossIterationBatchNorm(_WindowNorm):
                 if update:
                     self.running_mean.copy_(out.running_mean)
                     self.running_var.copy_(out.running_var)
-                _push(self.past_means, out.mean)
-                _push(self.past_sq_means, out.sq_mean)
-                if self.weight_shape is not None and self.buffer_num:
+                if cbn:
+                    _push(self.past_means, out.mean)
+                    _push(self.past_sq_means, out.sq_mean)
+                if cbn and self.weight_shape is not None and self.buffer_num:
                     if compensate:
                         dmu, dnu = _statistic_grads(layer, layer_input, input)
                         _push(self.past_mean_grads, dmu)
