@@ -40,7 +40,8 @@ from .population import PopulationStatistics, population_statistics
 from .inference import eval_norm, recalibrate
 from . import population_normalization
 from .population_normalization import (BLENDED_PRESETS, ProngReparameterization, blended_batch_norm,
-                                       population_norm, prong_reparameterize, prong_whitening)
+                                       momentum_bn_momentum, population_norm, prong_reparameterize,
+                                       prong_whitening)
 from .folding import FOLDABLE, FoldedLayer, NormAffine, fold, inference_affine
 from .combination import *  # noqa: F401,F403
 from .local import *  # noqa: F401,F403
@@ -50,6 +51,8 @@ from .whitening import *  # noqa: F401,F403
 from . import cross_iteration
 from .cross_iteration import *  # noqa: F401,F403
 from . import online
+from . import orthogonal
+from .orthogonal import *  # noqa: F401,F403
 from .online import (OnlineNormGrad, OnlineNormResult, PowerNormGrad, PowerNormResult, online_norm,
                      online_norm_backward, power_norm, power_norm_backward)
 
@@ -107,4 +110,5 @@ __all__ = [
     *gradient.__all__,
     *cross_iteration.__all__,
     *online.__all__,
+    *orthogonal.__all__,
 ]

@@ -35,6 +35,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from ._validate import check_bool, check_choice, check_momentum, check_ndim, check_nonnegative, check_nonnegative_values, check_positive
+from ._results import result_tuple
 from ._xp import Array, compute_dtype, namespace, to_compute, to_numpy
 from .registry import Example, Invariant, Residuals, method
 from .standardization import _check_channels, _ema, _eps, _out, _shapes
@@ -52,6 +53,7 @@ __all__ = [
 ]
 
 
+@result_tuple
 class MABNResult(NamedTuple):
     """Output of a training-mode :func:`moving_average_batch_norm` call and its state out.
 
@@ -70,6 +72,7 @@ class MABNResult(NamedTuple):
     running_mean_square: Any
 
 
+@result_tuple
 class MemorizedResult(NamedTuple):
     """Output of a training-mode :func:`memorized_batch_norm` call and its state out.
 
@@ -94,6 +97,7 @@ class MemorizedResult(NamedTuple):
     running_var: Any
 
 
+@result_tuple
 class CBNResult(NamedTuple):
     """Output of a training-mode :func:`cross_iteration_batch_norm` call and its state out.
 

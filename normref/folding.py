@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from ._validate import check_bool, check_choice, check_int, check_nonnegative, check_p, check_positive, concrete_any
+from ._results import result_tuple
 from ._xp import Array, _device_or_none, compute_dtype, namespace, prod, to_compute
 
 __all__ = ["NormAffine", "FoldedLayer", "inference_affine", "fold", "FOLDABLE"]
@@ -60,6 +61,7 @@ _WHITENING = ("batch_whitening", "decorrelated_batch_norm", "iter_norm", "whiten
 FOLDABLE = tuple(sorted(_PER_CHANNEL)) + _WHITENING
 
 
+@result_tuple
 class NormAffine(NamedTuple):
     """A normalization at inference as y_g = A_g·x_g + c_g on groups of d consecutive channels.
 
@@ -71,6 +73,7 @@ class NormAffine(NamedTuple):
     shift: Array
 
 
+@result_tuple
 class FoldedLayer(NamedTuple):
     """The folded layer's ``weight`` (the original layer's shape) and ``bias`` (its output channels)."""
 

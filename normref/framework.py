@@ -19,6 +19,7 @@ from . import operation as _op
 from . import partition as _part
 from ._validate import (check_bool, check_choice, check_eps_representable, check_int, check_nonnegative,
                         check_p, check_positive)
+from ._results import result_tuple
 from ._xp import Array, compute_dtype, namespace, to_compute
 from .recovery import affine_backward, affine_forward
 from .distributed import check_reducer
@@ -401,6 +402,7 @@ def _normalize_backward(res: Residuals, g):
 # Running statistics on the batch-type partitions (survey Eqn 18, §5.1.3 inference; issue 14 §2)
 
 
+@result_tuple
 class RunningResult(NamedTuple):
     """Output and running statistics of :func:`batch_normalize` after a training-mode call.
 
@@ -652,11 +654,11 @@ def batch_normalize(
     if not training:
         need = {"standardizing": ("running_mean", "running_var"), "centering": ("running_mean",),
                 "scaling": ("running_mean_square",)}[operation]
-        given = {"running_mean": running_mean, "running_var": running_var, "running_mean_square": running_mean_square}
-        missing = [k for k in need if given[k] is None]
-        if missing:
+        stats = {"running_mean": running_mean, "running_var": running_var, "running_mean_square": running_mean_square}
+        absent = [k for k in need if stats[k] is None]
+        if absent:
             raise ValueError(f"{fn}: operation={operation!r} at inference (training=False) needs "
-                             f"{' and '.join(need)} (the population statistics); got {missing[0]}=None")
+                             f"{' and '.join(need)} (the population statistics); got {absent[0]}=None")
     part = (_part.Partition("batch") if partition == "batch"
             else _part.Partition("batch_group", num_groups=num_groups, batch_groups=batch_groups))
     # at inference the statistics are per channel and each sample is normalized alone: the batch

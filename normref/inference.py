@@ -59,6 +59,7 @@ def recalibrate(
     method: "str | Method",
     batches: Iterable[Array],
     state: Mapping[str, Array],
+    /,
     *,
     estimator: str = "average",
     unbiased: bool = True,
@@ -108,8 +109,9 @@ def recalibrate(
         Only with ``estimator="pooled"`` (``ValueError`` otherwise).
     **arguments
         Every other argument of the method (``weight``, ``bias``, ``num_groups``, ``group_size``,
-        ``eps``, ``partition``, ...), as the layer calls it. ``momentum`` and ``num_batches_tracked``
-        are set here.
+        ``eps``, ``partition``, ``method`` of batch whitening, ...), as the layer calls it (``method``,
+        ``batches`` and ``state`` of recalibrate are positional-only, so a method's own ``method=``
+        option passes through). ``momentum`` and ``num_batches_tracked`` are set here.
 
     Returns
     -------
@@ -181,7 +183,7 @@ def recalibrate(
     fresh = [p for p in estimated if p in used]
     if not fresh:
         raise ValueError(f"{fn}: state holds none of the running statistics {m.name} estimates with these "
-                         f"arguments ({', '.join(p for p in names if p in used)}); got {', '.join(estimated)}")
+                         f"arguments ({', '.join(uses(m, arguments, names))}); got {', '.join(estimated)}")
     channels = _channels(state, estimated)
     fixed = {"momentum", "num_batches_tracked", "alpha_fwd", flag}
     bad = [k for k in arguments if k in fixed or k in state or k not in params or k == m.array_params[0]]

@@ -66,7 +66,9 @@ class OnlineNormResult(NamedTuple):
 
 @result_tuple
 class OnlineNormGrad(NamedTuple):
-    """:func:`online_norm_backward`: the gradients and the control process's accumulators after it."""
+    """:func:`online_norm_backward`: the gradients and the control process's accumulators after it.
+
+    ``(grad_input, grad_weight, grad_bias, error_mean, error_proj)``."""
 
     grad_input: Any
     grad_weight: Any
@@ -85,7 +87,9 @@ class PowerNormResult(NamedTuple):
 
 @result_tuple
 class PowerNormGrad(NamedTuple):
-    """:func:`power_norm_backward`: the gradients and the running gradient statistic ν after it."""
+    """:func:`power_norm_backward`: the gradients and the running gradient statistic ν after it.
+
+    ``(grad_input, grad_weight, grad_bias, grad_correlation)``."""
 
     grad_input: Any
     grad_weight: Any

@@ -66,6 +66,7 @@ __all__ = [
     "prong_whitening",
     "prong_reparameterize",
     "blended_batch_norm",
+    "momentum_bn_momentum",
     "ProngReparameterization",
     "BLENDED_PRESETS",
 ]
@@ -608,7 +609,8 @@ def prong_reparameterize(
 class BlendedStandardizing(_op.Operation):
     """x̂ = (x − μ)·s with μ = (1 − α)·μ_run + α·μ_B, σ² = (1 − α)·σ²_run + κ·σ²_B, s = (σ² + ε)^-½.
 
-    σ²_B is the biased batch variance and κ = α·m/(m − 1) (so that the blend is of the unbiased one).
+    σ²_B is the biased batch variance and κ = α·m/(m − 1) (so that the blend is of the unbiased one), or
+    κ = α (``unbiased=False``: the blend of the biased one).
     Backward, exact with μ_run, σ²_run constant (∂μ/∂x_i = α/m, ∂σ²/∂x_i = 2κ(x_i − μ_B)/m):
 
         dx = s·(g − α·mean(g) − κ·(x̂ − s·(μ_B − μ))·mean(g·x̂)),
@@ -640,8 +642,54 @@ class BlendedStandardizing(_op.Operation):
         return s * (g - self.alpha * m1 - self.kappa * (xhat - s * (mu_b - mu)) * m2)
 
 
-def _blend_factor(fn: str, preset: str, momentum, decay: float, num_batches_tracked) -> float:
+def momentum_bn_momentum(epoch: int, total_epochs: int, batch_size: int, ideal_batch_size: int = 32) -> float:
+    """Momentum BN's dynamic momentum λ^(t) (Yong et al., ECCV 2020, Sec. 4.2): the weight of the history.
+
+    .. math::
+
+        \\lambda^{(t)} = \\rho^{\\frac{T}{T-1}\\max(T-t,\\,0)} - \\rho^{T},\\qquad
+        \\rho = \\min\\!\\left(\\tfrac{m}{m_0},\\,1\\right)^{1/T},
+
+    t = ``epoch`` (1-based, constant within an epoch), T = ``total_epochs``, m = ``batch_size``,
+    m₀ = ``ideal_batch_size`` (32 in the paper). λ^(1) = 0 (plain BN at the start) and λ^(t) = 1 − m/m₀ for
+    t ≥ T (the noise of the ideal batch size at the end); m ≥ m₀ gives λ = 0 throughout. The batch share
+    of :func:`blended_batch_norm` is α = 1 − λ. T = 1 gives the end value 1 − ρ^T.
+
+    Parameters
+    ----------
+    epoch, total_epochs : int
+        t ≥ 1 and T ≥ 1.
+    batch_size : int
+        m ≥ 1.
+    ideal_batch_size : int, default 32
+        m₀ ≥ 1.
+
+    Returns
+    -------
+    lam : float
+        λ^(t) in [0, 1).
+
+    References
+    ----------
+    H. Yong, J. Huang, D. Meng, X. Hua, L. Zhang, "Momentum Batch Normalization for Deep Learning with
+    Small Batch Size", ECCV 2020 (Sec. 4.2, the dynamic momentum parameter).
+    """
+    fn = "momentum_bn_momentum"
+    t = check_int(fn, "epoch", epoch)
+    big_t = check_int(fn, "total_epochs", total_epochs)
+    m = check_int(fn, "batch_size", batch_size)
+    m0 = check_int(fn, "ideal_batch_size", ideal_batch_size)
+    rho = min(m / m0, 1.0) ** (1.0 / big_t)
+    if big_t == 1 or t >= big_t:  # the exponent T/(T−1)·max(T − t, 0) is 0
+        return 1.0 - rho ** big_t
+    # max(0, ·): at t = 1 the exponent is T in exact arithmetic; its rounding must not make λ < 0 (α > 1)
+    return max(0.0, rho ** (big_t / (big_t - 1) * (big_t - t)) - rho ** big_t)
+
+
+def _blend_factor(fn: str, preset: str, momentum, decay: float, num_batches_tracked, mbn=None) -> float:
     """α of this step: the preset's schedule (see :func:`blended_batch_norm`)."""
+    if mbn is not None:  # momentum BN's dynamic momentum: α = 1 − λ^(t)
+        return 1.0 - momentum_bn_momentum(*mbn)
     if preset == "diminishing":
         if num_batches_tracked is None:
             raise ValueError(f"{fn}: preset='diminishing' needs num_batches_tracked (α_k = (k + 1)^-decay); "
@@ -691,6 +739,10 @@ def blended_batch_norm(
     preset: str = "dinh",
     decay: float = 1.0,
     num_batches_tracked: int | None = None,
+    epoch: int | None = None,
+    total_epochs: int | None = None,
+    ideal_batch_size: int = 32,
+    unbiased: bool = True,
 ) -> Array | NormResult:
     """Batch normalization by blended population and mini-batch statistics, backward through the batch share.
 
@@ -723,15 +775,28 @@ def blended_batch_norm(
         ε added to the blended variance, inside the square root.
     preset : {"dinh", "diminishing", "momentum"}, default "dinh"
         The schedule of α: ``"dinh"`` (Real NVP: α = ``momentum``, Dinh et al. used ρ = 1 − α);
-        ``"momentum"`` (momentum BN: λ = 1 − ``momentum`` is the paper's momentum; its dynamic λ_t is
-        the caller's per-step argument, this call being pure); ``"diminishing"`` (diminishing BN:
-        α_k = (k + 1)^-``decay``, k = ``num_batches_tracked``; α_0 = 1 starts from the batch statistics;
-        Σα_k = ∞ and Σα_k² < ∞ for ½ < decay ≤ 1, decay = 1 being the running mean of every batch's
-        statistics).
+        ``"momentum"`` (momentum BN: the paper's momentum λ weights the history, α = 1 − λ; with
+        ``total_epochs`` given, λ is the paper's dynamic momentum λ^(t) of :func:`momentum_bn_momentum`
+        at t = ``epoch``, m = N = ``input.shape[0]``, m₀ = ``ideal_batch_size``; without it, α =
+        ``momentum``, a fixed or caller-scheduled share); ``"diminishing"`` (diminishing BN, Ma & Klabjan's
+        Algorithm 1: α^(m) = 1/m^h with m = k + 1 = ``num_batches_tracked`` + 1 and h = ``decay``;
+        α^(1) = 1 starts from the batch statistics; h = 1 is the running mean of every batch's statistics;
+        the paper's Algorithm 1 forms λ^(m+1) with α^(m+1) from an initialized λ^(1), so its first update
+        has α = 2^-h: pass ``num_batches_tracked`` = m, one more, to follow that indexing).
     decay : float, default 1.0
-        η of the diminishing schedule, in (0, 1].
+        h of the diminishing schedule, a finite number > 0. The paper's experiments use h = 1 and h = 2
+        (α = 1/m, 1/m²); its convergence analysis needs Σα^(m) < ∞, i.e. h > 1 for the statistics to
+        converge (Theorem 7) and h > 2 for the stationarity result (Lemma 8, Theorem 11; e.g. h = 2.001).
     num_batches_tracked : int or None, default None
         k, the training steps before this one.
+    epoch, total_epochs : int or None, default None
+        Momentum BN's t (1-based epoch) and T; both or neither; only with ``preset="momentum"`` (then
+        ``momentum`` is not used).
+    ideal_batch_size : int, default 32
+        m₀ of momentum BN's dynamic momentum (the paper's value).
+    unbiased : bool, default True
+        Blend the unbiased batch variance m/(m − 1)·σ²_B (so the state is torch's ``running_var``);
+        ``False``: the biased σ²_B, as Dinh et al. and Yong et al. write it.
 
     Returns
     -------
@@ -749,6 +814,18 @@ def blended_batch_norm(
     the variances blended are unbiased (so the returned state is torch's ``running_var``); at α = 1
     the normalization uses the unbiased batch variance (batch_norm the biased one). The backward is
     exact (no stop-gradient), so no ``fd_target``.
+
+    What the papers define and normref does not: diminishing BN (Ma & Klabjan, Algorithm 1) blends the
+    mini-batch *standard deviation* σ_B = (mean((x − μ_B)²))^½, not the variance, and normalizes by
+    (x − μ)/(σ + ε) (ε outside the root); normref blends variances with ε inside the root. The two blends agree
+    to first order in σ_B − σ_run: their squares differ by exactly α(1 − α)(σ_B − σ_run)² (ε aside), so
+    the scale differs by ≈ α(1 − α)(σ_B − σ_run)²/(2σ). Momentum BN normalizes at
+    inference by separate statistics μ_inf, σ²_inf, a running average of the batch statistics with
+    τ = τ₀^(m/m₀) (τ₀ = 0.9), not by the blend; to follow it, keep that average with
+    :func:`normref.batch_norm`'s update and pass it at inference. Diminishing BN's analysis takes the
+    gradient with respect to the weights with its statistics λ held fixed (its Eqn 2; Algorithm 1 is the
+    full-batch form, λ^(m) computed before the step); the backward here is the survey's reading (§5.3.1:
+    back-propagation through the current batch's share), the same for all three presets.
 
     References
     ----------
@@ -768,15 +845,27 @@ def blended_batch_norm(
     momentum = check_momentum(fn, momentum)
     training = check_bool(fn, "training", training)
     preset = check_choice(fn, "preset", preset, BLENDED_PRESETS)
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < float(decay) <= 1.0:
-        raise ValueError(f"{fn}: decay must be a number in (0, 1]; got {decay!r}")
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < float(decay) < math.inf:
+        raise ValueError(f"{fn}: decay must be a finite number > 0; got {decay!r}")
     decay = float(decay)
     _check_nbt(fn, num_batches_tracked)
+    unbiased = check_bool(fn, "unbiased", unbiased)
+    ideal_batch_size = check_int(fn, "ideal_batch_size", ideal_batch_size)
+    mbn = None
+    if (epoch is None) != (total_epochs is None):
+        raise ValueError(f"{fn}: epoch and total_epochs go together (momentum BN's dynamic momentum); got "
+                         f"epoch={epoch!r}, total_epochs={total_epochs!r}")
+    if epoch is not None:
+        if preset != "momentum":
+            raise ValueError(f"{fn}: epoch/total_epochs (the dynamic momentum) need preset='momentum'; got "
+                             f"preset={preset!r}")
+        mbn = (check_int(fn, "epoch", epoch), check_int(fn, "total_epochs", total_epochs), int(input.shape[0]),
+               ideal_batch_size)
     check_nonnegative_values(fn, "running_var", xp, running_var)
     shape, part = tuple(input.shape), Partition("batch")
     if training:
         _check_training_count(fn, part, shape)
-        alpha = _blend_factor(fn, preset, momentum, decay, num_batches_tracked)
+        alpha = _blend_factor(fn, preset, momentum, decay, num_batches_tracked, mbn)
     if _is_empty(shape):
         return _empty_call(xp, input, (input, running_mean, running_var, weight, bias), None,
                            NormResult if training else None, (running_mean, running_var))
@@ -790,7 +879,8 @@ def blended_batch_norm(
     op: _op.Operation
     if training:
         n = part.count(shape)
-        op = BlendedStandardizing(eps=eps, alpha=float(alpha), kappa=float(alpha) * n / (n - 1))
+        op = BlendedStandardizing(eps=eps, alpha=float(alpha),
+                                  kappa=float(alpha) * (n / (n - 1) if unbiased else 1.0))
         y, op_res, st = run_forward(xp, x, part, op, gamma, beta, running_mean=rm, running_var=rv)
     else:
         op = _op.PopulationStandardizing(eps)

@@ -1079,7 +1079,7 @@ batch_group_norm.defbackward(_backward_for("x", "w", "b", None, None))
 def _bgn_running(fn, input, part, weight, bias, eps, sync, running_mean, running_var, training, momentum, nbt):
     """batch_group_norm with running statistics (training update or inference): the framework's
     :func:`normref.framework.running_call` on the batch-group partition, standardizing, affine."""
-    from .framework import running_call
+    from .framework import RunningResult, running_call
 
     xp = namespace(fn, input=input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
@@ -1104,7 +1104,7 @@ def _bgn_running(fn, input, part, weight, bias, eps, sync, running_mean, running
     out, res = running_call(fn, xp, input, part, "standardizing", "affine", weight, bias, training, f, eps,
                             running_mean, running_var, None, sync=sync)
     # as batch_norm: NormResult(output, running_mean, running_var) (no mean square field)
-    return (NormResult(out.output, out.running_mean, out.running_var) if isinstance(out, tuple) else out), res
+    return (NormResult(out.output, out.running_mean, out.running_var) if isinstance(out, RunningResult) else out), res
 
 
 # --------------------------------------------------------------------------------------------------

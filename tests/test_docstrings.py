@@ -257,6 +257,8 @@ def _backend_targets() -> dict:
 
     out = {}
     for modname in ("normref.backends.torch.modules", "normref.backends.torch.parametrize",
+                    "normref.backends.torch.cross_iteration", "normref.backends.torch.online",
+                    "normref.backends.torch.folding", "normref.backends.torch.inference",
                     "normref.backends.torch", "normref.backends.jax", "normref.backends.distributed.torch",
                     "normref.backends.distributed.jax", "normref.backends.distributed.mpi", "normref.distributed"):
         try:

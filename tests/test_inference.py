@@ -345,3 +345,267 @@ def test_every_stateful_method(name):
             ref["running_cov"] = np.stack([np.cov(flat[i:i + gs]) for i in range(0, flat.shape[0], gs)])
         for p in pooled:  # the same state as the average estimator: batch_normalize's kept state as given
             assert np.array_equal(pooled[p], state[p]) if p in kept else rel_err(pooled[p], ref[p]) < TOL64, (name, p)
+
+
+# --------------------------------------------------------------------------------------------------
+# review fixes: keyword calls, per-module modes, every layer class, the same state for both
+# estimators, batches checked as they come, the biased pooled variance, EvalNorm with floats
+
+
+def _torch():
+    torch = pytest.importorskip("torch")
+    from normref.backends import torch as nt
+
+    return torch, nt
+
+
+def test_torch_recalibrate_keyword_call_and_modes(rng):
+    """A layer called by keyword (``self.bn(input=x)``) is recalibrated (the pre-hook used to read
+    args[0]: IndexError), and every module keeps its own training flag (``model.train(flag)`` used to
+    reset a Dropout left in eval to train)."""
+    torch, nt = _torch()
+    from torch import nn
+
+    class K(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.drop, self.sn = nn.BatchNorm2d(4).double(), nn.Dropout(0.5), nt.BatchRenorm2d(4).double()
+
+        def forward(self, x):
+            return self.sn(input=self.drop(self.bn(input=x)))
+
+    model = K()
+    model.train()
+    model.drop.eval()  # a submodule in another mode than the root
+    data = [torch.tensor(rng.standard_normal((5, 4, 3, 3)) * 2 + 1) for _ in range(3)]
+    nt.recalibrate(model, data)
+    flat = [x.numpy().transpose(1, 0, 2, 3).reshape(4, -1) for x in data]
+    assert rel_err(model.bn.running_mean, np.mean([f.mean(axis=1) for f in flat], axis=0)) < TOL64
+    assert rel_err(model.bn.running_var, np.mean([f.var(axis=1, ddof=1) for f in flat], axis=0)) < TOL64
+    assert int(model.sn.num_batches_tracked) == 3  # the keyword-called StatefulNorm was recalibrated too
+    assert model.training and model.bn.training and not model.drop.training and model.sn.training
+    model.eval()
+    model.bn.train()
+    nt.recalibrate(model, data)
+    assert not model.training and model.bn.training and not model.drop.training and not model.sn.training
+
+
+def _layer_classes():
+    from torch import nn
+
+    from normref.backends.torch import cross_iteration, modules, online
+
+    out = []
+    for mod in (modules, online, cross_iteration):
+        for n in mod.__all__:
+            c = getattr(mod, n)
+            if isinstance(c, type) and issubclass(c, nn.Module):
+                out.append(n)
+    return out
+
+
+def _make_layer(nt, name):
+    """(layer, input shape) for a layer class of normref.backends.torch, float64, 4 channels."""
+    import torch
+
+    d = {"dtype": torch.float64}
+    rank = {"1d": (6, 4, 5), "3d": (6, 4, 2, 2, 2)}.get(name[-2:], (6, 4, 3, 3))
+    special = {
+        "StatefulNorm": lambda: nt.StatefulNorm("batch_norm", 4, **d),
+        "Norm": lambda: nt.Norm("batch_norm"),  # stateless: the caller keeps any state
+        "CentralizedConv2d": lambda: nt.CentralizedConv2d(4, 4, 1, **d),
+        "Centralize": lambda: nt.Centralize(),
+        "CBNConv2d": lambda: nt.CBNConv2d(4, 4, 1, buffer_num=2, **d),
+        "CBNLinear": lambda: nt.CBNLinear(4, 4, buffer_num=2, **d),
+        "LayerNorm": lambda: nt.LayerNorm(rank[-1], **d),
+        "MemorizedBatchNorm": lambda: getattr(nt, name)(4, memory=3, memory_weights=(0.5, 0.3, 0.2), **d),
+        "MovingAverageBatchNorm": lambda: getattr(nt, name)(4, buffer_size=2, warmup_iters=0, **d),
+    }
+    key = name if name in special else name.rstrip("123d") if name.rstrip("123d") in special else None
+    if key is not None:
+        return special[key](), rank if name != "CBNLinear" else (6, 4)
+    kw = {"num_groups": 2} if name.startswith("BatchGroupNorm") else {}
+    if name.startswith("GroupNorm"):
+        return nt.GroupNorm(2, 4, **d), rank
+    if name.startswith("LocalResponseNorm"):
+        return nt.LocalResponseNorm(2), rank
+    if name.startswith("InstanceNorm"):
+        kw["track_running_stats"] = True
+    return getattr(nt, name)(4, **kw, **d), rank
+
+
+@pytest.mark.parametrize("name", _layer_classes())
+def test_torch_recalibrate_every_layer_class(name):
+    """Every layer class of normref.backends.torch with population statistics (non-None ``running_*``
+    buffers) is recalibrated — each of those buffers replaced by ``normref.recalibrate`` of the layer's
+    own inputs (the statistics its method normalizes with), its other buffers (windows, backward
+    state) kept — or refused with a reason, before any work; never silently skipped."""
+    torch, nt = _torch()
+    from torch import nn
+
+    from normref.backends.torch.inference import _spec
+
+    try:
+        layer, shape = _make_layer(nt, name)
+    except TypeError as e:  # an unforeseen constructor: the test must be told how to build it
+        pytest.fail(f"{name}: cannot build it here ({e}); add it to _make_layer")
+    model = nn.Sequential(layer)
+    subs = [(n, m) for n, m in model.named_modules()]
+    specs = {n: _spec(m) for n, m in subs}
+    running = {n: [p for p, b in m.named_buffers(recurse=False) if b is not None and p.startswith("running_")]
+               for n, m in subs}
+    refused = [n for n in specs if isinstance(specs[n], str)]
+    if not refused and all(specs[n] is None for n, _ in subs):
+        assert not any(running.values()), f"{name}: {running} but recalibrate skips it"
+        return
+    rng = np.random.default_rng(5)
+    data = [torch.tensor(rng.standard_normal(shape) * (1.0 + 0.4 * i) + 0.3 * i) for i in range(3)]
+    model.train()
+    with torch.no_grad():  # a little training, so every state is away from where recalibration puts it
+        for x in data:
+            model(x * 2.0 - 1.0)
+    specs = {n: _spec(m) for n, m in subs}  # the same, with the trained options
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    if refused:
+        with pytest.raises(TypeError, match=r"recalibrate: layer .* cannot be recalibrated from batches: .*stream"):
+            nt.recalibrate(model, data)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        return
+    for n, _ in subs:  # a layer without a spec keeps no population statistics
+        if specs[n] is None:
+            assert not running[n], f"{name}: {n} has {running[n]} but recalibrate skips it"
+    targets = [(n, m) for n, m in subs if specs[n] is not None]
+    inputs: dict = {}
+    probe = copy.deepcopy(model).train()
+    pmods = dict(probe.named_modules())
+    hooks = [pmods[n].register_forward_pre_hook(lambda m, a, n=n: inputs.setdefault(n, []).append(a[0].detach().numpy()))
+             for n, _ in targets]
+    with torch.no_grad():
+        for x in data:
+            probe(x)
+    for h in hooks:
+        h.remove()
+    nt.recalibrate(model, data)
+    after = model.state_dict()
+    for n, m in targets:
+        method, state, others, _ = specs[n]
+        from normref.inference import uses
+
+        used = uses(method, others, state)
+        st = {p: before[f"{n}.{p}" if n else p].numpy() for p in state}
+        args = {k: (v.detach().numpy() if isinstance(v, torch.Tensor) else v) for k, v in others.items()}
+        ref = normref.recalibrate(method, inputs[n], st, **args)
+        prefix = f"{n}." if n else ""
+        for p, b in m.named_buffers(recurse=False):
+            if b is None:
+                continue
+            if p in used:
+                assert not torch.equal(b, before[prefix + p]), (name, p)
+                assert rel_err(b, ref[p]) < TOL64, (name, p)
+            elif p != "num_batches_tracked":
+                assert torch.equal(after[prefix + p], before[prefix + p]), (name, p)  # windows, backward state
+
+
+def test_torch_recalibrate_power_norm_and_windows(rng):
+    """Independent references for the layers added by issue 14: PowerNorm's and MABN's running mean
+    square is the mean over batches of E[x²]; memorized BN (with memory weights) gets the mean of the
+    batch means and unbiased variances; their windows, backward state and (windowed layers) iteration
+    counters are kept. Before the fix PowerNorm was silently skipped and memorized BN with memory
+    weights raised inside the method."""
+    torch, nt = _torch()
+    from torch import nn
+
+    data = [torch.tensor(rng.standard_normal((5, 4, 3, 3)) * (1 + 0.5 * i) + i) for i in range(3)]
+    flat = [x.numpy().transpose(1, 0, 2, 3).reshape(4, -1) for x in data]
+    ms = np.mean([(f * f).mean(axis=1) for f in flat], axis=0)
+    for layer in (nt.PowerNorm(4, dtype=torch.float64),
+                  nt.MovingAverageBatchNorm2d(4, buffer_size=2, warmup_iters=0, dtype=torch.float64)):
+        model = nn.Sequential(layer).train()
+        x = data[0].clone().requires_grad_(True)
+        model(x).sum().backward()  # one training step: the backward state moves too
+        keep = {k: v.clone() for k, v in layer.state_dict().items() if k != "running_mean_square"}
+        nt.recalibrate(model, data)
+        assert rel_err(layer.running_mean_square, ms) < TOL64, type(layer).__name__
+        assert all(torch.equal(v, layer.state_dict()[k]) for k, v in keep.items()), type(layer).__name__
+    layer = nt.MemorizedBatchNorm2d(4, memory=3, memory_weights=(0.5, 0.3, 0.2), dtype=torch.float64)
+    model = nn.Sequential(layer).train()
+    with torch.no_grad():
+        for x in data:
+            model(x * 3.0)
+    nbt = int(layer.num_batches_tracked)
+    nt.recalibrate(model, data)
+    assert rel_err(layer.running_mean, np.mean([f.mean(axis=1) for f in flat], axis=0)) < TOL64
+    assert rel_err(layer.running_var, np.mean([f.var(axis=1, ddof=1) for f in flat], axis=0)) < TOL64
+    assert int(layer.num_batches_tracked) == nbt  # the window schedule's counter is the layer's own
+    with pytest.raises(TypeError, match=r"layer '0' \(OnlineNorm\): online_norm cannot be recalibrated"):
+        nt.recalibrate(nn.Sequential(nt.OnlineNorm(4)), [torch.randn(3, 4, 2)])
+
+
+def test_both_estimators_touch_the_same_state(rng):
+    """batch_normalize(operation="centering") keeps only running_mean, "scaling" only
+    running_mean_square: "pooled" used to re-estimate the others, which "average" returns as given."""
+    bs = _batches(rng, k=3)
+    allx = np.concatenate(bs).transpose(1, 0, 2, 3).reshape(6, -1)
+    state = {"running_mean": np.full(6, 5.0), "running_var": np.full(6, 3.0), "running_mean_square": np.full(6, 2.0)}
+    for op, fresh in (("centering", "running_mean"), ("scaling", "running_mean_square")):
+        for est in ("average", "pooled"):
+            out = normref.recalibrate("batch_normalize", bs, state, operation=op, estimator=est)
+            for p in state:
+                if p != fresh:
+                    assert np.array_equal(out[p], state[p]) and out[p] is not state[p], (op, est, p)
+        ref = allx.mean(axis=1) if op == "centering" else (allx * allx).mean(axis=1)
+        assert rel_err(out[fresh], ref) < TOL64  # pooled
+    with pytest.raises(ValueError, match=r"recalibrate: state holds none of the running statistics batch_normalize "
+                                         r"estimates with these arguments \(running_mean\)"):
+        normref.recalibrate("batch_normalize", bs, {"running_var": np.ones(6)}, operation="centering")
+
+
+def test_pooled_biased_variance_and_batch_checks(rng):
+    """unbiased=False: the biased pooled variance (÷ M), fvcore's precise BN; a bad batch is named by
+    recalibrate before any work on it, also after earlier batches were processed (a generator)."""
+    bs = _batches(rng, k=3, uneven=True)
+    allx = np.concatenate(bs).transpose(1, 0, 2, 3).reshape(6, -1)
+    state = {"running_mean": np.zeros(6), "running_var": np.ones(6)}
+    est = normref.recalibrate("batch_norm", bs, state, estimator="pooled", unbiased=False)
+    assert rel_err(est["running_var"], allx.var(axis=1)) < TOL64
+    assert rel_err(est["running_mean"], allx.mean(axis=1)) < TOL64
+    with pytest.raises(ValueError, match=r"unbiased=False .* applies to estimator='pooled'"):
+        normref.recalibrate("batch_norm", bs, state, unbiased=False)
+    seen = []
+
+    def stream(bad):
+        for i, b in enumerate(bs + [bad]):
+            seen.append(i)
+            yield b
+
+    for est in ("average", "pooled"):
+        seen.clear()
+        with pytest.raises(ValueError, match=r"^recalibrate: batches\[3\] has 5 channels .*; the state has 6"):
+            normref.recalibrate("batch_norm", stream(rng.standard_normal((4, 5, 3, 2))), state, estimator=est)
+        assert seen == [0, 1, 2, 3]
+        with pytest.raises(TypeError, match=r"^recalibrate: batches\[3\] must be an array"):
+            normref.recalibrate("batch_norm", stream([1.0]), state, estimator=est)
+    with pytest.raises(ValueError, match=r"^recalibrate: batches\[0\] must have shape \(N_k, C, \*spatial\)"):
+        normref.recalibrate("batch_norm", [np.ones(6)], state)
+
+
+def test_eval_norm_python_floats(rng):
+    """α, β as Python floats (the 1/m rule) equal the 0-d arrays; out of [0, 1] or bool refused."""
+    x = rng.standard_normal((3, 4, 5))
+    P, V = rng.standard_normal(4), rng.uniform(0.5, 2.0, 4)
+    m = 4
+    got = normref.eval_norm(x, P, V, 1.0 / m, 1.0 / m)
+    ref = normref.eval_norm(x, P, V, np.asarray(1.0 / m), np.asarray(1.0 / m))
+    assert np.array_equal(got, ref) and got.dtype == x.dtype
+    # against the formula written out (mixture term included)
+    mu, v = x.mean(axis=2, keepdims=True), x.var(axis=2, keepdims=True)
+    a = 1.0 / m
+    mh, vh = a * mu + (1 - a) * P[:, None], a * v + (1 - a) * V[:, None] + a * (1 - a) * (mu - P[:, None]) ** 2
+    assert rel_err(got, (x - mh) / np.sqrt(vh + 1e-5)) < TOL64
+    x32 = x.astype(np.float32)
+    assert normref.eval_norm(x32, P.astype(np.float32), V.astype(np.float32), 0.25, np.asarray(0.5, np.float32)).dtype \
+        == np.float32
+    for bad, exc, msg in ((1.5, ValueError, r"alpha must lie in \[0, 1\]"), (float("nan"), ValueError, r"alpha must lie in \[0, 1\]"),
+                          (True, TypeError, r"alpha must be an array or a Python float")):
+        with pytest.raises(exc, match=rf"^eval_norm: {msg}"):
+            normref.eval_norm(x, P, V, bad, 0.5)

@@ -66,16 +66,23 @@ def ref_population_norm(x, rm, rv, w, b, f, eps, centering, use_updated=True):
     return y, nrm, nrv, _bc(gw * scale, x)
 
 
-def ref_blended(x, rm, rv, alpha, eps):
+def ref_blended(x, rm, rv, alpha, eps, unbiased=True):
     """Dinh et al. / diminishing BN / momentum BN forward: μ = (1−α)μ_run + αμ_B, σ² = (1−α)σ²_run +
-    α·σ²_B(unbiased); x̂ = (x − μ)/√(σ² + ε)."""
+    α·σ²_B (unbiased, or biased as Dinh et al. and Yong et al. write it); x̂ = (x − μ)/√(σ² + ε)."""
     mu_b, var_b, m = _batch_moments(x)
     mu = (1 - alpha) * rm + alpha * mu_b
-    var = (1 - alpha) * rv + alpha * var_b * m / (m - 1)
+    var = (1 - alpha) * rv + alpha * var_b * (m / (m - 1) if unbiased else 1.0)
     return (x - _bc(mu, x)) / np.sqrt(_bc(var, x) + eps), mu, var
 
 
-def torch_blended_grads(x, rm, rv, w, b, alpha, eps, g):
+def paper_mbn_lambda(t, T, m, m0=32):
+    """Yong et al. (ECCV 2020) Sec. 4.2, the dynamic momentum: λ^(t) = ρ^(T/(T−1)·max(T−t, 0)) − ρ^T with
+    ρ = min(m/m0, 1)^(1/T); t the epoch (1-based), T the epochs, m the batch size, m0 = 32."""
+    rho = min(m / m0, 1.0) ** (1.0 / T)
+    return rho ** (T / (T - 1) * max(T - t, 0)) - rho ** T
+
+
+def torch_blended_grads(x, rm, rv, w, b, alpha, eps, g, unbiased=True):
     """Gradients of ⟨g, y⟩ by torch autograd on the paper's formula with the old state detached (the
     backward through the batch share only), float64: (dx, dw, db)."""
     torch = pytest.importorskip("torch")
@@ -84,7 +91,7 @@ def torch_blended_grads(x, rm, rv, w, b, alpha, eps, g):
     dims = list(_axes(x))
     shape = (1, -1) + (1,) * (x.ndim - 2)
     mu = (1 - alpha) * t(rm) + alpha * xt.mean(dim=dims)
-    var = (1 - alpha) * t(rv) + alpha * xt.var(dim=dims, unbiased=True)
+    var = (1 - alpha) * t(rv) + alpha * xt.var(dim=dims, unbiased=unbiased)
     y = (xt - mu.reshape(shape)) / torch.sqrt(var.reshape(shape) + eps) * wt.reshape(shape) + bt.reshape(shape)
     grads = torch.autograd.grad(y, (xt, wt, bt), grad_outputs=t(g))
     return tuple(gr.numpy() for gr in grads)
@@ -139,18 +146,22 @@ def test_population_norm_every_library(backend, rng, centering):
     ("momentum", dict(momentum=0.75), 0.75),
     ("diminishing", dict(num_batches_tracked=4, decay=0.6), 5 ** -0.6),
     ("dinh", dict(momentum=None, num_batches_tracked=2), 1 / 3),
+    ("diminishing", dict(num_batches_tracked=3, decay=2.0), 1 / 16),  # Ma & Klabjan's α^(m) = 1/m², m = 4
+    # Yong et al.'s dynamic momentum at epoch 3 of 10, batch size N = 6, and the paper's biased σ²_B
+    ("momentum", dict(epoch=3, total_epochs=10, unbiased=False), 1 - paper_mbn_lambda(3, 10, 6)),
 ])
 def test_blended_every_library(backend, rng, preset, kw, alpha):
     a = On(backend)
     x, rm, rv, w, b = _case(rng)
     g = rng.standard_normal(x.shape)
     out, pull = normref.vjp(BB, a(x), a(rm), a(rv), a(w), a(b), True, eps=1e-5, preset=preset, **kw)
-    xh, mu, var = ref_blended(x, rm, rv, alpha, 1e-5)
+    unb = kw.get("unbiased", True)
+    xh, mu, var = ref_blended(x, rm, rv, alpha, 1e-5, unb)
     assert rel_err(a.np(out.output), xh * _bc(w, x) + _bc(b, x)) <= TOL64
     assert rel_err(a.np(out.running_mean), mu) <= TOL64 and rel_err(a.np(out.running_var), var) <= TOL64
     dx, drm, drv, dw, db = pull(a(g))
     assert drm is None and drv is None
-    ex, ew, eb = torch_blended_grads(x, rm, rv, w, b, alpha, 1e-5, g)
+    ex, ew, eb = torch_blended_grads(x, rm, rv, w, b, alpha, 1e-5, g, unb)
     for got, want in ((dx, ex), (dw, ew), (db, eb)):
         assert rel_err(a.np(got), want) <= TOL64
 
@@ -194,6 +205,7 @@ def _fd_cases(rng):
         yield BB, (x, rm, rv, w, b, True), dict(momentum=0.05)
         yield BB, (x, rm, rv, None, None, True), dict(preset="diminishing", num_batches_tracked=0)
         yield BB, (x, rm, rv, w, b, True), dict(preset="diminishing", num_batches_tracked=9, decay=0.55)
+        yield BB, (x, rm, rv, w, b, True), dict(preset="momentum", epoch=2, total_epochs=4, unbiased=False)
     x = rng.standard_normal((16, 4)) + 0.2
     x[:, 3] -= 0.5 * x[:, 2]
     a4 = rng.standard_normal((4, 4))
@@ -233,6 +245,19 @@ def test_blended_limits(rng):
     assert np.max(np.abs(mu)) <= TOL64
     s2 = bn.running_var
     assert rel_err(var * m / (m - 1), s2 / (s2 + 1e-5)) <= TOL64
+
+
+def test_momentum_bn_dynamic_momentum():
+    """λ^(t) against the paper's formula (paper_mbn_lambda, written here) and its stated end points: λ = 0 at
+    the first epoch (plain BN), λ = 1 − m/m0 from the last epoch on (the ideal batch size's noise), λ = 0 for
+    m ≥ m0, non-decreasing in between. Tolerance: a few roundings of pow near 1, TOL64 absolute."""
+    T, m = 200, 8
+    lams = [normref.momentum_bn_momentum(t, T, m) for t in range(1, T + 4)]
+    assert all(abs(lam - paper_mbn_lambda(t, T, m)) <= TOL64 for t, lam in zip(range(1, T + 4), lams))
+    assert 0.0 <= lams[0] <= TOL64 and all(abs(lam - (1 - m / 32)) <= TOL64 for lam in lams[T - 1:])
+    assert all(u <= v + TOL64 for u, v in zip(lams, lams[1:]))
+    assert all(normref.momentum_bn_momentum(t, 10, 32) == 0.0 for t in (1, 5, 12))
+    assert abs(normref.momentum_bn_momentum(1, 1, 8, ideal_batch_size=16) - 0.5) <= TOL64  # T = 1: the end value
 
 
 def test_population_norm_schedule_and_inference(rng):
@@ -320,8 +345,17 @@ NEG = -np.ones(3)
     (lambda: PN(X[:1], C3, training=True), ValueError, r"population_norm: expected more than 1 value per channel"),
     (lambda: PN(X, None), TypeError, r"population_norm.*running_mean"),
     (lambda: BB(X, C3, C3, preset="ghost"), ValueError, r"blended_batch_norm: preset must be one of 'dinh', 'diminishing', 'momentum'"),
-    (lambda: BB(X, C3, C3, decay=0.0), ValueError, r"blended_batch_norm: decay must be a number in \(0, 1\]"),
-    (lambda: BB(X, C3, C3, decay=True), ValueError, r"blended_batch_norm: decay must be a number"),
+    (lambda: BB(X, C3, C3, decay=0.0), ValueError, r"blended_batch_norm: decay must be a finite number > 0"),
+    (lambda: BB(X, C3, C3, decay=float("inf")), ValueError, r"blended_batch_norm: decay must be a finite number > 0"),
+    (lambda: BB(X, C3, C3, training=True, preset="momentum", epoch=2), ValueError, r"blended_batch_norm: epoch and total_epochs go together"),
+    (lambda: BB(X, C3, C3, training=True, epoch=2, total_epochs=5), ValueError, r"blended_batch_norm: epoch/total_epochs .* need preset='momentum'"),
+    (lambda: BB(X, C3, C3, training=True, preset="momentum", epoch=0, total_epochs=5), ValueError, r"blended_batch_norm: epoch must be an integer >= 1"),
+    (lambda: BB(X, C3, C3, training=True, preset="momentum", epoch=1, total_epochs=2.0), TypeError, r"blended_batch_norm: total_epochs must be an integer"),
+    (lambda: BB(X, C3, C3, ideal_batch_size=0), ValueError, r"blended_batch_norm: ideal_batch_size must be an integer >= 1"),
+    (lambda: BB(X, C3, C3, unbiased=1), TypeError, r"blended_batch_norm: unbiased must be a bool"),
+    (lambda: normref.momentum_bn_momentum(1, 0, 8), ValueError, r"momentum_bn_momentum: total_epochs must be an integer >= 1"),
+    (lambda: normref.momentum_bn_momentum(1, 10, 8, ideal_batch_size=None), TypeError, r"momentum_bn_momentum: ideal_batch_size"),
+    (lambda: BB(X, C3, C3, decay=True), ValueError, r"blended_batch_norm: decay must be a finite number > 0; got True"),
     (lambda: BB(X, C3, C3, training=True, preset="diminishing"), ValueError, r"blended_batch_norm: preset='diminishing' needs num_batches_tracked"),
     (lambda: BB(X, C3, C3, training=True, momentum=None), ValueError, r"blended_batch_norm: momentum=None .* needs num_batches_tracked"),
     (lambda: BB(X, C3, NEG), ValueError, r"blended_batch_norm: running_var must be >= 0"),
@@ -355,7 +389,9 @@ def test_bad_input_before_any_work(monkeypatch):
     with pytest.raises(ValueError):
         PN(X, C3, training=True, update_every=2)
     with pytest.raises(ValueError):
-        BB(X, C3, C3, training=True, preset="diminishing", decay=2.0)
+        BB(X, C3, C3, training=True, preset="diminishing", decay=-1.0, num_batches_tracked=2)
+    with pytest.raises(ValueError):
+        BB(X, C3, C3, training=True, preset="momentum", epoch=3, total_epochs=None)
     assert not calls
 
 
@@ -401,7 +437,7 @@ def test_training_loop_wiesler_centering(rng):
         assert rel_err(u, v) <= STEPS * TOL64
 
 
-def _blended_loop_reference(data, A0, g0, b0, alphas, eps):
+def _blended_loop_reference(data, A0, g0, b0, alphas, eps, unbiased=True):
     """The blended-statistics training loop in torch (float64), the paper's equations, autograd as the
     gradient oracle with the old state detached (the backward through the current batch only)."""
     torch = pytest.importorskip("torch")
@@ -413,7 +449,7 @@ def _blended_loop_reference(data, A0, g0, b0, alphas, eps):
         A.requires_grad_(), gam.requires_grad_(), bet.requires_grad_()
         z = t(x) @ A
         mu = (1 - alpha) * rm + alpha * z.mean(0)
-        var = (1 - alpha) * rv + alpha * z.var(0, unbiased=True)
+        var = (1 - alpha) * rv + alpha * z.var(0, unbiased=unbiased)
         y = gam * (z - mu) / torch.sqrt(var + eps) + bet
         loss = ((y - t(tg)) ** 2).mean()
         dA, dg, db = torch.autograd.grad(loss, (A, gam, bet))
@@ -424,20 +460,28 @@ def _blended_loop_reference(data, A0, g0, b0, alphas, eps):
     return [v.detach().numpy() for v in (A, gam, bet, rm, rv)], losses
 
 
-@pytest.mark.parametrize("preset", ["dinh", "diminishing", "momentum"])
+@pytest.mark.parametrize("preset", ["dinh", "diminishing", "diminishing_paper", "momentum", "momentum_paper"])
 def test_training_loop_blended(rng, preset):
     data = _stream(rng)
     A0, g0, b0 = rng.standard_normal((3, 3)), rng.uniform(0.5, 1.5, 3), rng.standard_normal(3)
+    unbiased = True
     if preset == "diminishing":  # α_k = (k + 1)^-0.8
         kws = [dict(preset=preset, num_batches_tracked=k, decay=0.8) for k in range(STEPS)]
         alphas = [(k + 1) ** -0.8 for k in range(STEPS)]
+    elif preset == "diminishing_paper":  # Ma & Klabjan's experiments: α^(m) = 1/m², m = 1, 2, ...
+        kws = [dict(preset="diminishing", num_batches_tracked=m - 1, decay=2) for m in range(1, STEPS + 1)]
+        alphas = [1 / m ** 2 for m in range(1, STEPS + 1)]
+    elif preset == "momentum_paper":  # Yong et al.: one step per epoch t = 1..T, λ^(t) of Sec. 4.2, biased σ²_B
+        kws = [dict(preset="momentum", epoch=t, total_epochs=STEPS, unbiased=False) for t in range(1, STEPS + 1)]
+        alphas = [1 - paper_mbn_lambda(t, STEPS, data[0][0].shape[0]) for t in range(1, STEPS + 1)]
+        unbiased = False
     elif preset == "momentum":  # a dynamic momentum λ_t fed by the caller, α = 1 − λ_t
         lams = [0.1 + 0.15 * k for k in range(STEPS)]
         kws = [dict(preset=preset, momentum=1 - lam) for lam in lams]
         alphas = [1 - lam for lam in lams]
     else:
         kws, alphas = [dict(momentum=0.2)] * STEPS, [0.2] * STEPS
-    want, ref_losses = _blended_loop_reference(data, A0, g0, b0, alphas, 1e-5)
+    want, ref_losses = _blended_loop_reference(data, A0, g0, b0, alphas, 1e-5, unbiased)
     A, gam, bet, rm, rv = A0.copy(), g0.copy(), b0.copy(), np.zeros(3), np.ones(3)
     losses = []
     for (x, t), kw in zip(data, kws):

@@ -185,7 +185,8 @@ class _MABNStep(torch.autograd.Function):
 
 
 class MovingAverageBatchNorm(_WindowNorm):
-    """Moving average batch normalization (MABN; Yan et al., ICLR 2020) as a layer:
+    """Moving average batch normalization (MABN; Yan et al., ICLR 2020) as a layer.
+
     :func:`normref.moving_average_batch_norm`, the authors' ``MABN2d`` schedule.
 
     ``MovingAverageBatchNorm2d(num_features, buffer_size=1, eps=1e-5, momentum=0.02, warmup_iters=100,
@@ -289,9 +290,10 @@ MovingAverageBatchNorm3d = _ranked(MovingAverageBatchNorm, "3d", (5,))
 
 
 class CentralizedConv2d(nn.Conv2d):
-    """``nn.Conv2d`` with weight centralization (the authors' ``CenConv2d``): the convolution uses
-    W_i − mean(W_i) over each output channel's fan-in, through :func:`normref.centralized_weight`
-    (normref's analytic backward: the gradient projected the same way). Same constructor as
+    """``nn.Conv2d`` with weight centralization (the authors' ``CenConv2d``).
+
+    The convolution uses W_i − mean(W_i) over each output channel's fan-in, through
+    :func:`normref.centralized_weight` (normref's analytic backward: the gradient projected the same way). Same constructor as
     ``nn.Conv2d``; the authors suggest ``bias=False`` before MABN. (As a parametrization of any
     layer: ``torch.nn.utils.parametrize.register_parametrization(layer, "weight", Centralize())``.)"""
 
@@ -422,10 +424,25 @@ MemorizedBatchNorm3d = _ranked(MemorizedBatchNorm, "3d", (5,))
 
 @contextlib.contextmanager
 def double_forward(model: nn.Module) -> Iterator[nn.Module]:
-    """The Double-Forward pass of memorized BN: inside, every :class:`MemorizedBatchNorm` of ``model``
-    in training mode replaces its newest memorized statistics by those of the batch it sees (run the
-    same batch as the step that just updated the weights) and updates nothing else. Typically under
-    ``torch.no_grad()``::
+    """The Double-Forward pass of memorized BN (a context manager).
+
+    Inside, every :class:`MemorizedBatchNorm` of ``model`` in training mode replaces its newest
+    memorized statistics by those of the batch it sees (run the same batch as the step that just
+    updated the weights) and updates nothing else.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model whose :class:`MemorizedBatchNorm` layers take part.
+
+    Returns
+    -------
+    context : context manager
+        Yields ``model``; the layers return to their normal training behaviour on exit.
+
+    Examples
+    --------
+    Typically under ``torch.no_grad()``::
 
         loss(model(x)).backward(); opt.step()
         with torch.no_grad(), double_forward(model):
@@ -464,7 +481,8 @@ def _statistic_grads(layer: nn.Module, layer_input: torch.Tensor, z: torch.Tenso
 
 
 class CrossIterationBatchNorm(_WindowNorm):
-    """Cross-iteration batch normalization (CBN; Yao et al., CVPR 2021) as a layer:
+    """Cross-iteration batch normalization (CBN; Yao et al., CVPR 2021) as a layer.
+
     :func:`normref.cross_iteration_batch_norm`, the authors' ``CBatchNorm2d`` schedule.
 
     ``CrossIterationBatchNorm2d(num_features, buffer_num=0, weight_shape=None, rho=1.0, burnin=0,
@@ -487,7 +505,7 @@ class CrossIterationBatchNorm(_WindowNorm):
 
     Buffers: ``running_mean``, ``running_var`` (updated with this batch's mean and unbiased variance,
     as the authors do), ``past_means``, ``past_sq_means`` (buffer_num, C), and with ``weight_shape``
-    ``past_mean_grads``, ``past_sq_mean_grads``, ``past_layer_weights`` (buffer_num, *weight_shape),
+    ``past_mean_grads``, ``past_sq_mean_grads``, ``past_layer_weights`` ``(buffer_num, *weight_shape)``,
     ``num_batches_tracked``. Eval: batch norm with the running statistics (ε inside the root: the
     authors' default adds it to σ).
     """
@@ -619,9 +637,10 @@ class _CBNPair(nn.Sequential):
 
 
 class CBNConv2d(_CBNPair):
-    """A convolution (``nn.Conv2d``, groups = 1, zero padding, no bias: CBN's β takes its place)
-    followed by :class:`CrossIterationBatchNorm2d` with the Taylor compensation, as the authors pair
-    them (``ConvModule`` with ``CBatchNorm2d(..., buffer_num, burnin)``).
+    """A convolution followed by :class:`CrossIterationBatchNorm2d` with the Taylor compensation.
+
+    The convolution is ``nn.Conv2d`` (groups = 1, zero padding, no bias: CBN's β takes its place),
+    paired as the authors pair them (``ConvModule`` with ``CBatchNorm2d(..., buffer_num, burnin)``).
 
     ``CBNConv2d(in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, *,
     buffer_num=3, burnin=0, rho=1.0, eps=1e-5, momentum=0.1, invalid="clamp", affine=True)``;
@@ -643,8 +662,9 @@ class CBNConv2d(_CBNPair):
 
 
 class CBNLinear(_CBNPair):
-    """``nn.Linear`` (no bias) followed by :class:`CrossIterationBatchNorm1d` with the Taylor
-    compensation; input ``(N, in_features)``. Options as :class:`CBNConv2d`; children ``linear``, ``norm``."""
+    """``nn.Linear`` (no bias) followed by :class:`CrossIterationBatchNorm1d` (Taylor compensation).
+
+    Input ``(N, in_features)``. Options as :class:`CBNConv2d`; children ``linear``, ``norm``."""
 
     def __init__(self, in_features: int, out_features: int, *, buffer_num: int = 3, burnin: int = 0, rho: float = 1.0,
                  eps: float = 1e-5, momentum: "float | None" = 0.1, invalid: str = "clamp", affine: bool = True,

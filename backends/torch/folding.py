@@ -147,6 +147,8 @@ def _acts_on_channels(layer: nn.Module, norm: nn.Module, shapes: list | None, fl
     seen by ``fold``'s ``example_input`` call, or ``None`` (not known: a convolution is assumed batched
     as the norm's input, a Linear right next to a norm is refused — nothing shows it sees (N, C)).
     """
+    if shapes is None and not isinstance(layer, nn.Linear):
+        return True  # a convolution and the norm take the same batched (or both unbatched) input
     axis = _norm_axis(norm, shapes)
     if axis is None:
         return False
@@ -154,8 +156,6 @@ def _acts_on_channels(layer: nn.Module, norm: nn.Module, shapes: list | None, fl
         if flattened:  # Flatten(1, -1) of (N, C, *spatial): features channel-major, c·K + k
             return axis == 1
         return shapes is not None and axis == 1 and all(len(sh) == 2 for sh in shapes)
-    if shapes is None:
-        return True
     nd = len(layer.kernel_size)  # ConvNd: batched (N, C, *nd) or unbatched (C, *nd)
     return all(len(sh) in (nd + 1, nd + 2) and axis == (0 if len(sh) == nd + 1 else 1) for sh in shapes)
 

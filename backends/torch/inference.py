@@ -3,7 +3,9 @@
 ``recalibrate(model, batches)`` is the counterpart of ``torch.optim.swa_utils.update_bn`` that covers
 every normref layer — ``StatefulNorm`` and the layers generated from it (``IterNorm``,
 ``BatchWhitening2d``, ``BatchRenorm2d``, ``BatchGroupNorm``, ...), normref's ``BatchNorm*d`` and
-``InstanceNorm*d`` with running statistics — and torch's own batch-norm layers. torch's ``update_bn``
+``InstanceNorm*d`` with running statistics, ``PowerNorm``, the windowed layers (MABN, memorized BN,
+CBN), any later layer with a ``normref_method`` and ``running_*`` buffers — and torch's own
+batch-norm layers; ``OnlineNorm`` is refused with the reason (a per-sample stream). torch's ``update_bn``
 only resets and re-runs ``torch.nn.modules.batchnorm._BatchNorm`` layers, so a ``StatefulNorm``
 layer silently keeps its old statistics there.
 """
@@ -68,9 +70,10 @@ def _spec(m: nn.Module):
 
 def recalibrate(model: nn.Module, batches: Iterable[Any], *, estimator: str = "average",
                 device: Any = None, unbiased: bool = True) -> nn.Module:
-    """Re-estimate the population statistics of every normref (and torch) normalization layer of
-    ``model`` from ``batches``, with the weights frozen: Ioffe & Szegedy's Algorithm 2
-    (``estimator="average"``, the default, as torch's ``update_bn``), "precise BN"
+    """Re-estimate the population statistics of every normalization layer of ``model``, weights frozen.
+
+    Every normref (and torch) normalization layer of ``model``, from ``batches``: Ioffe & Szegedy's
+    Algorithm 2 (``estimator="average"``, the default, as torch's ``update_bn``), "precise BN"
     (``estimator="pooled"``: the exact moments of all the layer's inputs) or AdaBN (batches from a
     target domain).
 

@@ -1,0 +1,466 @@
+"""Orthogonal re-parameterizations of square matrices (survey §6.1): Cayley, matrix exponential and
+Householder products, as torch's ``torch.nn.utils.parametrizations.orthogonal`` computes them.
+
+Each maps an unconstrained square proxy X (or a batch ``(..., n, n)``) to an orthogonal Q, with the
+same conventions as torch's ``_Orthogonal.forward`` for a square weight (``orthogonal_map=`` "cayley",
+"matrix_exp", "householder"; torch's ``use_trivialization=True`` then multiplies by a constant
+orthogonal ``base`` on the left, which is no part of the map):
+
+- Cayley and matrix exponential read the lower triangle: A = tril(X) − tril(X)ᵀ (skew-symmetric, the
+  diagonal cancels), Q = (I − A/2)⁻¹(I + A/2) or Q = exp(A); det Q = +1.
+- Householder reads the strictly-lower triangle as the reflectors' tails: v_j = e_j + tril(X, −1)[:, j],
+  H_j = I − τ_j·v_j·v_jᵀ with τ_j = 2/‖v_j‖² = 2/(1 + ‖tril(X, −1)[:, j]‖²), Q = H_1⋯H_n·D, D the
+  diagonal of signs taken from diag(X) (torch: ``Q * X.diagonal().int()``).
+
+The backwards are analytic: the Cayley map's by one linear solve, the exponential's by the adjoint of
+its Fréchet derivative (itself the exponential of a 2n×2n block-triangular matrix), the Householder
+product's by a sweep over the reflectors. Only the array API is used (matmul, solve).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as _np
+
+from . import matfun as _mf
+from ._validate import check_choice
+from ._xp import compute_dtype, device_of, is_lazy, namespace, to_compute, to_numpy
+from .registry import Example, Invariant, Residuals, method
+
+__all__ = ["cayley", "matrix_exp_orthogonal", "householder_orthogonal", "expm"]
+
+_TORCH_DOC = ("torch.nn.utils.parametrizations.orthogonal; M. Lezcano-Casado & D. Martínez-Rubio, Cheap "
+              "Orthogonal Constraints in Neural Networks, ICML 2019")
+
+
+# --------------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def _check_square(fn: str, a) -> Any:
+    if a is None:
+        raise TypeError(f"{fn}: a must be an array; got None")
+    xp = namespace(fn, a=a)
+    if a.ndim < 2:
+        raise ValueError(f"{fn}: a must have at least 2 dimensions (..., n, n); got {a.ndim} dimensions, "
+                         f"shape {tuple(a.shape)}")
+    if a.shape[-1] != a.shape[-2]:
+        raise ValueError(f"{fn}: a must be square in its last two dimensions (..., n, n); got shape {tuple(a.shape)}")
+    if any(s == 0 for s in a.shape):
+        raise ValueError(f"{fn}: a must not be empty; got shape {tuple(a.shape)}")
+    return xp
+
+
+def _mask(xp, n: int, k: int, like):
+    """tril(ones(n, n), k) in ``like``'s dtype and device (the array API has no tril)."""
+    m = _np.tril(_np.ones((n, n)), k)
+    try:
+        dev = device_of(like)
+    except Exception:  # a traced value without a device
+        dev = None
+    return xp.asarray(m, dtype=like.dtype) if dev is None else xp.asarray(m, dtype=like.dtype, device=dev)
+
+
+def _out(xp, y, dtype):
+    return y if y.dtype == dtype else xp.astype(y, dtype)
+
+
+def _skew(xp, a):
+    """A = tril(X) − tril(X)ᵀ (torch's convention)."""
+    low = a * _mask(xp, a.shape[-1], 0, a)
+    return low - _mf.mT(xp, low)
+
+
+def _skew_backward(xp, ga):
+    """The adjoint of X ↦ tril(X) − tril(X)ᵀ: dX = tril(dA − dAᵀ) (zero on the diagonal)."""
+    return (ga - _mf.mT(xp, ga)) * _mask(xp, ga.shape[-1], -1, ga)
+
+
+def _norm1(xp, a):
+    """‖A‖₁ (the largest column sum of |A|), one per matrix of the batch."""
+    return xp.max(xp.sum(xp.abs(a), axis=-2), axis=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# the matrix exponential (scaling and squaring, Padé 13; Higham, SIAM J. Matrix Anal. Appl. 2005)
+
+_PADE13 = (64764752532480000.0, 32382376266240000.0, 7771770303897600.0, 1187353796428800.0,
+           129060195264000.0, 10559470521600.0, 670442572800.0, 33522128640.0, 1323241920.0,
+           40840800.0, 960960.0, 16380.0, 182.0, 1.0)
+_THETA13 = 5.371920351148152  # ‖A‖₁ ≤ θ13: the [13/13] Padé approximant is exact to float64 rounding
+_MAX_SQUARINGS = 64  # traced inputs (no concrete norm): squarings masked up to this count
+
+
+def _pade13(xp, a):
+    b = _PADE13
+    eye = _mf.eye_like(xp, a)
+    a2 = xp.matmul(a, a)
+    a4 = xp.matmul(a2, a2)
+    a6 = xp.matmul(a4, a2)
+    u = xp.matmul(a, xp.matmul(a6, b[13] * a6 + b[11] * a4 + b[9] * a2) + b[7] * a6 + b[5] * a4 + b[3] * a2
+                  + b[1] * eye)
+    v = xp.matmul(a6, b[12] * a6 + b[10] * a4 + b[8] * a2) + b[6] * a6 + b[4] * a4 + b[2] * a2 + b[0] * eye
+    return xp.linalg.solve(v - u, v + u)
+
+
+def _squarings(xp, a):
+    """s with ‖A‖₁/2^s ≤ θ13: a Python int for concrete values (the batch's largest), else an array
+    per matrix (traced JAX values, lazy dask arrays)."""
+    nrm = _norm1(xp, a)
+    if not is_lazy(a):
+        try:
+            top = float(xp.max(nrm))
+        except (TypeError, RuntimeError):  # a jax tracer has no concrete value
+            top = None
+        if top is not None:
+            if not math.isfinite(top):
+                return 0  # the NaN/inf propagate (checked by the callers for concrete values)
+            return max(0, math.ceil(math.log2(top / _THETA13))) if top > _THETA13 else 0
+    s = xp.ceil(xp.log2(xp.maximum(nrm, 1e-300 if nrm.dtype == xp.float64 else 1e-30) / _THETA13))
+    return xp.clip(s, 0, _MAX_SQUARINGS)
+
+
+def expm(a: Any) -> Any:
+    """The matrix exponential exp(A) = Σ_k A^k/k! of a square matrix or batch ``(..., n, n)``.
+
+    Scaling and squaring with the [13/13] Padé approximant: exp(A) = r₁₃(A/2^s)^(2^s), s the least
+    integer with ‖A‖₁/2^s ≤ θ₁₃ = 5.37 (Higham 2005, without the lower-degree shortcuts): backward
+    error at most the unit roundoff of float64. Written with the array API's ``matmul`` and
+    ``linalg.solve`` only. Under ``jax.jit`` (no concrete norm) each matrix's s is an array and the
+    squarings are masked, up to 64 of them.
+
+    Parameters
+    ----------
+    a : array, shape ``(..., n, n)``
+        A, real floating point.
+
+    Returns
+    -------
+    e : array
+        exp(A), a's shape and dtype.
+
+    Notes
+    -----
+    Used by :func:`matrix_exp_orthogonal` for its forward and for the Fréchet derivative of its
+    backward (survey §6.1).
+
+    References
+    ----------
+    .. [1] N. J. Higham, "The Scaling and Squaring Method for the Matrix Exponential Revisited",
+       SIAM J. Matrix Anal. Appl. 26(4), 2005.
+    """
+    fn = "expm"
+    xp = _check_square(fn, a)
+    cd = compute_dtype(xp, a.dtype)
+    return _out(xp, _expm(xp, to_compute(xp, a, cd)), a.dtype)
+
+
+def _expm(xp, a):
+    s = _squarings(xp, a)
+    if isinstance(s, int):
+        e = _pade13(xp, a / (2.0 ** s) if s else a)
+        for _ in range(s):
+            e = xp.matmul(e, e)
+        return e
+    scale = xp.pow(xp.asarray(2.0, dtype=a.dtype, device=device_of(a)), s)[..., None, None]
+    e = _pade13(xp, a / scale)
+    for k in range(_MAX_SQUARINGS):
+        e = xp.where((s > k)[..., None, None], xp.matmul(e, e), e)
+    return e
+
+
+def _expm_frechet_adjoint(xp, a, g):
+    """L_exp(Aᵀ, G), the adjoint of E ↦ L_exp(A, E) applied to G: the upper-right block of
+    exp([[Aᵀ, G], [0, Aᵀ]]) (Mathias 1996). G is first scaled to ‖A‖'s size (L is linear in G), so
+    that the block's norm, hence the number of squarings, is that of A."""
+    at = _mf.mT(xp, a)
+    n = a.shape[-1]
+    gn = _norm1(xp, g)
+    c = xp.where(gn > 0, gn / xp.maximum(_norm1(xp, a), xp.ones_like(gn)), xp.ones_like(gn))[..., None, None]
+    z = xp.zeros_like(at)
+    block = xp.concat([xp.concat([at, g / c], axis=-1), xp.concat([z, at], axis=-1)], axis=-2)
+    e = _expm(xp, block)
+    return e[..., :n, n:] * c
+
+
+# --------------------------------------------------------------------------------------------------
+# examples and invariants
+
+
+def _ex_square(rng):
+    yield Example((rng.standard_normal((4, 4)),), {}, label="(4, 4)")
+    yield Example((0.5 * rng.standard_normal((2, 3, 5, 5)),), {}, label="batch (2, 3, 5, 5)")
+    yield Example((rng.standard_normal((1, 1)),), {}, label="(1, 1)")
+    yield Example((3.0 * rng.standard_normal((6, 6)),), {}, label="(6, 6) large entries", cond=10.0)
+
+
+def _ex_householder(rng):
+    for shape in [(4, 4), (2, 5, 5), (1, 1), (6, 6)]:
+        a = 0.7 * rng.standard_normal(shape)
+        n = shape[-1]
+        # the diagonal is the sign matrix D: ±1 as torch keeps it (right_inverse gives −1)
+        d = _np.where(rng.standard_normal(shape[:-1]) < 0, -1.0, 1.0)
+        idx = _np.arange(n)
+        a[..., idx, idx] = d
+        yield Example((a,), {}, label=f"{shape}")
+
+
+def _orthogonality(m, xp, out, args, kwargs):
+    """‖QᵀQ − I‖_max."""
+    q = _np.asarray(to_numpy(m.primary(out)), _np.float64)
+    n = q.shape[-1]
+    return float(_np.max(_np.abs(_np.swapaxes(q, -1, -2) @ q - _np.eye(n))))
+
+
+def _det_one(m, xp, out, args, kwargs):
+    """det Q = +1 (exp and Cayley of a skew-symmetric matrix lie in SO(n))."""
+    q = _np.asarray(to_numpy(m.primary(out)), _np.float64)
+    return float(_np.max(_np.abs(_np.linalg.det(q) - 1.0)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Cayley
+
+
+@method(
+    array_params=("a",),
+    category="weight",
+    survey="§6.1 (orthogonal weights; RNN literature)",
+    paper=_TORCH_DOC + "; Helfrich, Willmott & Ye, Orthogonal Recurrent Neural Networks with Scaled Cayley "
+          "Transform, ICML 2018",
+    examples=_ex_square,
+    invariants=(Invariant("QᵀQ = I", _orthogonality, scale=64.0), Invariant("det Q = 1", _det_one, scale=64.0)),
+)
+def cayley(a: Any) -> Any:
+    """The Cayley map: Q = (I − A/2)⁻¹(I + A/2), A = tril(X) − tril(X)ᵀ (torch's ``"cayley"``).
+
+    A is skew-symmetric, so I − A/2 is always invertible (its eigenvalues are 1 − iλ/2) and Q is
+    orthogonal with det Q = +1 (−1 is never an eigenvalue). The same as torch's
+    ``parametrizations.orthogonal(..., orthogonal_map="cayley")`` for a square weight (the map
+    itself; torch's ``use_trivialization=True`` multiplies it by a constant ``base`` on the left).
+
+    Backward: with M = I − A/2 and N = I + A/2, dQ = M⁻¹(dA/2 + dA/2·Q) = ½·M⁻¹·dA·(I + Q), so
+    dL/dA = ½·M⁻ᵀ·G·(I + Q)ᵀ = ½·N⁻¹·G·(I + Qᵀ) (Mᵀ = N), then dL/dX = tril(dA − dAᵀ, −1).
+
+    Parameters
+    ----------
+    a : array, shape ``(..., n, n)``
+        X, the unconstrained proxy (only its strictly-lower triangle matters).
+
+    Returns
+    -------
+    q : array
+        Q, a's shape and dtype.
+
+    Notes
+    -----
+    Survey §6.1 (orthogonal weights in RNNs). The Cayley transform with the halved A is torch's
+    ("the Cayley retraction"); the literature's (I + S)⁻¹(I − S) is this map at A = −2S.
+
+    References
+    ----------
+    .. [1] M. Lezcano-Casado and D. Martínez-Rubio, "Cheap Orthogonal Constraints in Neural Networks",
+       ICML 2019; torch.nn.utils.parametrizations.orthogonal.
+    .. [2] K. Helfrich, D. Willmott and Q. Ye, "Orthogonal Recurrent Neural Networks with Scaled Cayley
+       Transform", ICML 2018.
+    """
+    fn = "cayley"
+    xp = _check_square(fn, a)
+    cd = compute_dtype(xp, a.dtype)
+    x = to_compute(xp, a, cd)
+    s = _skew(xp, x)
+    eye = _mf.eye_like(xp, s)
+    n_ = eye + 0.5 * s
+    q = xp.linalg.solve(eye - 0.5 * s, n_)
+    return _out(xp, q, a.dtype), Residuals((n_, q), (a.dtype,))
+
+
+@cayley.defbackward
+def _cayley_backward(res, g):
+    n_, q = res.arrays
+    (dtype,) = res.static
+    xp = namespace("cayley.backward", cotangent=g)
+    g = to_compute(xp, g, q.dtype)
+    ga = 0.5 * xp.matmul(xp.linalg.solve(n_, g), _mf.eye_like(xp, q) + _mf.mT(xp, q))
+    return (_out(xp, _skew_backward(xp, ga), dtype),)
+
+
+# --------------------------------------------------------------------------------------------------
+# matrix exponential
+
+
+@method(
+    array_params=("a",),
+    category="weight",
+    survey="§6.1 (orthogonal weights; RNN literature)",
+    paper=_TORCH_DOC,
+    examples=_ex_square,
+    invariants=(Invariant("QᵀQ = I", _orthogonality, scale=64.0), Invariant("det Q = 1", _det_one, scale=64.0)),
+)
+def matrix_exp_orthogonal(a: Any) -> Any:
+    """The exponential map: Q = exp(A), A = tril(X) − tril(X)ᵀ (torch's ``"matrix_exp"``).
+
+    A is skew-symmetric, so Q is orthogonal with det Q = +1; every rotation is reached (exp is onto
+    SO(n)). The same as torch's ``parametrizations.orthogonal(..., orthogonal_map="matrix_exp")`` for
+    a square weight (the map itself, without torch's trivialization ``base``). exp is
+    :func:`expm` (scaling and squaring, Padé 13).
+
+    Backward through the Fréchet derivative: dQ = L(A, dA), whose adjoint is dL/dA = L(Aᵀ, G), read
+    from exp([[Aᵀ, G], [0, Aᵀ]]) = [[exp(Aᵀ), L(Aᵀ, G)], [0, exp(Aᵀ)]]; then dL/dX = tril(dA − dAᵀ, −1).
+
+    Parameters
+    ----------
+    a : array, shape ``(..., n, n)``
+        X, the unconstrained proxy (only its strictly-lower triangle matters).
+
+    Returns
+    -------
+    q : array
+        Q, a's shape and dtype.
+
+    Notes
+    -----
+    Survey §6.1 (orthogonal weights in RNNs; expRNN).
+
+    References
+    ----------
+    .. [1] M. Lezcano-Casado and D. Martínez-Rubio, "Cheap Orthogonal Constraints in Neural Networks",
+       ICML 2019; torch.nn.utils.parametrizations.orthogonal.
+    .. [2] R. Mathias, "A Chain Rule for Matrix Functions and Applications", SIAM J. Matrix Anal. Appl.
+       17(3), 1996 (the block-triangular Fréchet derivative).
+    """
+    fn = "matrix_exp_orthogonal"
+    xp = _check_square(fn, a)
+    cd = compute_dtype(xp, a.dtype)
+    s = _skew(xp, to_compute(xp, a, cd))
+    q = _expm(xp, s)
+    return _out(xp, q, a.dtype), Residuals((s,), (a.dtype,))
+
+
+@matrix_exp_orthogonal.defbackward
+def _matrix_exp_backward(res, g):
+    (s,) = res.arrays
+    (dtype,) = res.static
+    xp = namespace("matrix_exp_orthogonal.backward", cotangent=g)
+    g = to_compute(xp, g, s.dtype)
+    ga = _expm_frechet_adjoint(xp, s, g)
+    return (_out(xp, _skew_backward(xp, ga), dtype),)
+
+
+# --------------------------------------------------------------------------------------------------
+# Householder products
+
+
+def _reflectors(xp, x):
+    """V = tril(X, −1) + I (column j is v_j, unit j-th entry) and τ_j = 2/‖v_j‖², shape (..., n)."""
+    n = x.shape[-1]
+    v = x * _mask(xp, n, -1, x) + _mf.eye_like(xp, x)
+    tau = 2.0 / xp.sum(v * v, axis=-2)
+    return v, tau
+
+
+def _apply_right(xp, m, vj, tj):
+    """M·H_j = M − τ_j·(M·v_j)·v_jᵀ."""
+    mv = xp.sum(m * vj[..., None, :], axis=-1)
+    return m - tj[..., None, None] * (mv[..., :, None] * vj[..., None, :])
+
+
+def _apply_left(xp, m, vj, tj):
+    """H_j·M = M − τ_j·v_j·(v_jᵀ·M)."""
+    vm = xp.sum(vj[..., :, None] * m, axis=-2)
+    return m - tj[..., None, None] * (vj[..., :, None] * vm[..., None, :])
+
+
+def _householder_product(xp, v, tau):
+    p = _mf.eye_like(xp, v)
+    for j in range(v.shape[-1]):
+        p = _apply_right(xp, p, v[..., :, j], tau[..., j])
+    return p
+
+
+@method(
+    array_params=("a",),
+    category="weight",
+    survey="§6.1 (orthogonal weights; RNN literature)",
+    paper=_TORCH_DOC + "; Mhammedi, Hellicar, Rahman & Bailey, Efficient Orthogonal Parametrisation of Recurrent "
+          "Neural Networks Using Householder Reflections, ICML 2017",
+    examples=_ex_householder,
+    invariants=(Invariant("QᵀQ = I", _orthogonality, scale=64.0),),
+)
+def householder_orthogonal(a: Any, diagonal: str = "sign") -> Any:
+    """A product of Householder reflections: Q = H_1⋯H_n·D (torch's ``"householder"``).
+
+    v_j = e_j + tril(X, −1)[:, j] (the strictly-lower triangle holds the reflectors' tails),
+    H_j = I − τ_j·v_j·v_jᵀ with τ_j = 2/‖v_j‖² = 2/(1 + ‖tril(X, −1)[:, j]‖²) (each H_j an exact
+    reflection), D = diag(d) a sign matrix from X's diagonal, as torch's
+    ``linalg.householder_product(tril(X, −1), τ) * X.diagonal().int()``. det Q = (−1)^n·∏d_j.
+
+    Backward: G_P = G·D; with Y_j = (H_1⋯H_{j−1})ᵀ·G_P·(H_{j+1}⋯H_n)ᵀ (swept from j = n down, Y_{j−1} =
+    H_{j−1}·Y_j·H_j), the reflector's gradient is g_{v_j} = τ_j²·(v_jᵀY_jv_j)·v_j − τ_j·(Y_j + Y_jᵀ)·v_j
+    (dτ = −τ²·vᵀdv), and dL/dX is its strictly-lower part; the diagonal is piecewise constant (zero
+    gradient, as torch's integer cast).
+
+    Parameters
+    ----------
+    a : array, shape ``(..., n, n)``
+        X: strictly-lower triangle the reflectors, diagonal the signs.
+    diagonal : {"sign", "trunc"}, default "sign"
+        How D is read from diag(X). ``"sign"``: d_j = +1 where X_jj ≥ 0, else −1 (Q orthogonal for
+        every X). ``"trunc"``: d_j = X_jj truncated toward zero, torch's ``.int()`` cast, exactly
+        torch's result for every X (Q orthogonal only where the diagonal is ±1, which is what torch's
+        parametrization keeps: its ``right_inverse`` sets −1 and no gradient reaches it). The two
+        agree on a ±1 diagonal.
+
+    Returns
+    -------
+    q : array
+        Q, a's shape and dtype.
+
+    Notes
+    -----
+    Survey §6.1 (orthogonal weights in RNNs). The default differs from torch only off its domain (a
+    diagonal not ±1, which torch's integer cast turns into zero or scaled columns); ``"trunc"``
+    reproduces torch there too.
+
+    References
+    ----------
+    .. [1] Z. Mhammedi, A. Hellicar, A. Rahman and J. Bailey, "Efficient Orthogonal Parametrisation of
+       Recurrent Neural Networks Using Householder Reflections", ICML 2017.
+    .. [2] torch.nn.utils.parametrizations.orthogonal (orthogonal_map="householder").
+    """
+    fn = "householder_orthogonal"
+    xp = _check_square(fn, a)
+    check_choice(fn, "diagonal", diagonal, ("sign", "trunc"))
+    cd = compute_dtype(xp, a.dtype)
+    x = to_compute(xp, a, cd)
+    v, tau = _reflectors(xp, x)
+    p = _householder_product(xp, v, tau)
+    dg = _mf._diag(xp, x)
+    d = xp.where(dg >= 0, xp.ones_like(dg), -xp.ones_like(dg)) if diagonal == "sign" else xp.trunc(dg)
+    q = p * d[..., None, :]
+    return _out(xp, q, a.dtype), Residuals((v, tau, p, d), (a.dtype,))
+
+
+@householder_orthogonal.defbackward
+def _householder_backward(res, g):
+    v, tau, p, d = res.arrays
+    (dtype,) = res.static
+    xp = namespace("householder_orthogonal.backward", cotangent=g)
+    g = to_compute(xp, g, p.dtype) * d[..., None, :]
+    n = v.shape[-1]
+    # Y_n = (H_1⋯H_{n−1})ᵀ·G_P = (P·H_n)ᵀ·G_P
+    y = xp.matmul(_mf.mT(xp, _apply_right(xp, p, v[..., :, n - 1], tau[..., n - 1])), g)
+    cols = [None] * n
+    for j in range(n - 1, -1, -1):
+        vj, tj = v[..., :, j], tau[..., j]
+        yv = xp.sum(y * vj[..., None, :], axis=-1)  # Y·v
+        ytv = xp.sum(y * vj[..., :, None], axis=-2)  # Yᵀ·v
+        vyv = xp.sum(vj * yv, axis=-1)
+        cols[j] = (tj * tj * vyv)[..., None] * vj - tj[..., None] * (yv + ytv)
+        if j > 0:
+            vp, tp = v[..., :, j - 1], tau[..., j - 1]
+            y = _apply_right(xp, _apply_left(xp, y, vp, tp), vj, tj)
+    gx = xp.stack(cols, axis=-1) * _mask(xp, n, -1, g)
+    return (_out(xp, gx, dtype),)
