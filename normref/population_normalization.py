@@ -669,6 +669,12 @@ def momentum_bn_momentum(epoch: int, total_epochs: int, batch_size: int, ideal_b
     lam : float
         λ^(t) in [0, 1).
 
+    Notes
+    -----
+    Survey §5.3.1 (momentum batch normalization [128], population statistics blended with the mini-batch's).
+    The paper's other schedule, the inference statistics' momentum τ = τ₀^(m/m₀) (τ₀ = 0.9), applies to
+    the separate running average used at inference (see :func:`blended_batch_norm`'s Notes).
+
     References
     ----------
     H. Yong, J. Huang, D. Meng, X. Hua, L. Zhang, "Momentum Batch Normalization for Deep Learning with

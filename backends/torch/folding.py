@@ -203,10 +203,13 @@ def _input_shapes(model: nn.Module, example_input: Any) -> dict[int, list]:
     probe = copy.deepcopy(model)  # a training-mode layer would update its buffers: never the model's own
     seen: dict[int, list] = {}
     hooks = []
-    for m in probe.modules():
-        if layer_affine(m) is not None:
-            hooks.append(m.register_forward_pre_hook(
-                lambda mod, args: seen.setdefault(id(mod), []).append(tuple(args[0].shape)) if args else None))
+
+    def record(mod: nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            seen.setdefault(id(mod), []).append(tuple(args[0].shape))
+
+    for m in probe.modules():  # every module (cheap): the norms among them are looked up by name
+        hooks.append(m.register_forward_pre_hook(record))
     try:
         with torch.no_grad():
             probe(*example_input) if isinstance(example_input, tuple) else probe(example_input)
