@@ -453,6 +453,8 @@ def formulas(m) -> tuple[str, str]:
         fwd = " ".join((m.__doc__ or "").strip().split("\n\n")[0].split())
     if bwd is None:
         bwd = _docstring_backward(m.__doc__ or "")
+    fwd = fwd.replace("``", "")
+    bwd = bwd.replace("``", "") if bwd else bwd
     if not bwd:
         _warn(f"normref docs: no backward formula for method {m.name!r}: add it to docs/_tables.py FORMULAS "
               f"(or a 'Backward: ...' paragraph to its docstring)")

@@ -299,6 +299,11 @@ EQUIVALENTS = {
     "spectral_norm": ("torch.nn.utils.parametrizations.spectral_norm", _N, "flax.nnx.SpectralNorm",
                       "equinox.nn.SpectralNorm"),
     "lars": (_N, "optax.lars", _N, _N),
+    "cayley": ('torch.nn.utils.parametrizations.orthogonal (orthogonal_map="cayley")', _N, _N, _N),
+    "matrix_exp_orthogonal": ('torch.nn.utils.parametrizations.orthogonal (orthogonal_map="matrix_exp")', _N, _N,
+                              _N),
+    "householder_orthogonal": ('torch.nn.utils.parametrizations.orthogonal (orthogonal_map="householder")', _N,
+                               _N, _N),
     "cosine_norm": ("torch.nn.functional.cosine_similarity (the normalized dot product, without the layer)",
                     _N, _N, _N),
 }
