@@ -111,8 +111,8 @@ def _squarings(xp, a):
     nrm = _norm1(xp, a)
     if not is_lazy(a):
         try:
-            top = float(xp.max(nrm))
-        except (TypeError, RuntimeError):  # a jax tracer has no concrete value
+            top = float(_np.max(to_numpy(nrm)))
+        except Exception:  # a jax tracer (or another traced value) has no concrete value
             top = None
         if top is not None:
             if not math.isfinite(top):

@@ -38,7 +38,7 @@ import numpy as _np
 
 from . import matfun as _mf
 from . import operation as _op
-from ._validate import check_choice, check_int, check_nonnegative, check_positive, concrete_any
+from ._validate import check_bool, check_choice, check_int, check_nonnegative, check_positive, concrete_any
 from ._results import result_tuple
 from ._xp import compute_dtype, device_of, is_lazy, namespace, to_compute, to_numpy
 from .registry import Example, Invariant, Residuals, method
@@ -786,7 +786,7 @@ ITERATIONS = ("newton_schulz", "newton")
 _MATFUN = {"newton_schulz": "newton_schulz", "newton": "iternorm"}
 
 
-def _own_default_group_size(d_out: int, fan_in: int) -> int:
+def _own_default_group_size(d_out: int, fan_in: int, centering: bool = True) -> int:
     """OWN's default ``group_size``: the largest divisor of d_out that is at most max(1, fan_in − 1).
 
     Centred rows span at most fan_in − 1 dimensions, so at most fan_in − 1 of them can be orthonormal:
@@ -795,11 +795,11 @@ def _own_default_group_size(d_out: int, fan_in: int) -> int:
     orthogonalize "group-wise when d_out > d_in"). A prime d_out larger than fan_in − 1 gets groups of
     one row (each row centred and normalized: centered weight normalization).
     """
-    limit = max(1, fan_in - 1)
+    limit = max(1, fan_in - 1) if centering else fan_in  # uncentred rows span fan_in dimensions
     return max(c for c in range(1, min(d_out, limit) + 1) if d_out % c == 0)
 
 
-def _orth_forward(fn, xp, v, group_size, eps, iterations, iteration="newton_schulz"):
+def _orth_forward(fn, xp, v, group_size, eps, iterations, iteration="newton_schulz", centering=True):
     """W = f(S)·Zc per group, Zc the centred rows, S = Zc·Zcᵀ + ε·I; f = S^-1/2 (eigh, matfun's "zca")
     when ``iterations`` is None, else T trace-normalized Newton steps (matfun's "newton_schulz" or
     "iternorm")."""
@@ -807,13 +807,13 @@ def _orth_forward(fn, xp, v, group_size, eps, iterations, iteration="newton_schu
     d_out = v.shape[0]
     n = math.prod(v.shape[1:])
     if group_size is None:
-        group_size = _own_default_group_size(d_out, n) if iterations is None else d_out
+        group_size = _own_default_group_size(d_out, n, centering) if iterations is None else d_out
     c = check_int(fn, "group_size", group_size, minimum=1)
     if d_out % c:
         raise ValueError(f"{fn}: group_size must divide d_out = v.shape[0] = {d_out} (rows are orthogonalized in "
                          f"groups of group_size consecutive rows); got group_size={c}")
     eps = check_nonnegative(fn, "eps", eps)
-    if iterations is None and eps == 0 and c > n - 1:
+    if iterations is None and eps == 0 and centering and c > n - 1:
         raise ValueError(
             f"{fn}: group_size must be at most fan_in − 1 = {n - 1} (v of shape {tuple(v.shape)}): centred rows "
             f"span at most fan_in − 1 dimensions, so a group of {c} rows cannot be orthonormal and Vc·Vcᵀ is "
@@ -830,7 +830,9 @@ def _orth_forward(fn, xp, v, group_size, eps, iterations, iteration="newton_schu
     a = _group_scale(fn, xp, z, eps)
     if a is not None:
         z = z / a
-    zc = z - xp.mean(z, axis=-1, keepdims=True)  # Huang et al.: centre each row (W_iᵀ·1 = 0)
+    # Huang et al.: centre each row (W_iᵀ·1 = 0); centering=False keeps the rows (a square V then
+    # reaches a fully orthogonal W, rank d, instead of rank d − 1)
+    zc = z - xp.mean(z, axis=-1, keepdims=True) if centering else z
     s = xp.matmul(zc, _mf.mT(xp, zc))
     if eps:
         s = s + (eps if a is None else eps / (a * a)) * _mf.eye_like(xp, s)
@@ -855,7 +857,7 @@ def _orth_forward(fn, xp, v, group_size, eps, iterations, iteration="newton_schu
         kind = _MATFUN[iteration]
         m, mres = _mf.whitening_matrix_forward(xp, s, kind, iterations)
     w = xp.reshape(xp.matmul(m, zc), tuple(v.shape))
-    return _out(xp, w, v.dtype), Residuals((zc, m, a) + tuple(mres), (tuple(v.shape), kind))
+    return _out(xp, w, v.dtype), Residuals((zc, m, a) + tuple(mres), (tuple(v.shape), kind, centering))
 
 
 def _group_scale(fn, xp, z, eps):
@@ -885,13 +887,13 @@ def _orth_backward(res, dw):
     (symmetric, from normref.matfun), then dV = dZc − mean(dZc) along each row (the centring). Zc here
     is the group scaled by 1/a_g (see ``_orth_forward``): dV = (dZc − mean(dZc))/a_g."""
     zc, m, a, *mres = res.arrays
-    shape, kind = res.static
+    shape, kind, centering = res.static
     xp = namespace("orthogonalization.backward", cotangent=dw)
     dw = xp.reshape(to_compute(xp, dw, zc.dtype), zc.shape)
     dm = xp.matmul(dw, _mf.mT(xp, zc))
     ds = _mf.whitening_matrix_backward(xp, tuple(mres), dm, kind)
     dzc = xp.matmul(_mf.mT(xp, m), dw) + 2.0 * xp.matmul(ds, zc)
-    dv = dzc - xp.mean(dzc, axis=-1, keepdims=True)
+    dv = dzc - xp.mean(dzc, axis=-1, keepdims=True) if centering else dzc
     if a is not None:
         dv = dv / a
     return (xp.reshape(dv, shape),)
@@ -915,21 +917,27 @@ def _ex_own(rng):
         yield Example((v,), dict(group_size=c), label=f"{shape} group_size={c}", cond=_gram_cond(v, k))
     v = rng.standard_normal((3, 5))
     yield Example((v,), dict(eps=1e-3), label="(3, 5) eps=1e-3", cond=_gram_cond(v, 3))
+    v = rng.standard_normal((4, 4))  # square, uncentred: fully orthogonal (W·Wᵀ = I, rank 4)
+    yield Example((v,), dict(centering=False), label="(4, 4) centering=False",
+                  cond=float(_np.linalg.cond(v @ v.T)))
 
 
 def _orthonormal_groups(m, xp, out, args, kwargs):
     """Each group's rows are orthonormal (W_g·W_gᵀ = I; with eps > 0, = S·(S + εI)^-1) and have mean 0."""
     v = _np_rows(args[0])
     w = _np_rows(m.primary(out))
-    c = kwargs.get("group_size") or _own_default_group_size(*w.shape)
+    centering = kwargs.get("centering", True)
+    c = kwargs.get("group_size") or _own_default_group_size(*w.shape, centering)
     eps = kwargs.get("eps", 0.0)
     wg = w.reshape(w.shape[0] // c, c, -1)
     gram = wg @ _np.swapaxes(wg, -1, -2)
     z = v.reshape(wg.shape)
-    z = z - z.mean(axis=-1, keepdims=True)
+    if centering:
+        z = z - z.mean(axis=-1, keepdims=True)
     s = z @ _np.swapaxes(z, -1, -2)
     target = s @ _np.linalg.inv(s + eps * _np.eye(c)) if eps else _np.broadcast_to(_np.eye(c), gram.shape)
-    return max(float(_np.max(_np.abs(gram - target))), float(_np.max(_np.abs(w.mean(axis=1)))))
+    mean = float(_np.max(_np.abs(w.mean(axis=1)))) if centering else 0.0
+    return max(float(_np.max(_np.abs(gram - target))), mean)
 
 
 _exact_scale = lambda kw: not kw.get("eps")  # noqa: E731 (ε·I in the Gram matrix breaks f(a·V) = f(V))
@@ -947,7 +955,7 @@ _exact_scale = lambda kw: not kw.get("eps")  # noqa: E731 (ε·I in the Gram mat
         scale_invariant(applies=_exact_scale),
     ),
 )
-def orthogonal_weight_norm(v: Any, group_size: int | None = None, eps: float = 0.0) -> Any:
+def orthogonal_weight_norm(v: Any, group_size: int | None = None, eps: float = 0.0, centering: bool = True) -> Any:
     """Orthogonal weight normalization (OWN): W = (Vc·Vcᵀ)^-1/2·Vc per group of rows (survey Eqn 31).
 
     Vc is V (rows = output neurons, fan-in flattened) with each row centred; rows are taken in groups
@@ -973,6 +981,11 @@ def orthogonal_weight_norm(v: Any, group_size: int | None = None, eps: float = 0
     eps : float, default 0.0
         ε > 0 adds ε·I to Vc·Vcᵀ (rows then only approximately orthonormal); the default 0 is the
         paper's.
+    centering : bool, default True
+        Centre each row first (the paper's Vc). ``False`` orthogonalizes V itself, W = (V·Vᵀ)^-1/2·V
+        (the polar factor): a square V then gives a fully orthogonal W (W·Wᵀ = WᵀW = I, rank d), which
+        centred rows, spanning at most fan_in − 1 dimensions, cannot reach; a group may then have up
+        to fan_in rows.
 
     Returns
     -------
@@ -999,7 +1012,8 @@ def orthogonal_weight_norm(v: Any, group_size: int | None = None, eps: float = 0
     fn = "orthogonal_weight_norm"
     _required(fn, v=v)
     xp = namespace(fn, v=v)
-    return _orth_forward(fn, xp, v, group_size, eps, None)
+    centering = check_bool(fn, "centering", centering)
+    return _orth_forward(fn, xp, v, group_size, eps, None, centering=centering)
 
 
 orthogonal_weight_norm.defbackward(_orth_backward)
@@ -1042,6 +1056,9 @@ def _ex_oni(rng):
                       cond=_gram_cond(v, c or shape[0]))
     v = rng.standard_normal((4, 5))
     yield Example((v,), dict(iterations=4, eps=1e-2), label="(4, 5) T=4 eps=1e-2", cond=_gram_cond(v, 4))
+    v = rng.standard_normal((4, 4))  # square, uncentred
+    yield Example((v,), dict(iterations=5, centering=False), label="(4, 4) T=5 centering=False",
+                  cond=float(_np.linalg.cond(v @ v.T)))
     # the paper's literal recurrence, where it is stable enough to test (see _newton_amplification)
     for shape, c, t in [((4, 6), None, 5), ((6, 3, 2, 2), 3, 2), ((8, 3), 2, 3)]:
         v = rng.standard_normal(shape) + 0.3
@@ -1059,7 +1076,8 @@ def _oni_singular_values(m, xp, out, args, kwargs):
     c = kwargs.get("group_size") or w.shape[0]
     eps = kwargs.get("eps", 0.0)
     z = v.reshape(v.shape[0] // c, c, -1)
-    z = z - z.mean(axis=-1, keepdims=True)
+    if kwargs.get("centering", True):
+        z = z - z.mean(axis=-1, keepdims=True)
     t = _np.einsum("gij,gij->g", z, z) + eps * c
     lo = _np.sqrt(_np.clip(_np.linalg.eigvalsh(z @ _np.swapaxes(z, -1, -2)) / t[:, None], 0, None))[:, ::-1]
     sv = _np.linalg.svd(w.reshape(z.shape), compute_uv=False)
@@ -1080,7 +1098,7 @@ def _oni_singular_values(m, xp, out, args, kwargs):
     ),
 )
 def oni(v: Any, iterations: int = 5, group_size: int | None = None, eps: float = 0.0,
-        iteration: str = "newton_schulz") -> Any:
+        iteration: str = "newton_schulz", centering: bool = True) -> Any:
     """Orthogonalization by Newton's iteration (ONI): W = B_T·V̂ per group of rows.
 
     Algorithm 1 of Huang et al. (CVPR 2020) on the centred rows Zc (as their code; groups of
@@ -1123,6 +1141,10 @@ def oni(v: Any, iterations: int = 5, group_size: int | None = None, eps: float =
           per iteration, which exceeds 1 when an eigenvalue ratio of S exceeds 2.44 (Higham 2008,
           §6.4). With κ(S) = 27 and T = 20 we measured ‖W·Wᵀ − I‖ = 1e6 in float64 (NaN at T = 40);
           with the paper's T ≤ 7 the loss is a few digits.
+    centering : bool, default True
+        Centre each row first (Algorithm 1 and the authors' code). ``False`` runs the iteration on V
+        itself: a square V then converges to a fully orthogonal W (rank d, the polar factor of V),
+        which centred rows (rank ≤ fan_in − 1) cannot reach.
 
     Returns
     -------
@@ -1149,7 +1171,8 @@ def oni(v: Any, iterations: int = 5, group_size: int | None = None, eps: float =
     xp = namespace(fn, v=v)
     iterations = _mf.check_iterations(fn, "iterations", iterations, minimum=1)
     iteration = check_choice(fn, "iteration", iteration, ITERATIONS)
-    return _orth_forward(fn, xp, v, group_size, eps, iterations, iteration)
+    centering = check_bool(fn, "centering", centering)
+    return _orth_forward(fn, xp, v, group_size, eps, iterations, iteration, centering=centering)
 
 
 oni.defbackward(_orth_backward)

@@ -35,11 +35,17 @@ SLOW: dict[str, tuple[str, ...]] = {
                            "test_convert_sync_and_torch_converter_interplay", "test_torch_ddp_example_*",
                            "test_bench_sync_quick"),
     "test_dask.py": ("test_local_cluster_*",),
-    "test_conformance.py": ("test_quick_run_of_everything_registered",),
     "test_kernel_layouts.py": ("*",),
     "test_kernels.py": ("test_bench_quick_smoke",),
     "test_embedding.py": ("test_readme_jax_example_*",),
+    "test_jax_adapter.py": ("test_check_grads_orders_1_and_2", "test_jit_and_vmap_equal_eager", "test_vmap",
+                            "test_second_derivative_against_*", "test_axis_name_under_vmap"),
+    "test_conformance.py": ("test_quick_run_of_everything_registered", "test_command_quick_mode_in_a_subprocess"),
+    "test_typing.py": ("test_mypy_is_clean_on_normref", "test_types_reach_users"),
 }
+# and every test run on the JAX array library through the ``backend`` fixture (JAX compiles each new
+# shape: the JAX column is most of the suite's time; test_jax_adapter's other tests stay fast)
+SLOW_BACKENDS = ("jax",)
 
 
 def pytest_addoption(parser):
@@ -49,6 +55,9 @@ def pytest_addoption(parser):
 
 
 def _is_slow(item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and callspec.params.get("backend") in SLOW_BACKENDS:
+        return True
     patterns = SLOW.get(item.path.name if hasattr(item, "path") else "", ())
     name = getattr(item, "originalname", None) or item.name.split("[")[0]
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 import normref
-from normref.conformance.backends import get_backend
 
 torch = pytest.importorskip("torch")
 from torch.nn.utils.parametrizations import _Orthogonal, _OrthMaps, orthogonal  # noqa: E402
@@ -248,3 +247,55 @@ def test_bad_input_is_refused_naming_function_and_argument(fname):
     if fname == "householder_orthogonal":
         with pytest.raises(ValueError, match="householder_orthogonal: diagonal"):
             f(np.eye(3), diagonal="round")
+
+
+# --------------------------------------------------------------------------------------------------
+# a full-rank orthogonal square weight: OWN and ONI without the row centring
+
+
+def _polar(v):
+    u, _, vt = np.linalg.svd(v)
+    return u @ vt
+
+
+@pytest.mark.parametrize("which", ["own", "oni"])
+def test_square_weight_fully_orthogonal_without_centring(which, rng):
+    """centering=False: a square V gives W·Wᵀ = WᵀW = I, rank d (the polar factor U·Vᵀ of V); with the
+    default centring the same V reaches rank d − 1 only (the rows are orthogonal to 1)."""
+    d = 5
+    v = rng.standard_normal((d, d)) + 0.3
+    kappa = float(np.linalg.cond(v @ v.T))
+    if which == "own":
+        w = normref.orthogonal_weight_norm(v, group_size=d, centering=False)
+    else:
+        # trace-normalized Newton–Schulz: λ_min(S/tr S) ≥ 1/(d·κ); 60 steps converge far below ε
+        w = normref.oni(v, iterations=60, centering=False)
+    # centred, one group of all d rows (OWN refuses it: Vc·Vcᵀ is singular): rank d − 1
+    w_c = normref.oni(v, iterations=8)
+    # the eigh / Newton solution's error: c·d·κ(V·Vᵀ)·ε (module docstring's c = 64)
+    tol = 64 * EPS64 * d * kappa
+    assert np.max(np.abs(w @ w.T - np.eye(d))) <= tol
+    assert np.max(np.abs(w.T @ w - np.eye(d))) <= tol
+    assert np.linalg.matrix_rank(w) == d
+    assert np.max(np.abs(w - _polar(v))) <= tol
+    sv = np.linalg.svd(w_c, compute_uv=False)
+    assert np.linalg.matrix_rank(w_c) == d - 1 and sv[-1] <= tol
+
+
+@pytest.mark.parametrize("which", ["own", "oni"])
+def test_uncentred_gradient_finite_differences_and_bad_flag(which, rng):
+    f = {"own": lambda v: normref.orthogonal_weight_norm(v, group_size=4, centering=False),
+         "oni": lambda v: normref.oni(v, iterations=6, centering=False)}[which]
+    m = normref.orthogonal_weight_norm if which == "own" else normref.oni
+    kw = dict(group_size=4) if which == "own" else dict(iterations=6)
+    v = rng.standard_normal((4, 4)) + 0.3
+    w, pullback = normref.vjp(m, v, centering=False, **kw)
+    g = rng.standard_normal(w.shape)
+    (gv,) = pullback(g)
+    for _ in range(3):  # central differences, h = 1e-6 (see test_finite_differences)
+        d = rng.standard_normal(v.shape)
+        fd = np.sum((f(v + 1e-6 * d) - f(v - 1e-6 * d)) * g) / 2e-6
+        an = np.sum(gv * d)
+        assert abs(fd - an) <= 1e-6 * max(1.0, abs(an))
+    with pytest.raises(TypeError, match=f"{m.__name__}: centering"):
+        m(v, centering="no", **kw)
