@@ -95,10 +95,10 @@ def result_tuple(cls: T) -> T:
         setattr(cls, f"__{op}__", _refuse(op))
     for op in ("lt", "le", "gt", "ge", "eq", "ne"):
         setattr(cls, f"__{op}__", _compare(op))
-    cls.__hash__ = tuple.__hash__  # type: ignore[method-assign]  # defining __eq__ would unset it
-    cls.__getattr__ = _getattr  # type: ignore[attr-defined]
+    setattr(cls, "__hash__", tuple.__hash__)  # defining __eq__ would unset it
+    setattr(cls, "__getattr__", _getattr)
     # NumPy: ``array * result`` and ``np.exp(result)`` defer to this (not a silent object array);
     # ``np.asarray(result)`` calls __array__ (not a ragged-array error)
-    cls.__array_ufunc__ = _array_ufunc  # type: ignore[attr-defined]
-    cls.__array__ = _array  # type: ignore[attr-defined]
+    setattr(cls, "__array_ufunc__", _array_ufunc)
+    setattr(cls, "__array__", _array)
     return cls

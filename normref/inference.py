@@ -171,9 +171,9 @@ def recalibrate(
     estimated = [p for p in names if state.get(p) is not None]
     if not estimated:
         raise ValueError(f"{fn}: state holds none of {m.name}'s running statistics ({', '.join(names)})")
-    for k, v in state.items():
+    for key, v in state.items():
         if v is not None and not is_array(v):
-            raise TypeError(f"{fn}: state[{k!r}] must be an array; got {type(v).__name__}")
+            raise TypeError(f"{fn}: state[{key!r}] must be an array; got {type(v).__name__}")
     unbiased = check_bool(fn, "unbiased", unbiased)
     if not unbiased and estimator != "pooled":
         raise ValueError(f"{fn}: unbiased=False (the biased pooled variance, as fvcore's precise BN) applies to "
@@ -188,10 +188,10 @@ def recalibrate(
     fixed = {"momentum", "num_batches_tracked", "alpha_fwd", flag}
     bad = [k for k in arguments if k in fixed or k in state or k not in params or k == m.array_params[0]]
     if bad:
-        k = bad[0]
-        why = ("is set by recalibrate" if k in fixed else "belongs in state" if k in state
-               else "is the batches" if k == m.array_params[0] else f"is not an argument of {m.name}")
-        raise TypeError(f"{fn}: argument {k!r} {why}")
+        arg = bad[0]
+        why = ("is set by recalibrate" if arg in fixed else "belongs in state" if arg in state
+               else "is the batches" if arg == m.array_params[0] else f"is not an argument of {m.name}")
+        raise TypeError(f"{fn}: argument {arg!r} {why}")
     if is_array(batches) or isinstance(batches, (str, bytes)) or not hasattr(batches, "__iter__"):
         raise TypeError(f"{fn}: batches must be an iterable of arrays (N_k, C, *spatial), one per batch; "
                         f"got {type(batches).__name__}")
@@ -474,6 +474,8 @@ def eval_norm(
         like = {"dtype": compute_dtype(xp, input.dtype), "device": device_of(input)}
         alpha = xp.asarray(numbers["alpha"], **like) if "alpha" in numbers else alpha
         beta = xp.asarray(numbers["beta"], **like) if "beta" in numbers else beta
+    # the Python numbers became 0-d arrays above: both are arrays from here on (for the type checker)
+    assert not isinstance(alpha, (int, float)) and not isinstance(beta, (int, float))
     check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
     shape = tuple(input.shape)
     c = shape[1]
@@ -596,6 +598,7 @@ class PooledMoments:
         _, mean, M2 = combine_moments(xp, w, xp.stack([mua, mu]), xp.stack([m2a, m2]))
         M2g = None
         if m2g is not None:
+            assert gs is not None  # m2g exists only with a group_size (for the type checker)
             g = c // gs
             _, _, M2g = combine_moments(xp, w, xp.stack([xp.reshape(mua, (g, gs)), xp.reshape(mu, (g, gs))]),
                                         xp.stack([m2ga, m2g]))

@@ -90,7 +90,9 @@ _PADE13 = (64764752532480000.0, 32382376266240000.0, 7771770303897600.0, 1187353
            129060195264000.0, 10559470521600.0, 670442572800.0, 33522128640.0, 1323241920.0,
            40840800.0, 960960.0, 16380.0, 182.0, 1.0)
 _THETA13 = 5.371920351148152  # ‖A‖₁ ≤ θ13: the [13/13] Padé approximant is exact to float64 rounding
-_MAX_SQUARINGS = 64  # traced inputs (no concrete norm): squarings masked up to this count
+# traced inputs (no concrete norm): squarings masked up to this count, ‖A‖₁ ≤ θ13·2^32 ≈ 2.3e10 (a
+# skew-symmetric A that large has lost every digit of exp(A) in float64 anyway); beyond it: NaN
+_MAX_SQUARINGS = 32
 
 
 def _pade13(xp, a):
@@ -102,7 +104,14 @@ def _pade13(xp, a):
     u = xp.matmul(a, xp.matmul(a6, b[13] * a6 + b[11] * a4 + b[9] * a2) + b[7] * a6 + b[5] * a4 + b[3] * a2
                   + b[1] * eye)
     v = xp.matmul(a6, b[12] * a6 + b[10] * a4 + b[8] * a2) + b[6] * a6 + b[4] * a4 + b[2] * a2 + b[0] * eye
-    return xp.linalg.solve(v - u, v + u)
+    return _solve(xp, v - u, v + u)
+
+
+def _solve(xp, a, b):
+    """A⁻¹·B, batched (dask: NumPy's batched solve per block, as :mod:`normref.matfun`)."""
+    if is_lazy(a) or is_lazy(b):
+        return _mf._dask_linalg("solve", a, b)
+    return xp.linalg.solve(a, b)
 
 
 def _squarings(xp, a):
@@ -119,7 +128,7 @@ def _squarings(xp, a):
                 return 0  # the NaN/inf propagate (checked by the callers for concrete values)
             return max(0, math.ceil(math.log2(top / _THETA13))) if top > _THETA13 else 0
     s = xp.ceil(xp.log2(xp.maximum(nrm, 1e-300 if nrm.dtype == xp.float64 else 1e-30) / _THETA13))
-    return xp.clip(s, 0, _MAX_SQUARINGS)
+    return xp.clip(s, 0, _MAX_SQUARINGS + 1)
 
 
 def expm(a: Any) -> Any:
@@ -128,8 +137,9 @@ def expm(a: Any) -> Any:
     Scaling and squaring with the [13/13] Padé approximant: exp(A) = r₁₃(A/2^s)^(2^s), s the least
     integer with ‖A‖₁/2^s ≤ θ₁₃ = 5.37 (Higham 2005, without the lower-degree shortcuts): backward
     error at most the unit roundoff of float64. Written with the array API's ``matmul`` and
-    ``linalg.solve`` only. Under ``jax.jit`` (no concrete norm) each matrix's s is an array and the
-    squarings are masked, up to 64 of them.
+    ``linalg.solve`` only. Under ``jax.jit`` and for dask arrays (no concrete norm) each matrix's s is
+    an array and the squarings are masked, up to 32 of them (‖A‖₁ ≤ 2.3e10; a larger traced A gives
+    NaN).
 
     Parameters
     ----------
@@ -168,7 +178,8 @@ def _expm(xp, a):
     e = _pade13(xp, a / scale)
     for k in range(_MAX_SQUARINGS):
         e = xp.where((s > k)[..., None, None], xp.matmul(e, e), e)
-    return e
+    # more squarings needed than were unrolled: NaN, never a silently wrong exp(A)
+    return xp.where((s > _MAX_SQUARINGS)[..., None, None], xp.full_like(e, float("nan")), e)
 
 
 def _expm_frechet_adjoint(xp, a, g):
@@ -273,7 +284,7 @@ def cayley(a: Any) -> Any:
     s = _skew(xp, x)
     eye = _mf.eye_like(xp, s)
     n_ = eye + 0.5 * s
-    q = xp.linalg.solve(eye - 0.5 * s, n_)
+    q = _solve(xp, eye - 0.5 * s, n_)
     return _out(xp, q, a.dtype), Residuals((n_, q), (a.dtype,))
 
 
@@ -283,7 +294,7 @@ def _cayley_backward(res, g):
     (dtype,) = res.static
     xp = namespace("cayley.backward", cotangent=g)
     g = to_compute(xp, g, q.dtype)
-    ga = 0.5 * xp.matmul(xp.linalg.solve(n_, g), _mf.eye_like(xp, q) + _mf.mT(xp, q))
+    ga = 0.5 * xp.matmul(_solve(xp, n_, g), _mf.eye_like(xp, q) + _mf.mT(xp, q))
     return (_out(xp, _skew_backward(xp, ga), dtype),)
 
 

@@ -927,7 +927,7 @@ def _orthonormal_groups(m, xp, out, args, kwargs):
     v = _np_rows(args[0])
     w = _np_rows(m.primary(out))
     centering = kwargs.get("centering", True)
-    c = kwargs.get("group_size") or _own_default_group_size(*w.shape, centering)
+    c = kwargs.get("group_size") or _own_default_group_size(w.shape[0], w.shape[1], centering)
     eps = kwargs.get("eps", 0.0)
     wg = w.reshape(w.shape[0] // c, c, -1)
     gram = wg @ _np.swapaxes(wg, -1, -2)
