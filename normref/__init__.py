@@ -53,6 +53,8 @@ from .cross_iteration import *  # noqa: F401,F403
 from . import online
 from . import orthogonal
 from .orthogonal import *  # noqa: F401,F403
+from . import stiefel
+from .stiefel import *  # noqa: F401,F403
 from .online import (OnlineNormGrad, OnlineNormResult, PowerNormGrad, PowerNormResult, online_norm,
                      online_norm_backward, power_norm, power_norm_backward)
 
@@ -111,4 +113,5 @@ __all__ = [
     *cross_iteration.__all__,
     *online.__all__,
     *orthogonal.__all__,
+    *stiefel.__all__,
 ]

@@ -63,6 +63,10 @@ def __getattr__(name: str):
         cross_iteration = importlib.import_module(".cross_iteration", __name__)
         if name in cross_iteration.__all__:
             return getattr(cross_iteration, name)
+    if name == "StiefelSGD":  # Cayley SGD on the Stiefel manifold (issue 15, §6.2)
+        from .stiefel import StiefelSGD
+
+        return StiefelSGD
     if name == "parametrize":
         import importlib
 
