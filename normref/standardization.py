@@ -800,7 +800,7 @@ def _rms_partition(args, kwargs):
 
 @method(
     array_params=("input", "weight"),
-    survey="§5.1.1 (Table 1: Π_LN, scaling; root mean square LN)",
+    survey="§5.1.2 (scaling only over Π_LN: root mean square LN; Table 1)",
     paper="Zhang & Sennrich, Root Mean Square Layer Normalization, NeurIPS 2019",
     examples=_ex_rms_norm,
     invariants=(moment_invariant("scaling", _rms_partition),),
@@ -1179,7 +1179,7 @@ def _pixel_partition(args, kwargs):
 
 @method(
     array_params=("input",),
-    survey="§5.1.1 (Table 1: Π_PN ∈ R^{mhw×d}, scaling)",
+    survey="§5.1.2 (scaling only over Π_PN ∈ R^{mhw×d}; Table 1)",
     paper="Karras et al., Progressive Growing of GANs, ICLR 2018",
     examples=_ex_pixel,
     invariants=(moment_invariant("scaling", _pixel_partition),),
@@ -1366,7 +1366,7 @@ def _frn_partition(args, kwargs):
 
 @method(
     array_params=("input", "weight", "bias", "tau"),
-    survey="§5.1.1 (scaling over Π_IN; NRR affine + thresholded linear unit)",
+    survey="§5.1.2 (scaling only over Π_IN; NRR affine + thresholded linear unit)",
     paper="Singh & Krishnan, Filter Response Normalization Layer, CVPR 2020",
     examples=_ex_frn,
     invariants=(moment_invariant("scaling", _frn_partition),),

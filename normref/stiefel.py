@@ -39,8 +39,10 @@ class CayleySGDState(NamedTuple):
 
 
 class CayleyAdamState(NamedTuple):
-    """State of :func:`cayley_adam_step`: the first moment M (n × p, tangent), the second moment v
-    (a scalar array per matrix, shape (...)) of ‖G‖²_F, and the number of steps taken."""
+    """State of :func:`cayley_adam_step`: the first moment, the second moment and the step count.
+
+    M (n × p, a tangent vector), v (one scalar per matrix, shape (...)) the running mean of ‖G‖²_F,
+    and the number of steps taken."""
 
     m: Array
     v: Array
@@ -102,8 +104,7 @@ def _check_q(fn: str, q: Any) -> float:
 
 
 def stiefel_project(w: Array, g: Array, metric: str = "euclidean") -> Array:
-    """The Riemannian gradient on the Stiefel manifold: the Euclidean gradient G projected to the tangent
-    space at W.
+    """The Riemannian gradient on the Stiefel manifold: the Euclidean gradient projected to T_W St.
 
     Euclidean (embedded) metric ⟨ξ, η⟩ = tr(ξᵀη), the orthogonal projection to
     T_W St = {ξ : sym(Wᵀξ) = 0}:
@@ -119,7 +120,7 @@ def stiefel_project(w: Array, g: Array, metric: str = "euclidean") -> Array:
         the projection only for such W).
     g : Array
         The Euclidean gradient ∂f/∂W, same shape.
-    metric : {"euclidean", "canonical"}
+    metric : {"euclidean", "canonical"}, default "euclidean"
         The metric the gradient is taken in (both give tangent vectors).
 
     Returns
@@ -175,8 +176,9 @@ def _qr_signed(xp, a):
 
 
 def stiefel_retract(w: Array, xi: Array, method: str = "qr") -> Array:
-    """A retraction R_W(ξ) of the Stiefel manifold: a point of St(n, p) with R_W(0) = W and
-    d/dt R_W(tξ)|₀ = ξ.
+    """A retraction R_W(ξ) of the Stiefel manifold (QR, Cayley or polar).
+
+    R_W(ξ) is a point of St(n, p) with R_W(0) = W and d/dt R_W(tξ)|₀ = ξ:
 
     - ``"qr"``: R_W(ξ) = qf(W + ξ), the Q factor of the reduced QR, signs fixed so that diag(R) > 0.
     - ``"cayley"`` (Wen & Yin 2013): R_W(ξ) = (I − A/2)⁻¹(I + A/2)W with the skew n × n generator
@@ -193,7 +195,8 @@ def stiefel_retract(w: Array, xi: Array, method: str = "qr") -> Array:
         A point of St(n, p), shape ``(..., n, p)``, p ≤ n.
     xi : Array
         A tangent vector at W (e.g. −lr·:func:`stiefel_project`), same shape.
-    method : {"qr", "cayley", "polar"}
+    method : {"qr", "cayley", "polar"}, default "qr"
+        The retraction (formulas above).
 
     Returns
     -------
@@ -282,20 +285,20 @@ def cayley_sgd_step(w: Array, grad: Array, lr: float, state: CayleySGDState | No
         The Euclidean gradient ∂f/∂W at ``w``, same shape.
     lr : float
         The learning rate l > 0 (an upper bound on α).
-    state : CayleySGDState or None
+    state : CayleySGDState or None, default None
         The momentum from the previous step; ``None`` starts at M = 0.
-    momentum : float
+    momentum : float, default 0.9
         β in [0, 1).
-    iterations : int or None
+    iterations : int or None, default 2
         s, the number of fixed-point iterations (the paper: 2; the authors' code: 5). ``None``: the
         exact Cayley transform by one n × n solve, which stays on the manifold to rounding; with s
         iterations each step leaves it by O((α‖A‖/2)^(s+1)) (the authors re-orthonormalize by QR
         about once in 100 steps; :func:`stiefel_retract` with ``"qr"`` does that).
-    q : float
+    q : float, default 0.5
         The contraction factor in (0, 1) bounding α (the paper: 0.5).
-    eps : float
+    eps : float, default 1e-8
         ε in the step-size bound (the paper: 1e-8).
-    norm : {"fro", "one"}
+    norm : {"fro", "one"}, default "fro"
         ‖A‖ in the step-size bound: the Frobenius norm (the paper's ‖·‖) or the matrix 1-norm (the
         authors' code, ``matrix_norm_one``). Both bound the spectral norm, so both keep α‖A‖₂/2 ≤ q.
 
@@ -366,16 +369,17 @@ def cayley_adam_step(w: Array, grad: Array, lr: float, state: CayleyAdamState | 
         The point ``(..., n, p)`` and the Euclidean gradient at it.
     lr : float
         The learning rate l > 0 (an upper bound on α).
-    state : CayleyAdamState or None
+    state : CayleyAdamState or None, default None
         ``None`` starts at M = 0, v = 0, k = 0 (the authors' code's initial values).
-    betas : (float, float)
+    betas : (float, float), default (0.9, 0.99)
         (β₁, β₂), each in [0, 1) (the paper: 0.9, 0.99).
-    iterations, q, eps, norm
+    iterations, q, eps, norm : int or None, float, float, str, default 2, 0.5, 1e-8, "fro"
         As in :func:`cayley_sgd_step`.
 
     Returns
     -------
     (Array, CayleyAdamState)
+        The new point and the new state (tangent first moment, second moment, step count).
 
     Notes
     -----

@@ -1618,7 +1618,7 @@ def _check_style(fn, content, style):
 
 @method(
     array_params=("content", "style"),
-    survey="§5.2 (generated affine recovery: γ, β from another input) and §8.4 (style transfer)",
+    survey="§5.1.3 (generated affine recovery: γ, β from another input) and §9.2 (style transfer)",
     paper="Huang & Belongie, Arbitrary Style Transfer in Real-time with Adaptive Instance Normalization, ICCV 2017",
     examples=_ex_adain,
     invariants=(_adain_invariant(),),
@@ -1751,7 +1751,7 @@ def _ex_wct(rng):
 
 @method(
     array_params=("content", "style"),
-    survey="§8.4 (style transfer: whitening and coloring of instance statistics)",
+    survey="§9.2 (style transfer: whitening and coloring of instance statistics)",
     paper="Li, Fang, Yang, Wang, Lu & Yang, Universal Style Transfer via Feature Transforms, NeurIPS 2017",
     examples=_ex_wct,
     invariants=(_wct_invariant(),),

@@ -34,11 +34,11 @@ class StiefelSGD(torch.optim.Optimizer):
         A group's ``stiefel`` (default: the constructor's) marks its parameters as Stiefel.
     lr : float
         The learning rate (the bound l on α for Stiefel groups).
-    momentum : float
+    momentum : float, default 0.9
         β in [0, 1).
-    stiefel : bool
+    stiefel : bool, default False
         The default for groups that do not say.
-    iterations, q, eps, norm
+    iterations, q, eps, norm : int or None, float, float, str, default 2, 0.5, 1e-8, "fro"
         As in :func:`normref.stiefel.cayley_sgd_step`.
 
     Notes
