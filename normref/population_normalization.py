@@ -21,7 +21,7 @@ Three families, all pure (the state goes in as arguments and comes back in the r
   ``preset`` picks the schedule of α (constant for Dinh et al. and momentum BN, α_k = (k + 1)^-η for
   diminishing BN).
 
-Not implemented, and why (issue 14, recorded for the closing note):
+Not implemented, and why:
 
 - Kalman normalization (Wang et al., NeurIPS 2018) estimates a layer's statistics from the *previous
   layer's* estimated statistics through a learned transition matrix, and back-propagates through that

@@ -24,8 +24,8 @@ class StiefelSGD(torch.optim.Optimizer):
 
     Per Stiefel parameter W (as an n × p matrix with orthonormal columns) and its gradient G:
     M ← βM − G; A = Ŵ − Ŵᵀ, Ŵ = MWᵀ − ½W(WᵀMWᵀ); M ← AW; α = min(lr, 2q/(‖A‖ + ε));
-    W ← the Cayley transform (I − αA/2)⁻¹(I + αA/2)W, by ``iterations`` fixed-point steps (the
-    paper: 2) or exactly (``iterations=None``). Other groups: torch's SGD with momentum,
+    W ← the Cayley transform (I − αA/2)⁻¹(I + αA/2)W, exactly (``iterations=None``, the
+    default) or by ``iterations`` fixed-point steps (the paper: 2; they drift off the manifold). Other groups: torch's SGD with momentum,
     b ← βb + G, W ← W − lr·b (no dampening, no weight decay).
 
     Parameters
@@ -38,7 +38,7 @@ class StiefelSGD(torch.optim.Optimizer):
         β in [0, 1).
     stiefel : bool, default False
         The default for groups that do not say.
-    iterations, q, eps, norm : int or None, float, float, str, default 2, 0.5, 1e-8, "fro"
+    iterations, q, eps, norm : int or None, float, float, str, default None, 0.5, 1e-8, "fro"
         As in :func:`normref.stiefel.cayley_sgd_step`.
 
     Notes
@@ -53,7 +53,7 @@ class StiefelSGD(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.9, stiefel: bool = False,
-                 iterations: int | None = 2, q: float = 0.5, eps: float = 1e-8, norm: str = "fro") -> None:
+                 iterations: int | None = None, q: float = 0.5, eps: float = 1e-8, norm: str = "fro") -> None:
         if not isinstance(stiefel, bool):
             raise TypeError(f"StiefelSGD: stiefel must be a bool; got {type(stiefel).__name__} {stiefel!r}")
         defaults = dict(lr=lr, momentum=momentum, stiefel=stiefel, iterations=iterations, q=q, eps=eps, norm=norm)
