@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 from . import matfun as _mf
 from ._validate import _real, check_choice, check_int, check_positive
+from ._results import result_tuple
 from ._xp import Array, namespace
 
 __all__ = [
@@ -32,12 +33,14 @@ _PAPER = ("J. Li, L. Fuxin & S. Todorovic, Efficient Riemannian optimization on 
           "via the Cayley transform, ICLR 2020")
 
 
+@result_tuple
 class CayleySGDState(NamedTuple):
     """State of :func:`cayley_sgd_step`: the momentum M (n × p, a tangent vector at the current W)."""
 
     momentum: Array
 
 
+@result_tuple
 class CayleyAdamState(NamedTuple):
     """State of :func:`cayley_adam_step`: the first moment, the second moment and the step count.
 
