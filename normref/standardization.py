@@ -963,6 +963,8 @@ def _ex_batch_group_norm(rng):
                   label="G=3, 2 batch groups, running update")
     yield Example((x, 3, w, b), dict(batch_groups=2, running_mean=rm, running_var=rv, training=False),
                   label="inference (population statistics)")
+    yield Example((x, 2, w, b), dict(batch_groups=1, running_mean=rm, running_var=rv, momentum=0.3),
+                  label="G=2, whole batch, running update")
 
 
 def _batch_stats_only(inv: Invariant) -> Invariant:

@@ -63,7 +63,10 @@ BATCH_STATS = {
     "batch_group_norm", "switchable_norm", "batch_instance_norm", "batch_whitening",
     "decorrelated_batch_norm", "iter_norm", "whitening_coloring",
     # population statistics blended with or updated from the batch's (no sync= argument: per device)
-    "population_norm", "blended_batch_norm", "prong_whitening",
+    "population_norm", "blended_batch_norm", "prong_whitening", "batch_normalize",
+    "moving_average_batch_norm", "memorized_batch_norm", "cross_iteration_batch_norm",
+    # a per-sample stream through the batch: a shard is a different stream
+    "online_norm",
 }
 PER_SAMPLE_PARTITIONS = {"instance", "group", "layer", "position"}  # normalize(partition=...)
 # axis_name under vmap(axis_name=...): one BN-like and one whitening method here (each engine costs a
@@ -393,7 +396,10 @@ def run(names):
                 own = any(b.get(p) is not None for p in m.array_params if p not in m.diff_params)
                 return b.get("training", True) is True and (own or _borrow_running_statistics(m, e, exs))
 
-            stateful = [e for e in exs if e is not ex_sync and with_state(e)]
+            # batch groups are each rank's own under sync, so only batch_groups = 1 compares with the
+            # whole batch on one device (see case_sync)
+            stateful = [e for e in exs if e is not ex_sync and with_state(e)
+                        and m.bind(*e.args, **e.kwargs).arguments.get("batch_groups", 1) == 1]
             if ex_sync is not None and not with_state(ex_sync) and stateful:
                 ex_sync = min(stateful, key=lambda e: _cost(m, e))
             if ex_sync is None:

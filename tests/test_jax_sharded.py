@@ -38,7 +38,8 @@ DATA = ("input", "x", "content", "style")
 WITH_DATA = [m.name for m in normref.methods() if any(p in DATA for p in m.array_params)]
 # methods with batch statistics in training but no sync= argument (statistics stay per device; the
 # worker lists them in BATCH_STATS too): a batch-sharded case, compared slice by slice only
-LOCAL_BATCH = {"population_norm", "blended_batch_norm", "prong_whitening"}
+LOCAL_BATCH = {"population_norm", "blended_batch_norm", "prong_whitening", "batch_normalize",
+               "moving_average_batch_norm", "memorized_batch_norm", "cross_iteration_batch_norm", "online_norm"}
 TIMEOUT = 600
 
 
