@@ -11,7 +11,7 @@ outputs — and makes the array-like uses raise with the fix in the message:
 - arithmetic (``+ - * / // % ** @``, reflected too, unary ``- + abs ~``) and ordering comparisons,
   ``==``/``!=`` with an array or a number, NumPy ufuncs (``np.exp(y)``, ``array * y``) and
   ``np.asarray(y)``: ``TypeError``;
-- an unknown attribute (``y.sum()``, ``y.shape``, ``y.backward()``, ``y.dtype``): ``AttributeError``
+- an unknown attribute (``y.sum()``, ``y.shape``, ``y.backward``, ``y.dtype``): ``AttributeError``
   (so ``hasattr`` and ``getattr(y, name, default)`` keep working),
 
 each saying e.g. ``NormResult is (output, running_mean, running_var); use result.output``.
