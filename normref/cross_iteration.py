@@ -37,6 +37,9 @@ from typing import Any, NamedTuple
 from ._validate import check_bool, check_choice, check_momentum, check_ndim, check_nonnegative, check_nonnegative_values, check_positive
 from ._results import result_tuple
 from ._xp import Array, compute_dtype, namespace, to_compute, to_numpy
+from . import operation as _op
+from . import partition as _part
+from .framework import run_backward, run_forward
 from .registry import Example, Invariant, Residuals, method
 from .standardization import _check_channels, _ema, _eps, _out, _shapes
 
@@ -236,17 +239,19 @@ def _blend_backward(xp, arrays, gamma, pooled: bool, g, need_x: bool):
 
 
 def _population(xp, x, rm, rv, gamma, beta, eps):
-    """Inference: the running statistics are the population statistics (constants)."""
-    s = 1.0 / xp.sqrt(rv + eps)
-    xhat = (x - rm) * s
-    y = xhat if gamma is None else xhat * gamma
-    return (y if beta is None else y + beta), xhat, s
+    """Inference: the running statistics are the population statistics (constants, survey Eqn 16) —
+    batch_norm's inference composition (Π_BN, population standardizing, affine), not a copy of it:
+    ``(y, μ, 1/√(σ² + ε))`` with μ, σ² broadcast per channel."""
+    part, op = _part.Partition("batch"), _op.PopulationStandardizing(eps)
+    y, op_res, _ = run_forward(xp, x, part, op, gamma, beta, mean=rm, var=rv)
+    return y, op_res[1], op_res[2]
 
 
-def _population_backward(xp, x, xhat, s, gamma, g):
-    axes = _axes(x)
-    gh = g if gamma is None else g * gamma
-    return gh * s, xp.sum(g * xhat, axis=axes, keepdims=True), xp.sum(g, axis=axes, keepdims=True)
+def _population_backward(xp, x, mu, s, gamma, g, has_beta):
+    """(dx, dγ, dβ) of :func:`_population` by the framework's composed backward."""
+    part, op = _part.Partition("batch"), _op.PopulationStandardizing(0.0)
+    beta_shape = tuple(s.shape) if has_beta else None
+    return run_backward(xp, part, op, tuple(x.shape), (x, mu, s), gamma, beta_shape, g)
 
 
 def _finish(xp, res: Residuals, grads, layout):
@@ -467,8 +472,9 @@ def moving_average_batch_norm(
     beta = _chan(xp, to_compute(xp, bias, cd), nd)
     static_shapes = _shapes(weight, bias)
     if not training:
-        y, xhat, s = _population(xp, x, 0.0, _chan(xp, to_compute(xp, running_mean_square, cd), nd), gamma, beta, eps)
-        return _out(xp, y, input.dtype), Residuals((x, xhat, s, gamma), ("eval",) + static_shapes)
+        ms = _chan(xp, to_compute(xp, running_mean_square, cd), nd)
+        y, mu, s = _population(xp, x, xp.zeros_like(ms), ms, gamma, beta, eps)  # scaling: μ = 0
+        return _out(xp, y, input.dtype), Residuals((x, mu, s, gamma), ("eval",) + static_shapes)
     _count_check(fn, x)
     z, s, r, chi, psi = _mabn_parts(xp, x, past_sq_means, running_mean_square, eps, rmax)
     zr = z if r is None else z * r
@@ -490,9 +496,9 @@ def _mabn_backward(res: Residuals, g):
     xp = namespace("moving_average_batch_norm.backward", cotangent=g)
     layout = ("x", None, None, "w", "b", None)
     if res.static[0] == "eval":
-        x, xhat, s, gamma = res.arrays
+        x, mu, s, gamma = res.arrays
         g = to_compute(xp, g, x.dtype)
-        return _finish(xp, res, _population_backward(xp, x, xhat, s, gamma, g), layout)
+        return _finish(xp, res, _population_backward(xp, x, mu, s, gamma, g, res.static[-1] is not None), layout)
     x, z, zr, s, r, gamma, pgz = res.arrays
     k = res.static[1]
     g = to_compute(xp, g, x.dtype)
@@ -832,8 +838,8 @@ def memorized_batch_norm(
     if not training:
         rm = _chan(xp, to_compute(xp, running_mean, cd), nd)
         rv = _chan(xp, to_compute(xp, running_var, cd), nd)
-        y, xhat, s = _population(xp, x, rm, rv, gamma, beta, eps)
-        return _out(xp, y, input.dtype), Residuals((x, xhat, s, gamma), ("eval", None) + sh)
+        y, mu, s = _population(xp, x, rm, rv, gamma, beta, eps)
+        return _out(xp, y, input.dtype), Residuals((x, mu, s, gamma), ("eval", None) + sh)
     m = _count_check(fn, x)
     p_mu, p_second = 0.0, 0.0
     if w > 0:
@@ -867,9 +873,9 @@ def _blend_method_backward(name, layout):
         xp = namespace(f"{name}.backward", cotangent=g)
         want_x = True if needs is None else bool(needs[0])
         if res.static[0] == "eval":
-            x, xhat, s, gamma = res.arrays
+            x, mu, s, gamma = res.arrays
             g = to_compute(xp, g, x.dtype)
-            return _finish(xp, res, _population_backward(xp, x, xhat, s, gamma, g), layout)
+            return _finish(xp, res, _population_backward(xp, x, mu, s, gamma, g, res.static[-1] is not None), layout)
         *arrays, gamma = res.arrays
         g = to_compute(xp, g, arrays[0].dtype)
         return _finish(xp, res, _blend_backward(xp, tuple(arrays), gamma, res.static[1], g, want_x), layout)
@@ -1060,8 +1066,8 @@ def cross_iteration_batch_norm(
     if not training:
         rm = _chan(xp, to_compute(xp, running_mean, cd), nd)
         rv = _chan(xp, to_compute(xp, running_var, cd), nd)
-        y, xhat, s = _population(xp, x, rm, rv, gamma, beta, eps)
-        return _out(xp, y, input.dtype), Residuals((x, xhat, s, gamma), ("eval", None) + sh)
+        y, mu, s = _population(xp, x, rm, rv, gamma, beta, eps)
+        return _out(xp, y, input.dtype), Residuals((x, mu, s, gamma), ("eval", None) + sh)
     m = _count_check(fn, x)
     a, p_mu, p_nu = 1.0, 0.0, 0.0
     if w > 0:
