@@ -97,6 +97,9 @@ def _worker(rank: int, world_size: int, port: int, steps: int, queue) -> None:
             # as NumPy: a tensor would travel as a shared-memory handle that dies with this process
             bufs = {k: v.detach().numpy().copy() for k, v in net.module.state_dict().items()}
             queue.put((losses, bufs))
+        # every rank done with its collectives before any tears gloo down: a rank that destroys the
+        # group while a peer's connection is still live can abort at exit ("terminate called ...")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
