@@ -15,7 +15,8 @@ backward (``y = layer(x); y.backward(g)``), of
 
 The values sent per step are read from the layer's reducer (``values_sent``, each rank's own
 contribution to the collectives) and reported in bytes (× the dtype's itemsize), with the number of
-collectives per step. Each timing is the best (minimum) of ``--repeat`` steps after a warm-up, all
+collectives per step. With ``--out DIR`` the table is also written to ``DIR/bench_sync.json`` with
+the environment (CPU model, versions, UTC timestamp). Each timing is the best (minimum) of ``--repeat`` steps after a warm-up, all
 ranks starting each step together (a barrier, not timed); rank 0's figures are printed (every rank
 runs the same work). The synchronized time includes the collectives' latency, which on one machine
 is the loopback TCP round trips of gloo. This is a benchmark, not a test.
@@ -43,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=10, help="timed steps per layer (best of; default 10)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before the ranks are stopped")
     p.add_argument("--quick", action="store_true", help="a small shape and 3 repeats (a smoke run)")
+    p.add_argument("--out", default=None, help="a folder to write bench_sync.json to (default: none)")
     return p
 
 
@@ -181,6 +183,20 @@ def main(argv=None) -> list[dict]:
               f"{r['sync_s'] / r['local_s']:>6.2f} {r['values_per_step']:>12.0f} {r['bytes_per_step']:>11.0f} "
               f"{r['collectives_per_step']:>11.0f}")
     print("values/step: what each rank contributes to the collectives (forward all-gather + backward all-reduce)")
+    if args.out is None:
+        return rows
+    import json
+    from pathlib import Path
+
+    from .bench_timing import environment
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"environment": environment(1), "world_size": args.world_size, "shape": list(shape), "group_size": d,
+           "dtype": args.dtype, "repeat": repeat, "timing": "rank 0's best (minimum) step of 'repeat' after a "
+           "warm-up, seconds; each rank single-threaded", "rows": rows}
+    (out / "bench_sync.json").write_text(json.dumps(doc, indent=1, default=float))
+    print(f"wrote {out / 'bench_sync.json'}")
     return rows
 
 

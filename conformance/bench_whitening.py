@@ -21,36 +21,49 @@ d = ``group_size`` channels, m = N·H·W samples per covariance:
   backward) in the same run.
 
 Every timing is the best (minimum) of ``--repeat`` runs after one warm-up: the least disturbed
-estimate on a shared machine. The verdict lines compare with the targets: covariance and
-application ≥ 60% of the measured matmul throughput, the O(d³) part < 10% of the forward. This is a
-benchmark, not a test.
+estimate on a shared machine; its spread over the runs (quartiles, median, IQR / median: see
+:func:`normref.conformance.bench_timing.spread`) is kept too. The verdict lines compare with the
+targets: covariance and application ≥ 60% of the measured matmul throughput, the O(d³) part < 10%
+of the forward. Everything printed is also written to ``--out``/``bench_whitening.json`` (default
+``bench-out/``) with the environment (CPU model, thread counts, library versions, UTC timestamp) and
+every timing's spread, so that ``normref bench --compare`` style comparisons and re-analysis work
+from the file. ``--quick`` is a seconds-long smoke run (a tiny input, a 256² matmul reference). This
+is a benchmark, not a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
+from pathlib import Path
+
+from .bench_timing import environment, spread
 
 TARGET_MATMUL_SHARE = 0.60
 TARGET_SMALL_SHARE = 0.10
 
 
-def _timer(torch, device):
+def _timer(torch, device, spreads: dict | None = None):
+    """``timeit(fn, repeat, name=None)``: the best of ``repeat`` timed calls after one warm-up; with
+    ``name``, the calls' :func:`spread` goes into ``spreads[name]``."""
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    def timeit(fn, repeat):
+    def timeit(fn, repeat, name=None):
         fn()
         sync()
-        best = float("inf")
+        ts = []
         for _ in range(max(1, repeat)):
             t0 = time.perf_counter()
             fn()
             sync()
-            best = min(best, time.perf_counter() - t0)
-        return best
+            ts.append(time.perf_counter() - t0)
+        if name is not None and spreads is not None:
+            spreads[name] = spread(ts)
+        return min(ts)
 
     return timeit
 
@@ -78,6 +91,9 @@ def _parser():
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    ap.add_argument("--out", default="bench-out", help="folder for bench_whitening.json (default: bench-out)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: input (4, 16, 8, 8), group size 8, 2 repeats, a 256² matmul reference")
     return ap
 
 
@@ -94,7 +110,10 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = args.device
-    timeit = _timer(torch, dev)
+    spreads: dict = {}
+    timeit = _timer(torch, dev, spreads)
+    if args.quick:
+        args.shape, args.group_size, args.repeat = [4, 16, 8, 8], min(args.group_size, 8), min(args.repeat, 2)
     shape = tuple(args.shape)
     n, c = shape[:2]
     d = args.group_size
@@ -117,17 +136,17 @@ def main(argv=None) -> dict:
     lay = op.layout(shape)
     x5 = lay.orient(xp, x)
     xc = x5 - W._sample_mean(xp, x5)
-    t_center = timeit(lambda: x5 - W._sample_mean(xp, x5), rep)
-    t_cov = timeit(lambda: W._covariance(xp, xc, lay.m), rep)
+    t_center = timeit(lambda: x5 - W._sample_mean(xp, x5), rep, "center")
+    t_cov = timeit(lambda: W._covariance(xp, xc, lay.m), rep, "covariance")
     sigma = W._covariance(xp, xc, lay.m) + eps * torch.eye(d, device=dev)
-    t_small = timeit(lambda: W._operator("bench", xp, sigma, meth, 5, eps, "input", lay.m), rep)
+    t_small = timeit(lambda: W._operator("bench", xp, sigma, meth, 5, eps, "input", lay.m), rep, "small")
     opm, _ = W._operator("bench", xp, sigma, meth, 5, eps, "input", lay.m)
-    t_apply = timeit(lambda: matfun.apply_whitening(xp, meth, opm[:, None, ...], xc), rep)
+    t_apply = timeit(lambda: matfun.apply_whitening(xp, meth, opm[:, None, ...], xc), rep, "apply")
     flops_cov = 2 * c * d * m
     flops_apply = flops_cov if meth != "cholesky" else c * d * m  # a triangular solve: half the products
 
     # the machine's matmul throughput: the best of a large square product and the exact products above
-    k = 2048 if dev == "cpu" else 8192
+    k = 256 if args.quick else 2048 if dev == "cpu" else 8192
     a = torch.randn(k, k, device=dev)
     xct = xc.mT
     wb = torch.randn(lay.i, 1, lay.g, d, d, device=dev)
@@ -138,18 +157,18 @@ def main(argv=None) -> dict:
         "application's batched product": (lambda: torch.matmul(wb, xc), 2 * c * d * m),
         "covariance, contiguous operands": (lambda: torch.matmul(xa, xb), flops_cov),
     }
-    rates = {name: fl / timeit(fn, rep) for name, (fn, fl) in candidates.items()}
+    rates = {name: fl / timeit(fn, rep, f"matmul[{name}]") for name, (fn, fl) in candidates.items()}
     best_name = max(rates, key=rates.get)
     peak = rates[best_name]
 
-    t_fwd = timeit(lambda: normref.batch_whitening(x, training=True, method=meth, group_size=d), rep)
+    t_fwd = timeit(lambda: normref.batch_whitening(x, training=True, method=meth, group_size=d), rep, "forward")
 
     def nr_fb():
         y, pb = normref.vjp(normref.batch_whitening, x, training=True, method=meth, group_size=d)
         pb(torch.ones_like(y))
 
-    t_fb = timeit(nr_fb, rep)
-    t_tfwd = timeit(lambda: torch_zca(torch, x, d, eps), rep)
+    t_fb = timeit(nr_fb, rep, "forward_backward")
+    t_tfwd = timeit(lambda: torch_zca(torch, x, d, eps), rep, "torch_zca_forward")
     xg = x.clone().requires_grad_(True)
 
     def t_fb_fn():
@@ -157,7 +176,7 @@ def main(argv=None) -> dict:
         (gx,) = torch.autograd.grad(y, xg, torch.ones_like(y))
         return gx
 
-    t_tfb = timeit(t_fb_fn, rep)
+    t_tfb = timeit(t_fb_fn, rep, "torch_zca_forward_backward")
 
     out = {
         "device": dev if dev != "cpu" else f"cpu ({torch.get_num_threads()} threads, {os.cpu_count()} cores)",
@@ -194,6 +213,15 @@ def main(argv=None) -> dict:
     print("verdict (the targets: covariance and application >= 60% of matmul, O(d^3) < 10% of forward):")
     for key, val in out["verdict"].items():
         print(f"  {key:42s} {val}")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js = out_dir / "bench_whitening.json"
+    doc = {"environment": environment(torch.get_num_threads()), "repeat": rep, "warmup": 1, "quick": args.quick,
+           "timing": "each '*_ms' is the best (minimum) of 'repeat' calls after one warm-up; 'spreads' has every "
+                     "timing's samples, quartiles, median, IQR and IQR/median (seconds)",
+           "results": {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}, "spreads": spreads}
+    js.write_text(json.dumps(doc, indent=1, default=float))
+    print(f"wrote {js}")
     return out
 
 

@@ -7,6 +7,9 @@
     normref conformance --json report.json   # one record per check, with the seed to replay it
     normref conformance --junit-xml conformance.xml   # for CI test reporters
     normref bench --quick                    # the standardization benchmark (bench, sync, whitening)
+    normref bench --sections kernels,adapter,network,scaling,overhead,first-call --max-bytes 64M
+    normref bench --compare old.json [--against new.json]   # new/old ratios of every timing
+    normref bench whitening --quick          # writes bench-out/bench_whitening.json too
 
 Exit status of ``normref conformance``: 0 when every check passes, 1 on any failure, 2 on a usage
 error (an unknown method, library or dtype, or a library named with ``--backend`` that is not
@@ -145,7 +148,8 @@ def conformance_main(argv: Sequence[str] | None = None) -> int:
 
 BENCHES = {
     "": ("bench", "the standardization family (batch, instance, group, layer, RMS) against PyTorch CPU "
-                  "and this machine's memory bandwidth"),
+                  "and this machine's memory bandwidth: kernels, the torch adapter's layers, a network's "
+                  "training step, scaling to 512 MiB, per-call overhead, first calls"),
     "sync": ("bench_sync", "synchronized batch statistics on gloo processes against the local step"),
     "whitening": ("bench_whitening", "batch whitening: where the time goes, against this machine's matmul speed"),
 }

@@ -40,7 +40,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from normref._kernels import use_kernels
-from normref.registry import Method, Residuals, get, methods as registered_methods
+from normref.registry import Example, Method, Residuals, get, methods as registered_methods, use_adapters
 
 from . import tolerance as T
 from .backends import KERNEL_DTYPES, Backend, all_backends, claimed_kernels, get_backend, kernel_path
@@ -79,10 +79,69 @@ def all_examples(m: Method, seed: int) -> list:
     return list(m.examples(np.random.default_rng([seed, _crc(m.name)])))
 
 
+def suite_examples(m: Method, seed: int) -> list:
+    """The suite's examples of ``m``: the registry's (:func:`all_examples`) and, for a method with a
+    channel axis (``channels=``, issue 16), one channels-last variant appended (indices of the others
+    unchanged): the registry's first example with a ≥ 3-D input, its layout arrays moved to
+    (N, *S, C) and ``channel_axis=-1``. Every check runs on it: the float64 reference, finite
+    differences, every library, autograd, second order, the invariants (evaluated on the output and
+    arguments seen as (N, C, *S) again, see :func:`_invariant_view`) and the cross-library comparison."""
+    exs = all_examples(m, seed)
+    if not m.channels:
+        return exs
+    for ex in exs:
+        last = _channels_last(m, ex)
+        if last is not None:
+            return exs + [last]
+    return exs
+
+
+def _channels_last(m: Method, ex) -> "Example | None":
+    """``ex`` with its layout arrays (those of the input's rank) channels-last and ``channel_axis=-1``;
+    ``None`` for an example without a spatial axis (a 2-D input has its channels last already)."""
+    args, kwargs = list(ex.args), dict(ex.kwargs)
+    get_arg = lambda n: m._arg(n, args, kwargs)  # noqa: E731
+    names = tuple(m.channels(get_arg)) if callable(m.channels) else m.channels
+    x = get_arg(names[0]) if names else None
+    if not isinstance(x, np.ndarray) or x.ndim < 3 or "channel_axis" in kwargs:
+        return None
+    for n in names:
+        v = get_arg(n)
+        if isinstance(v, np.ndarray) and v.ndim == x.ndim:
+            v = np.ascontiguousarray(np.moveaxis(v, 1, -1))
+            pos = m._positions.get(n)
+            if pos is not None and pos < len(args):
+                args[pos] = v
+            else:
+                kwargs[n] = v
+    kwargs["channel_axis"] = -1
+    return Example(tuple(args), kwargs, label=f"channels-last (channel_axis=-1) of: {ex.label}", cond=ex.cond)
+
+
+def _invariant_view(m: Method, out, args, kwargs):
+    """``(out, args, kwargs)`` of a channels-last call seen as the (N, C, *S) call (the invariants are
+    properties of the method's output on that layout); other calls unchanged."""
+    if "channel_axis" not in kwargs:
+        return out, args, kwargs
+    kwargs = dict(kwargs)
+    plan = m._channel_plan(kwargs.pop("channel_axis"), args, kwargs)
+    if plan is None:
+        return out, args, kwargs
+    margs, mkwargs = m._moved_args(plan, args, kwargs)
+    from normref.registry import _permute
+
+    y = _permute(m.primary(out), plan.move.cotangent)
+    if isinstance(out, tuple):
+        out = type(out)(y, *out[1:]) if hasattr(out, "_fields") else (y,) + tuple(out[1:])
+    else:
+        out = y
+    return out, tuple(margs), mkwargs
+
+
 def case_inputs(method: "str | Method", seed: int, example: int):
     """The ``(args, kwargs, Example)`` (NumPy float64) of a record's case: replays its inputs."""
     m = get(method)
-    exs = all_examples(m, seed)
+    exs = suite_examples(m, seed)
     if not 0 <= example < len(exs):
         raise ValueError(f"case_inputs: {m.name} has {len(exs)} examples for seed {seed}; got example={example}")
     ex = exs[example]
@@ -111,7 +170,7 @@ def applicable_invariants(m: Method, ex) -> set:
     for inv in m.invariants:
         try:
             with use_kernels(False), np.errstate(all="ignore"):
-                if inv.check(m, xp, out, ex.args, ex.kwargs) is None:
+                if inv.check(m, xp, *_invariant_view(m, out, ex.args, ex.kwargs)) is None:
                     continue
         except Exception:
             pass
@@ -495,7 +554,10 @@ def _check_autograd(case: _Case, b: Backend, dtype, args_b, kwargs_b, g_b, grads
         frozen = m.fd_target(args_b, kwargs_b)
         if frozen is not None:
             fn = frozen
-    auto = _autograd_vjp(b, m, fn, bound, names, g_b)
+    # the oracle is the library's autograd through the formula: plain calls must not be routed to
+    # normref's adapters (their backward is what is being checked)
+    with use_adapters(False):
+        auto = _autograd_vjp(b, m, fn, bound, names, g_b)
     auto_t = tuple(auto.get(p) for p in m.array_params)
     analytic = {p: np.asarray(_f64(b, gb)) for p, gb in zip(m.array_params, grads_b) if gb is not None}
     scale = {p: np.asarray(gr, np.float64) for p, gr in zip(m.array_params, ref_grads) if gr is not None}
@@ -652,7 +714,7 @@ def _run_library(case: _Case, b: Backend, dtype: str, do_autograd: str = "all") 
                 from array_api_compat import array_namespace
 
                 xp = array_namespace(like) if like is not None else b.xp
-                v = inv.check(m, xp, out_b, args_b, kwargs_b)
+                v = inv.check(m, xp, *_invariant_view(m, out_b, args_b, kwargs_b))
             except Exception as e:
                 case.error_record(b.name, dtype, check, e)
                 continue
@@ -810,7 +872,7 @@ def run(
     fd_on = finite_differences and "float64" in dts
     tally: dict = {}
     for m in ms:
-        exs = all_examples(m, seed)
+        exs = suite_examples(m, seed)
         idxs = _select(m, exs, quick) if examples is None else [i for i in examples if 0 <= i < len(exs)]
         for i in idxs:
             if progress is not None:
@@ -901,7 +963,7 @@ def kernel_paths(avail: list, tally: dict, fd_on: bool = False) -> dict:
 
 def count_cases(methods=None, quick: bool = False, seed: int = 0) -> int:
     ms = registered_methods() if methods is None else [get(m) for m in methods]
-    return sum(len(_select(m, all_examples(m, seed), quick)) for m in ms)
+    return sum(len(_select(m, suite_examples(m, seed), quick)) for m in ms)
 
 
 def replay(record: "Record | dict") -> Record:

@@ -41,6 +41,7 @@ CATEGORIES = (
     ("activation", "Activation normalization (survey §5)"),
     ("weight", "Weight normalization (survey §6)"),
     ("gradient", "Gradient normalization (survey §7)"),
+    ("penalty", "Penalties on activations (survey §5.1.2)"),
 )
 FRAMEWORKS = ("PyTorch", "JAX (jax, optax)", "Flax", "Equinox")
 

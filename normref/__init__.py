@@ -14,6 +14,7 @@ API standard with hand-derived (analytic) backward passes.
 
 from . import framework, operation, partition, recovery, registry
 from ._kernels import use_kernels
+from .registry import use_adapters
 from .framework import RunningResult, batch_normalize, normalize
 from .registry import REGISTRY, Example, Invariant, Method, Residuals, get, methods, vjp
 from .standardization import (
@@ -55,6 +56,10 @@ from . import orthogonal
 from .orthogonal import *  # noqa: F401,F403
 from . import stiefel
 from .stiefel import *  # noqa: F401,F403
+from . import decorrelation
+from .decorrelation import decov_penalty
+from . import propagation
+from .propagation import norm_prop
 from .online import (OnlineNormGrad, OnlineNormResult, PowerNormGrad, PowerNormResult, online_norm,
                      online_norm_backward, power_norm, power_norm_backward)
 
@@ -89,6 +94,7 @@ __all__ = [
     "Example",
     "Invariant",
     "use_kernels",
+    "use_adapters",
     "population_statistics",
     "recalibrate",
     "eval_norm",
@@ -109,6 +115,8 @@ __all__ = [
     *combination.__all__,
     *whitening.__all__,
     *weight.__all__,
+    *decorrelation.__all__,
+    *propagation.__all__,
     *gradient.__all__,
     *cross_iteration.__all__,
     *online.__all__,

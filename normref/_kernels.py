@@ -91,10 +91,20 @@ def _load_entry_points(key: str) -> None:
 
 
 def lookup(xp, primitive: str) -> Callable | None:
-    """The registered kernel for ``primitive`` on ``xp``'s arrays, or ``None`` (use the formula)."""
+    """The registered kernel for ``primitive`` on ``xp``'s arrays, or ``None`` (use the formula).
+
+    Under ``torch.compile`` (torch arrays while TorchDynamo traces) the switch and the backend loading
+    are read once, at trace time, by :func:`_trace_time_enabled` (a context variable cannot be traced),
+    and :func:`count_kernels` does not count: the kernel choice is part of the compiled graph
+    (``torch._dynamo.reset()`` re-traces after changing :func:`use_kernels`).
+    """
+    key = namespace_key(xp)
+    if key == "torch" and _torch_compiling():
+        if not _trace_time_enabled(key):
+            return None
+        return _KERNELS.get((key, primitive))
     if not _enabled():
         return None
-    key = namespace_key(xp)
     if key not in _LOADED:
         _load(key)
     fn = _KERNELS.get((key, primitive))
@@ -102,6 +112,30 @@ def lookup(xp, primitive: str) -> Callable | None:
     if counters:
         fn = _counted(fn, f"{key}.{primitive}", counters)
     return fn
+
+
+def _torch_compiling() -> bool:
+    """Whether TorchDynamo is tracing (called for torch arrays only: torch is imported then)."""
+    import torch
+
+    return torch.compiler.is_compiling()
+
+
+def _trace_time_enabled(key: str) -> bool:
+    """Kernels on for ``key`` (its backend loaded). The torch adapter marks this function with
+    ``torch.compiler.assume_constant_result``: TorchDynamo runs it eagerly at trace time and bakes the
+    answer into the graph (no context-variable read in the compiled code)."""
+    if not _enabled():
+        return False
+    if key not in _LOADED:
+        _load(key)
+    return True
+
+
+# What ``torch.compiler.assume_constant_result(_trace_time_enabled)`` does (torch 2.13: it sets this
+# attribute), without importing torch._dynamo (seconds) at import; tests/test_torch_compile.py checks
+# that the compiled graphs have no break here.
+_trace_time_enabled._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager

@@ -117,10 +117,11 @@ def concrete_any(xp, cond: Any) -> bool:
     """``bool(any(cond))`` for concrete arrays. A traced value (``jax.jit``, ``torch.func.vmap``) has no
     Python boolean: the check is then skipped (``False``) — value checks need concrete values, and a
     function under tracing is checked when it is called with concrete ones. A lazy (dask) array is
-    treated the same way: normref never computes it (``_xp.is_lazy``)."""
-    from ._xp import is_lazy
+    treated the same way: normref never computes it (``_xp.is_lazy``), and so is a torch tensor while
+    ``torch.compile`` traces (``_xp.is_compiling``: reading it would break the graph)."""
+    from ._xp import is_compiling, is_lazy
 
-    if is_lazy(cond):
+    if is_lazy(cond) or is_compiling(cond):
         return False
     try:
         return bool(xp.any(cond))

@@ -31,6 +31,7 @@ __all__ = [
     "finfo_eps",
     "to_numpy",
     "is_lazy",
+    "is_compiling",
 ]
 
 
@@ -63,6 +64,21 @@ def is_lazy(x: Any) -> bool:
     on the same values (for an invalid input: what the formula yields, e.g. NaN, not the ValueError).
     """
     return x is not None and array_api_compat.is_dask_array(x)
+
+
+def is_compiling(x: Any) -> bool:
+    """True for a torch tensor while ``torch.compile`` (TorchDynamo) traces the code holding it.
+
+    Its values exist only once the compiled graph runs, so it is treated as a traced JAX value or a
+    lazy dask array is: a check that needs concrete values (``bool(any(...))``, a NumPy copy) is
+    skipped and the formula is built into the graph (``xp.where`` for both branches); reading a value
+    would break the graph (``Tensor.item()``). Eager calls check as usual. ``torch`` is imported only
+    when ``x`` is a torch tensor (then it is loaded already)."""
+    if x is None or not array_api_compat.is_torch_array(x):
+        return False
+    import torch
+
+    return torch.compiler.is_compiling()
 
 
 def device_of(x: Any) -> Any:
@@ -214,6 +230,8 @@ def to_numpy(a: Array | None) -> Any:
     if isinstance(a, np.ndarray):
         return a
     if array_api_compat.is_torch_array(a):
+        if is_compiling(a):  # no values while torch.compile traces: as for a jax tracer (callers catch it)
+            raise TypeError("to_numpy: a torch tensor has no concrete values while torch.compile traces")
         a = a.detach().cpu()
         if a.dtype not in (a.new_zeros(()).double().dtype, a.new_zeros(()).float().dtype, a.new_zeros(()).half().dtype):
             a = a.float()  # bfloat16 has no NumPy dtype: widen (exactly) to float32

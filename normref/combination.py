@@ -56,6 +56,7 @@ def _ex_switchable(rng):
 
 
 @method(
+    channels=("input",),
     array_params=("input", "mean_weight", "var_weight", "weight", "bias", "running_mean", "running_var"),
     nondiff=("running_mean", "running_var"),
     survey="§5.2 (combination: switchable normalization over IN, LN and BN statistics)",
@@ -298,6 +299,7 @@ def _ex_bin(rng):
 
 
 @method(
+    channels=("input",),
     array_params=("input", "rho", "weight", "bias", "running_mean", "running_var"),
     nondiff=("running_mean", "running_var"),
     survey="§5.2 (combination: batch-instance normalization, a learned gate between BN and IN)",
@@ -449,6 +451,7 @@ def _ex_adalin(rng):
 
 
 @method(
+    channels=("input",),
     array_params=("input", "rho", "weight", "bias"),
     survey="§5.2 (combination: adaptive layer-instance normalization, a learned gate between IN and LN)",
     paper="Kim et al., U-GAT-IT, ICLR 2020",

@@ -348,6 +348,7 @@ def _mabn_invariant(m, xp, out, args, kwargs):
 
 
 @method(
+    channels=("input",),
     array_params=("input", "past_sq_means", "past_grad_stats", "weight", "bias", "running_mean_square"),
     nondiff=("past_sq_means", "past_grad_stats", "running_mean_square"),
     nullable=("past_sq_means", "past_grad_stats", "running_mean_square"),
@@ -719,6 +720,7 @@ def _memory_weights(fn, memory_weights, k):
 
 
 @method(
+    channels=("input",),
     array_params=("input", "past_means", "past_vars", "weight", "bias", "running_mean", "running_var"),
     nondiff=("past_means", "past_vars", "running_mean", "running_var"),
     nullable=("past_means", "past_vars", "running_mean", "running_var"),
@@ -914,6 +916,7 @@ def _ex_cbn(rng):
 
 
 @method(
+    channels=("input",),
     array_params=("input", "running_mean", "running_var", "weight", "bias", "past_means", "past_sq_means",
                   "past_mean_grads", "past_sq_mean_grads", "layer_weight", "past_layer_weights"),
     nondiff=("running_mean", "running_var", "past_means", "past_sq_means", "past_mean_grads",

@@ -199,6 +199,7 @@ def _examples_normalize(rng):
 
 
 @method(
+    channels=_part.layout_params,
     array_params=("input", "weight", "bias"),
     survey="§5.1, Algorithm 1, Eqns 20-21",
     paper="Huang et al., Normalization Techniques in Training DNNs (TPAMI 2023)",
@@ -519,6 +520,7 @@ def _examples_batch_normalize(rng):
 
 
 @method(
+    channels=_part.layout_params,
     array_params=("input", "running_mean", "running_var", "weight", "bias", "running_mean_square"),
     nondiff=("running_mean", "running_var", "running_mean_square"),
     nullable=("running_mean", "running_var"),

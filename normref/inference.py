@@ -367,6 +367,7 @@ def _ex_eval_norm(rng):
 
 
 @method(
+    channels=("input",),
     array_params=("input", "running_mean", "running_var", "alpha", "beta", "weight", "bias"),
     nondiff=("running_mean", "running_var"),
     survey="§5.3.2 (robust inference methods for BN: EvalNorm)",

@@ -52,6 +52,7 @@ def _ex_lrn(rng):
 
 
 @method(
+    channels=("input",),
     array_params=("input",),
     survey="Table 1 (local response normalization: Π_PN over local channels, scaling)",
     paper="Krizhevsky, Sutskever & Hinton, ImageNet Classification with Deep CNNs, NeurIPS 2012",

@@ -78,7 +78,7 @@ from . import _kernels
 
 from typing import Any, Callable
 
-from ._xp import device_of, is_lazy
+from ._xp import device_of, is_compiling, is_lazy
 
 __all__ = [
     "sym",
@@ -266,7 +266,7 @@ def min_eigenvalue_ok(xp, lam, rtol: float | None = None):
     d = lam.shape[-1]
     if rtol is None:
         rtol = d * float(xp.finfo(lam.dtype).eps)
-    if is_lazy(lam):  # a dask array: never computed here (like a traced value)
+    if is_lazy(lam) or is_compiling(lam):  # dask, torch.compile: never computed here (like a traced value)
         return None
     try:
         lo = xp.min(lam, axis=-1)
@@ -397,7 +397,7 @@ def pca_eigh_backward(xp, res, dw):
 def _warn_degenerate(xp, diff, scale, same, tau):
     """The RuntimeWarning of :func:`pca_eigh_backward`'s degenerate-pair rule (concrete values only)."""
     d = diff.shape[-1]
-    if is_lazy(diff):  # a dask array: never computed here (like a traced value)
+    if is_lazy(diff) or is_compiling(diff):  # dask, torch.compile: never computed here (like a traced value)
         return
     try:
         off = xp.logical_and(same, xp.logical_not(xp.astype(eye_like(xp, diff), xp.bool)))

@@ -249,6 +249,7 @@ def _online_frozen(args, kwargs):
 
 
 @method(
+    channels=("input",),
     array_params=("input", "running_mean", "running_var", "error_mean", "error_proj", "weight", "bias"),
     nondiff=("running_mean", "running_var", "error_mean", "error_proj"),
     survey="§5.3.1 (combining population and batch statistics: online normalization); Table 1 (ΠLN-like scaling)",
@@ -533,6 +534,7 @@ def _power_frozen(args, kwargs):
 
 
 @method(
+    channels=("input",),
     array_params=("input", "running_mean_square", "grad_correlation", "weight", "bias"),
     nondiff=("running_mean_square", "grad_correlation"),
     survey="§5.1.2 (scaling-only BN: Shen et al.); §5.3.1 (gradients of population statistics estimated by moving averages)",

@@ -64,10 +64,11 @@ def _moments(xp, x, axes):
 
 def _any_or_traced(xp, mask) -> bool:
     """``any(mask)`` for a concrete array; True under tracing (jax.jit), where both branches of a
-    ``where`` are formed anyway; True for a lazy (dask) array too, which is never computed here."""
-    from ._xp import is_lazy
+    ``where`` are formed anyway; True for a lazy (dask) array too, which is never computed here, and for
+    a torch tensor while ``torch.compile`` traces (no values yet: both branches go into the graph)."""
+    from ._xp import is_compiling, is_lazy
 
-    if is_lazy(mask):
+    if is_lazy(mask) or is_compiling(mask):
         return True
     try:
         return bool(xp.any(mask))

@@ -1,8 +1,9 @@
-"""Orthogonal re-parameterizations of square matrices (survey §6.1): Cayley, matrix exponential and
-Householder products, as torch's ``torch.nn.utils.parametrizations.orthogonal`` computes them.
+"""Orthogonal re-parameterizations (survey §6.1): Cayley, matrix exponential and Householder
+products, as torch's ``torch.nn.utils.parametrizations.orthogonal`` computes them.
 
-Each maps an unconstrained square proxy X (or a batch ``(..., n, n)``) to an orthogonal Q, with the
-same conventions as torch's ``_Orthogonal.forward`` for a square weight (``orthogonal_map=`` "cayley",
+Each maps an unconstrained proxy X (or a batch ``(..., n, k)``) to a Q with orthonormal columns (tall,
+n ≥ k) or rows (wide), with the same conventions as torch's ``_Orthogonal.forward``
+(``orthogonal_map=`` "cayley",
 "matrix_exp", "householder"; torch's ``use_trivialization=True`` then multiplies by a constant
 orthogonal ``base`` on the left, which is no part of the map):
 
@@ -11,6 +12,11 @@ orthogonal ``base`` on the left, which is no part of the map):
 - Householder reads the strictly-lower triangle as the reflectors' tails: v_j = e_j + tril(X, −1)[:, j],
   H_j = I − τ_j·v_j·v_jᵀ with τ_j = 2/‖v_j‖² = 2/(1 + ‖tril(X, −1)[:, j]‖²), Q = H_1⋯H_n·D, D the
   diagonal of signs taken from diag(X) (torch: ``Q * X.diagonal().int()``).
+- Rectangular X, as torch: a wide X (n < k) is mapped as its transpose and the result transposed
+  back; a tall X (n > k) gives the first k columns of an n × n orthogonal matrix — for Cayley and
+  exp, of the map of tril(X) padded with n − k zero columns; for Householder, of H_1⋯H_k (k
+  reflectors). A square X reaches SO(n) (Cayley, exp) or O(n) (Householder); a tall one the Stiefel
+  manifold of orthonormal k-frames.
 
 The backwards are analytic: the Cayley map's by one linear solve, the exponential's by the adjoint of
 its Fréchet derivative (itself the exponential of a 2n×2n block-triangular matrix), the Householder
@@ -53,14 +59,55 @@ def _check_square(fn: str, a) -> Any:
     return xp
 
 
-def _mask(xp, n: int, k: int, like):
-    """tril(ones(n, n), k) in ``like``'s dtype and device (the array API has no tril)."""
-    m = _np.tril(_np.ones((n, n)), k)
+def _check_matrix(fn: str, a) -> Any:
+    """A matrix or batch ``(..., n, k)``, square or not (the orthogonal maps: torch's rectangular case)."""
+    if a is None:
+        raise TypeError(f"{fn}: a must be an array; got None")
+    xp = namespace(fn, a=a)
+    if a.ndim < 2:
+        raise ValueError(f"{fn}: a must have at least 2 dimensions (..., n, k); got {a.ndim} dimensions, "
+                         f"shape {tuple(a.shape)}")
+    if any(s == 0 for s in a.shape):
+        raise ValueError(f"{fn}: a must not be empty; got shape {tuple(a.shape)}")
+    return xp
+
+
+def _mask(xp, n: int, k: int, like, cols: int | None = None):
+    """tril(ones(n, cols), k) (cols = n: square) in ``like``'s dtype and device (the array API has
+    no tril)."""
+    m = _np.tril(_np.ones((n, n if cols is None else cols)), k)
+    return _const(xp, m, like)
+
+
+def _const(xp, m, like):
+    """A NumPy constant as an array of ``like``'s library, dtype and device."""
     try:
         dev = device_of(like)
     except Exception:  # a traced value without a device
         dev = None
     return xp.asarray(m, dtype=like.dtype) if dev is None else xp.asarray(m, dtype=like.dtype, device=dev)
+
+
+def _tall(xp, x):
+    """torch's rectangular convention: a wide (n < k) X is handled as its transpose, so that the map
+    always sees a tall (..., n, k), n ≥ k; returns (X or Xᵀ, transposed)."""
+    if x.shape[-2] < x.shape[-1]:
+        return _mf.mT(xp, x), True
+    return x, False
+
+
+def _pad_columns(xp, x, n: int):
+    """(..., n, k) → (..., n, n): zero columns appended (the adjoint of keeping the first k columns)."""
+    k = x.shape[-1]
+    if k == n:
+        return x
+    zeros = _const(xp, _np.zeros((n, n - k)), x)
+    zeros = xp.broadcast_to(zeros, tuple(x.shape[:-1]) + (n - k,))
+    return xp.concat([x, zeros], axis=-1)
+
+
+def _untall(xp, q, transposed: bool):
+    return _mf.mT(xp, q) if transposed else q
 
 
 def _out(xp, y, dtype):
@@ -202,32 +249,38 @@ def _expm_frechet_adjoint(xp, a, g):
 
 def _ex_square(rng):
     yield Example((rng.standard_normal((4, 4)),), {}, label="(4, 4)")
+    yield Example((rng.standard_normal((5, 3)),), {}, label="tall (5, 3)")
+    yield Example((rng.standard_normal((2, 3, 6)),), {}, label="wide batch (2, 3, 6)")
     yield Example((0.5 * rng.standard_normal((2, 3, 5, 5)),), {}, label="batch (2, 3, 5, 5)")
     yield Example((rng.standard_normal((1, 1)),), {}, label="(1, 1)")
     yield Example((3.0 * rng.standard_normal((6, 6)),), {}, label="(6, 6) large entries", cond=10.0)
 
 
 def _ex_householder(rng):
-    for shape in [(4, 4), (2, 5, 5), (1, 1), (6, 6)]:
+    for shape in [(4, 4), (2, 5, 5), (1, 1), (6, 6), (5, 3), (2, 3, 6)]:
         a = 0.7 * rng.standard_normal(shape)
-        n = shape[-1]
+        n = min(shape[-2:])
         # the diagonal is the sign matrix D: ±1 as torch keeps it (right_inverse gives −1)
-        d = _np.where(rng.standard_normal(shape[:-1]) < 0, -1.0, 1.0)
+        d = _np.where(rng.standard_normal(shape[:-2] + (n,)) < 0, -1.0, 1.0)
         idx = _np.arange(n)
         a[..., idx, idx] = d
         yield Example((a,), {}, label=f"{shape}")
 
 
 def _orthogonality(m, xp, out, args, kwargs):
-    """‖QᵀQ − I‖_max."""
+    """‖QᵀQ − I‖_max (orthonormal columns; for a wide Q, its rows: ‖QQᵀ − I‖_max)."""
     q = _np.asarray(to_numpy(m.primary(out)), _np.float64)
+    if q.shape[-2] < q.shape[-1]:
+        q = _np.swapaxes(q, -1, -2)
     n = q.shape[-1]
     return float(_np.max(_np.abs(_np.swapaxes(q, -1, -2) @ q - _np.eye(n))))
 
 
 def _det_one(m, xp, out, args, kwargs):
-    """det Q = +1 (exp and Cayley of a skew-symmetric matrix lie in SO(n))."""
+    """det Q = +1 (exp and Cayley of a skew-symmetric matrix lie in SO(n)); square Q only."""
     q = _np.asarray(to_numpy(m.primary(out)), _np.float64)
+    if q.shape[-1] != q.shape[-2]:
+        return None
     return float(_np.max(_np.abs(_np.linalg.det(q) - 1.0)))
 
 
@@ -249,7 +302,7 @@ def cayley(a: Any) -> Any:
 
     A is skew-symmetric, so I − A/2 is always invertible (its eigenvalues are 1 − iλ/2) and Q is
     orthogonal with det Q = +1 (−1 is never an eigenvalue). The same as torch's
-    ``parametrizations.orthogonal(..., orthogonal_map="cayley")`` for a square weight (the map
+    ``parametrizations.orthogonal(..., orthogonal_map="cayley")`` for a weight of any shape (the map
     itself; torch's ``use_trivialization=True`` multiplies it by a constant ``base`` on the left).
 
     Backward: with M = I − A/2 and N = I + A/2, dQ = M⁻¹(dA/2 + dA/2·Q) = ½·M⁻¹·dA·(I + Q), so
@@ -257,8 +310,9 @@ def cayley(a: Any) -> Any:
 
     Parameters
     ----------
-    a : array, shape ``(..., n, n)``
-        X, the unconstrained proxy (only its strictly-lower triangle matters).
+    a : array, shape ``(..., n, k)``
+        X, the unconstrained proxy (only its strictly-lower triangle matters; of its transpose when
+        n < k). Rectangular X as torch (module docstring): Q has orthonormal columns (n ≥ k) or rows.
 
     Returns
     -------
@@ -278,24 +332,26 @@ def cayley(a: Any) -> Any:
        Transform", ICML 2018.
     """
     fn = "cayley"
-    xp = _check_square(fn, a)
+    xp = _check_matrix(fn, a)
     cd = compute_dtype(xp, a.dtype)
-    x = to_compute(xp, a, cd)
-    s = _skew(xp, x)
+    x, transposed = _tall(xp, to_compute(xp, a, cd))
+    n, k = x.shape[-2], x.shape[-1]
+    s = _skew(xp, _pad_columns(xp, x, n))  # a tall X embedded in n × n by zero columns (torch)
     eye = _mf.eye_like(xp, s)
     n_ = eye + 0.5 * s
     q = _solve(xp, eye - 0.5 * s, n_)
-    return _out(xp, q, a.dtype), Residuals((n_, q), (a.dtype,))
+    return _out(xp, _untall(xp, q[..., :k], transposed), a.dtype), Residuals((n_, q), (a.dtype, transposed, k))
 
 
 @cayley.defbackward
 def _cayley_backward(res, g):
     n_, q = res.arrays
-    (dtype,) = res.static
+    dtype, transposed, k = res.static
     xp = namespace("cayley.backward", cotangent=g)
-    g = to_compute(xp, g, q.dtype)
+    # the first k columns of the square Q: their cotangent, padded with zero columns
+    g = _pad_columns(xp, _untall(xp, to_compute(xp, g, q.dtype), transposed), q.shape[-1])
     ga = 0.5 * xp.matmul(_solve(xp, n_, g), _mf.eye_like(xp, q) + _mf.mT(xp, q))
-    return (_out(xp, _skew_backward(xp, ga), dtype),)
+    return (_out(xp, _untall(xp, _skew_backward(xp, ga)[..., :k], transposed), dtype),)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,7 +371,7 @@ def matrix_exp_orthogonal(a: Any) -> Any:
 
     A is skew-symmetric, so Q is orthogonal with det Q = +1; every rotation is reached (exp is onto
     SO(n)). The same as torch's ``parametrizations.orthogonal(..., orthogonal_map="matrix_exp")`` for
-    a square weight (the map itself, without torch's trivialization ``base``). exp is
+    a weight of any shape (the map itself, without torch's trivialization ``base``). exp is
     :func:`expm` (scaling and squaring, Padé 13).
 
     Backward through the Fréchet derivative: dQ = L(A, dA), whose adjoint is dL/dA = L(Aᵀ, G), read
@@ -323,8 +379,9 @@ def matrix_exp_orthogonal(a: Any) -> Any:
 
     Parameters
     ----------
-    a : array, shape ``(..., n, n)``
-        X, the unconstrained proxy (only its strictly-lower triangle matters).
+    a : array, shape ``(..., n, k)``
+        X, the unconstrained proxy (only its strictly-lower triangle matters; of its transpose when
+        n < k). Rectangular X as torch (module docstring): Q has orthonormal columns (n ≥ k) or rows.
 
     Returns
     -------
@@ -343,21 +400,23 @@ def matrix_exp_orthogonal(a: Any) -> Any:
        17(3), 1996 (the block-triangular Fréchet derivative).
     """
     fn = "matrix_exp_orthogonal"
-    xp = _check_square(fn, a)
+    xp = _check_matrix(fn, a)
     cd = compute_dtype(xp, a.dtype)
-    s = _skew(xp, to_compute(xp, a, cd))
+    x, transposed = _tall(xp, to_compute(xp, a, cd))
+    n, k = x.shape[-2], x.shape[-1]
+    s = _skew(xp, _pad_columns(xp, x, n))  # a tall X embedded in n × n by zero columns (torch)
     q = _expm(xp, s)
-    return _out(xp, q, a.dtype), Residuals((s,), (a.dtype,))
+    return _out(xp, _untall(xp, q[..., :k], transposed), a.dtype), Residuals((s,), (a.dtype, transposed, k))
 
 
 @matrix_exp_orthogonal.defbackward
 def _matrix_exp_backward(res, g):
     (s,) = res.arrays
-    (dtype,) = res.static
+    dtype, transposed, k = res.static
     xp = namespace("matrix_exp_orthogonal.backward", cotangent=g)
-    g = to_compute(xp, g, s.dtype)
+    g = _pad_columns(xp, _untall(xp, to_compute(xp, g, s.dtype), transposed), s.shape[-1])
     ga = _expm_frechet_adjoint(xp, s, g)
-    return (_out(xp, _skew_backward(xp, ga), dtype),)
+    return (_out(xp, _untall(xp, _skew_backward(xp, ga)[..., :k], transposed), dtype),)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -365,9 +424,10 @@ def _matrix_exp_backward(res, g):
 
 
 def _reflectors(xp, x):
-    """V = tril(X, −1) + I (column j is v_j, unit j-th entry) and τ_j = 2/‖v_j‖², shape (..., n)."""
-    n = x.shape[-1]
-    v = x * _mask(xp, n, -1, x) + _mf.eye_like(xp, x)
+    """For a tall X (..., n, k): V = tril(X, −1) + I_{n×k} (column j is v_j, unit j-th entry) and
+    τ_j = 2/‖v_j‖², shape (..., k)."""
+    n, k = x.shape[-2], x.shape[-1]
+    v = x * _mask(xp, n, -1, x, cols=k) + _const(xp, _np.eye(n, k), x)
     tau = 2.0 / xp.sum(v * v, axis=-2)
     return v, tau
 
@@ -385,7 +445,8 @@ def _apply_left(xp, m, vj, tj):
 
 
 def _householder_product(xp, v, tau):
-    p = _mf.eye_like(xp, v)
+    """H_1⋯H_k, the full (..., n, n) product of the k reflectors (columns of V)."""
+    p = _const(xp, _np.eye(v.shape[-2]), v)
     for j in range(v.shape[-1]):
         p = _apply_right(xp, p, v[..., :, j], tau[..., j])
     return p
@@ -406,7 +467,8 @@ def householder_orthogonal(a: Any, diagonal: str = "sign") -> Any:
     v_j = e_j + tril(X, −1)[:, j] (the strictly-lower triangle holds the reflectors' tails),
     H_j = I − τ_j·v_j·v_jᵀ with τ_j = 2/‖v_j‖² = 2/(1 + ‖tril(X, −1)[:, j]‖²) (each H_j an exact
     reflection), D = diag(d) a sign matrix from X's diagonal, as torch's
-    ``linalg.householder_product(tril(X, −1), τ) * X.diagonal().int()``. det Q = (−1)^n·∏d_j.
+    ``linalg.householder_product(tril(X, −1), τ) * X.diagonal().int()``. det Q = (−1)^n·∏d_j for a
+    square X.
 
     Backward: G_P = G·D; with Y_j = (H_1⋯H_{j−1})ᵀ·G_P·(H_{j+1}⋯H_n)ᵀ (swept from j = n down, Y_{j−1} =
     H_{j−1}·Y_j·H_j), the reflector's gradient is g_{v_j} = τ_j²·(v_jᵀY_jv_j)·v_j − τ_j·(Y_j + Y_jᵀ)·v_j
@@ -415,8 +477,9 @@ def householder_orthogonal(a: Any, diagonal: str = "sign") -> Any:
 
     Parameters
     ----------
-    a : array, shape ``(..., n, n)``
-        X: strictly-lower triangle the reflectors, diagonal the signs.
+    a : array, shape ``(..., n, k)``
+        X: strictly-lower triangle the reflectors, diagonal the signs (of Xᵀ when n < k: k reflectors
+        for a tall X, Q the first k columns of H_1⋯H_k; module docstring).
     diagonal : {"sign", "trunc"}, default "sign"
         How D is read from diag(X). ``"sign"``: d_j = +1 where X_jj ≥ 0, else −1 (Q orthogonal for
         every X). ``"trunc"``: d_j = X_jj truncated toward zero, torch's ``.int()`` cast, exactly
@@ -442,25 +505,27 @@ def householder_orthogonal(a: Any, diagonal: str = "sign") -> Any:
     .. [2] torch.nn.utils.parametrizations.orthogonal (orthogonal_map="householder").
     """
     fn = "householder_orthogonal"
-    xp = _check_square(fn, a)
+    xp = _check_matrix(fn, a)
     check_choice(fn, "diagonal", diagonal, ("sign", "trunc"))
     cd = compute_dtype(xp, a.dtype)
-    x = to_compute(xp, a, cd)
+    x, transposed = _tall(xp, to_compute(xp, a, cd))
+    k = x.shape[-1]
     v, tau = _reflectors(xp, x)
     p = _householder_product(xp, v, tau)
     dg = _mf._diag(xp, x)
     d = xp.where(dg >= 0, xp.ones_like(dg), -xp.ones_like(dg)) if diagonal == "sign" else xp.trunc(dg)
-    q = p * d[..., None, :]
-    return _out(xp, q, a.dtype), Residuals((v, tau, p, d), (a.dtype,))
+    q = p[..., :k] * d[..., None, :]  # the first k columns (torch's householder_product of a tall A)
+    return _out(xp, _untall(xp, q, transposed), a.dtype), Residuals((v, tau, p, d), (a.dtype, transposed))
 
 
 @householder_orthogonal.defbackward
 def _householder_backward(res, g):
     v, tau, p, d = res.arrays
-    (dtype,) = res.static
+    dtype, transposed = res.static
     xp = namespace("householder_orthogonal.backward", cotangent=g)
-    g = to_compute(xp, g, p.dtype) * d[..., None, :]
-    n = v.shape[-1]
+    g = _untall(xp, to_compute(xp, g, p.dtype), transposed) * d[..., None, :]
+    g = _pad_columns(xp, g, p.shape[-1])  # Q = the first k columns of P·D: zero cotangent on the rest
+    n = v.shape[-1]  # k reflectors
     # Y_n = (H_1⋯H_{n−1})ᵀ·G_P = (P·H_n)ᵀ·G_P
     y = xp.matmul(_mf.mT(xp, _apply_right(xp, p, v[..., :, n - 1], tau[..., n - 1])), g)
     cols = [None] * n
@@ -473,5 +538,5 @@ def _householder_backward(res, g):
         if j > 0:
             vp, tp = v[..., :, j - 1], tau[..., j - 1]
             y = _apply_right(xp, _apply_left(xp, y, vp, tp), vj, tj)
-    gx = xp.stack(cols, axis=-1) * _mask(xp, n, -1, g)
-    return (_out(xp, gx, dtype),)
+    gx = xp.stack(cols, axis=-1) * _mask(xp, v.shape[-2], -1, g, cols=n)
+    return (_out(xp, _untall(xp, gx, transposed), dtype),)

@@ -21,11 +21,11 @@ virtual batch of N/Gb samples.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from ._validate import check_int
 
-__all__ = ["Partition", "batch", "layer", "instance", "group", "position", "batch_group", "KINDS"]
+__all__ = ["Partition", "batch", "layer", "instance", "group", "position", "batch_group", "KINDS", "layout_params"]
 
 KINDS = ("batch", "layer", "instance", "group", "position", "batch_group")
 
@@ -170,3 +170,25 @@ def batch_group(num_groups: int, batch_groups: int) -> Partition:
         num_groups=check_int("batch_group", "num_groups", num_groups),
         batch_groups=check_int("batch_group", "batch_groups", batch_groups),
     )
+
+
+def layout_params(arg: Callable[[str], Any]) -> tuple[str, ...]:
+    """The parameters of a framework call laid out (N, C, *S) like its input (the registry's
+    ``channels`` for :func:`normref.normalize`, :func:`normref.batch_normalize`,
+    :func:`normref.batch_whitening`): the input, and a generated recovery's γ and β (broadcast against
+    the input). ``()`` for the layer partition: it normalizes the trailing axes whatever their order,
+    so a ``channel_axis`` other than 1 is refused there.
+
+    Parameters
+    ----------
+    arg : callable
+        ``arg(name)``: the call's value of parameter ``name``.
+
+    Returns
+    -------
+    names : tuple of str
+        The layout parameters (the input first).
+    """
+    if arg("partition") == "layer":
+        return ()
+    return ("input", "weight", "bias") if arg("recovery") == "generated" else ("input",)

@@ -159,6 +159,7 @@ def _population_frozen(args, kwargs):
 
 
 @method(
+    channels=("input",),
     array_params=("input", "running_mean", "running_var", "weight", "bias"),
     nondiff=("running_mean", "running_var"),
     nullable=("running_var",),
@@ -356,6 +357,7 @@ def _prong_frozen(args, kwargs):
 
 
 @method(
+    channels=("input",),
     array_params=("input", "running_mean", "running_cov", "weight", "bias"),
     nondiff=("running_mean", "running_cov"),
     survey="§4 Eqn 16 (whitening by population statistics)",
@@ -723,6 +725,7 @@ def _ex_blended(rng):
 
 
 @method(
+    channels=("input",),
     array_params=("input", "running_mean", "running_var", "weight", "bias"),
     nondiff=("running_mean", "running_var"),
     survey="§5.3.1 (combining population and mini-batch statistics, back-propagating through the current "

@@ -26,16 +26,21 @@ Conventions every method follows
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import inspect
-from typing import Any, Callable, Generic, Iterable, NamedTuple, ParamSpec, Sequence, TypeVar, overload
+import os
+from typing import Any, Callable, Generic, Iterable, Iterator, NamedTuple, ParamSpec, Sequence, TypeVar, overload
 
 from numpy import bool_ as _np_bool
+from numpy import ndarray as _np_ndarray
+from numpy import integer as _np_integer
 
 from ._xp import is_array, library_name
 
-__all__ = ["Residuals", "Meta", "Empty", "Method", "Example", "Invariant", "method", "vjp", "REGISTRY", "get", "methods"]
+__all__ = ["Residuals", "Meta", "Empty", "ChannelMove", "Method", "Example", "Invariant", "method", "vjp", "REGISTRY", "get", "methods", "use_adapters"]
 
 #: The parameters of a registered method's function (its signature, for type checkers).
 P = ParamSpec("P")
@@ -56,6 +61,9 @@ class Meta(NamedTuple):
     shape: tuple
     dtype: Any
     library: str
+    #: a :class:`ChannelMove` when the call had ``channel_axis`` != 1 (the backward moves the
+    #: cotangent and the gradients the same way), else ``None``
+    channels: Any = None
 
 
 class Residuals:
@@ -87,6 +95,33 @@ class Empty:
     where the argument was ``None``)."""
 
     shapes: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelMove:
+    """How a call with ``channel_axis`` != 1 was permuted to the (N, C, *S) layout the formulas use
+    (kept in :attr:`Meta.channels`: hashable, so JAX keeps it as static data).
+
+    ``axis``: the caller's ``channel_axis``; ``cotangent``: the permutation taking the caller's output
+    layout to (N, C, *S) (``permute_dims(g, cotangent)``); ``grads``: for each moved array parameter,
+    ``(index among the array parameters, the inverse permutation, the caller's shape)``, which brings
+    its gradient back to the caller's layout (and shape, for an array broadcast against the input
+    that was given with fewer dimensions)."""
+
+    axis: int
+    cotangent: tuple
+    grads: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class _ChannelPlan:
+    """One call's permutation: ``values`` the moved arguments (name → permuted view), ``given`` the
+    caller's (name → array), ``inverse`` the output's permutation back, ``move`` the backward's."""
+
+    values: dict
+    given: dict
+    inverse: tuple
+    move: ChannelMove
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,14 +186,26 @@ class Method(Generic[P, R]):
         torch_reference: Callable | None = None,
         fd_target: Callable | None = None,
         nullable: Sequence[str] = (),
+        channels: "Sequence[str] | Callable[[Callable[[str], Any]], Sequence[str]]" = (),
     ):
         # at run time the registered function returns (out, residuals): see method()
         self._forward: Callable[..., Any] = forward
-        # For methods with stop-gradient constants (batch renormalization's r and d): given a call,
-        # the function (same signature) whose true derivative the analytic backward computes.
-        self.fd_target = fd_target
         self.name = name
         self.signature = inspect.signature(forward)
+        # Methods whose partition has a channel axis: the parameters laid out (N, C, *S) like the
+        # input (a tuple of names, or a callable ``channels(arg)`` of the call's arguments, ``arg(name)``
+        # giving one) and the keyword-only ``channel_axis`` their public signature gains (see
+        # _channel_plan). Empty: the method takes no channel_axis.
+        self.channels = channels if callable(channels) else tuple(channels)
+        if self.channels:
+            self.signature = _with_channel_axis(name, self.signature, self.channels)
+        # For methods with stop-gradient constants (batch renormalization's r and d): given a call,
+        # the function (same signature) whose true derivative the analytic backward computes.
+        self.fd_target = fd_target if fd_target is None or not self.channels else _channel_fd_target(self, fd_target)
+        self._positions = {
+            q.name: i for i, q in enumerate(self.signature.parameters.values())
+            if q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)
+        }
         for p in array_params:
             if p not in self.signature.parameters:
                 raise TypeError(f"register {name}: array parameter {p!r} is not in the signature")
@@ -200,6 +247,8 @@ class Method(Generic[P, R]):
         # __module__, __name__, __qualname__, __doc__, __wrapped__ (and the function's __dict__)
         functools.update_wrapper(self, forward)
         self.__signature__ = self.signature
+        if self.channels and self.__doc__:
+            self.__doc__ = _document_channel_axis(self.__doc__, self.channels)
 
     def __get__(self, obj: object, objtype: type | None = None) -> "Method[P, R]":
         # A method stays itself when read off a class or an instance (a stored function would bind
@@ -265,11 +314,14 @@ class Method(Generic[P, R]):
         out, res = self._call(args, kwargs)
         y = self.primary(out)
         arrays = [self._array_arg(slot, args, kwargs) for slot in self._array_slots]
+        # _call leaves its ChannelMove in meta when it permuted the call (channel_axis != 1)
+        move = res.meta if isinstance(res.meta, ChannelMove) else None
         res.meta = Meta(
             dtypes=tuple(None if a is None else a.dtype for a in arrays),
             shape=tuple(int(d) for d in y.shape),
             dtype=y.dtype,
             library=library_name(y),
+            channels=move,
         )
         return out, res
 
@@ -297,6 +349,10 @@ class Method(Generic[P, R]):
         if self._backward is None:
             raise NotImplementedError(f"{self.name} has no registered backward")
         self._check_cotangent(residuals, cotangent)
+        move = residuals.meta.channels if isinstance(residuals.meta, Meta) else None
+        if move is not None:
+            # the caller's layout → (N, C, *S), as the forward ran (a permuted view: no copy)
+            cotangent = _permute(cotangent, move.cotangent)
         n = len(self.array_params)
         if needs is not None:
             needs = tuple(needs)
@@ -309,7 +365,7 @@ class Method(Generic[P, R]):
             if not any(needs):
                 return (None,) * n
         if isinstance(residuals.static, Empty):
-            return self._empty_backward(residuals, cotangent, needs)
+            return _unmove(move, self._empty_backward(residuals, cotangent, needs))
         fn = self._backward
         # inspected once at registration; a backward swapped in later (tests) is inspected here
         takes_needs = self._backward_takes_needs if fn is self._inspected else _declares_needs(fn)
@@ -336,7 +392,7 @@ class Method(Generic[P, R]):
                 out.append(array_namespace(g).astype(g, dt))
             else:
                 out.append(g)
-        return tuple(out)
+        return _unmove(move, tuple(out))
 
     def _empty_backward(self, residuals: Residuals, cotangent: Any, needs) -> tuple:
         """Gradients of a call on an empty input: zeros of each given differentiable argument's
@@ -404,15 +460,180 @@ class Method(Generic[P, R]):
                 raise TypeError(
                     f"{self.name}: {name} must be an array (numpy, torch, jax, cupy or any array API array); got None"
                 )
+        if self.channels and "channel_axis" in kwargs:
+            kwargs = dict(kwargs)
+            plan = self._channel_plan(kwargs.pop("channel_axis"), args, kwargs)
+            if plan is not None:
+                return self._call_moved(plan, args, kwargs)
         try:
             return self._forward(*args, **kwargs)
         except TypeError:
             self.bind(*args, **kwargs)  # raises "<name>: ..." when the arguments do not fit
             raise
 
+    # -- channel_axis: features-last inputs on the (N, C, *S) formulas ----------------------------
+    def _arg(self, name: str, args, kwargs) -> Any:
+        """The call's value of parameter ``name`` (positional, keyword or default)."""
+        pos = self._positions.get(name)
+        if pos is not None and pos < len(args):
+            return args[pos]
+        if name in kwargs:
+            return kwargs[name]
+        q = self.signature.parameters.get(name)  # None for a name the method does not have
+        return None if q is None or q.default is inspect.Parameter.empty else q.default
+
+    def _channel_plan(self, axis: Any, args, kwargs) -> "_ChannelPlan | None":
+        """Validate ``channel_axis`` and plan the permutation; ``None``: the call needs none (the
+        channels are on axis 1 already, or the input is not an array: the method's own error then).
+
+        The layout parameters (``self.channels``) are permuted by p = (0, a, 1, ..., â, ..., nd−1),
+        which moves the caller's channel axis a to 1 and keeps every other axis in order: a stride
+        view (NumPy, torch), fused by XLA in JAX. An array of fewer dimensions than the input (a
+        generated affine's γ, β, broadcast against the input from the right) gets leading 1s first."""
+        fn = self.name
+        if isinstance(axis, (bool, _np_bool)) or not isinstance(axis, (int, _np_integer)):
+            raise TypeError(
+                f"{fn}: channel_axis must be an int (the input's axis that holds the channels: 1 for "
+                f"(N, C, *S), -1 for features last); got {type(axis).__name__} {axis!r}"
+            )
+        axis = int(axis)
+        if axis == 1:
+            return None
+        get_arg = functools.partial(self._arg, args=args, kwargs=kwargs)
+        names = tuple(self.channels(get_arg)) if callable(self.channels) else self.channels
+        if not names:
+            raise ValueError(
+                f"{fn}: this call has no channel axis (a layer partition normalizes the trailing axes, "
+                f"whatever their order), so channel_axis must be 1; got channel_axis={axis}"
+            )
+        primary = names[0]
+        x = get_arg(primary)
+        if not is_array(x):
+            return None
+        nd = x.ndim
+        shape = tuple(x.shape)
+        if not -nd <= axis < nd:
+            raise ValueError(
+                f"{fn}: channel_axis must be in [-{nd}, {nd}) for a {nd}-dimensional {primary} "
+                f"(shape {shape}); got channel_axis={axis}"
+            )
+        a = axis % nd
+        if a == 0:
+            raise ValueError(
+                f"{fn}: channel_axis must not be the batch axis 0 of {primary} (shape {shape}): the "
+                f"channels are on another axis (1: (N, C, *S), the default; -1: features last); got "
+                f"channel_axis={axis}"
+            )
+        if a == 1:
+            return None
+        perm = (0, a) + tuple(i for i in range(1, nd) if i != a)
+        inverse = tuple(sorted(range(nd), key=perm.__getitem__))
+        values: dict = {}
+        given: dict = {}
+        grads = []
+        from array_api_compat import array_namespace
+
+        for name in names:
+            v = get_arg(name)
+            if not is_array(v) or v.ndim > nd or (v.ndim < nd and name == primary):
+                continue  # None, or a shape the method refuses in its own words
+            xp = array_namespace(v)
+            t = v if v.ndim == nd else xp.reshape(v, (1,) * (nd - v.ndim) + tuple(v.shape))
+            values[name] = xp.permute_dims(t, perm)
+            given[name] = v
+            if name in self.array_params:
+                grads.append((self.array_params.index(name), inverse, tuple(int(d) for d in v.shape)))
+        return _ChannelPlan(values, given, inverse, ChannelMove(axis, perm, tuple(grads)))
+
+    def _moved_args(self, plan: "_ChannelPlan", args, kwargs) -> tuple[list, dict]:
+        args, kwargs = list(args), dict(kwargs)
+        for name, v in plan.values.items():
+            pos = self._positions.get(name)
+            if pos is not None and pos < len(args):
+                args[pos] = v
+            else:
+                kwargs[name] = v
+        return args, kwargs
+
+    def _moved_back(self, plan: "_ChannelPlan", out: Any) -> Any:
+        """The output with its primary field in the caller's layout (``out=``, when given, is
+        returned itself: the formula wrote into its permuted view)."""
+        y = self.primary(out)
+        if "out" in plan.values and y is plan.values["out"]:
+            y = plan.given["out"]
+        else:
+            if y.ndim != len(plan.inverse):
+                raise AssertionError(f"{self.name}: the output has {y.ndim} dimensions, the input {len(plan.inverse)}")
+            y = _permute(y, plan.inverse)
+        if isinstance(out, tuple):  # a NamedTuple result keeps its type
+            rest = tuple(out[1:])
+            return type(out)(y, *rest) if hasattr(out, "_fields") else (y,) + rest
+        return y
+
+    def _call_moved(self, plan: "_ChannelPlan", args, kwargs):
+        """The forward on the permuted arguments; the output back in the caller's layout and the
+        :class:`ChannelMove` left in ``residuals.meta`` for :meth:`forward`."""
+        margs, mkwargs = self._moved_args(plan, args, kwargs)
+        try:
+            out, res = self._forward(*margs, **mkwargs)
+        except TypeError:
+            self.bind(*args, **kwargs)  # raises "<name>: ..." when the arguments do not fit
+            raise
+        except ValueError as e:
+            # the method's own message names axes of the (N, C, *S) view: say which view that was
+            name = next(iter(plan.values))
+            msg = (
+                f"{e} (called with channel_axis={plan.move.axis}: {name} of shape "
+                f"{tuple(plan.given[name].shape)} is seen as (N, C, *S) of shape "
+                f"{tuple(plan.values[name].shape)}; the message's axes are that view's)"
+            )
+            try:
+                err = type(e)(msg)
+            except Exception:  # a subclass with another constructor
+                err = ValueError(msg)
+            raise err from None
+        res.meta = plan.move
+        return self._moved_back(plan, out), res
+
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        # A torch tensor that records gradients, or a JAX tracer (jax.grad/jit/vmap): the framework
+        # would differentiate the formula itself. The call goes through the framework's adapter
+        # instead (normref.backends.torch's autograd.Function, normref.backends.jax's custom_vjp), so
+        # the gradient is normref's analytic backward (issue 16). Opt out: use_adapters(False).
+        # forward()/backward()/vjp stay raw (the adapters call forward: no recursion).
+        adapter = self._adapter(args, kwargs)
+        if adapter is not None:
+            return adapter(*args, **kwargs)
         # the residuals' metadata (dtypes, output shape) only serve a backward: not computed here
         return self._call(args, kwargs)[0]
+
+    def _adapter(self, args, kwargs) -> "Callable | None":
+        """The adapter a plain call is routed to (see ``__call__``), or ``None`` for the formula."""
+        for slot in self._array_slots:
+            a = self._array_arg(slot, args, kwargs)
+            if a is None or type(a) is _np_ndarray:
+                continue
+            if _is_torch_array(a):
+                import torch
+
+                compiling = torch.compiler.is_compiling()
+                if torch.is_grad_enabled() and (a.requires_grad or (
+                        not compiling and torch._C._functorch.is_functorch_wrapped_tensor(a))):
+                    if not (_trace_time_routing() if compiling else _routing()):
+                        return None
+                    from normref.backends.torch import function
+
+                    return function(self)
+            elif _is_jax_array(a):
+                import jax
+
+                if isinstance(a, jax.core.Tracer):
+                    if not _routing():
+                        return None
+                    from normref.backends.jax import function
+
+                    return function(self)
+        return None
 
     def primary(self, out: Any) -> Any:
         """The differentiable output of ``out`` (the first field of a tuple result).
@@ -441,6 +662,181 @@ def _declares_needs(backward: Callable) -> bool:
         return False
 
 
+def _permute(a: Any, perm: tuple) -> Any:
+    """``permute_dims(a, perm)`` in ``a``'s own library (a view where the library has views)."""
+    from array_api_compat import array_namespace
+
+    return array_namespace(a).permute_dims(a, perm)
+
+
+def _unmove(move: "ChannelMove | None", grads: tuple) -> tuple:
+    """Gradients of the permuted arguments back in the caller's layout (and shape)."""
+    if move is None:
+        return grads
+    out = list(grads)
+    for i, inverse, shape in move.grads:
+        g = out[i]
+        if g is None:
+            continue
+        g = _permute(g, inverse)
+        if tuple(g.shape) != shape:  # an array given with fewer dimensions: drop the leading 1s
+            from array_api_compat import array_namespace
+
+            g = array_namespace(g).reshape(g, shape)
+        out[i] = g
+    return tuple(out)
+
+
+def _with_channel_axis(name: str, sig: inspect.Signature, channels: Any) -> inspect.Signature:
+    """``sig`` with the keyword-only ``channel_axis: int = 1`` (before a ``**kwargs``)."""
+    if "channel_axis" in sig.parameters:
+        raise TypeError(f"register {name}: channels is declared, so channel_axis must not be in the signature")
+    if not callable(channels):
+        for p in channels:
+            if p not in sig.parameters:
+                raise TypeError(f"register {name}: channels parameter {p!r} is not in the signature")
+    params = list(sig.parameters.values())
+    new = inspect.Parameter("channel_axis", inspect.Parameter.KEYWORD_ONLY, default=1, annotation="int")
+    at = next((i for i, q in enumerate(params) if q.kind is q.VAR_KEYWORD), len(params))
+    return sig.replace(parameters=params[:at] + [new] + params[at:])
+
+
+def _document_channel_axis(doc: str, channels: Any) -> str:
+    """``doc`` with a ``channel_axis`` entry at the end of its numpydoc ``Parameters`` section."""
+    lines = doc.splitlines()
+    heads = [i for i in range(len(lines) - 1)
+             if lines[i].strip() and set(lines[i + 1].strip()) == {"-"} and len(lines[i + 1].strip()) >= 3]
+    start = next((i for i in heads if lines[i].strip() == "Parameters"), None)
+    if start is None:
+        return doc
+    indent = lines[start][: len(lines[start]) - len(lines[start].lstrip())]
+    end = next((i for i in heads if i > start), len(lines))
+    while end > start + 2 and not lines[end - 1].strip():
+        end -= 1
+    names = ["input"] if callable(channels) else [p for p in channels if p != "out"]
+    arrays = " and ".join(f"``{p}``" for p in names)
+    text = (
+        f"Keyword-only. The axis of {arrays} that holds the channels: ``1``, the default, is torch's "
+        "``(N, C, *S)`` layout; ``-1`` is features last ``(N, *S, C)``, as Flax, Keras and TensorFlow lay out "
+        "images; any axis but the batch axis 0. The formulas run on a permuted view (no copy in NumPy "
+        "and torch; the numba kernels read the channels-last strides as they are) and the output and "
+        f"the gradient{'s' if len(names) > 1 else ''} of {arrays} come back in the caller's layout"
+        + ("; ``out`` is given in that layout too" if not callable(channels) and "out" in channels else "")
+        + (" (an array broadcast against the input, such as a generated γ or β, is given in it too)"
+           if callable(channels) else "")
+        + ". Per-channel arrays (γ, β, running statistics) keep their shape. Survey §5.1 (the partition "
+        "is the same; only the memory layout of the channel axis differs)."
+    )
+    import textwrap
+
+    entry = [f"{indent}channel_axis : int, default 1"] + textwrap.wrap(
+        text, width=100, initial_indent=indent + "    ", subsequent_indent=indent + "    ")
+    return "\n".join(lines[:end] + entry + lines[end:])
+
+
+def _channel_fd_target(m: "Method[..., Any]", raw: Callable) -> Callable:
+    """``fd_target`` for a method with channels: a call with ``channel_axis`` != 1 gets the frozen
+    function of the permuted call, wrapped to take and return the caller's layout."""
+
+    def fd_target(args: tuple, kwargs: dict) -> Callable | None:
+        if "channel_axis" not in kwargs:
+            return raw(args, kwargs)
+        kwargs = dict(kwargs)
+        axis = kwargs.pop("channel_axis")
+        plan = m._channel_plan(axis, args, kwargs)
+        if plan is None:
+            return raw(args, kwargs)
+        margs, mkwargs = m._moved_args(plan, args, kwargs)
+        inner = raw(tuple(margs), mkwargs)
+        if inner is None:
+            return None
+
+        def frozen(*a: Any, **k: Any) -> Any:
+            k = dict(k)
+            p = m._channel_plan(k.pop("channel_axis", 1), a, k)
+            if p is None:
+                return inner(*a, **k)
+            ma, mk = m._moved_args(p, a, k)
+            return m._moved_back(p, inner(*ma, **mk))
+
+        return frozen
+
+    return fd_target
+
+
+# -- routing plain calls to the adapters (issue 16) --------------------------------------------------
+# The switch: a context variable (threads and tasks keep their own), as use_kernels; the environment
+# variable NORMREF_ADAPTERS=0 (read once, at import) makes "off" the default.
+_ROUTING: contextvars.ContextVar[bool | None] = contextvars.ContextVar("normref_adapters", default=None)
+_ENV_ROUTING = os.environ.get("NORMREF_ADAPTERS", "1") not in ("0", "false", "False", "off")
+
+
+def _routing() -> bool:
+    v = _ROUTING.get()
+    return _ENV_ROUTING if v is None else v
+
+
+def _trace_time_routing() -> bool:
+    """:func:`_routing`, read once at trace time under ``torch.compile`` (TorchDynamo cannot trace a
+    context variable; the attribute below is what ``torch.compiler.assume_constant_result`` sets)."""
+    return _routing()
+
+
+_trace_time_routing._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def use_adapters(enabled: bool = True) -> Iterator[None]:
+    """Context manager: whether plain calls on differentiable framework arrays use normref's backward.
+
+    By default, calling a method (``normref.batch_norm(x, ...)``) on a torch tensor that records
+    gradients (``requires_grad`` with grad mode on, or a ``torch.func`` transform's tensor) runs
+    ``normref.backends.torch.function(method)`` — a ``torch.autograd.Function`` whose backward is
+    normref's analytic one (autograd node ``Normref<Name>Backward``) — and on a JAX tracer (under
+    ``jax.grad``/``jit``/``vmap``) runs ``normref.backends.jax.function(method)``, a custom_vjp. The
+    forward is the same formula either way; only who differentiates it changes. Inside
+    ``with normref.use_adapters(False):`` plain calls run the formula directly, so that torch's
+    autograd / JAX's AD differentiate the array-API operations themselves (an independent oracle
+    for tests, or a framework feature the adapters lack). ``NORMREF_ADAPTERS=0`` in the environment
+    (read at import) makes that the default. ``Method.forward``/``backward`` and :func:`vjp` are
+    never routed.
+
+    Parameters
+    ----------
+    enabled : bool, default True
+        Route plain calls through the adapters (``True``) or run the formula (``False``).
+
+    Returns
+    -------
+    context : context manager
+        Yields ``None``; the previous setting comes back on exit.
+
+    Notes
+    -----
+    Under ``torch.compile`` the setting is read when the graph is traced (as :func:`use_kernels`'s):
+    ``torch._dynamo.reset()`` re-traces after a change.
+    """
+    from ._validate import check_bool
+
+    token = _ROUTING.set(check_bool("use_adapters", "enabled", enabled))
+    try:
+        yield
+    finally:
+        _ROUTING.reset(token)
+
+
+def _is_torch_array(a: Any) -> bool:
+    from array_api_compat import is_torch_array
+
+    return is_torch_array(a)
+
+
+def _is_jax_array(a: Any) -> bool:
+    from array_api_compat import is_jax_array
+
+    return is_jax_array(a)
+
+
 REGISTRY: dict[str, Method[..., Any]] = {}
 
 
@@ -457,6 +853,7 @@ def method(
     torch_reference: Callable | None = None,
     fd_target: Callable | None = None,
     nullable: Sequence[str] = (),
+    channels: "Sequence[str] | Callable[[Callable[[str], Any]], Sequence[str]]" = (),
 ) -> Callable[[Callable[P, R]], Method[P, R]]:
     """Decorator: turn ``forward(*args) -> (out, Residuals)`` into a registered :class:`Method`.
 
@@ -467,6 +864,13 @@ def method(
     ``(R, Residuals)``. (``Array`` is ``Any``, so the function's own ``return out, residuals``
     type-checks; a function annotated with a precise type, e.g. a NamedTuple, marks that return
     with ``# type: ignore[return-value]``.)
+
+    ``channels`` names the parameters laid out (N, C, *S) like the input — ``("input",)``, ``("input",
+    "out")``, ``("content", "style")`` — or is a callable ``channels(arg)`` returning them for a call
+    (``arg(name)`` gives an argument's value; it raises ``ValueError`` where the call has no channel
+    axis). Such a method gains a keyword-only ``channel_axis: int = 1`` in its public signature and
+    docstring: a call with the channels on another axis runs the formulas on a permuted view and
+    returns the output, and its backward the gradients, in the caller's layout.
     """
 
     def wrap(forward: Callable[P, R]) -> Method[P, R]:
@@ -483,6 +887,7 @@ def method(
             torch_reference=torch_reference,
             fd_target=fd_target,
             nullable=nullable,
+            channels=channels,
         )
         if m.name in REGISTRY:
             raise ValueError(f"a method named {m.name!r} is registered already")

@@ -396,6 +396,7 @@ def _bn_partition(args, kwargs):
 
 
 @method(
+    channels=("input", "out"),
     array_params=("input", "running_mean", "running_var", "weight", "bias"),
     nondiff=("running_mean", "running_var"),
     nullable=("running_mean", "running_var"),
@@ -551,6 +552,7 @@ def _in_partition(args, kwargs):
 
 
 @method(
+    channels=("input", "out"),
     array_params=("input", "running_mean", "running_var", "weight", "bias"),
     nondiff=("running_mean", "running_var"),
     survey="§5.1.1 (Table 1: Π_IN ∈ R^{md×hw}, standardizing)",
@@ -903,6 +905,7 @@ def _group_like(fn, input, weight, bias, eps, part, out=None, count_what=None, s
 
 
 @method(
+    channels=("input", "out"),
     array_params=("input", "weight", "bias"),
     survey="§5.1.1 (Table 1: Π_GN ∈ R^{mg×shw}, standardizing)",
     paper="Wu & He, Group Normalization, ECCV 2018",
@@ -983,6 +986,7 @@ def _bgn_partition(args, kwargs):
 
 
 @method(
+    channels=("input",),
     array_params=("input", "weight", "bias", "running_mean", "running_var"),
     nondiff=("running_mean", "running_var"),
     survey="§5.1.1 (Table 1: Π_BGN ∈ R^{g_m g×s_m s hw}, standardizing; running statistics Eqn 18)",
@@ -1127,6 +1131,7 @@ def _pn_partition(args, kwargs):
 
 
 @method(
+    channels=("input",),
     array_params=("input", "weight", "bias"),
     survey="§5.1.1 (Table 1: Π_PN ∈ R^{mhw×d}, standardizing)",
     paper="Li et al., Positional Normalization, NeurIPS 2019",
@@ -1180,6 +1185,7 @@ def _pixel_partition(args, kwargs):
 
 
 @method(
+    channels=("input",),
     array_params=("input",),
     survey="§5.1.2 (scaling only over Π_PN ∈ R^{mhw×d}; Table 1)",
     paper="Karras et al., Progressive Growing of GANs, ICLR 2018",
@@ -1249,6 +1255,7 @@ def _mo_partition(args, kwargs):
 
 
 @method(
+    channels=("input",),
     array_params=("input", "running_mean", "bias"),
     nondiff=("running_mean",),
     survey="§5.1.1 (Table 1: Π_BN, centering)",
@@ -1367,6 +1374,7 @@ def _frn_partition(args, kwargs):
 
 
 @method(
+    channels=("input",),
     array_params=("input", "weight", "bias", "tau"),
     survey="§5.1.2 (scaling only over Π_IN; NRR affine + thresholded linear unit)",
     paper="Singh & Krishnan, Filter Response Normalization Layer, CVPR 2020",
@@ -1487,6 +1495,7 @@ def _lp_dev_invariant() -> Invariant:
 
 
 @method(
+    channels=("input",),
     array_params=("input", "running_mean", "running_scale", "weight", "bias"),
     nondiff=("running_mean", "running_scale"),
     survey="§5.1.1 (Table 1: Lp-norm BN and L1-norm BN; standardizing by the Lp deviation)",
@@ -1664,6 +1673,7 @@ def _renorm_frozen(args, kwargs):
 
 
 @method(
+    channels=("input",),
     array_params=("input", "running_mean", "running_var", "weight", "bias"),
     nondiff=("running_mean", "running_var"),
     nullable=("running_mean", "running_var"),
@@ -1812,6 +1822,7 @@ def _ghost_partition(args, kwargs):
 
 
 @method(
+    channels=("input",),
     array_params=("input", "running_mean", "running_var", "weight", "bias"),
     nondiff=("running_mean", "running_var"),
     nullable=("running_mean", "running_var"),

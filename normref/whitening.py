@@ -437,7 +437,7 @@ def layout(view_shape, reduce_axes, feature_axes, group_size: int) -> Layout:
         n_ind += 1
     if any(a not in red for a in before[n_ind:]) or any(a not in red for a in range(f1, nd)):
         raise AssertionError(f"whitening layout: view {view_shape}, reduce axes {tuple(reduce_axes)}, features {fa}")
-    size = lambda axes: math.prod(view_shape[a] for a in axes)  # noqa: E731
+    size = lambda axes: math.prod([view_shape[a] for a in axes])  # noqa: E731  (a list: torch.compile traces it)
     i, r1, f, r2 = size(before[:n_ind]), size(before[n_ind:]), size(fa), size(range(f1, nd))
     return Layout(view_shape, i, r1, f // group_size, group_size, r2, r1 > r2)
 
@@ -623,7 +623,7 @@ def _features(part: _part.Partition, shape) -> tuple[int, str]:
     """(number of features, how the error messages call it) for a partition of ``shape``."""
     vs = part.view_shape(shape)
     fa = part.feature_axes(shape)
-    f = math.prod(vs[a] for a in fa)
+    f = math.prod([vs[a] for a in fa])  # a list: torch.compile traces it (not a generator)
     if part.kind in ("group", "batch_group"):
         return f, "num_groups"
     if part.kind == "position":
@@ -994,6 +994,7 @@ def _ex_batch_whitening(rng):
 
 
 @method(
+    channels=_part.layout_params,
     array_params=("input", "running_mean", "running_cov", "weight", "bias"),
     nondiff=("running_mean", "running_cov"),
     survey="§5.1.2 Eqn 23 (whitening); population statistics §5.3.2, Eqn 16",
@@ -1129,6 +1130,7 @@ def _ex_preset(meth):
 
 
 @method(
+    channels=("input",),
     array_params=("input", "running_mean", "running_cov", "weight", "bias"),
     nondiff=("running_mean", "running_cov"),
     survey="§5.1.2 Eqn 23 (ZCA whitening, decorrelated BN)",
@@ -1232,6 +1234,7 @@ def _monotone_invariant() -> Invariant:
 
 
 @method(
+    channels=("input",),
     array_params=("input", "running_mean", "running_cov", "weight", "bias"),
     nondiff=("running_mean", "running_cov"),
     survey="§5.1.2 (IterNorm: Newton's iterations for Σ^-1/2)",
@@ -1375,6 +1378,7 @@ def _ex_coloring(rng):
 
 
 @method(
+    channels=("input",),
     array_params=("input", "running_mean", "running_cov", "weight", "bias"),
     nondiff=("running_mean", "running_cov"),
     survey="§5.2 (coloring recovery: a learnable d×d matrix, NRR)",
@@ -1617,6 +1621,7 @@ def _check_style(fn, content, style):
 
 
 @method(
+    channels=("content", "style"),
     array_params=("content", "style"),
     survey="§5.1.3 (generated affine recovery: γ, β from another input) and §9.2 (style transfer)",
     paper="Huang & Belongie, Arbitrary Style Transfer in Real-time with Adaptive Instance Normalization, ICCV 2017",
@@ -1750,6 +1755,7 @@ def _ex_wct(rng):
 
 
 @method(
+    channels=("content", "style"),
     array_params=("content", "style"),
     survey="§9.2 (style transfer: whitening and coloring of instance statistics)",
     paper="Li, Fang, Yang, Wang, Lu & Yang, Universal Style Transfer via Feature Transforms, NeurIPS 2017",

@@ -37,11 +37,25 @@ SLOW: dict[str, tuple[str, ...]] = {
     "test_dask.py": ("test_local_cluster_*",),
     "test_kernel_layouts.py": ("*",),
     "test_kernels.py": ("test_bench_quick_smoke",),
+    "test_bench.py": ("test_first_call_tiny_in_fresh_processes", "test_sync_bench_writes_json_when_asked"),
     "test_embedding.py": ("test_readme_jax_example_*",),
     "test_jax_adapter.py": ("test_check_grads_orders_1_and_2", "test_jit_and_vmap_equal_eager", "test_vmap",
                             "test_second_derivative_against_*", "test_axis_name_under_vmap"),
     "test_conformance.py": ("test_quick_run_of_everything_registered", "test_command_quick_mode_in_a_subprocess"),
+    "test_jax_forward_mode.py": ("test_jvp_against_*", "test_jacfwd_equals_jacrev", "test_hessian_*",
+                                 "test_under_jit_vmap_and_axis_name", "test_every_method_*", "test_shard_map_*",
+                                 "test_state_outputs_have_no_tangent", "test_readme_forward_mode_block_runs"),
     "test_typing.py": ("test_mypy_is_clean_on_normref", "test_types_reach_users"),
+    "test_channel_axis.py": ("test_jax_custom_vjp",),  # XLA compilations of grad and jit(grad)
+    "test_keras.py": ("*",),  # every test runs Keras in a subprocess (KERAS_BACKEND is read at import)
+    "test_flax.py": ("test_dropins_equal_flax_*", "test_batchnorm_running_statistics_*", "test_jit_and_axis_name_*",
+                     "test_generic_layer_*", "test_named_layers_*", "test_linen_layers_*", "test_flax_nnx_example_*",
+                     "test_readme_section_runs"),
+    "test_torch_export.py": ("test_onnx_*", "test_exporting_flag", "test_jit_trace_*", "test_readme_section_runs"),
+    "test_equinox.py": ("test_generic_layer_per_example_equals_batched_call", "test_worked_example_*",
+                        "test_example_script_*", "test_readme_section_runs", "test_batch_norm_under_jit_and_sequential",
+                        "test_batch_norm_gradients_equal_equinox", "test_batch_norm_variants_equal_equinox",
+                        "test_stateless_layer_variants_equal_equinox", "test_named_generic_layers"),
 }
 # and every test run on the JAX array library through the ``backend`` fixture (JAX compiles each new
 # shape: the JAX column is most of the suite's time; test_jax_adapter's other tests stay fast)

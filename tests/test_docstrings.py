@@ -259,6 +259,7 @@ def _backend_targets() -> dict:
     for modname in ("normref.backends.torch.modules", "normref.backends.torch.parametrize",
                     "normref.backends.torch.cross_iteration", "normref.backends.torch.online",
                     "normref.backends.torch.folding", "normref.backends.torch.inference",
+                    "normref.backends.torch.conversion", "normref.backends.torch.export",
                     "normref.backends.torch", "normref.backends.jax", "normref.backends.distributed.torch",
                     "normref.backends.distributed.jax", "normref.backends.distributed.mpi", "normref.distributed"):
         try:

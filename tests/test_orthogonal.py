@@ -33,9 +33,9 @@ SHAPES = [(1, 1), (4, 4), (7, 7), (2, 3, 5, 5)]
 def _proxy(rng, shape, name, scale=1.0):
     x = scale * rng.standard_normal(shape)
     if name == "householder":  # torch's domain: a ±1 diagonal (its right_inverse sets −1)
-        n = shape[-1]
+        n = min(shape[-2:])
         i = np.arange(n)
-        x[..., i, i] = np.where(rng.standard_normal(shape[:-1]) < 0, -1.0, 1.0)
+        x[..., i, i] = np.where(rng.standard_normal(shape[:-2] + (n,)) < 0, -1.0, 1.0)
     return x
 
 
@@ -233,13 +233,15 @@ def test_torch_adapter_gradcheck(rng):
 @pytest.mark.parametrize("fname", ["cayley", "matrix_exp_orthogonal", "householder_orthogonal", "expm"])
 def test_bad_input_is_refused_naming_function_and_argument(fname):
     f = getattr(normref, fname)
-    for bad, exc, words in [
+    cases = [
         (np.ones(4), ValueError, "at least 2 dimensions"),
-        (np.ones((3, 4)), ValueError, "square"),
         (np.ones((2, 0, 0)), ValueError, "empty"),
         (np.ones((3, 3), dtype=np.int64), TypeError, ""),
         (None, TypeError, "None"),
-    ]:
+    ]
+    if fname == "expm":  # the three maps take rectangular proxies (torch's convention); exp does not
+        cases.append((np.ones((3, 4)), ValueError, "square"))
+    for bad, exc, words in cases:
         with pytest.raises(exc) as e:
             f(bad)
         msg = str(e.value)
@@ -299,3 +301,40 @@ def test_uncentred_gradient_finite_differences_and_bad_flag(which, rng):
         assert abs(fd - an) <= 1e-6 * max(1.0, abs(an))
     with pytest.raises(TypeError, match=f"{m.__name__}: centering"):
         m(v, centering="no", **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# rectangular proxies (torch's convention: wide ones transposed, tall ones the first k columns)
+
+
+@pytest.mark.parametrize("name", list(MAPS))
+@pytest.mark.parametrize("shape", [(5, 3), (3, 5), (6, 1), (2, 7, 4), (2, 4, 7)])
+def test_rectangular_against_torch(name, shape, rng):
+    fn, mp = MAPS[name]
+    x = _proxy(rng, shape, name) if shape[-1] <= shape[-2] else np.swapaxes(
+        _proxy(rng, shape[:-2] + (shape[-1], shape[-2]), name), -1, -2).copy()
+    xt, qt = _torch_map(x, mp)
+    q, pullback = normref.vjp(fn, x)
+    g = rng.standard_normal(q.shape)
+    (gq,) = torch.autograd.grad(qt, xt, torch.tensor(g))
+    (dx,) = pullback(g)
+    n = max(shape[-2:])
+    # the square n × n computation of the module docstring's bound (κ ≤ 10 on these draws)
+    tol = 64 * n * 10 * EPS64
+    assert np.max(np.abs(q - qt.detach().numpy())) <= tol
+    assert np.max(np.abs(dx - gq.numpy())) <= tol * max(1.0, float(np.max(np.abs(g))))
+    # orthonormal columns (tall) or rows (wide)
+    qq = q if shape[-2] >= shape[-1] else np.swapaxes(q, -1, -2)
+    k = qq.shape[-1]
+    assert np.max(np.abs(np.swapaxes(qq, -1, -2) @ qq - np.eye(k))) <= 64 * n * EPS64
+
+
+@pytest.mark.parametrize("name", list(MAPS))
+def test_rectangular_parametrized_linear_equals_torch(name, rng):
+    """torch's own ``parametrizations.orthogonal`` on a Linear(3 → 5) (a tall 5 × 3 weight):
+    normref's map of the stored proxy is the layer's weight."""
+    torch.manual_seed(0)
+    lin = orthogonal(torch.nn.Linear(3, 5, bias=False).double(), orthogonal_map=name, use_trivialization=False)
+    proxy = lin.parametrizations.weight.original.detach().numpy()
+    fn, _ = MAPS[name]
+    assert np.max(np.abs(fn(proxy) - lin.weight.detach().numpy())) <= 64 * 5 * EPS64

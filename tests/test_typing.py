@@ -80,16 +80,21 @@ def test_types_reach_users(mypy_run):
 def test_signature_is_the_functions(name):
     m = normref.get(name)
     fn = m.__wrapped__
-    assert inspect.signature(m) == inspect.signature(fn)
+    sig, doc = inspect.signature(fn), fn.__doc__
+    if m.channels:  # the registry adds the keyword-only channel_axis and its docstring entry (issue 16)
+        from normref.registry import _document_channel_axis, _with_channel_axis
+
+        sig, doc = _with_channel_axis(name, sig, m.channels), _document_channel_axis(doc, m.channels)
+    assert inspect.signature(m) == sig
     assert (m.__name__, m.__qualname__, m.__module__, m.__doc__) == (
-        fn.__name__, fn.__qualname__, fn.__module__, fn.__doc__)
+        fn.__name__, fn.__qualname__, fn.__module__, doc)
     assert inspect.isroutine(m)  # so that pydoc and documentation tools render it as a function
 
 
 def test_help_starts_with_name_and_signature():
     text = pydoc.render_doc(normref.group_norm, renderer=pydoc.plaintext)
     lines = text.splitlines()
-    sig = str(inspect.signature(normref.group_norm.__wrapped__))
+    sig = str(inspect.signature(normref.group_norm))  # the function's, with the registry's channel_axis
     assert lines[2] == "group_norm" + sig, lines[:4]
     assert sig.startswith("(input: 'Any', num_groups: 'int', weight: 'Any' = None, bias: 'Any' = None")
     # the docstring follows the signature (first line of the function's own docstring)

@@ -49,12 +49,34 @@ depends on whether the value can be seen:
   structurally nonzero cotangent would break legitimate scans that carry the state: the cotangent is
   **dropped**, i.e. treated as zero. Use ``jax.lax.stop_gradient`` on running statistics you feed
   into a loss to make that explicit.
+
+Forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``). JAX refuses forward mode on a
+``custom_vjp``; ``function(name, mode="jvp")`` gives the same method as a ``jax.custom_jvp``
+(:func:`custom_jvp_function`) whose tangent rule is the *transpose of normref's backward*: the backward ``ḡ ↦ Jᵀḡ`` is linear in the cotangent,
+``jax.linear_transpose`` turns it into ``t ↦ J t``, so the JVP is normref's analytic derivative, not
+JAX's differentiation of the forward formula. Reverse mode through it (``jax.grad``, ``jacrev``)
+transposes that linear rule back, which yields the backward's own operations again: the gradient is
+the same number as the ``"vjp"`` mode's (checked bit for bit on layer norm) at about the same cost
+(a few more reshapes in the jaxpr, fused by XLA). Hessians: ``jax.hessian(loss)`` (forward over
+reverse) with ``mode="jvp"``; with the default mode, reverse over reverse works
+(``jax.jacrev(jax.grad(loss))``, or Hessian-vector products ``jax.grad(lambda x: jnp.vdot(jax.grad(loss)(x),
+v))``). Second and higher derivatives in either mode are JAX's derivatives of normref's first-order
+rules (the forward's residuals and the backward's operations). The default is ``"vjp"``
+(:data:`DEFAULT_MODE`; ``NORMREF_JAX_MODE=jvp`` in the environment makes ``"jvp"`` the default for
+every function, the attribute access ``nj.<method>`` and the layers built on it): only a
+``custom_vjp`` sees the cotangent of the state outputs and can refuse a concrete nonzero one — in
+``"jvp"`` mode the state's tangent is a symbolic zero and its cotangent is always dropped (as under
+``jit`` in the default mode). A backward that is linear in ``ḡ`` but not operation by operation
+(matrix_exp_orthogonal's Fréchet adjoint squares a block matrix holding ``ḡ``) cannot be transposed
+directly; for it the tangent rule is ``jax.vjp`` of the backward at ``ḡ = 0`` (the VJP of a linear map
+is its transpose), which JAX computes by differentiating the backward, never the forward.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import os
 from typing import Any, Callable
 
 import jax
@@ -63,7 +85,18 @@ from jax.custom_derivatives import SymbolicZero
 
 from normref.registry import Method, Residuals, get
 
-__all__ = ["function", "apply", "custom_vjp_function"]
+__all__ = ["function", "apply", "custom_vjp_function", "custom_jvp_function", "MODES", "DEFAULT_MODE"]
+
+#: The two differentiation modes of :func:`function`: ``"vjp"`` (a ``jax.custom_vjp``: reverse mode,
+#: the default) and ``"jvp"`` (a ``jax.custom_jvp`` whose tangent rule is the transpose of normref's
+#: backward: forward mode too, ``jax.jvp``/``jacfwd``/``hessian``).
+MODES = ("vjp", "jvp")
+#: The mode of :func:`function` / :func:`apply` / attribute access when none is given: ``"vjp"``,
+#: or the environment variable ``NORMREF_JAX_MODE`` (``"vjp"`` or ``"jvp"``) read at import.
+DEFAULT_MODE = os.environ.get("NORMREF_JAX_MODE", "vjp") or "vjp"
+if DEFAULT_MODE not in MODES:
+    raise ValueError(f"normref.backends.jax: the environment variable NORMREF_JAX_MODE must be one of {MODES}; "
+                     f"got {DEFAULT_MODE!r}")
 
 
 def _flatten_residuals(r: Residuals):
@@ -162,6 +195,114 @@ def custom_vjp_function(name: str) -> Callable:
     return core
 
 
+@functools.lru_cache(maxsize=None)
+def custom_jvp_function(name: str) -> Callable:
+    """The ``jax.custom_jvp`` core of method ``name`` (forward mode): ``core(static, *arrays)``.
+
+    The tangent rule is the transpose of normref's analytic backward. For residuals ``r`` of the
+    forward at ``x``, the backward ``ḡ ↦ (J₁ᵀḡ, …, J_kᵀḡ)`` (one Jacobian-transpose per array
+    parameter) is linear in the cotangent ``ḡ``; its transpose ``(t₁, …, t_k) ↦ Σᵢ Jᵢ tᵢ`` is the
+    JVP, obtained with ``jax.linear_transpose`` of the backward (traced with ``ḡ`` abstract, so the
+    residual-only work is done once). Reverse mode (``jax.grad``/``vjp``/``jacrev``) linearizes this
+    rule and transposes the linear part back: transposing the transposed backward gives the backward's
+    own operations, so the gradient is again normref's analytic backward (no trace of the forward
+    formula is differentiated at first order). Higher orders differentiate these rules in turn.
+
+    Parameters
+    ----------
+    name : str
+        The registered method's name.
+
+    Returns
+    -------
+    core : callable
+        ``core(static, *arrays)``, as :func:`custom_vjp_function`'s, a ``jax.custom_jvp``.
+
+    Notes
+    -----
+    Only the inputs JAX perturbs (a non-``SymbolicZero`` tangent; ``symbolic_zeros=True``) enter the
+    backward's ``needs`` mask, so ``jax.jvp`` in one argument costs the backward of that argument
+    alone. Auxiliary outputs (running statistics) are state: their tangent is a symbolic zero, and a
+    cotangent for them in reverse mode is dropped (the ``"vjp"`` mode refuses a concrete nonzero one
+    eagerly; see the module docstring).
+    """
+    m = get(name)
+    run_forward = functools.partial(_run_forward, m)
+
+    @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+    def core(static, *arrays):
+        return run_forward(static, arrays)[0]
+
+    def jvp(static, primals, tangents):
+        arrays = tuple(_as_jax(a) for a in primals)
+        out, res = run_forward(static, arrays)
+        needs = tuple(
+            a is not None and p not in m.nondiff and t is not None and not isinstance(t, SymbolicZero)
+            for p, a, t in zip(m.array_params, arrays, tangents)
+        )
+        dy = _tangent_of_output(m, res, m.primary(out), arrays, tangents, needs)
+        if not isinstance(out, tuple):
+            return out, dy
+        aux = tuple(_zero_tangent(a) for a in out[1:])  # state: no tangent (see the docstring)
+        return out, (type(out)(dy, *aux) if hasattr(out, "_fields") else (dy, *aux))
+
+    core.defjvp(jvp, symbolic_zeros=True)
+    return core
+
+
+def _zero_tangent(a: Any) -> Any:
+    """The symbolic zero tangent of output ``a`` (``None`` stays ``None``)."""
+    return None if a is None else SymbolicZero(jax.typeof(a).to_tangent_aval())
+
+
+def _tangent_of_output(m: Method, res: Residuals, y: Any, arrays: tuple, tangents: tuple, needs: tuple) -> Any:
+    """``Σᵢ Jᵢ tᵢ``: the transpose of ``ḡ ↦ m.backward(res, ḡ, needs)`` applied to the tangents.
+
+    The backward is traced once with an abstract cotangent of ``y``'s type; ``jax.linear_transpose``
+    then runs its transposed operations on the tangents of the perturbed inputs. The cotangents are
+    given their primals' varying manual axes first (:func:`_match_varying`, as in the ``"vjp"`` mode),
+    so that under ``shard_map(check_vma=True)`` each tangent meets a cotangent of its own type and the
+    transpose of a ``psum`` (a replicated parameter's gradient) is the ``pvary`` of its tangent."""
+    if not any(needs):
+        return _zero_tangent(y)
+    vary = tuple(None if a is None else _varying(a) for a in arrays)
+    kept: list[int] = []
+
+    def pullback(g):
+        grads = [_match_varying(d, v) for d, v in zip(m.backward(res, g, needs=needs), vary)]
+        kept[:] = [i for i, d in enumerate(grads) if d is not None]
+        return tuple(grads[i] for i in kept)
+
+    key = (m.name, res.static)
+    try:
+        hash(key)
+    except TypeError:  # static data that cannot be a key: the method alone
+        key = (m.name,)
+    if key not in _NOT_STRUCTURALLY_LINEAR:
+        try:
+            transpose = jax.linear_transpose(pullback, y)  # traces the backward: fills ``kept``
+            if not kept:  # the perturbed inputs have no gradient (e.g. an empty input): no tangent
+                return _zero_tangent(y)
+            (dy,) = transpose(tuple(_as_jax(tangents[i]) for i in kept))
+            return dy
+        except (AssertionError, NotImplementedError):
+            # A backward that is linear in ḡ but not operation by operation (matrix_exp_orthogonal's
+            # Fréchet adjoint squares a block matrix holding ḡ; its ḡ² block is structurally zero):
+            # JAX cannot transpose it directly. Remembered for this method and static data.
+            _NOT_STRUCTURALLY_LINEAR.add(key)
+    # The VJP of the linear map ḡ ↦ B ḡ at any point is Bᵀ: at ḡ = 0, jax.vjp transposes the
+    # backward's own derivative (JAX differentiates the backward, never the forward formula).
+    _, transpose = jax.vjp(pullback, jnp.zeros_like(y))
+    if not kept:
+        return _zero_tangent(y)
+    (dy,) = transpose(tuple(_as_jax(tangents[i]) for i in kept))
+    return dy
+
+
+# (method name, residuals' static data) whose backward JAX cannot transpose operation by operation
+_NOT_STRUCTURALLY_LINEAR: set = set()
+
+
 class _Static:
     """A pytree node with no leaves: hashable Python data carried through the residuals."""
 
@@ -237,7 +378,7 @@ def _as_jax(a: Any) -> Any:
     return jnp.asarray(a)
 
 
-def function(name_or_method: "str | Method") -> Callable:
+def function(name_or_method: "str | Method", mode: "str | None" = None) -> Callable:
     """``normref.<method>`` for JAX arrays, differentiated through normref's analytic backward.
 
     Same signature and outputs as the method. Works for every registered method, including those
@@ -247,11 +388,26 @@ def function(name_or_method: "str | Method") -> Callable:
     ----------
     name_or_method : str or Method
         The registered method, or its name.
+    mode : {"vjp", "jvp"} or None, default None
+        ``"vjp"``: a ``jax.custom_vjp`` (reverse mode: ``grad``, ``vjp``, ``jacrev``, grad-of-grad).
+        ``"jvp"``: a ``jax.custom_jvp`` whose tangent rule is the transpose of the backward
+        (:func:`custom_jvp_function`): forward mode too (``jvp``, ``jacfwd``, ``hessian``), and reverse
+        mode by JAX's transposition of that rule. ``None``: :data:`DEFAULT_MODE` (``"vjp"`` unless the
+        environment variable ``NORMREF_JAX_MODE`` said otherwise at import).
 
     Returns
     -------
     fn : callable
-        The method for JAX arrays, a ``jax.custom_vjp`` whose backward is the method's.
+        The method for JAX arrays, a ``jax.custom_vjp`` (or ``custom_jvp``) whose derivatives are the
+        method's backward.
+
+    Notes
+    -----
+    Why ``"vjp"`` is the default: in it a concrete nonzero cotangent for an auxiliary (state) output
+    is refused eagerly (module docstring), which a ``custom_jvp`` cannot see — JAX transposes its
+    tangent rule without calling back, so the state's cotangent is dropped as under ``jit``.
+    Otherwise the two modes agree (the JAX test set passes in both; ``NORMREF_JAX_MODE=jvp`` runs it
+    in forward mode).
 
     Examples
     --------
@@ -260,14 +416,22 @@ def function(name_or_method: "str | Method") -> Callable:
         from normref.backends import jax as nj
         loss = lambda x, w, b: nj.group_norm(x, 2, w, b).sum()
         dx, dw, db = jax.grad(loss, argnums=(0, 1, 2))(x, w, b)
+        # forward mode: Jacobian-vector products, forward-over-reverse Hessians
+        ln = function("layer_norm", mode="jvp")
+        y, t = jax.jvp(lambda x: ln(x, (5,)), (x,), (v,))
+        h = jax.hessian(lambda x: jnp.sum(jnp.sin(ln(x, (5,)))))(x)
     """
-    return _function(get(name_or_method).name)
+    if mode is None:
+        mode = DEFAULT_MODE
+    if mode not in MODES:
+        raise ValueError(f"normref.backends.jax.function: mode must be one of {MODES}; got {mode!r}")
+    return _function(get(name_or_method).name, mode)
 
 
 @functools.lru_cache(maxsize=None)
-def _function(name: str) -> Callable:
+def _function(name: str, mode: str = "vjp") -> Callable:
     m = get(name)
-    core = custom_vjp_function(name)
+    core = custom_jvp_function(name) if mode == "jvp" else custom_vjp_function(name)
     array_set = set(m.array_params)
     synced = "sync" in m.signature.parameters  # statistics over the batch: axis_name= is offered
 
@@ -299,6 +463,7 @@ def _function(name: str) -> Callable:
     fn.__name__ = fn.__qualname__ = m.name
     fn.__module__ = "normref.backends.jax"
     fn.method = m
+    fn.mode = mode
     return fn
 
 

@@ -21,6 +21,13 @@ statistics takes ``process_group=`` (``None``: local, the default; ``nt.WORLD`` 
 ``nt.convert_sync(model, nt.WORLD)`` synchronizes a built model (normref's layers in place, torch's
 BatchNorm*d / SyncBatchNorm replaced by normref's); ``nt.SyncBatchNorm`` is a drop-in for torch's.
 
+Existing models and deployment (issue 16): ``nt.convert(model)`` swaps torch's norm layers for
+normref's drop-ins keeping parameters, buffers, flags and hooks (``nt.unconvert`` goes back);
+``nt.exportable(model)`` gives a TorchScript/ONNX-ready copy (torch's layers, eval-mode whitening
+as ``nt.InferenceAffine``); the drop-ins emit torch's native ops while traced for export
+(``nt.exporting()``); ``nt.symbolic_trace`` keeps normref's layers as torch.fx leaves;
+``nt.NormrefModule`` is the base of every normref layer (``conversion``, ``export``).
+
 After training, ``nt.recalibrate(model, batches)`` re-estimates the population statistics of every
 normref layer (and torch's batch norms) — Algorithm 2, precise BN or AdaBN — where torch's
 ``update_bn`` skips normref's ``StatefulNorm`` layers (``normref.backends.torch.inference``).
@@ -28,9 +35,9 @@ normref layer (and torch's batch norms) — Algorithm 2, precise BN or AdaBN —
 
 from __future__ import annotations
 
-from ._function import apply, autograd_function, function
+from ._function import apply, autograd_function, function, node_name
 
-__all__ = ["function", "apply", "autograd_function"]
+__all__ = ["function", "apply", "autograd_function", "node_name"]
 
 
 def __getattr__(name: str):
@@ -63,10 +70,18 @@ def __getattr__(name: str):
         cross_iteration = importlib.import_module(".cross_iteration", __name__)
         if name in cross_iteration.__all__:
             return getattr(cross_iteration, name)
-    if name == "StiefelSGD":  # Cayley SGD on the Stiefel manifold (issue 15, §6.2)
-        from .stiefel import StiefelSGD
+    if name in ("convert", "unconvert"):  # torch's norm layers swapped for normref's and back (issue 16)
+        from . import conversion
 
-        return StiefelSGD
+        return getattr(conversion, name)
+    if name in ("exportable", "InferenceAffine", "Tracer", "symbolic_trace", "exporting", "NormrefModule"):
+        from . import export  # TorchScript / ONNX / torch.fx (issue 16)
+
+        return getattr(export, name)
+    if name in ("StiefelSGD", "StiefelAdam"):  # Cayley SGD / ADAM on the Stiefel manifold (issue 15, §6.2)
+        from . import stiefel
+
+        return getattr(stiefel, name)
     if name == "parametrize":
         import importlib
 

@@ -24,6 +24,20 @@ Design (why it looks the way it does)
   ``Method.backward(..., needs=mask)``, which hands it to a registered backward that declares
   ``needs`` (that backward then skips the unwanted gradients' work) and discards the unwanted
   gradients of one that does not.
+- Names: the Function of method ``batch_norm`` is the class ``NormrefBatchNorm``, so its autograd node
+  (``y.grad_fn``, profiler traces, ``torchviz``/graph dumps) is ``NormrefBatchNormBackward`` — the
+  method's name, prefixed so that it never reads as torch's own ``NativeBatchNormBackward0``.
+- ``torch.compile(fullgraph=True)``: TorchDynamo traces ``Fn.apply`` (forward and backward become
+  the compiled graph: normref's analytic backward is what the compiled backward computes) as long as
+  nothing on the way needs a Python value of a tensor or a context variable. So: the Functions live
+  in a plain dict, created for every registered method when this module is imported (a class created
+  on the first call inside a compiled region would break the graph; a method registered later gets
+  its Function on its first eager call, or ``function(name)`` outside the compiled region); the
+  kernel switch is read at trace time (``normref._kernels``); value checks that need concrete values
+  are skipped while tracing, as under ``jax.jit`` (``normref._xp.is_compiling``: call eagerly once
+  to have them); and the storage-aliasing tests below, which read data pointers, are replaced under
+  tracing by their conservative answer (copy an output that is an input; save residual views as
+  they are).
 """
 
 from __future__ import annotations
@@ -34,9 +48,9 @@ from typing import Any, Callable
 
 import torch
 
-from normref.registry import Method, Residuals, get
+from normref.registry import REGISTRY, Method, Residuals, get
 
-__all__ = ["function", "autograd_function", "apply"]
+__all__ = ["function", "autograd_function", "apply", "node_name"]
 
 # Recompute the residuals from the inputs when the backward itself is differentiated (create_graph).
 # Switching it off reproduces the prototype's silent-zero second derivatives; only the test that
@@ -47,10 +61,11 @@ _RECOMPUTE_FOR_SECOND_ORDER = True
 class _Call:
     """Per-call non-tensor data shared by forward, setup_context and backward (no tensors inside)."""
 
-    __slots__ = ("method", "bound", "names", "out_type", "n_fields", "layout", "static", "meta")
+    __slots__ = ("bound", "names", "out_type", "n_fields", "layout", "static", "meta")
 
-    def __init__(self, method: Method, bound, names):
-        self.method = method
+    # (no Method inside: TorchDynamo rebuilds the context's attributes when it traces the backward,
+    # and cannot rebuild a Method object; the Function's code holds its method in a closure)
+    def __init__(self, bound, names):
         self.bound = bound  # inspect.BoundArguments; array entries are replaced at call time
         self.names = names  # the method's array parameters, signature order
         self.out_type = None
@@ -59,15 +74,17 @@ class _Call:
         self.static = ()
         self.meta = None
 
-    def run_forward(self, arrays):
-        """``Method.forward`` on ``arrays`` (one per array parameter) and the call's other arguments."""
+    def run_forward(self, method: Method, arrays):
+        """``method.forward`` on ``arrays`` (one per array parameter) and the call's other arguments."""
         arguments = dict(self.bound.arguments)
         arguments.update(zip(self.names, arrays))
         b = inspect.BoundArguments(self.bound.signature, arguments)  # signature order is kept
-        return self.method.forward(*b.args, **b.kwargs)
+        return method.forward(*b.args, **b.kwargs)
 
 
 def _shares_storage(a: torch.Tensor, others) -> bool:
+    if torch.compiler.is_compiling():  # fake tensors have no data pointer: only identity is known
+        return any(a is o for o in others)
     try:
         p = a.untyped_storage().data_ptr()
     except Exception:  # tensors without storage (functorch wrappers, meta): treat as not shared
@@ -84,7 +101,8 @@ def _shares_storage(a: torch.Tensor, others) -> bool:
 
 def _view_of(r: torch.Tensor, arrays) -> int | None:
     """The position of the input whose memory ``r`` is a view of (same storage and dtype), or ``None``."""
-    if not isinstance(r, torch.Tensor) or not r._is_view():
+    # (under torch.compile a residual view is saved as it is, first: fake tensors have no storage)
+    if torch.compiler.is_compiling() or not isinstance(r, torch.Tensor) or not r._is_view():
         return None
     for i, a in enumerate(arrays):
         if isinstance(a, torch.Tensor) and a.dtype == r.dtype and a.device == r.device:
@@ -96,9 +114,17 @@ def _view_of(r: torch.Tensor, arrays) -> int | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+# The Functions and public wrappers by method name: plain dicts (TorchDynamo traces a dict lookup;
+# it traces *through* an lru_cache wrapper, and would meet the class creation on every call).
+_FUNCTIONS: dict[str, type] = {}
+_WRAPPERS: dict[str, Callable] = {}
+
+
 def autograd_function(name: str) -> type:
     """The ``torch.autograd.Function`` subclass for the registered method ``name``.
+
+    Its class name is ``Normref<CamelName>`` (``NormrefBatchNorm`` for ``batch_norm``), so its autograd
+    node is ``Normref<CamelName>Backward`` (see :func:`node_name`).
 
     Parameters
     ----------
@@ -112,17 +138,41 @@ def autograd_function(name: str) -> type:
         (or ``None``) per array parameter and returns ``(*output_fields, *residual_arrays)``; use
         :func:`function` for the public form.
     """
+    fn = _FUNCTIONS.get(name)
+    if fn is None:
+        fn = _FUNCTIONS[name] = _make_autograd_function(get(name).name)
+    return fn
+
+
+def node_name(name_or_method: "str | Method") -> str:
+    """The autograd node name of a method's outputs: ``y.grad_fn.name()``.
+
+    Parameters
+    ----------
+    name_or_method : str or Method
+        The registered method, or its name.
+
+    Returns
+    -------
+    name : str
+        ``"Normref<CamelName>Backward"``, e.g. ``"NormrefBatchNormBackward"`` for ``batch_norm``
+        (torch's own batch norm node is ``NativeBatchNormBackward0``: no clash).
+    """
+    return f"Normref{_camel(get(name_or_method).name)}Backward"
+
+
+def _make_autograd_function(name: str) -> type:
     m = get(name)
     n_arrays = len(m.array_params)
     diff_pos = tuple(i for i, p in enumerate(m.array_params) if p not in m.nondiff)
     nondiff_pos = frozenset(i for i, p in enumerate(m.array_params) if p in m.nondiff)
 
-    class Fn(torch.autograd.Function):
-        generate_vmap_rule = True
-
+    # The methods below look their Method up in REGISTRY (a global: TorchDynamo can rebuild it when it
+    # traces the backward) rather than closing over it (a closure cell holding a Method cannot be).
+    class Fn:  # the namespace of the Function's methods; the class itself is made below with its name
         @staticmethod
         def forward(call: _Call, *arrays):
-            out, res = call.run_forward(arrays)
+            out, res = call.run_forward(REGISTRY[name], arrays)
             if isinstance(out, tuple):
                 call.out_type = type(out)
                 fields = list(out)
@@ -130,12 +180,15 @@ def autograd_function(name: str) -> type:
                 call.out_type = None
                 fields = [out]
             call.n_fields = len(fields)
+            # under torch.compile views and storages cannot be inspected (fake tensors): every output
+            # is copied, the conservative answer (the compiler removes a copy of an intermediate)
+            compiling = torch.compiler.is_compiling()
             # An auxiliary output (updated running statistics) that aliases an input is cloned, so
             # that no output of the Function is an input or a view of one.
             for j in range(1, len(fields)):
                 f = fields[j]
                 if isinstance(f, torch.Tensor) and (
-                    f._is_view() or any(f is a for a in arrays) or _shares_storage(f, arrays)
+                    compiling or f._is_view() or any(f is a for a in arrays) or _shares_storage(f, arrays)
                 ):
                     fields[j] = f.clone()
             primary = fields[0]
@@ -143,7 +196,8 @@ def autograd_function(name: str) -> type:
             # the partitioned result): torch forbids in-place ops on view outputs of a custom
             # Function, and layers are followed by ReLU(inplace=True) in the wild. One copy then.
             if isinstance(primary, torch.Tensor) and (
-                primary._is_view() or any(primary is a for a in arrays) or _shares_storage(primary, arrays)
+                compiling or primary._is_view() or any(primary is a for a in arrays)
+                or _shares_storage(primary, arrays)
             ):
                 primary = fields[0] = primary.clone()
             layout = []
@@ -211,8 +265,8 @@ def autograd_function(name: str) -> type:
                 # create_graph=True: recompute the residuals from the inputs with autograd recording,
                 # so the analytic backward is differentiated through them too (second order).
                 with torch.enable_grad():
-                    _, res = call.run_forward(arrays)
-                    grads = m.backward(res, g, needs=mask)
+                    _, res = call.run_forward(REGISTRY[name], arrays)
+                    grads = REGISTRY[name].backward(res, g, needs=mask)
             else:
                 extras = saved[n_arrays:]
                 res_arrays = []
@@ -227,15 +281,24 @@ def autograd_function(name: str) -> type:
                         res_arrays.append(arrays[i].as_strided(shape, stride, offset))
                     else:
                         res_arrays.append(extras[entry[1]])
-                grads = m.backward(Residuals(res_arrays, call.static, call.meta), g, needs=mask)
+                grads = REGISTRY[name].backward(Residuals(res_arrays, call.static, call.meta), g, needs=mask)
             result = [None] * n_arrays
             for i in wanted:
                 result[i] = grads[i]
             return (None, *result)
 
-    Fn.__name__ = Fn.__qualname__ = f"{_camel(name)}Function"
-    Fn.__doc__ = f"torch.autograd.Function for normref.{name} (analytic backward from the registry)."
-    return Fn
+    # Created by name (torch names the autograd node after the class at class creation: renaming later
+    # would leave every node "FnBackward")
+    cls_name = f"Normref{_camel(name)}"
+    return type(torch.autograd.Function)(cls_name, (torch.autograd.Function,), {
+        "generate_vmap_rule": True,
+        "forward": Fn.__dict__["forward"],
+        "setup_context": Fn.__dict__["setup_context"],
+        "backward": Fn.__dict__["backward"],
+        "__module__": __name__,
+        "__qualname__": cls_name,
+        "__doc__": f"torch.autograd.Function for normref.{name} (analytic backward from the registry).",
+    })
 
 
 def _camel(name: str) -> str:
@@ -279,10 +342,13 @@ def function(name_or_method: "str | Method") -> Callable:
         y = nt.function("group_norm")(x, 4, w, b)     # or nt.group_norm(x, 4, w, b)
         y.sum().backward()                             # normref's analytic backward
     """
-    return _function(get(name_or_method).name)
+    name = get(name_or_method).name
+    fn = _WRAPPERS.get(name)
+    if fn is None:
+        fn = _WRAPPERS[name] = _function(name)
+    return fn
 
 
-@functools.lru_cache(maxsize=None)
 def _function(name: str) -> Callable:
     m = get(name)
     Fn = autograd_function(name)
@@ -290,7 +356,7 @@ def _function(name: str) -> Callable:
     def fn(*args: Any, **kwargs: Any):
         bound = m.bind(*args, **kwargs)
         arrays = _check_arrays(m, bound)
-        call = _Call(m, bound, m.array_params)
+        call = _Call(bound, m.array_params)
         outs = Fn.apply(call, *arrays)
         fields = outs[: call.n_fields]
         return call.out_type(*fields) if call.out_type is not None else fields[0]
@@ -321,3 +387,10 @@ def apply(name_or_method: "str | Method", *args: Any, **kwargs: Any):
         What the method returns.
     """
     return function(name_or_method)(*args, **kwargs)
+
+
+# Every method registered by now (all of normref's) gets its Function and wrapper at import, so that
+# no class is created inside a compiled region (a few ms in all).
+for _name in list(REGISTRY):
+    function(_name)
+del _name

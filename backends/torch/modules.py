@@ -67,6 +67,7 @@ from torch import nn
 
 from normref.registry import get
 
+from ._base import NormrefModule, exporting
 from ._function import function
 
 # registry method of each named stateful layer (suffix-less: any input rank the method accepts)
@@ -206,7 +207,7 @@ class _Synchronized:
         return f", process_group={pg!r}" if isinstance(pg, str) else f", process_group={type(pg).__name__}"
 
 
-class _NormrefBatchNorm(_Synchronized):
+class _NormrefBatchNorm(NormrefModule, _Synchronized):
     """forward of torch's ``_BatchNorm`` (same momentum / num_batches_tracked logic), on normref.
 
     Parameters
@@ -231,6 +232,11 @@ class _NormrefBatchNorm(_Synchronized):
         return super().extra_repr() + self._sync_repr()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if exporting():  # torch.export / ONNX / jit.trace: torch's own forward (native op), same state
+            if self._sync_kwargs():
+                raise TypeError(f"{type(self).__name__}: synchronized statistics (process_group) cannot be "
+                                "exported; export the model in eval mode or with process_group=None")
+            return super().forward(input)
         self._check_input_dim(input)
         # torch's exponential_average_factor, computed exactly as torch.nn.modules.batchnorm does
         factor = 0.0 if self.momentum is None else self.momentum
@@ -370,11 +376,13 @@ class SyncBatchNorm(_NormrefBatchNorm, nn.SyncBatchNorm):
         return convert_sync(module, WORLD if process_group is None else process_group)
 
 
-class _NormrefInstanceNorm:
+class _NormrefInstanceNorm(NormrefModule):
     """``_apply_instance_norm`` of torch's ``_InstanceNorm`` on normref (torch keeps the shape checks
     and the unbatched-input handling in its own ``forward``, which calls this)."""
 
     def _apply_instance_norm(self, input: torch.Tensor) -> torch.Tensor:
+        if exporting():  # export tracing: torch's native instance norm on the same state
+            return super()._apply_instance_norm(input)
         out = function("instance_norm")(
             input,
             self.running_mean,
@@ -446,7 +454,7 @@ class InstanceNorm3d(_NormrefInstanceNorm, nn.InstanceNorm3d):
     """
 
 
-class LayerNorm(nn.LayerNorm):
+class LayerNorm(NormrefModule, nn.LayerNorm):
     """``torch.nn.LayerNorm`` computed by :func:`normref.layer_norm`.
 
     Torch's constructor (``normalized_shape``, ``eps=1e-5``, ``elementwise_affine=True``,
@@ -462,10 +470,12 @@ class LayerNorm(nn.LayerNorm):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if exporting():  # export tracing: torch's native op on the same parameters
+            return super().forward(input)
         return function("layer_norm")(input, tuple(self.normalized_shape), self.weight, self.bias, self.eps)
 
 
-class GroupNorm(nn.GroupNorm):
+class GroupNorm(NormrefModule, nn.GroupNorm):
     """``torch.nn.GroupNorm`` computed by :func:`normref.group_norm`.
 
     Torch's constructor (``num_groups``, ``num_channels``, ``eps=1e-5``, ``affine=True``, ``device``,
@@ -481,10 +491,12 @@ class GroupNorm(nn.GroupNorm):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if exporting():  # export tracing: torch's native op on the same parameters
+            return super().forward(input)
         return function("group_norm")(input, self.num_groups, self.weight, self.bias, self.eps)
 
 
-class RMSNorm(nn.RMSNorm):
+class RMSNorm(NormrefModule, nn.RMSNorm):
     """``torch.nn.RMSNorm`` computed by :func:`normref.rms_norm`.
 
     Torch's constructor (``normalized_shape``, ``eps=None``, ``elementwise_affine=True``, ``device``,
@@ -500,10 +512,12 @@ class RMSNorm(nn.RMSNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if exporting():  # export tracing: torch's native op on the same parameters
+            return super().forward(x)
         return function("rms_norm")(x, tuple(self.normalized_shape), self.weight, self.eps)
 
 
-class Norm(nn.Module):
+class Norm(NormrefModule, nn.Module):
     """Any registered method as a stateless layer: ``Norm("pixel_norm", eps=1e-8)(x)``.
 
     The non-array arguments are fixed at construction; ``forward(input, **arrays)`` passes the input
@@ -539,7 +553,7 @@ class Norm(nn.Module):
         return ", ".join([repr(self.method)] + [f"{k}={v!r}" for k, v in self.static.items()])
 
 
-class LocalResponseNorm(nn.LocalResponseNorm):
+class LocalResponseNorm(NormrefModule, nn.LocalResponseNorm):
     """``torch.nn.LocalResponseNorm`` computed by :func:`normref.local_response_norm`.
 
     Torch's constructor (``size``, ``alpha=1e-4``, ``beta=0.75``, ``k=1.0``).
@@ -555,6 +569,8 @@ class LocalResponseNorm(nn.LocalResponseNorm):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if exporting():  # export tracing: torch's native op
+            return super().forward(input)
         return function("local_response_norm")(input, self.size, self.alpha, self.beta, self.k)
 
 
@@ -586,7 +602,7 @@ def _initial(method: str, name: str, c: int, gs: int, factory: dict) -> torch.Te
     return None
 
 
-class StatefulNorm(_Synchronized, nn.Module):
+class StatefulNorm(NormrefModule, _Synchronized, nn.Module):
     """Any activation method as a layer owning its parameters and running statistics.
 
     ``StatefulNorm("iter_norm", 64, group_size=16, iterations=5)``; the named layers
@@ -725,6 +741,12 @@ class StatefulNorm(_Synchronized, nn.Module):
             raise ValueError(f"{type(self).__name__}: expected {want} input; got {input.dim()}D input")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if exporting():  # no native op computes these methods: say which path exports them
+            raise TypeError(
+                f"{type(self).__name__}: export the model through normref.backends.torch.exportable(model) "
+                "(in eval mode this layer becomes its affine map y = A·x + c, a MatMul); tracing normref's "
+                "autograd Function for export is not supported"
+            )
         self._check_input_dim(input)
         kwargs = {p: getattr(self, p) for p in self._static_names}
         use_batch = self.training or not self.track_running_stats

@@ -1,6 +1,8 @@
-"""``StiefelSGD``: a torch optimizer that applies :func:`normref.stiefel.cayley_sgd_step` (Cayley SGD
-with momentum, Li et al. ICLR 2020, Algorithm 1) to the parameters of the groups marked
-``stiefel=True`` and plain SGD with momentum (torch's formula) to the others.
+"""Torch optimizers on the Stiefel manifold over normref's pure steps (Li et al. ICLR 2020):
+``StiefelSGD`` applies :func:`normref.stiefel.cayley_sgd_step` (Cayley SGD with momentum, Algorithm 1)
+and ``StiefelAdam`` :func:`normref.stiefel.cayley_adam_step` (Cayley ADAM, Algorithm 2) to the
+parameters of the groups marked ``stiefel=True``; the other groups get torch's SGD with momentum
+and torch's Adam (``torch.optim.Adam``'s formula, no weight decay, no amsgrad) respectively.
 
 A Stiefel parameter of shape ``(d_out, *rest)`` is read as the matrix ``(d_out, fan_in)``; when
 d_out ≤ fan_in its rows are kept orthonormal (WWᵀ = I, the survey's convention; the pure step is
@@ -14,9 +16,32 @@ from typing import Any, Iterable
 
 import torch
 
-from normref.stiefel import CayleySGDState, cayley_sgd_step
+from normref.stiefel import CayleyAdamState, CayleySGDState, cayley_adam_step, cayley_sgd_step
 
-__all__ = ["StiefelSGD"]
+__all__ = ["StiefelSGD", "StiefelAdam"]
+
+
+def _check_stiefel_params(name: str, group: dict) -> None:
+    if not isinstance(group["stiefel"], bool):
+        raise TypeError(f"{name}: a group's stiefel must be a bool; got {group['stiefel']!r}")
+    if group["stiefel"]:
+        for p in group["params"]:
+            if p.ndim < 2:
+                raise ValueError(f"{name}: a Stiefel parameter must have at least 2 dimensions; "
+                                 f"got shape {tuple(p.shape)}")
+
+
+def _point(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The parameter and its gradient as an n × p point with orthonormal columns: (d_out, fan_in)
+    when d_out > fan_in, else its transpose (orthonormal rows, WWᵀ = I); and which it was."""
+    mat = p.reshape(p.shape[0], -1)
+    g = p.grad.reshape(p.shape[0], -1)
+    rows = mat.shape[0] <= mat.shape[1]
+    return (mat.T, g.T, rows) if rows else (mat, g, rows)
+
+
+def _write(p: torch.Tensor, w_new: torch.Tensor, rows: bool) -> None:
+    p.copy_((w_new.T if rows else w_new).reshape(p.shape))
 
 
 class StiefelSGD(torch.optim.Optimizer):
@@ -60,16 +85,10 @@ class StiefelSGD(torch.optim.Optimizer):
         super().__init__(params, defaults)
         for group in self.param_groups:
             # the arguments are checked once, here, by the pure step on a 1 × 1 point (it names them)
-            if not isinstance(group["stiefel"], bool):
-                raise TypeError(f"StiefelSGD: a group's stiefel must be a bool; got {group['stiefel']!r}")
+            _check_stiefel_params("StiefelSGD", group)
             one = torch.ones(1, 1, dtype=torch.float64)
             cayley_sgd_step(one, one, group["lr"], None, group["momentum"], iterations=group["iterations"],
                             q=group["q"], eps=group["eps"], norm=group["norm"])
-            if group["stiefel"]:
-                for p in group["params"]:
-                    if p.ndim < 2:
-                        raise ValueError(f"StiefelSGD: a Stiefel parameter must have at least 2 dimensions; "
-                                         f"got shape {tuple(p.shape)}")
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -89,13 +108,94 @@ class StiefelSGD(torch.optim.Optimizer):
                     st["momentum_buffer"] = buf
                     p.add_(buf, alpha=-lr)
                     continue
-                mat = p.reshape(p.shape[0], -1)
-                g = p.grad.reshape(p.shape[0], -1)
-                rows = mat.shape[0] <= mat.shape[1]  # orthonormal rows: the point is the transpose
-                w, gw = (mat.T, g.T) if rows else (mat, g)
+                w, gw, rows = _point(p)
                 w_new, state = cayley_sgd_step(w, gw, lr, self.state[p].get("stiefel"), beta,
                                                iterations=group["iterations"], q=group["q"], eps=group["eps"],
                                                norm=group["norm"])
                 self.state[p]["stiefel"] = CayleySGDState(state.momentum.clone())
-                p.copy_((w_new.T if rows else w_new).reshape(p.shape))
+                _write(p, w_new, rows)
+        return loss
+
+
+class StiefelAdam(torch.optim.Optimizer):
+    """Cayley ADAM on the Stiefel manifold for the groups with ``stiefel=True``, torch's Adam elsewhere.
+
+    Per Stiefel parameter W (an n × p matrix with orthonormal columns, read as :class:`StiefelSGD`
+    reads it) and its gradient G, step k: M ← β₁M + (1 − β₁)G; v ← β₂v + (1 − β₂)‖G‖²_F;
+    r = (1 − β₁^k)·√(v/(1 − β₂^k) + ε); A = (Ŵ − Ŵᵀ)/r with Ŵ = MWᵀ − ½W(WᵀMWᵀ); M ← r·AW;
+    α = min(lr, 2q/(‖A‖ + ε)); W ← the Cayley transform (I − αA/2)⁻¹(I + αA/2)W applied as a
+    descent step, exactly (``iterations=None``) or by fixed-point steps (the paper: 2). Other groups:
+    ``torch.optim.Adam``'s update, m ← β₁m + (1 − β₁)g, v ← β₂v + (1 − β₂)g²,
+    W ← W − lr/(1 − β₁^k) · m/(√v/√(1 − β₂^k) + ε).
+
+    Parameters
+    ----------
+    params : iterable of tensors or of dicts (parameter groups)
+        A group's ``stiefel`` (default: the constructor's) marks its parameters as Stiefel.
+    lr : float
+        The learning rate (for Stiefel groups, the bound l on α).
+    betas : (float, float), default (0.9, 0.99)
+        (β₁, β₂): the paper's values; torch's Adam default is (0.9, 0.999) — pass it for the other
+        groups' torch-identical update.
+    eps : float, default 1e-8
+        ε (inside the square root of the Stiefel step, as in the paper; added to √v̂ in the others, as
+        torch's Adam).
+    stiefel : bool, default False
+        The default for groups that do not say.
+    iterations, q, norm : int or None, float, str, default None, 0.5, "fro"
+        As in :func:`normref.stiefel.cayley_adam_step`.
+
+    Notes
+    -----
+    Survey §6.2. The state of a Stiefel parameter is the :class:`normref.stiefel.CayleyAdamState`
+    returned by the pure step (``optimizer.state[p]["stiefel"]``); the second moment is one scalar per
+    matrix, as in the paper.
+
+    References
+    ----------
+    J. Li, L. Fuxin & S. Todorovic, Efficient Riemannian optimization on the Stiefel manifold via the
+    Cayley transform, ICLR 2020 (Algorithm 2); D. Kingma & J. Ba, Adam, ICLR 2015.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float, betas: tuple[float, float] = (0.9, 0.99),
+                 eps: float = 1e-8, stiefel: bool = False, iterations: int | None = None, q: float = 0.5,
+                 norm: str = "fro") -> None:
+        if not isinstance(stiefel, bool):
+            raise TypeError(f"StiefelAdam: stiefel must be a bool; got {type(stiefel).__name__} {stiefel!r}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, stiefel=stiefel, iterations=iterations, q=q, norm=norm)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            _check_stiefel_params("StiefelAdam", group)
+            one = torch.ones(1, 1, dtype=torch.float64)  # the pure step names any bad argument
+            cayley_adam_step(one, one, group["lr"], None, group["betas"], iterations=group["iterations"],
+                             q=group["q"], eps=group["eps"], norm=group["norm"])
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (b1, b2), eps = group["lr"], group["betas"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not group["stiefel"]:  # torch.optim.Adam (single-tensor formula)
+                    if "step" not in st:
+                        st["step"], st["exp_avg"], st["exp_avg_sq"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+                    st["step"] += 1
+                    k = st["step"]
+                    st["exp_avg"].lerp_(p.grad, 1 - b1)
+                    st["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                    denom = (st["exp_avg_sq"].sqrt() / (1 - b2 ** k) ** 0.5).add_(eps)
+                    p.addcdiv_(st["exp_avg"], denom, value=-lr / (1 - b1 ** k))
+                    continue
+                w, gw, rows = _point(p)
+                w_new, state = cayley_adam_step(w, gw, lr, st.get("stiefel"), (b1, b2),
+                                                iterations=group["iterations"], q=group["q"], eps=eps,
+                                                norm=group["norm"])
+                st["stiefel"] = CayleyAdamState(state.m.clone(), state.v.clone(), state.step)
+                _write(p, w_new, rows)
         return loss
