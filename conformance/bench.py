@@ -74,8 +74,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .bench_timing import (NOISY, compare, compare_lines, environment, interleaved, is_noisy, load_report,
-                           paired_ratio, set_allocator, spread)
+from .bench_timing import (NOISY, compare, compare_lines, decide, environment, interleaved, is_noisy,
+                           load_report, paired_quartiles, paired_ratio, set_allocator, spread)
 
 __all__ = ["main", "spread", "environment", "SECTIONS"]
 
@@ -120,10 +120,10 @@ def kernel_fwd_bwd(rows: list, judge: bool) -> list:
         sn = [x + y for x, y in zip(f["numba_spread"]["samples"], b["numba_spread"]["samples"])]
         st = [x + y for x, y in zip(f["torch_spread"]["samples"], b["torch_spread"]["samples"])]
         target = FWD_BWD_TARGETS.get((method, layout), 1.0)
+        q = paired_quartiles(spread(sn), spread(st))
         out.append({"method": method, "shape": list(shape), "layout": layout, "ratio": ratio,
-                    "noisy": bool(f["noisy"] or b["noisy"]),
-                    "ratio_paired": paired_ratio(spread(sn), spread(st)), "target": target,
-                    "target_met": ratio <= target if judge else None})
+                    "noisy": bool(f["noisy"] or b["noisy"]), "ratio_paired": q[1], "ratio_paired_iqr": [q[0], q[2]],
+                    "target": target, "target_met": decide(q, target) if judge else None})
     return out
 
 
@@ -658,12 +658,12 @@ OVERHEAD_NUMPY_TARGET_S, OVERHEAD_ADAPTER_TARGET_S = 10e-6, 30e-6
 FIRST_CALL_COLD_TARGET_S, FIRST_CALL_WARM_TARGET_S = 3.0, 0.3
 
 
-def _mark(value: float | None, target: float, judge: bool, unit: str = "×", noisy: bool = False) -> str:
-    """``≤1.5× ✓`` / ``≤1.5× ✗`` (nothing when not judged), ``(noisy)`` after a verdict on timings
-    whose spread exceeds :data:`NOISY`."""
-    if value is None or not judge:
+def _verdict_mark(met: bool | None, target: float, judge: bool, unit: str = "×") -> str:
+    """The mark of a :func:`~normref.conformance.bench_timing.decide` verdict: ✓, ✗, or ``?`` when
+    the target lies within the interquartile range of the paired figure (the noise could flip it)."""
+    if not judge:
         return ""
-    return f"≤{target:g}{unit} " + ("✓" if value <= target else "✗") + (" (noisy)" if noisy else "")
+    return f"≤{target:g}{unit} " + {True: "✓", False: "✗", None: "? (within the spread)"}[met]
 
 
 def _ms(s: dict | None) -> str:
@@ -692,8 +692,10 @@ def _judge_adapter(rows: list, judge: bool) -> None:
     for r in rows:
         target = ADAPTER_SMALL_TARGET if r["elements"] < SMALL_ELEMENTS else ADAPTER_TARGET
         r["target_ratio_step"] = target
-        r["target_met"] = None if (not judge or r["ratio_step"] is None) else r["ratio_step"] <= target
-        r["mark"] = _mark(r["ratio_step"], target, judge, noisy=r["noisy"])
+        q = paired_quartiles(r["timings"]["normref_step"], r["timings"]["torch_step"])
+        r["ratio_step_iqr"] = None if q is None else [q[0], q[2]]
+        r["target_met"] = decide(q, target) if judge else None
+        r["mark"] = _verdict_mark(r["target_met"], target, judge)
 
 
 def _print_adapter(say, rows: list, allocator: str) -> None:
@@ -710,8 +712,10 @@ def _print_adapter(say, rows: list, allocator: str) -> None:
 def _print_network(say, rows: list, allocator: str, judge: bool) -> None:
     body = []
     for r in rows:
-        r["target_met"] = None if (not judge or r["ratio_step"] is None) else r["ratio_step"] <= NETWORK_TARGET
-        r["mark"] = _mark(r["ratio_step"], NETWORK_TARGET, judge, noisy=r["noisy"])
+        q = paired_quartiles(r["timings"]["normref_step"], r["timings"]["torch_step"])
+        r["ratio_step_iqr"] = None if q is None else [q[0], q[2]]
+        r["target_met"] = decide(q, NETWORK_TARGET) if judge else None
+        r["mark"] = _verdict_mark(r["target_met"], NETWORK_TARGET, judge)
         body.append([r["id"], _ms(r["timings"]["normref_step"]), _ms(r["timings"]["torch_step"]),
                      _ratio(r["ratio_step"]), _spread_cell(max(s["rel_iqr"] for s in r["timings"].values())),
                      r["mark"]])
@@ -732,13 +736,14 @@ def _print_scaling(say, rows: list, allocator: str) -> None:
 def _print_under_load(say, rows: list, judge: bool) -> None:
     body = []
     for r in rows:
-        worst = max(r["ratio_forward"], r["ratio_backward"])
-        r["target_met"] = worst <= 1.0 if judge else None
         t = r["timings"]
+        v = [decide(paired_quartiles(t[f"2t_{p}"], t[f"1t_{p}"]), 1.0) for p in ("forward", "backward")]
+        met = False if False in v else None if None in v else True
+        r["target_met"] = met if judge else None
         body.append([r["id"], _ms(t["2t_forward"]), _ms(t["1t_forward"]), _ratio(r["ratio_forward"]),
                      _ms(t["2t_backward"]), _ms(t["1t_backward"]), _ratio(r["ratio_backward"]),
                      _spread_cell(max(s["rel_iqr"] for s in t.values())),
-                     _mark(worst, 1.0, judge, noisy=r["noisy"])])
+                     _verdict_mark(met, 1.0, judge)])
     _text_table(say, f"numba kernels under load ({rows[0]['busy_processes']} competing busy process): parallel "
                 "builds vs single-threaded builds; ratio = 2-thread time / 1-thread time (paired)",
                 ("case", "2T fwd ms", "1T fwd ms", "fwd ratio", "2T bwd ms", "1T bwd ms", "bwd ratio", "spread",
@@ -751,15 +756,17 @@ def _print_overhead(say, rows: list, judge: bool) -> None:
         t = r["timings"]
         if "normref_numpy" in t:
             v = t["normref_numpy"]["median"]
-            r["target_met"] = v <= OVERHEAD_NUMPY_TARGET_S if judge else None
+            r["target_met"] = decide(paired_quartiles(t["normref_numpy"], None), OVERHEAD_NUMPY_TARGET_S) \
+                if judge else None
             body.append([r["id"], "normref.layer_norm", _us(v), _spread_cell(t["normref_numpy"]["rel_iqr"]),
-                         _mark(v * 1e6, OVERHEAD_NUMPY_TARGET_S * 1e6, judge, " µs",
-                               is_noisy(t["normref_numpy"]))])
+                         _verdict_mark(r["target_met"], OVERHEAD_NUMPY_TARGET_S * 1e6, judge, " µs")])
             body.append([r["id"], "the same formula in plain NumPy", _us(t["numpy_formula"]["median"]),
                          _spread_cell(t["numpy_formula"]["rel_iqr"]), ""])
         else:
             ov = r["adapter_overhead_fwd_bwd_s"]
-            r["target_met"] = ov <= OVERHEAD_ADAPTER_TARGET_S if judge else None
+            q = paired_quartiles(t["adapter_fwd_bwd"], t["torch_fwd_bwd"], "difference")
+            # a negative overhead means the reference call was disturbed (load): no verdict from it
+            r["target_met"] = decide(q, OVERHEAD_ADAPTER_TARGET_S) if judge and q and q[0] >= 0 else None
             for key, label in (("torch_forward", "F.layer_norm (autograd recording)"),
                                ("adapter_forward", "nt.layer_norm (adapter)"),
                                ("plain_normref_on_torch", "normref.layer_norm(torch tensor)"),
@@ -767,8 +774,7 @@ def _print_overhead(say, rows: list, judge: bool) -> None:
                 body.append([r["id"], label, _us(t[key]["median"]), _spread_cell(t[key]["rel_iqr"]), ""])
             body.append([r["id"], "adapter overhead, forward (nt − F, paired)", _us(r["adapter_overhead_forward_s"]), "", ""])
             body.append([r["id"], "adapter overhead, fwd+bwd (nt − F, paired)", _us(ov), "",
-                         _mark(ov * 1e6, OVERHEAD_ADAPTER_TARGET_S * 1e6, judge, " µs",
-                               is_noisy(t["adapter_fwd_bwd"], t["torch_fwd_bwd"]))])
+                         _verdict_mark(r["target_met"], OVERHEAD_ADAPTER_TARGET_S * 1e6, judge, " µs")])
     _text_table(say, "per-call cost, 8×16 float32 layer norm (µs per call, median of interleaved samples)",
                 ("case", "call", "µs", "spread", "target"), body)
 
@@ -797,13 +803,16 @@ def _print_first_call(say, fc: dict, judge: bool) -> None:
 
 
 def _targets_summary(report: dict) -> dict:
-    """``{section: [rows meeting their target, rows judged]}`` (a smoke run judges nothing)."""
-    out = {}
+    """``{section: [rows meeting their target, rows decided, rows undecided]}`` (undecided: the
+    target lies within the spread of the figure; a smoke run judges nothing)."""
+    out: dict = {}
+    if report.get("smoke"):
+        return out
 
     def count(name, flags):
-        flags = [f for f in flags if f is not None]
         if flags:
-            out[name] = [sum(bool(f) for f in flags), len(flags)]
+            out[name] = [sum(f is True for f in flags), sum(f is not None for f in flags),
+                         sum(f is None for f in flags)]
 
     count("kernels", [r.get("targets_met") for r in report.get("rows") or ()])
     count("kernels fwd+bwd", [r.get("target_met") for rs in (report.get("kernel_fwd_bwd") or {}).values() for r in rs])
@@ -846,7 +855,7 @@ def print_report(report: dict, say: Callable[..., None] = print, console=None) -
             _text_table(say, f"kernels, forward + backward: numba time / torch time [{phase} allocator]",
                         ("method", "shape", "layout", "ratio (medians)", "ratio (paired)", "target"),
                         [[r["method"], "x".join(map(str, r["shape"])), r["layout"], _ratio(r["ratio"]),
-                          _ratio(r["ratio_paired"]), _mark(r["ratio"], r["target"], judge, noisy=r["noisy"])]
+                          _ratio(r["ratio_paired"]), _verdict_mark(r["target_met"], r["target"], judge)]
                          for r in fb])
     for phase in allocators:
         for key, show in (("adapter", lambda rs: _print_adapter(say, rs, phase)),
@@ -1053,7 +1062,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if old is not None:
         for line in compare_lines(report["compare"], str(args.compare), str(js)):
             say(line)
-    say("targets met: " + "; ".join(f"{k} {v[0]} of {v[1]}" for k, v in report["targets_summary"].items())
+    say("targets met: " + "; ".join(f"{k} {v[0]} of {v[1]}" + (f" (+{v[2]} undecided)" if v[2] else "")
+                                    for k, v in report["targets_summary"].items())
         + f"; total time {time.perf_counter() - t0:.0f} s")
     png = out_dir / "bench.png"
     if args.no_plot:

@@ -37,7 +37,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["NOISY", "spread", "interleaved", "paired_ratio", "paired_difference", "is_noisy", "environment", "set_allocator", "flatten",
+__all__ = ["NOISY", "spread", "interleaved", "paired_ratio", "paired_difference", "paired_quartiles", "decide",
+           "is_noisy", "environment", "set_allocator", "flatten",
            "compare", "compare_lines", "load_report"]
 
 #: relative spread (IQR / median) above which a timing, and the row that holds it, is flagged noisy
@@ -104,6 +105,35 @@ def paired_difference(a: dict, b: dict) -> float | None:
     if not k:
         return None
     return float(np.median([x - y for x, y in zip(sa[:k], sb[:k])]))
+
+
+def paired_quartiles(a: dict, b: dict, op: str = "ratio") -> tuple | None:
+    """(q1, median, q3) over the repetitions of ``a_i / b_i`` (``op="ratio"``) or ``a_i − b_i``
+    (``op="difference"``); for ``b`` None, of ``a``'s own samples."""
+    sa = a.get("samples") or []
+    if b is None:
+        v = sa
+    else:
+        sb = b.get("samples") or []
+        k = min(len(sa), len(sb))
+        v = [x / y if op == "ratio" else x - y for x, y in zip(sa[:k], sb[:k])]
+    if not v:
+        return None
+    q1, med, q3 = (float(q) for q in np.quantile(np.asarray(v, dtype=np.float64), [0.25, 0.5, 0.75]))
+    return q1, med, q3
+
+
+def decide(q: tuple | None, target: float) -> bool | None:
+    """A target verdict that the noise cannot flip: True when the whole interquartile range of the
+    (paired) figure is at or below ``target``, False when it is all above, None (undecided: the
+    target lies within the spread) otherwise."""
+    if q is None:
+        return None
+    if q[2] <= target:
+        return True
+    if q[0] > target:
+        return False
+    return None
 
 
 def is_noisy(*spreads: dict | None) -> bool:

@@ -55,7 +55,7 @@ def main() -> dict:
     diff = max(float(np.max(np.abs(a - b))) for a, b in zip(ours.get_weights(), theirs.get_weights()))
     summary = {"backend": keras.backend.backend(), "loss_normref": history["normref"],
                "loss_keras": history["keras"], "max_weight_diff": diff,
-               "moving_variance_names": [w.path for w in ours.non_trainable_weights]}
+               "state_names": [w.path for w in ours.non_trainable_weights]}
     print(json.dumps(summary))
     return summary
 

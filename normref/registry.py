@@ -169,6 +169,11 @@ class Method(Generic[P, R]):
     IDEs and documentation tools show the function's own signature and docstring. For type checkers
     it is a ``Method[P, R]``: ``P`` the function's parameters, ``R`` its return annotation (what a
     call returns); ``forward`` returns ``(R, Residuals)``.
+
+    Calling it on a torch tensor that records gradients, or on a JAX tracer, runs the framework
+    adapter (``normref.backends.torch.function(m)`` / ``normref.backends.jax.function(m)``), so that
+    the gradient is the analytic backward, not the framework's autodiff of the formula; the forward
+    is the same. :func:`use_adapters` switches that off; ``forward``/``backward`` are never routed.
     """
 
     def __init__(
@@ -632,7 +637,10 @@ class Method(Generic[P, R]):
                         return None
                     from normref.backends.jax import function
 
-                    return function(self)
+                    # the custom_jvp form (its tangent rule is the transpose of normref's VJP): plain
+                    # calls then work under jax.jvp / jacfwd / hessian as well as jax.grad, as the
+                    # formula did before routing; reverse mode still runs normref's backward
+                    return function(self, mode="jvp")
         return None
 
     def primary(self, out: Any) -> Any:
@@ -793,8 +801,10 @@ def use_adapters(enabled: bool = True) -> Iterator[None]:
     gradients (``requires_grad`` with grad mode on, or a ``torch.func`` transform's tensor) runs
     ``normref.backends.torch.function(method)`` — a ``torch.autograd.Function`` whose backward is
     normref's analytic one (autograd node ``Normref<Name>Backward``) — and on a JAX tracer (under
-    ``jax.grad``/``jit``/``vmap``) runs ``normref.backends.jax.function(method)``, a custom_vjp. The
-    forward is the same formula either way; only who differentiates it changes. Inside
+    ``jax.grad``/``jit``/``vmap``/``jvp``) runs ``normref.backends.jax.function(method, mode="jvp")``,
+    a ``jax.custom_jvp`` whose tangent rule is the transpose of normref's VJP (so forward mode,
+    ``jax.hessian`` and reverse mode all work, reverse mode running normref's backward). The forward
+    is the same formula either way; only who differentiates it changes. Inside
     ``with normref.use_adapters(False):`` plain calls run the formula directly, so that torch's
     autograd / JAX's AD differentiate the array-API operations themselves (an independent oracle
     for tests, or a framework feature the adapters lack). ``NORMREF_ADAPTERS=0`` in the environment
@@ -814,7 +824,15 @@ def use_adapters(enabled: bool = True) -> Iterator[None]:
     Notes
     -----
     Under ``torch.compile`` the setting is read when the graph is traced (as :func:`use_kernels`'s):
-    ``torch._dynamo.reset()`` re-traces after a change.
+    ``torch._dynamo.reset()`` re-traces after a change. Infrastructure, not a survey method: it
+    applies to every method of survey §5–§7. Plain JAX calls lose one check of the custom_vjp form
+    (a nonzero cotangent on running statistics is refused eagerly there; here it is dropped, as
+    under ``jax.jit``): call ``normref.backends.jax.function(method)`` for that.
+
+    References
+    ----------
+    L. Huang, J. Qin, Y. Zhou, F. Zhu, L. Liu and L. Shao, "Normalization Techniques in Training DNNs:
+    Methodology, Analysis and Application", TPAMI 2023 (the methods routed); each method's own paper.
     """
     from ._validate import check_bool
 

@@ -51,6 +51,10 @@ SLOW: dict[str, tuple[str, ...]] = {
     "test_flax.py": ("test_dropins_equal_flax_*", "test_batchnorm_running_statistics_*", "test_jit_and_axis_name_*",
                      "test_generic_layer_*", "test_named_layers_*", "test_linen_layers_*", "test_flax_nnx_example_*",
                      "test_readme_section_runs"),
+    "test_torch_compile.py": ("test_*_compile_fullgraph", "test_no_graph_breaks_counted_by_explain",  # torch.compile
+                              "test_compiled_backward_is_normrefs", "test_value_checks_are_skipped_while_tracing",
+                              "test_inductor_*", "test_readme_section_runs",
+                              "test_methods_run_eagerly_behind_a_graph_break"),
     "test_torch_export.py": ("test_onnx_*", "test_exporting_flag", "test_jit_trace_*", "test_readme_section_runs"),
     "test_equinox.py": ("test_generic_layer_per_example_equals_batched_call", "test_worked_example_*",
                         "test_example_script_*", "test_readme_section_runs", "test_batch_norm_under_jit_and_sequential",

@@ -195,6 +195,8 @@ def _pick_sharded(m, exs):
     """The examples to shard: one per kind (per-sample / batch statistics), training mode preferred,
     most non-None differentiable arguments, then the cheapest."""
     best = {}
+    if m.category == "penalty":  # a loss over the batch (a 0-d output): nothing per device to shard
+        return []
     for ex in exs:
         b = m.bind(*ex.args, **ex.kwargs).arguments
         data = [p for p in m.array_params if p in DATA and b.get(p) is not None]

@@ -58,6 +58,17 @@ def test_paired_ratio_needs_samples():
     assert bt.paired_difference({"samples": []}, {"samples": [1.0]}) is None
 
 
+def test_decide_needs_the_whole_interquartile_range():
+    # per-repetition ratios 0.8, 0.9, 1.0, 1.1, 1.2: quartiles 0.9, 1.0, 1.1
+    a = bt.spread([0.8, 0.9, 1.0, 1.1, 1.2])
+    b = bt.spread([1.0] * 5)
+    q = bt.paired_quartiles(a, b)
+    assert q == pytest.approx((0.9, 1.0, 1.1))
+    assert bt.decide(q, 1.2) is True and bt.decide(q, 0.85) is False and bt.decide(q, 1.0) is None
+    assert bt.paired_quartiles(a, bt.spread([0.5] * 5), "difference") == pytest.approx((0.4, 0.5, 0.6))
+    assert bt.paired_quartiles(a, None) == pytest.approx((0.9, 1.0, 1.1)) and bt.decide(None, 1.0) is None
+
+
 def test_paired_difference():
     a = bt.spread([3.0, 12.0, 5.0])
     b = bt.spread([1.0, 10.0, 4.0])

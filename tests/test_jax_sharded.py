@@ -35,7 +35,9 @@ NAMES = [m.name for m in normref.methods()]
 SYNCED = [m.name for m in normref.methods() if "sync" in m.signature.parameters]
 # methods with a data input (``input``/``x``/``content``/``style``) get the batch-sharded case
 DATA = ("input", "x", "content", "style")
-WITH_DATA = [m.name for m in normref.methods() if any(p in DATA for p in m.array_params)]
+# (a penalty's 0-d loss over the whole batch has nothing per device to shard: the worker skips it)
+WITH_DATA = [m.name for m in normref.methods()
+             if any(p in DATA for p in m.array_params) and m.category != "penalty"]
 # methods with batch statistics in training but no sync= argument (statistics stay per device; the
 # worker lists them in BATCH_STATS too): a batch-sharded case, compared slice by slice only
 LOCAL_BATCH = {"population_norm", "blended_batch_norm", "prong_whitening", "batch_normalize",

@@ -41,6 +41,7 @@ def _env(backend: "str | None", tmp: Path) -> dict:
     env["KERAS_HOME"] = str(tmp)  # no ~/.keras/keras.json choosing a backend behind the test's back
     env.setdefault("NUMBA_CACHE_DIR", "/tmp/numba-cache")
     env["JAX_PLATFORMS"] = "cpu"
+    env.pop("XLA_FLAGS", None)  # the worker sets its own device count
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     return env
 
@@ -109,7 +110,7 @@ def test_keras_distribution_data_parallel(worker):
         pytest.skip("keras.distribution is JAX's here")
     d = worker["distribution"]
     assert d["devices"] == 2
-    # two float32 SGD steps from the same weights: a few ulps (measured ≤ 6e-8); local per-device
+    # two float32 SGD steps from the same weights: a few ulps (measured ≤ 1.2e-7); local per-device
     # statistics (the failure this guards against) would differ by ~1e-2
     assert d["normref_vs_keras"] <= 50 * EPS32, d
     assert d["distributed_vs_single"] <= 50 * EPS32, d

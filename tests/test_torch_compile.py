@@ -15,7 +15,7 @@ Issue 16, part 2 (PyTorch). What is checked:
 Tolerances: compiled vs eager runs the same operations (backend "eager"/"aot_eager" do not fuse or
 reorder reductions), so float64 results agree to a few ulps — 1e-12 relative leaves three orders of
 magnitude for the backward's conditioning (≈ 1/σ on these O(1) inputs). Inductor fuses and reorders the
-float32 reductions: 1e-4 relative is ~100·ε_float32·√n for n ≤ 100 elements per statistic. Against torch's
+float32 reductions: compared with float64 eager, its error must be of the order of eager float32's. Against torch's
 own layers in float64: 1e-10 (two different two-pass formulas, cond ≲ 1e2).
 """
 
@@ -33,7 +33,7 @@ from normref.registry import get  # noqa: E402
 
 TOL_SAME = 1e-12  # compiled (eager / aot_eager backends) vs eager, float64: same operations
 TOL_TORCH = 1e-10  # normref vs torch's own layer, float64
-TOL_INDUCTOR = 1e-4  # inductor (fused, reordered float32 reductions) vs eager
+TOL_INDUCTOR = 1e-4  # inductor (fused, reordered float32 reductions) vs float64 eager, on the output
 
 
 def _rel(a, b) -> float:
@@ -170,7 +170,9 @@ def test_torch_func_grad_of_a_plain_call_is_routed(monkeypatch):
     assert _rel(gx, ref) < TOL_TORCH
 
 
-def test_jax_tracer_is_routed_to_the_custom_vjp(monkeypatch):
+def test_jax_tracer_is_routed_to_the_custom_jvp(monkeypatch):
+    """A plain call on a JAX tracer runs normref.backends.jax's custom_jvp form (its tangent rule the
+    transpose of normref's VJP): reverse mode runs normref's backward, and forward mode works too."""
     jax = pytest.importorskip("jax")
     jnp = jax.numpy
     x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32))
@@ -178,16 +180,21 @@ def test_jax_tracer_is_routed_to_the_custom_vjp(monkeypatch):
     def make_loss():  # a new function each time: JAX caches traces per function object
         return lambda v: jnp.sum(normref.group_norm(v, 3, None, None, 1e-5) ** 3)
 
-    assert "custom_vjp_call" in str(jax.make_jaxpr(make_loss())(x))  # a tracer: routed to the custom_vjp
+    assert "custom_jvp_call" in str(jax.make_jaxpr(make_loss())(x))  # a tracer: routed to the adapter
     calls = _count_backward(monkeypatch, "group_norm")
     g = jax.grad(make_loss())(x)
-    assert len(calls) == 1  # normref's backward ran (traced once by jax.grad)
+    assert len(calls) >= 1  # normref's backward ran (traced by the transposed tangent rule)
+    n = len(calls)
     with normref.use_adapters(False):
-        assert "custom_vjp_call" not in str(jax.make_jaxpr(make_loss())(x))
+        assert "custom_jvp_call" not in str(jax.make_jaxpr(make_loss())(x))
         ref = jax.grad(make_loss())(x)
-    assert len(calls) == 1  # JAX's AD of the formula
+        _, t_ref = jax.jvp(make_loss(), (x,), (x,))
+    assert len(calls) == n  # JAX's AD of the formula
     # float32: both are O(10) gradients of O(1) data; 1e-4 ≈ 1e3·ε_float32 (two summation orders)
     assert float(jnp.max(jnp.abs(g - ref)) / jnp.max(jnp.abs(ref))) < 1e-4
+    # forward mode through the routed call (a custom_vjp would refuse jax.jvp)
+    _, t = jax.jvp(make_loss(), (x,), (x,))
+    assert abs(float(t - t_ref)) <= 1e-4 * max(1.0, abs(float(t_ref)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,9 +222,9 @@ FUNCTIONS = {
     "batch_norm": lambda x, w, b: nt.batch_norm(x, torch.zeros(3, dtype=x.dtype), torch.ones(3, dtype=x.dtype),
                                                 w, b, True, 0.1, 1e-5).output,
     "instance_norm": lambda x, w, b: nt.instance_norm(x, None, None, w, b, True, 0.1, 1e-5),
-    "layer_norm": lambda x, w, b: nt.layer_norm(x, (3, 4, 4)),
+    "layer_norm": lambda x, w, b: nt.layer_norm(x, (3, 4, 4), w[:, None, None].expand(3, 4, 4)),
     "group_norm": lambda x, w, b: nt.group_norm(x, 3, w, b, 1e-5),
-    "rms_norm": lambda x, w, b: nt.rms_norm(x, (4, 4)),
+    "rms_norm": lambda x, w, b: nt.rms_norm(x, (4, 4)) * b[:, None, None],
     "plain normref.batch_norm (routed)": lambda x, w, b: normref.batch_norm(x, None, None, w, b, True, 0.1, 1e-5),
 }
 
@@ -226,6 +233,10 @@ FUNCTIONS = {
 def test_functions_compile_fullgraph(name, fresh_dynamo):
     x = _x(4, 3, 4, 4).requires_grad_(True)
     w, b = _x(3, seed=1).requires_grad_(True), _x(3, seed=2).requires_grad_(True)
+    if name == "layer_norm":
+        b.requires_grad_(False)  # (no bias: every input that needs a gradient is used)
+    if name == "rms_norm":
+        w.requires_grad_(False)
     _compare(FUNCTIONS[name], [x, w, b])
 
 
@@ -342,19 +353,72 @@ def test_value_checks_are_skipped_while_tracing(fresh_dynamo):
 
 
 def test_inductor_layer_norm_and_batch_norm(fresh_dynamo):
-    """One case with the default backend (inductor, C++ on CPU): a small conv + BN + LN block, float32."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), nt.BatchNorm2d(4), torch.nn.ReLU(), nt.LayerNorm((4, 4)))
-    x = torch.randn(6, 3, 6, 6)
+    """One case with the default backend (inductor, C++ on CPU): a small conv + BN + LN block, float32.
+
+    Inductor fuses and reorders the float32 reductions, so compiled and eager float32 differ by their
+    rounding. Both are measured against the float64 eager result: the compiled error must be of the
+    eager float32 error's order (a different summation order has the same error bound), within 10×,
+    and no worse than 1e-4 relative on the output (≈ 1e3·ε_float32)."""
     import copy
 
+    torch.manual_seed(0)
+    # (no conv bias: BN removes it, its gradient is 0 up to rounding, which no relative test can compare)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), nt.BatchNorm2d(4), torch.nn.ReLU(),
+                                nt.LayerNorm((4, 4)))
+    ref = copy.deepcopy(model).double()
     mc = copy.deepcopy(model)
+    x = torch.randn(6, 3, 6, 6)
+    g = torch.randn(6, 4, 4, 4)
+    y64 = ref(x.double())
+    g64 = torch.autograd.grad(y64, list(ref.parameters()), g.double())
     ye = model(x)
-    yc = torch.compile(mc, fullgraph=True)(x)
-    assert _rel(yc, ye) < TOL_INDUCTOR
-    g = torch.randn(ye.shape)
     ge = torch.autograd.grad(ye, list(model.parameters()), g)
+    yc = torch.compile(mc, fullgraph=True)(x)
     gc = torch.autograd.grad(yc, list(mc.parameters()), g)
-    for a, e in zip(gc, ge):
-        assert _rel(a, e) < TOL_INDUCTOR
-    assert _rel(mc[1].running_var, model[1].running_var) < TOL_INDUCTOR
+    assert _rel(yc, y64) < TOL_INDUCTOR
+    assert _rel(yc, y64) <= 10 * _rel(ye, y64) + 1e-6
+    for a, e, r in zip(gc, ge, g64):
+        assert _rel(a, r) <= 10 * _rel(e, r) + 1e-6
+    assert _rel(mc[1].running_var, ref[1].running_var) <= 10 * _rel(model[1].running_var, ref[1].running_var) + 1e-6
+
+
+def test_readme_section_runs(fresh_dynamo):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    start = text.index("\n## `torch.compile`, autograd node names")
+    section = text[start: text.find("\n## ", start + 1)]
+    blocks = [b for tag, b in re.findall(r"```(\w*)\n(.*?)```", section, flags=re.S) if tag == "python"]
+    assert len(blocks) == 1
+    exec(compile(blocks[0], "README.md", "exec"), {"__name__": "readme"})  # noqa: S102 - our own README
+
+
+@pytest.mark.parametrize("name", ["whitening_coloring", "moving_average_batch_norm"])
+def test_methods_run_eagerly_behind_a_graph_break(name, fresh_dynamo):
+    """The two methods TorchDynamo 2.13 cannot trace: a compiled model with them still runs (a graph
+    break, the method eager, gradients equal eager's); fullgraph=True refuses them."""
+    import inspect
+
+    import torch._dynamo
+
+    m = get(name)
+    ex = list(m.examples(np.random.default_rng(0)))[0]
+    bound = m.bind(*ex.args, **ex.kwargs)
+    args = {k: (torch.tensor(v).requires_grad_(k in m.diff_params) if isinstance(v, np.ndarray) else v)
+            for k, v in bound.arguments.items()}
+    b = inspect.BoundArguments(m.signature, args)
+    f = nt.function(m)
+
+    def call():
+        return m.primary(f(*b.args, **b.kwargs))
+
+    y = torch.compile(call, backend="aot_eager")()
+    ye = call()
+    assert _rel(y, ye) < TOL_SAME
+    x = args["input"]
+    g = _x(*ye.shape, seed=8)
+    assert _rel(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ye, x, g)[0]) < TOL_SAME
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        torch.compile(call, fullgraph=True, backend="eager")()

@@ -349,13 +349,31 @@ def function(name_or_method: "str | Method") -> Callable:
     return fn
 
 
+# Methods whose Function TorchDynamo 2.13 cannot trace (it fails wiring their saved tensors:
+# "Placeholder node not found in env"): under torch.compile they run eagerly behind a graph break, as
+# every method did before (fullgraph=True refuses them; tests/test_torch_compile.py checks both).
+_EAGER_UNDER_COMPILE = frozenset({"whitening_coloring", "moving_average_batch_norm"})
+
+
+def _apply_eagerly(name: str, args: tuple, kwargs: dict):
+    return _WRAPPERS[name](*args, **kwargs)
+
+
 def _function(name: str) -> Callable:
     m = get(name)
     Fn = autograd_function(name)
 
     def fn(*args: Any, **kwargs: Any):
+        if name in _EAGER_UNDER_COMPILE and torch.compiler.is_compiling():
+            return torch.compiler.disable(_apply_eagerly)(name, args, kwargs)
         bound = m.bind(*args, **kwargs)
         arrays = _check_arrays(m, bound)
+        if torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in arrays)
+        ):
+            # nothing to differentiate in a compiled region: the formula itself goes into the graph
+            # (TorchDynamo traces a Function without a grad-requiring input in another calling style)
+            return m.forward(*bound.args, **bound.kwargs)[0]
         call = _Call(bound, m.array_params)
         outs = Fn.apply(call, *arrays)
         fields = outs[: call.n_fields]
