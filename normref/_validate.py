@@ -113,15 +113,26 @@ def check_bool(fn: str, name: str, v: Any) -> bool:
     raise TypeError(f"{fn}: {name} must be a bool (True or False); got {t.__name__} {v!r}")
 
 
-def concrete_any(xp, cond: Any) -> bool:
+def concrete_any(xp, cond: Any, refusal: bool = True) -> bool:
     """``bool(any(cond))`` for concrete arrays. A traced value (``jax.jit``, ``torch.func.vmap``) has no
     Python boolean: the check is then skipped (``False``) — value checks need concrete values, and a
     function under tracing is checked when it is called with concrete ones. A lazy (dask) array is
-    treated the same way: normref never computes it (``_xp.is_lazy``), and so is a torch tensor while
-    ``torch.compile`` traces (``_xp.is_compiling``: reading it would break the graph)."""
+    treated the same way: normref never computes it (``_xp.is_lazy``). A torch tensor while
+    ``torch.compile`` traces (``_xp.is_compiling``: reading it would break the graph) gets an in-graph
+    assertion instead when ``refusal`` (the caller raises on ``True``: a value check), so a compiled
+    call refuses bad values too (a ``RuntimeError`` naming normref, at run time); ``refusal=False``
+    (a branch between two correct paths) is ``False`` there, as under tracing."""
     from ._xp import is_compiling, is_lazy
 
-    if is_lazy(cond) or is_compiling(cond):
+    if is_lazy(cond):
+        return False
+    if is_compiling(cond):
+        if refusal:
+            import torch
+
+            torch._assert_async(torch.logical_not(torch.any(cond)),
+                                "normref: an input failed a value check inside torch.compile (e.g. a negative "
+                                "variance, a zero-norm row): call the function eagerly for the check's message")
         return False
     try:
         return bool(xp.any(cond))

@@ -112,9 +112,10 @@ def decov_penalty(input: Array) -> Array:
 
     with H the (M, d) activations. Computed as ``0.5 * orthogonal_penalty(Ĥ/√M, kind="off_diagonal",
     gram="columns")`` (C is the Gram matrix of the columns of Ĥ/√M), so the forward and the analytic
-    backward are :func:`normref.orthogonal_penalty`'s. In closed form: with Ω = ∂L/∂C = C∘(11ᵀ − I)
-    and dC = (dĤᵀĤ + ĤᵀdĤ)/M, ∂L/∂H = (2/M)·Ĥ·Ω·g, then the centring's projection (a no-op in exact
-    arithmetic: the columns of Ĥ, hence of Ĥ·Ω, sum to 0). Multiply by the regularization strength
+    backward are :func:`normref.orthogonal_penalty`'s.
+
+    Backward: with Ω = ∂L/∂C = C∘(11ᵀ − I) and dC = (dĤᵀĤ + ĤᵀdĤ)/M, ∂L/∂H = (2/M)·Ĥ·Ω·g, then the
+    centring's projection (a no-op in exact arithmetic: the columns of Ĥ, hence of Ĥ·Ω, sum to 0). Multiply by the regularization strength
     yourself.
 
     Parameters
@@ -147,6 +148,8 @@ def decov_penalty(input: Array) -> Array:
     xp = namespace(fn, input=input)
     check_ndim(fn, "input", input, min_ndim=2, what="(N, d) or (N, C, *spatial)")
     shape = tuple(int(d) for d in input.shape)
+    if shape[1] < 1:
+        raise ValueError(f"{fn}: input must have at least 1 feature (input.shape[1] >= 1); got shape {shape}")
     m_samples = math.prod(shape) // shape[1]
     if m_samples < 2:
         raise ValueError(

@@ -15,8 +15,8 @@ orthogonal ``base`` on the left, which is no part of the map):
 - Rectangular X, as torch: a wide X (n < k) is mapped as its transpose and the result transposed
   back; a tall X (n > k) gives the first k columns of an n × n orthogonal matrix — for Cayley and
   exp, of the map of tril(X) padded with n − k zero columns; for Householder, of H_1⋯H_k (k
-  reflectors). A square X reaches SO(n) (Cayley, exp) or O(n) (Householder); a tall one the Stiefel
-  manifold of orthonormal k-frames.
+  reflectors). A square X lands in SO(n) (Cayley: every rotation without the eigenvalue −1; exp: all
+  of SO(n)) or O(n) (Householder); a tall one gives orthonormal k-frames (the Stiefel manifold).
 
 The backwards are analytic: the Cayley map's by one linear solve, the exponential's by the adjoint of
 its Fréchet derivative (itself the exponential of a 2n×2n block-triangular matrix), the Householder
@@ -301,7 +301,8 @@ def cayley(a: Any) -> Any:
     """The Cayley map: Q = (I − A/2)⁻¹(I + A/2), A = tril(X) − tril(X)ᵀ (torch's ``"cayley"``).
 
     A is skew-symmetric, so I − A/2 is always invertible (its eigenvalues are 1 − iλ/2) and Q is
-    orthogonal with det Q = +1 (−1 is never an eigenvalue). The same as torch's
+    orthogonal with det Q = +1 (−1 is never an eigenvalue); for a rectangular X, Q is the first k
+    columns of that square Q (orthonormal columns, or rows for a wide X). The same as torch's
     ``parametrizations.orthogonal(..., orthogonal_map="cayley")`` for a weight of any shape (the map
     itself; torch's ``use_trivialization=True`` multiplies it by a constant ``base`` on the left).
 
@@ -470,6 +471,9 @@ def householder_orthogonal(a: Any, diagonal: str = "sign") -> Any:
     ``linalg.householder_product(tril(X, −1), τ) * X.diagonal().int()``. det Q = (−1)^n·∏d_j for a
     square X.
 
+    For a tall X (n > k) there are k reflectors and Q is the first k columns of H_1⋯H_k·D (the sums
+    below then run to k, and G_P is G·D padded with n − k zero columns); a wide X is transposed.
+
     Backward: G_P = G·D; with Y_j = (H_1⋯H_{j−1})ᵀ·G_P·(H_{j+1}⋯H_n)ᵀ (swept from j = n down, Y_{j−1} =
     H_{j−1}·Y_j·H_j), the reflector's gradient is g_{v_j} = τ_j²·(v_jᵀY_jv_j)·v_j − τ_j·(Y_j + Y_jᵀ)·v_j
     (dτ = −τ²·vᵀdv), and dL/dX is its strictly-lower part; the diagonal is piecewise constant (zero
@@ -481,8 +485,8 @@ def householder_orthogonal(a: Any, diagonal: str = "sign") -> Any:
         X: strictly-lower triangle the reflectors, diagonal the signs (of Xᵀ when n < k: k reflectors
         for a tall X, Q the first k columns of H_1⋯H_k; module docstring).
     diagonal : {"sign", "trunc"}, default "sign"
-        How D is read from diag(X). ``"sign"``: d_j = +1 where X_jj ≥ 0, else −1 (Q orthogonal for
-        every X). ``"trunc"``: d_j = X_jj truncated toward zero, torch's ``.int()`` cast, exactly
+        How D is read from diag(X). ``"sign"``: d_j = +1 where X_jj ≥ 0, else −1 (Q orthogonal — or,
+        for a rectangular X, with orthonormal columns or rows — for every X). ``"trunc"``: d_j = X_jj truncated toward zero, torch's ``.int()`` cast, exactly
         torch's result for every X (Q orthogonal only where the diagonal is ±1, which is what torch's
         parametrization keeps: its ``right_inverse`` sets −1 and no gradient reaches it). The two
         agree on a ±1 diagonal.

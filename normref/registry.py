@@ -626,6 +626,10 @@ class Method(Generic[P, R]):
                         not compiling and torch._C._functorch.is_functorch_wrapped_tensor(a))):
                     if not (_trace_time_routing() if compiling else _routing()):
                         return None
+                    if not compiling and _torch_forward_mode():
+                        # torch.func.jvp / jacfwd / hessian: the Function has no forward-mode rule,
+                        # so forward mode differentiates the formula (documented in use_adapters)
+                        return None
                     from normref.backends.torch import function
 
                     return function(self)
@@ -793,6 +797,14 @@ def _trace_time_routing() -> bool:
 _trace_time_routing._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
+def _torch_forward_mode() -> bool:
+    """Whether a torch.func forward-mode transform (jvp, jacfwd, hessian's outer jacfwd) is active."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
+
+
 @contextlib.contextmanager
 def use_adapters(enabled: bool = True) -> Iterator[None]:
     """Context manager: whether plain calls on differentiable framework arrays use normref's backward.
@@ -809,7 +821,9 @@ def use_adapters(enabled: bool = True) -> Iterator[None]:
     autograd / JAX's AD differentiate the array-API operations themselves (an independent oracle
     for tests, or a framework feature the adapters lack). ``NORMREF_ADAPTERS=0`` in the environment
     (read at import) makes that the default. ``Method.forward``/``backward`` and :func:`vjp` are
-    never routed.
+    never routed. Under torch's forward-mode transforms (``torch.func.jvp``, ``jacfwd``, and so
+    ``hessian``) plain calls are not routed either: the autograd Function has no forward-mode rule,
+    so there torch differentiates the formula (JAX's routed form has one, see above).
 
     Parameters
     ----------

@@ -122,7 +122,7 @@ def _safe_norms(xp, v, axes):
     bad = xp.logical_or(n < math.sqrt(float(fi.smallest_normal) / float(fi.eps)), xp.isinf(n))
     # a lazy (dask) array cannot be inspected: the rescued norms are always built into its graph (the
     # ``where`` keeps n wherever it is fine, so the values are NumPy's)
-    if not is_lazy(v) and not _concrete_any(xp, bad):
+    if not is_lazy(v) and not _concrete_any(xp, bad, refusal=False):
         return n
     a = xp.max(xp.abs(v), axis=axes, keepdims=True)
     ok = xp.logical_and(bad, xp.logical_and(a > 0, xp.isfinite(a)))

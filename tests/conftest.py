@@ -52,7 +52,7 @@ SLOW: dict[str, tuple[str, ...]] = {
                      "test_generic_layer_*", "test_named_layers_*", "test_linen_layers_*", "test_flax_nnx_example_*",
                      "test_readme_section_runs"),
     "test_torch_compile.py": ("test_*_compile_fullgraph", "test_no_graph_breaks_counted_by_explain",  # torch.compile
-                              "test_compiled_backward_is_normrefs", "test_value_checks_are_skipped_while_tracing",
+                              "test_compiled_backward_is_normrefs", "test_value_checks_become_assertions_while_tracing",
                               "test_inductor_*", "test_readme_section_runs",
                               "test_methods_run_eagerly_behind_a_graph_break"),
     "test_torch_export.py": ("test_onnx_*", "test_exporting_flag", "test_jit_trace_*", "test_readme_section_runs"),

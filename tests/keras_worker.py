@@ -297,6 +297,9 @@ def errors() -> dict:
         "not_activation": lambda: nk.StatefulNorm("weight_norm"),
         "bad_group_size": lambda: nk.StatefulNorm("iter_norm", group_size=3)(np.ones((4, 4), "float32")),
         "bad_momentum": lambda: nk.StatefulNorm("batch_norm", momentum=1.5),
+        # a mask (e.g. after Embedding(mask_zero=True)) is refused, not silently ignored
+        "mask": lambda: nk.BatchNormalization()(np.ones((4, 5, 3), "float32"), training=True,
+                                                 mask=np.ones((4, 5), bool)),
         "axis_name_off_jax": (lambda: nk.BatchNormalization(axis_name="batch")(np.ones((4, 3), "float32"), training=True))
         if BACKEND != "jax" else None,
     }

@@ -104,6 +104,8 @@ def test_bad_input():
         normref.decov_penalty(None)
     with pytest.raises(ValueError, match="decov_penalty: input"):
         normref.decov_penalty(np.ones(4))
+    with pytest.raises(ValueError, match="decov_penalty: input must have at least 1 feature"):
+        normref.decov_penalty(np.ones((5, 0)))
     with pytest.raises(ValueError, match="at least 2 samples"):
         normref.decov_penalty(np.ones((1, 4)))
 

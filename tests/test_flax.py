@@ -316,6 +316,12 @@ def test_bad_input_is_refused_with_the_argument_named():
         ntf.BatchNorm(C, axis=1.0, rngs=nnx.Rngs(0))(x)
     with pytest.raises(ValueError, match="momentum"):
         ntf.BatchNorm(C, momentum=1.5, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="BatchNorm: momentum must be a float"):
+        ntf.BatchNorm(C, momentum=None, rngs=nnx.Rngs(0))
+    # a schedule by the batch count is a host read: refused clearly under jit, not deep inside JAX
+    cumulative = ntf.Norm("batch_norm", C, momentum=None)
+    with pytest.raises(ValueError, match="outside jax.jit"):
+        nnx.jit(lambda m, v: m(v))(cumulative, x)
     with pytest.raises(NotImplementedError, match="mask"):
         ntf.LayerNorm(C, rngs=nnx.Rngs(0))(x, mask=jnp.ones(x.shape, bool))
     with pytest.raises(ValueError, match="reduction_axes"):

@@ -127,6 +127,7 @@ def test_bad_arguments_are_refused(worker):
         "not_activation": ("TypeError", "weight_norm"),
         "bad_group_size": ("ValueError", "group_size"),
         "bad_momentum": ("ValueError", "momentum"),
+        "mask": ("NotImplementedError", "mask"),
     }
     if worker["backend"] != "jax":
         want["axis_name_off_jax"] = ("ValueError", "axis_name")

@@ -170,6 +170,29 @@ def test_torch_func_grad_of_a_plain_call_is_routed(monkeypatch):
     assert _rel(gx, ref) < TOL_TORCH
 
 
+def test_torch_forward_mode_of_a_plain_call_works():
+    """torch.func.jvp / jacfwd / hessian on a plain call: the autograd Function has no forward-mode
+    rule, so under a forward-mode transform the call is not routed (it was a regression: "You must
+    implement the jvp function"); the results equal the formula's own (use_adapters(False))."""
+    rng = np.random.default_rng(3)
+    x = torch.tensor(rng.standard_normal((4, 6)))
+    v = torch.tensor(rng.standard_normal((4, 6)))
+
+    def f(t):
+        return normref.layer_norm(t, (6,)) ** 3
+
+    _, t1 = torch.func.jvp(f, (x,), (v,))
+    h1 = torch.func.hessian(lambda t: f(t).sum())(x)
+    with normref.use_adapters(False):
+        _, t0 = torch.func.jvp(f, (x,), (v,))
+        h0 = torch.func.hessian(lambda t: f(t).sum())(x)
+    # the same formula differentiated by the same engine: equal up to operation order (1e-12, float64)
+    assert _rel(t1, t0) < 1e-12 and _rel(h1, h0) < 1e-12
+    # and the JVP agrees with central differences of the forward (float64, h = 1e-6: error ≪ 1e-6)
+    fd = (f(x + 1e-6 * v) - f(x - 1e-6 * v)) / 2e-6
+    assert _rel(t1, fd) < 1e-6
+
+
 def test_jax_tracer_is_routed_to_the_custom_jvp(monkeypatch):
     """A plain call on a JAX tracer runs normref.backends.jax's custom_jvp form (its tangent rule the
     transpose of normref's VJP): reverse mode runs normref's backward, and forward mode works too."""
@@ -340,16 +363,21 @@ def test_compiled_backward_is_normrefs(monkeypatch, fresh_dynamo):
     assert _rel(got, 3 * true) < TOL_SAME
 
 
-def test_value_checks_are_skipped_while_tracing(fresh_dynamo):
-    """As under jax.jit: a check needing a tensor's value (a negative running variance) runs eagerly
-    and is skipped inside a compiled region (reading the value would break the graph)."""
+def test_value_checks_become_assertions_while_tracing(fresh_dynamo):
+    """A check needing a tensor's value (a negative running variance) raises eagerly; inside a
+    compiled region (where reading the value would break the graph) it is an in-graph assertion:
+    no graph break, and a bad value still refuses (never a silent NaN)."""
     x = _x(4, 3, 2)
     rv = -torch.ones(3, dtype=torch.float64)
     with pytest.raises(ValueError, match="running_var must be >= 0"):
         nt.batch_norm(x, torch.zeros(3, dtype=torch.float64), rv, None, None, False, 0.1, 1e-5)
     f = torch.compile(lambda t: nt.batch_norm(t, torch.zeros(3, dtype=torch.float64), rv, None, None, False,
                                               0.1, 1e-5), fullgraph=True, backend="eager")
-    assert torch.isnan(f(x)).all()  # (−1 + ε)^-½: NaN, what the formula gives
+    with pytest.raises(RuntimeError, match="normref: an input failed a value check"):
+        f(x)
+    ok = torch.compile(lambda t: nt.batch_norm(t, torch.zeros(3, dtype=torch.float64), -rv, None, None, False,
+                                               0.1, 1e-5), fullgraph=True, backend="eager")
+    assert torch.isfinite(ok(x)).all()
 
 
 def test_inductor_layer_norm_and_batch_norm(fresh_dynamo):

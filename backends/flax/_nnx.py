@@ -200,6 +200,10 @@ class BatchNorm(_Affine):
     ) -> None:
         if axis_index_groups is not None:
             raise NotImplementedError("BatchNorm: axis_index_groups is not supported by normref's layer")
+        if momentum is None:  # flax.nnx.BatchNorm has no cumulative average either
+            raise ValueError("BatchNorm: momentum must be a float in [0, 1] (Flax's convention: the weight of the "
+                             "old running value); got None (use Norm('batch_norm', ..., momentum=None) for a "
+                             "cumulative average, outside jit)")
         _flax_momentum_to_normref("BatchNorm", momentum)
         feature_shape = (num_features,)
         self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
@@ -858,7 +862,13 @@ class Norm(nnx.Module):
         update = batch and bool(self._state_names)
         if update and self._counts and (kwargs.get("momentum", 0.0) is None or kwargs.get("update_every", 1) != 1
                                         or kwargs.get("preset") == "diminishing"):
-            kwargs["num_batches_tracked"] = int(self.num_batches_tracked[...])  # a host read: eager only
+            count = self.num_batches_tracked[...]
+            if isinstance(count, jax.core.Tracer):
+                raise ValueError(
+                    f"{where}: momentum=None, update_every != 1 and preset='diminishing' schedule by the number "
+                    f"of batches seen, a Python int normref reads on the host: call this layer outside "
+                    f"jax.jit / nnx.jit (or use a float momentum)")
+            kwargs["num_batches_tracked"] = int(count)  # a host read: eager only
         if batch and self.axis_name is not None:
             kwargs["axis_name"] = self.axis_name
         if self.normref_method in _NO_CHANNEL_AXIS:

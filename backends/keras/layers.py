@@ -41,6 +41,14 @@ _PACKAGE = "normref"  # keras.saving registration package: "normref>BatchNormali
 # --------------------------------------------------------------------------------------------------
 # the active backend's adapter
 # --------------------------------------------------------------------------------------------------
+def _check_mask(where: str, mask: Any) -> None:
+    """Keras passes a mask (e.g. after ``Embedding(mask_zero=True)``) to a ``call`` that takes one:
+    normref's statistics run over every position, so a mask is refused rather than ignored."""
+    if mask is not None:
+        raise NotImplementedError(f"{where}: mask= is not supported by normref's layers (their batch statistics "
+                                  f"run over every position); use keras.layers' own layer for masked statistics")
+
+
 def adapter(method: str) -> Callable:
     """normref's function for ``method`` on Keras's active backend (``keras.backend.backend()``).
 
@@ -248,8 +256,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
         self.synchronized = synchronized
         self.axis_name = axis_name
 
-    def call(self, inputs: Any, training: "bool | None" = None) -> Any:
+    def call(self, inputs: Any, training: "bool | None" = None, mask: Any = None) -> Any:
         where = type(self).__name__
+        _check_mask(where, mask)
         dt = _compute_dtype(inputs)
         x = ops.cast(inputs, dt)
         axis = _positive_axis(where, self.axis, len(x.shape))
@@ -547,7 +556,8 @@ class StatefulNorm(keras.layers.Layer):
             (self._param_names if trainable else self._state_names).append(p)
         self._axis = axis
 
-    def call(self, inputs: Any, training: "bool | None" = None) -> Any:
+    def call(self, inputs: Any, training: "bool | None" = None, mask: Any = None) -> Any:
+        _check_mask(type(self).__name__, mask)
         m = get(self.normref_method)
         dt = _compute_dtype(inputs)
         x = ops.cast(inputs, dt)

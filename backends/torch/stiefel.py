@@ -16,14 +16,14 @@ from typing import Any, Iterable
 
 import torch
 
+from normref._validate import check_bool
 from normref.stiefel import CayleyAdamState, CayleySGDState, cayley_adam_step, cayley_sgd_step
 
 __all__ = ["StiefelSGD", "StiefelAdam"]
 
 
 def _check_stiefel_params(name: str, group: dict) -> None:
-    if not isinstance(group["stiefel"], bool):
-        raise TypeError(f"{name}: a group's stiefel must be a bool; got {group['stiefel']!r}")
+    group["stiefel"] = check_bool(name, "a group's stiefel", group["stiefel"])
     if group["stiefel"]:
         for p in group["params"]:
             if p.ndim < 2:
@@ -68,8 +68,9 @@ class StiefelSGD(torch.optim.Optimizer):
 
     Notes
     -----
-    Survey §6.2. The state of a Stiefel parameter is the :class:`normref.stiefel.CayleySGDState`
-    returned by the pure step (``optimizer.state[p]["stiefel"]``).
+    Survey §6.2. The state of a Stiefel parameter is the momentum of the pure step's
+    :class:`normref.stiefel.CayleySGDState`, kept as a plain tensor (``optimizer.state[p]
+    ["stiefel_momentum"]``) so that ``state_dict``/``load_state_dict`` round-trip it.
 
     References
     ----------
@@ -79,8 +80,7 @@ class StiefelSGD(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.9, stiefel: bool = False,
                  iterations: int | None = None, q: float = 0.5, eps: float = 1e-8, norm: str = "fro") -> None:
-        if not isinstance(stiefel, bool):
-            raise TypeError(f"StiefelSGD: stiefel must be a bool; got {type(stiefel).__name__} {stiefel!r}")
+        stiefel = check_bool("StiefelSGD", "stiefel", stiefel)
         defaults = dict(lr=lr, momentum=momentum, stiefel=stiefel, iterations=iterations, q=q, eps=eps, norm=norm)
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -109,10 +109,12 @@ class StiefelSGD(torch.optim.Optimizer):
                     p.add_(buf, alpha=-lr)
                     continue
                 w, gw, rows = _point(p)
-                w_new, state = cayley_sgd_step(w, gw, lr, self.state[p].get("stiefel"), beta,
-                                               iterations=group["iterations"], q=group["q"], eps=group["eps"],
-                                               norm=group["norm"])
-                self.state[p]["stiefel"] = CayleySGDState(state.momentum.clone())
+                st = self.state[p]
+                prev = CayleySGDState(st["stiefel_momentum"]) if "stiefel_momentum" in st else None
+                w_new, state = cayley_sgd_step(w, gw, lr, prev, beta, iterations=group["iterations"],
+                                               q=group["q"], eps=group["eps"], norm=group["norm"])
+                # plain tensors in the optimizer state: torch's load_state_dict rebuilds containers
+                st["stiefel_momentum"] = state.momentum.clone()
                 _write(p, w_new, rows)
         return loss
 
@@ -123,8 +125,8 @@ class StiefelAdam(torch.optim.Optimizer):
     Per Stiefel parameter W (an n × p matrix with orthonormal columns, read as :class:`StiefelSGD`
     reads it) and its gradient G, step k: M ← β₁M + (1 − β₁)G; v ← β₂v + (1 − β₂)‖G‖²_F;
     r = (1 − β₁^k)·√(v/(1 − β₂^k) + ε); A = (Ŵ − Ŵᵀ)/r with Ŵ = MWᵀ − ½W(WᵀMWᵀ); M ← r·AW;
-    α = min(lr, 2q/(‖A‖ + ε)); W ← the Cayley transform (I − αA/2)⁻¹(I + αA/2)W applied as a
-    descent step, exactly (``iterations=None``) or by fixed-point steps (the paper: 2). Other groups:
+    α = min(lr, 2q/(‖A‖ + ε)); W ← (I + αA/2)⁻¹(I − αA/2)W (the Cayley curve at −α: a descent step),
+    exactly (``iterations=None``) or by fixed-point steps (the paper: 2). Other groups:
     ``torch.optim.Adam``'s update, m ← β₁m + (1 − β₁)g, v ← β₂v + (1 − β₂)g²,
     W ← W − lr/(1 − β₁^k) · m/(√v/√(1 − β₂^k) + ε).
 
@@ -147,9 +149,10 @@ class StiefelAdam(torch.optim.Optimizer):
 
     Notes
     -----
-    Survey §6.2. The state of a Stiefel parameter is the :class:`normref.stiefel.CayleyAdamState`
-    returned by the pure step (``optimizer.state[p]["stiefel"]``); the second moment is one scalar per
-    matrix, as in the paper.
+    Survey §6.2. The state of a Stiefel parameter is the pure step's
+    :class:`normref.stiefel.CayleyAdamState`, kept as plain entries (``"stiefel_m"``, ``"stiefel_v"``,
+    ``"step"``) so that ``state_dict``/``load_state_dict`` round-trip it; the second moment is one
+    scalar per matrix, as in the paper.
 
     References
     ----------
@@ -160,8 +163,7 @@ class StiefelAdam(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], lr: float, betas: tuple[float, float] = (0.9, 0.99),
                  eps: float = 1e-8, stiefel: bool = False, iterations: int | None = None, q: float = 0.5,
                  norm: str = "fro") -> None:
-        if not isinstance(stiefel, bool):
-            raise TypeError(f"StiefelAdam: stiefel must be a bool; got {type(stiefel).__name__} {stiefel!r}")
+        stiefel = check_bool("StiefelAdam", "stiefel", stiefel)
         defaults = dict(lr=lr, betas=betas, eps=eps, stiefel=stiefel, iterations=iterations, q=q, norm=norm)
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -193,9 +195,10 @@ class StiefelAdam(torch.optim.Optimizer):
                     p.addcdiv_(st["exp_avg"], denom, value=-lr / (1 - b1 ** k))
                     continue
                 w, gw, rows = _point(p)
-                w_new, state = cayley_adam_step(w, gw, lr, st.get("stiefel"), (b1, b2),
-                                                iterations=group["iterations"], q=group["q"], eps=eps,
-                                                norm=group["norm"])
-                st["stiefel"] = CayleyAdamState(state.m.clone(), state.v.clone(), state.step)
+                prev = CayleyAdamState(st["stiefel_m"], st["stiefel_v"], int(st["step"])) if "step" in st else None
+                w_new, state = cayley_adam_step(w, gw, lr, prev, (b1, b2), iterations=group["iterations"],
+                                                q=group["q"], eps=eps, norm=group["norm"])
+                # plain entries in the optimizer state: torch's load_state_dict rebuilds containers
+                st["stiefel_m"], st["stiefel_v"], st["step"] = state.m.clone(), state.v.clone(), state.step
                 _write(p, w_new, rows)
         return loss
