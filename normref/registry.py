@@ -40,7 +40,7 @@ from numpy import integer as _np_integer
 
 from ._xp import is_array, library_name
 
-__all__ = ["Residuals", "Meta", "Empty", "ChannelMove", "Method", "Example", "Invariant", "method", "vjp", "REGISTRY", "get", "methods", "use_adapters"]
+__all__ = ["Residuals", "Meta", "Empty", "ChannelMove", "Method", "Example", "Invariant", "method", "vjp", "REGISTRY", "get", "methods", "use_adapters", "NAMED_LAYERS"]
 
 #: The parameters of a registered method's function (its signature, for type checkers).
 P = ParamSpec("P")
@@ -870,6 +870,24 @@ def _is_jax_array(a: Any) -> bool:
 
 
 REGISTRY: dict[str, Method[..., Any]] = {}
+
+#: The named stateful layers every framework adapter (torch, Flax, Keras, Equinox) generates from the
+#: registry: layer class name → registered method. One table; an adapter that cannot offer one (or
+#: offers more) says so where it builds its layers.
+NAMED_LAYERS: dict[str, str] = {
+    "BatchWhitening": "batch_whitening",
+    "DecorrelatedBatchNorm": "decorrelated_batch_norm",
+    "IterNorm": "iter_norm",
+    "WhiteningColoring": "whitening_coloring",
+    "BatchRenorm": "batch_renorm",
+    "GhostBatchNorm": "ghost_batch_norm",
+    "SwitchableNorm": "switchable_norm",
+    "LpBatchNorm": "lp_batch_norm",
+    "MeanOnlyBatchNorm": "mean_only_batch_norm",
+    "BatchGroupNorm": "batch_group_norm",
+    "BatchInstanceNorm": "batch_instance_norm",
+    "FilterResponseNorm": "filter_response_norm",
+}
 
 
 def method(

@@ -70,7 +70,7 @@ from equinox import field
 
 from normref._xp import Array
 from normref.backends import jax as nj
-from normref.registry import get
+from normref.registry import NAMED_LAYERS, get
 
 __all__ = [
     "BatchNorm",
@@ -832,19 +832,11 @@ class Norm(eqx.nn.StatefulLayer):
 
 
 # registry method of each named layer
+# (normref's table without GhostBatchNorm, whose virtual batches split the vmapped batch axis itself,
+# and with the per-sample methods a per-example call serves)
 _NAMED = {
     "InstanceNorm": "instance_norm",
-    "BatchWhitening": "batch_whitening",
-    "DecorrelatedBatchNorm": "decorrelated_batch_norm",
-    "IterNorm": "iter_norm",
-    "WhiteningColoring": "whitening_coloring",
-    "BatchRenorm": "batch_renorm",
-    "SwitchableNorm": "switchable_norm",
-    "LpBatchNorm": "lp_batch_norm",
-    "MeanOnlyBatchNorm": "mean_only_batch_norm",
-    "BatchGroupNorm": "batch_group_norm",
-    "BatchInstanceNorm": "batch_instance_norm",
-    "FilterResponseNorm": "filter_response_norm",
+    **{k: v for k, v in NAMED_LAYERS.items() if k != "GhostBatchNorm"},
     "PositionNorm": "position_norm",
     "PixelNorm": "pixel_norm",
     "LocalResponseNorm": "local_response_norm",

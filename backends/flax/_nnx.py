@@ -14,7 +14,7 @@ from flax.nnx.nn import dtypes, initializers
 
 from normref._xp import Array
 from normref.backends import jax as nj
-from normref.registry import get
+from normref.registry import NAMED_LAYERS, get
 
 __all__ = ["BatchNorm", "LayerNorm", "GroupNorm", "RMSNorm", "InstanceNorm", "Norm", "NAMED"]
 
@@ -906,20 +906,7 @@ def _named_layer(cls_name: str, method: str) -> type:
 
 
 # the named layers of normref.backends.torch (suffix-less: features last, any rank the method takes)
-NAMED = {
-    "BatchWhitening": "batch_whitening",
-    "DecorrelatedBatchNorm": "decorrelated_batch_norm",
-    "IterNorm": "iter_norm",
-    "WhiteningColoring": "whitening_coloring",
-    "BatchRenorm": "batch_renorm",
-    "GhostBatchNorm": "ghost_batch_norm",
-    "SwitchableNorm": "switchable_norm",
-    "LpBatchNorm": "lp_batch_norm",
-    "MeanOnlyBatchNorm": "mean_only_batch_norm",
-    "BatchGroupNorm": "batch_group_norm",
-    "BatchInstanceNorm": "batch_instance_norm",
-    "FilterResponseNorm": "filter_response_norm",
-}
+NAMED = dict(NAMED_LAYERS)
 for _cls, _method in NAMED.items():
     globals()[_cls] = _named_layer(_cls, _method)
     __all__.append(_cls)

@@ -24,7 +24,7 @@ except ModuleNotFoundError as e:  # Keras 3 picks TensorFlow unless told otherwi
 
 from keras import ops
 
-from normref.registry import get
+from normref.registry import NAMED_LAYERS, get
 
 __all__ = [
     "BatchNormalization",
@@ -598,21 +598,7 @@ class StatefulNorm(keras.layers.Layer):
 # --------------------------------------------------------------------------------------------------
 # named layers: StatefulNorm with the method fixed (the names of normref's torch layers)
 # --------------------------------------------------------------------------------------------------
-_NAMED = {
-    "BatchWhitening": "batch_whitening",
-    "DecorrelatedBatchNorm": "decorrelated_batch_norm",
-    "IterNorm": "iter_norm",
-    "WhiteningColoring": "whitening_coloring",
-    "BatchRenorm": "batch_renorm",
-    "GhostBatchNorm": "ghost_batch_norm",
-    "SwitchableNorm": "switchable_norm",
-    "LpBatchNorm": "lp_batch_norm",
-    "MeanOnlyBatchNorm": "mean_only_batch_norm",
-    "BatchGroupNorm": "batch_group_norm",
-    "BatchInstanceNorm": "batch_instance_norm",
-    "FilterResponseNorm": "filter_response_norm",
-    "InstanceNorm": "instance_norm",
-}
+_NAMED = {**NAMED_LAYERS, "InstanceNorm": "instance_norm"}
 
 
 def _named_layer(cls_name: str, method: str) -> type:

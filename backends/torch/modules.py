@@ -65,26 +65,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from normref.registry import get
+from normref.registry import NAMED_LAYERS, get
 
 from ._base import NormrefModule, exporting
 from ._function import function
 
 # registry method of each named stateful layer (suffix-less: any input rank the method accepts)
-_NAMED = {
-    "BatchWhitening": "batch_whitening",
-    "DecorrelatedBatchNorm": "decorrelated_batch_norm",
-    "IterNorm": "iter_norm",
-    "WhiteningColoring": "whitening_coloring",
-    "BatchRenorm": "batch_renorm",
-    "GhostBatchNorm": "ghost_batch_norm",
-    "SwitchableNorm": "switchable_norm",
-    "LpBatchNorm": "lp_batch_norm",
-    "MeanOnlyBatchNorm": "mean_only_batch_norm",
-    "BatchGroupNorm": "batch_group_norm",
-    "BatchInstanceNorm": "batch_instance_norm",
-    "FilterResponseNorm": "filter_response_norm",
-}
+_NAMED = dict(NAMED_LAYERS)
 _NAMED_LAYERS = [n + suffix for n in _NAMED for suffix in ("", "1d", "2d", "3d")]
 
 __all__ = [
