@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import importlib.util
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -113,10 +114,11 @@ def claimed_kernels(b: Backend) -> list:
         return []
     from normref import _kernels
 
-    if "numpy" not in _kernels._LOADED:
-        _kernels._load("numpy")  # the library's kernel backends (the entry points)
+    key = _kernels.namespace_key(b.xp)
+    if key not in _kernels._LOADED:
+        _kernels._load(key)  # the library's kernel backends (the entry points)
     return sorted(f"{ns}.{p}" for (ns, p), fn in _kernels._KERNELS.items()
-                  if ns == "numpy" and getattr(fn, "__module__", "").startswith("normref.backends.numba"))
+                  if ns == key and getattr(fn, "__module__", "").startswith("normref.backends.numba"))
 
 
 @contextlib.contextmanager
@@ -142,7 +144,24 @@ def _torch() -> Backend:
     def conv(a, dt):
         return torch.asarray(a).to(getattr(torch, dt))
 
-    return Backend("torch", True, xp=torch, _asarray=conv, dtypes=DTYPES, has_autograd=True)
+    b = Backend("torch", True, xp=torch, _asarray=conv, dtypes=DTYPES, has_autograd=True)
+    # CPU tensors take the numba kernels on their NumPy views (normref.backends.numba._torch): the
+    # column runs them at the suite's thresholds, as the numpy column does, so that every registry
+    # example reaches them (autograd through the forward, the suite's oracle, declines them: a tensor
+    # autograd records runs the formula)
+    if _numba_kernels_available():
+        b.kernel_thresholds = dict(SUITE_KERNEL_THRESHOLDS)
+        b.path = ("numba kernels on the tensors' NumPy views (size threshold {min_size}, parallel builds "
+                  "from {serial_below} element)".format(**SUITE_KERNEL_THRESHOLDS))
+    return b
+
+
+def _numba_kernels_available() -> bool:
+    from normref import _kernels
+
+    if not _kernels._ENV_ENABLED:
+        return False
+    return importlib.util.find_spec("numba") is not None
 
 
 def _jax() -> Backend:

@@ -102,7 +102,10 @@ def lookup(xp, primitive: str) -> Callable | None:
     if key == "torch" and _torch_compiling():
         if not _trace_time_enabled(key):
             return None
-        return _KERNELS.get((key, primitive))
+        fn = _KERNELS.get((key, primitive))
+        # a kernel that leaves torch (numba on the tensors' NumPy views) cannot be traced: the
+        # compiled graph holds the formula
+        return None if getattr(fn, "eager_only", False) else fn
     if not _enabled():
         return None
     if key not in _LOADED:
