@@ -83,10 +83,8 @@ def _numpy(kernels: bool) -> Backend:
     if not _kernels._ENV_ENABLED:
         b.path = "array-API formulas: the kernels are switched off (NORMREF_KERNELS=0)"
         return b
-    try:
-        importlib.import_module("normref.backends.numba.config")  # imports numba
-    except ImportError as e:
-        b.path = f"array-API formulas: the numba kernels are unavailable ({e})"
+    if importlib.util.find_spec("numba") is None:  # (the backend imports numba only on a kernel's first run)
+        b.path = "array-API formulas: the numba kernels are unavailable (numba is not installed)"
         return b
     # every registry example is far below the kernels' default size threshold (MIN_SIZE = 4096
     # elements): with the defaults this column would run the formulas, i.e. be numpy-reference again

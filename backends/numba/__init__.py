@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import config  # numba's options (imports numba: this package loads only where numba is installed)
+from . import config  # numba's options and size thresholds (does not import numba: jit() does, lazily)
 
 __all__ = ["register", "accepts", "moments", "mean_square", "normalize_forward", "normalize_backward"]
 
@@ -425,7 +425,13 @@ def _kf(name: str, size: int):
 
 def register() -> None:
     """Register the kernels with normref's kernel registry (called lazily on the first NumPy call)."""
-    import numba  # noqa: F401  (ImportError here means: numba not installed, the formulas run)
+    import importlib.util
+
+    # numba is imported only when a kernel first runs (an input of >= config.MIN_SIZE elements): a
+    # tiny input never pays for the import. An ImportError here means numba is not installed, and
+    # the loader skips this backend (the formulas run).
+    if importlib.util.find_spec("numba") is None:
+        raise ImportError("normref.backends.numba needs numba, which is not installed")
 
     from normref._kernels import register_kernel
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 import warnings
 
-import numba
+# numba itself is imported in jit(), the first time a kernel module is built: reading MIN_SIZE
+# (``accepts``) or registering the kernels never imports it (a tiny input stays cheap).
 
 __all__ = ["FASTMATH", "PARALLEL", "CACHE", "SERIAL_BELOW", "MIN_SIZE", "jit", "pair"]
 
@@ -35,6 +36,8 @@ CACHE = os.environ.get("NORMREF_NUMBA_CACHE", "1") not in ("0", "false", "off")
 
 def jit(fn=None, *, parallel: bool = PARALLEL):
     """``numba.njit`` with normref's options; caching is dropped (not fatal) where it cannot work."""
+
+    import numba
 
     def wrap(f):
         opts = dict(parallel=parallel, fastmath=set(FASTMATH), nogil=True, error_model="numpy")
