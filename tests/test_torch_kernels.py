@@ -228,3 +228,77 @@ def test_second_derivatives_at_kernel_sizes():
     h_f, _ = hvp(False)
     tol = 64 * float(torch.finfo(torch.float64).eps) * 128 * float(h_f.abs().max())
     _assert_close(h_k, h_f, tol, "Hessian-vector product")
+
+
+# (method, shape): one statistic, few statistics (K < 2·threads routes to other loop orders), many
+FEW = [("layer_norm_1d", (1, 8192)), ("layer_norm_1d", (3, 4096)), ("batch_norm", (64, 1, 16, 16)),
+       ("batch_norm", (32, 3, 16, 16)), ("group_norm", (1, 8, 32, 32)), ("instance_norm", (1, 2, 64, 64))]
+
+
+@pytest.mark.parametrize("param_layout", ["contiguous", "stepped", "flipped_copy_stepped"])
+@pytest.mark.parametrize("serial", [True, False], ids=["serial", "parallel"])
+@pytest.mark.parametrize("name, shape", FEW)
+def test_few_statistics_and_strided_parameters(name, shape, serial, param_layout):
+    """The routings the NumPy kernels take for one and few statistics, on both builds (thresholds
+    forced: ``config.thresholds``), with γ, β given as stepped views (``w[::2]`` of a longer tensor;
+    torch has no negative strides, so "flipped" is a flipped copy then stepped), through the torch
+    route; the same K·ε·X tolerance as above (X from the example's conditioning)."""
+    from normref.backends.numba import config
+
+    gen = torch.Generator().manual_seed(hash((name, shape, serial, param_layout)) % 2**31)
+    x0 = torch.randn(shape, dtype=torch.float64, generator=gen) * 2.0 + 0.5
+    x = x0.to(torch.float32)
+    c = shape[-1] if name == "layer_norm_1d" else shape[1]
+
+    def param(scale, shift):
+        v = shift + scale * torch.randn(c, dtype=torch.float32, generator=gen)
+        if param_layout == "contiguous":
+            return v.requires_grad_()
+        # every other element of a NaN buffer twice as long (a kernel reading between them shows)
+        buf = torch.full((2 * c,), float("nan"))
+        buf[::2] = v.flip(0) if param_layout == "flipped_copy_stepped" else v
+        p = buf[::2]
+        assert p.stride() == (2,)
+        return p.requires_grad_()
+
+    w, b = param(0.5, 1.0), param(0.5, 0.0)
+    calls_fn = {
+        "layer_norm_1d": lambda t: nt.layer_norm(t, (c,), w, b),
+        "batch_norm": lambda t: nt.batch_norm(t, None, None, w, b, training=True),
+        "group_norm": lambda t: nt.group_norm(t, 4, w, b),
+        "instance_norm": lambda t: nt.instance_norm(t, weight=w, bias=b),
+    }[name]
+    dy = torch.randn(shape, dtype=torch.float32, generator=gen)
+
+    def run(kernels):
+        xx = x.clone().requires_grad_()
+        with config.thresholds(min_size=1, serial_below=(1 << 62) if serial else 1), \
+                normref.use_kernels(kernels), count_kernels() as calls:
+            y = calls_fn(xx)
+            grads = torch.autograd.grad(y, [xx, w, b], dy)
+        return y.detach(), grads, calls
+
+    y_k, g_k, calls = run(True)
+    assert calls.taken.get("torch.normalize_forward", 0) == 1, calls
+    assert calls.taken.get("torch.normalize_backward", 0) == 1, calls
+    y_f, g_f, _ = run(False)
+    # conditioning from float64 statistics over each statistic's elements
+    if name == "layer_norm_1d":
+        v = x0.reshape(shape[0], -1)
+    elif name == "batch_norm":
+        v = x0.transpose(0, 1).reshape(c, -1)
+    elif name == "group_norm":
+        v = x0.reshape(shape[0] * 4, -1)
+    else:
+        v = x0.reshape(shape[0] * c, -1)
+    s = (v.var(1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    r_max = float((1 / s).max())
+    kc = float(((v - v.mean(1, keepdim=True)).abs() / s).max())
+    X = max(1.0, float(x0.abs().max()) * r_max) + kc * (1 + kc * kc)
+    eps = float(torch.finfo(torch.float32).eps)
+    gmax, umax = float(w.detach().abs().max()), float(dy.abs().max())
+    n_p = x.numel() / c
+    _assert_close(y_k, y_f, K * eps * (gmax * X + float(y_f.abs().max())), "y")
+    _assert_close(g_k[0], g_f[0], K * eps * (r_max * gmax * umax * X * (1 + kc) + float(g_f[0].abs().max())), "dx")
+    _assert_close(g_k[1], g_f[1], K * eps * n_p * umax * X, "dweight")
+    _assert_close(g_k[2], g_f[2], K * eps * n_p * umax, "dbias")
