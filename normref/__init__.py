@@ -59,7 +59,7 @@ from .stiefel import *  # noqa: F401,F403
 from . import decorrelation
 from .decorrelation import decov_penalty
 from . import propagation
-from .propagation import norm_prop
+from .propagation import norm_prop, propagate_moments
 from .online import (OnlineNormGrad, OnlineNormResult, PowerNormGrad, PowerNormResult, online_norm,
                      online_norm_backward, power_norm, power_norm_backward)
 

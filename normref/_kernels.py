@@ -29,6 +29,19 @@ _COUNTERS: contextvars.ContextVar[tuple] = contextvars.ContextVar("normref_kerne
 
 
 def namespace_key(xp) -> str:
+    key = _KEYS.get(id(xp))
+    if key is not None and key[0] is xp:
+        return key[1]
+    k = _namespace_key(xp)
+    _KEYS[id(xp)] = (xp, k)  # namespaces are modules, alive for the process: id is stable
+    return k
+
+
+# namespace → key, by identity (array-api-compat's is_*_namespace probes cost a microsecond a call)
+_KEYS: dict[int, tuple] = {}
+
+
+def _namespace_key(xp) -> str:
     if array_api_compat.is_numpy_namespace(xp):
         return "numpy"
     if array_api_compat.is_cupy_namespace(xp):

@@ -42,6 +42,10 @@ def check_shape(fn: str, name: str, a: Any, expected: Sequence[int], why: str = 
 
 
 def _real(fn: str, name: str, v: Any) -> float:
+    if type(v) is float:  # the common case, without the ABC check below (per-call cost, issue 18)
+        if v != v:
+            raise ValueError(f"{fn}: {name} must be a number, got nan")
+        return v
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{fn}: {name} must be a real number; got {type(v).__name__} {v!r}")
     v = float(v)
@@ -164,6 +168,10 @@ def check_nonnegative_values(fn: str, name: str, xp, a: Any, what: str = "a vari
         raise ValueError(f"{fn}: {name} must be >= 0 everywhere (it is {what}); got {v!r} at index {i}")
 
 
+# smallest normal number per compute dtype (finfo costs a microsecond a call)
+_TINY: dict = {}
+
+
 def check_eps_representable(fn: str, eps: float, xp, dtype: Any, name: str = "eps") -> None:
     """A positive ``eps`` below the compute dtype's smallest *normal* number (float32: 2⁻¹²⁶ ≈ 1.2e-38;
     float64: ≈ 2.2e-308) is refused: it rounds to 0 (below half of float32's smallest subnormal,
@@ -172,7 +180,9 @@ def check_eps_representable(fn: str, eps: float, xp, dtype: Any, name: str = "ep
     a constant input: ``F.group_norm``/``F.batch_norm`` return 0, ``F.layer_norm`` returns NaN), so
     normref raises, naming the dtype."""
     if eps > 0:
-        tiny = float(xp.finfo(dtype).smallest_normal)
+        tiny = _TINY.get(dtype)
+        if tiny is None:
+            tiny = _TINY[dtype] = float(xp.finfo(dtype).smallest_normal)
         if eps < tiny:
             bits = xp.finfo(dtype).bits
             raise ValueError(

@@ -97,9 +97,104 @@ _NP_XP: list = []
 
 
 def _numpy_namespace() -> Any:
+    """The NumPy namespace of the fast path (plain float32/float64 ndarrays): array-api-compat's, with
+    its reductions called as ufunc reductions (:func:`_fast_numpy`)."""
     if not _NP_XP:
-        _NP_XP.append(array_namespace(_np.empty(0)))
+        _NP_XP.append(_fast_numpy(array_namespace(_np.empty(0))))
     return _NP_XP[0]
+
+
+def _fast_numpy(compat: Any) -> Any:
+    """array-api-compat's NumPy namespace, whose ``sum``/``mean``/``max``/``min``/``any``/``all`` on a
+    plain float32/float64 (or bool, for any/all) ndarray call the ufunc reduction directly.
+
+    ``np.sum(x, axis, keepdims=k)`` *is* ``np.add.reduce(x, axis, keepdims=k)`` behind a Python
+    wrapper (``_wrapreduction``, the ``__array_function__`` dispatch) that costs 1–2 µs a call —
+    more than the reduction itself on the small arrays of a per-call budget (issue 18: an 8×16 layer
+    norm takes two sums and an ``any``). The results are the same arrays bit for bit: ``np.mean`` is
+    that sum divided by the count (float32/float64 accumulate in their own dtype), ``np.max``/``np.min``
+    are ``maximum``/``minimum.reduce`` (NaN propagates, an empty reduction raises the same
+    ``ValueError``). Anything else (another dtype, a ``dtype=`` argument, an ndarray subclass) goes to
+    array-api-compat's function unchanged. The module keeps array-api-compat's ``__name__``, so
+    ``array_api_compat.is_numpy_namespace`` recognises it.
+    """
+    import types
+
+    ns = types.ModuleType(compat.__name__, compat.__doc__)
+    ns.__dict__.update({k: v for k, v in vars(compat).items() if k not in ("__name__", "__doc__")})
+    nd, floats = _np.ndarray, _NP_FLOATS
+    add, maximum, minimum = _np.add.reduce, _np.maximum.reduce, _np.minimum.reduce
+    lor, land, booldt = _np.logical_or.reduce, _np.logical_and.reduce, _np.dtype(bool)
+    c_sum, c_mean, c_max, c_min, c_any, c_all = (compat.sum, compat.mean, compat.max, compat.min,
+                                                 compat.any, compat.all)
+
+    def sum(x, /, *, axis=None, dtype=None, keepdims=False):  # noqa: A001 (the array API's name)
+        if dtype is None and type(x) is nd and x.dtype in floats:
+            return add(x, axis=axis, keepdims=keepdims)
+        return c_sum(x, axis=axis, dtype=dtype, keepdims=keepdims)
+
+    def mean(x, /, *, axis=None, keepdims=False):
+        if type(x) is nd and x.dtype in floats:
+            n = x.size if axis is None else math.prod(
+                x.shape[a] for a in ((axis,) if isinstance(axis, int) else axis))
+            if n:  # an empty mean warns and gives NaN in np.mean: left to it
+                return add(x, axis=axis, keepdims=keepdims) / n
+        return c_mean(x, axis=axis, keepdims=keepdims)
+
+    def max(x, /, *, axis=None, keepdims=False):  # noqa: A001
+        if type(x) is nd and x.dtype in floats:
+            return maximum(x, axis=axis, keepdims=keepdims)
+        return c_max(x, axis=axis, keepdims=keepdims)
+
+    def min(x, /, *, axis=None, keepdims=False):  # noqa: A001
+        if type(x) is nd and x.dtype in floats:
+            return minimum(x, axis=axis, keepdims=keepdims)
+        return c_min(x, axis=axis, keepdims=keepdims)
+
+    def any(x, /, *, axis=None, keepdims=False):  # noqa: A001
+        if type(x) is nd and x.dtype == booldt:
+            return lor(x, axis=axis, keepdims=keepdims)
+        return c_any(x, axis=axis, keepdims=keepdims)
+
+    def all(x, /, *, axis=None, keepdims=False):  # noqa: A001
+        if type(x) is nd and x.dtype == booldt:
+            return land(x, axis=axis, keepdims=keepdims)
+        return c_all(x, axis=axis, keepdims=keepdims)
+
+    for f in (sum, mean, max, min, any, all):
+        f.__doc__ = getattr(compat, f.__name__).__doc__
+        setattr(ns, f.__name__, f)
+    return ns
+
+
+_TORCH_FAST: list = []  # (torch.Tensor, its float dtypes, array-api-compat's torch namespace)
+
+
+def _torch_fast(arrays: dict) -> Any:
+    """The torch namespace when every array is a real-floating torch tensor on one device (what the
+    checks of :func:`namespace` would conclude, without probing each array's library), else ``None``
+    (then the full checks run and raise where something is wrong). torch is only looked up in
+    ``sys.modules``: an array can only be a tensor once torch is loaded."""
+    if not _TORCH_FAST:
+        import sys
+
+        torch = sys.modules.get("torch")
+        if torch is None or not hasattr(torch, "Tensor"):
+            return None
+        _TORCH_FAST.append((torch.Tensor, (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+                            array_namespace(torch.empty(0))))
+    tensor, floats, xp = _TORCH_FAST[0]
+    device = None
+    for a in arrays.values():
+        if a is None:
+            continue
+        if not isinstance(a, tensor) or a.dtype not in floats:
+            return None
+        if device is None:
+            device = a.device
+        elif a.device != device:
+            return None
+    return xp if device is not None else None
 
 
 def namespace(fn: str, **arrays: Any) -> Any:
@@ -117,9 +212,19 @@ def namespace(fn: str, **arrays: Any) -> Any:
     ``torch.nn.Parameter`` is a Tensor; JAX tracers are JAX arrays).
     """
     # fast path: only NumPy float32/float64 arrays (the common case; the checks below would all pass)
-    if all(a is None or (type(a) is _np.ndarray and a.dtype in _NP_FLOATS) for a in arrays.values()):
-        if any(a is not None for a in arrays.values()):
-            return _numpy_namespace()
+    seen = False
+    for a in arrays.values():
+        if a is None:
+            continue
+        if type(a) is not _np.ndarray or a.dtype not in _NP_FLOATS:
+            break
+        seen = True
+    else:
+        if seen:
+            return _NP_XP[0] if _NP_XP else _numpy_namespace()
+    xp = _torch_fast(arrays)
+    if xp is not None:
+        return xp
     first_name, first = None, None
     for name, a in arrays.items():
         if a is None:

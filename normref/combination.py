@@ -31,8 +31,8 @@ from ._xp import Array, compute_dtype, namespace, to_compute
 from .distributed import check_reducer
 from .framework import channel_param
 from .registry import Example, Residuals, method
-from .standardization import (NormResult, _check_nbt, _check_training_count, _empty_call, _eps, _factor,
-                              _is_empty, _running_pair)
+from .standardization import (NormResult, _BesselStandardizing, _check_nbt, _check_training_count, _empty_call,
+                              _eps, _factor, _is_empty, _running_pair)
 from .partition import Partition
 
 __all__ = ["switchable_norm", "batch_instance_norm", "adaptive_layer_instance_norm"]
@@ -53,6 +53,17 @@ def _ex_switchable(rng):
     yield Example((x, lm, lv, rng.standard_normal(c), rng.standard_normal(c), rng.standard_normal(c), rng.uniform(0.5, 2, c)),
                   dict(training=False), label="inference (BN statistics from the running ones)")
     yield Example((rng.standard_normal((3, 4, 5)), lm, lv), dict(training=True), label="1-D spatial")
+    yield Example((x, lm, lv, rng.standard_normal(c), rng.standard_normal(c), rng.standard_normal(c), rng.uniform(0.5, 2, c)),
+                  dict(training=True, momentum=0.2, unbiased=True), label="training, unbiased instance variance (the authors' code)")
+    yield Example((x, lm, lv, rng.standard_normal(c), rng.standard_normal(c), rng.standard_normal(c), rng.uniform(0.5, 2, c)),
+                  dict(training=False, unbiased=True), label="inference, unbiased instance variance")
+    x1 = rng.standard_normal((5, 4)) * 1.5 + 0.5
+    l2m, l2v = rng.standard_normal(2), rng.standard_normal(2)
+    for unb in (False, True):
+        yield Example((x1, l2m, l2v, rng.standard_normal(4), rng.standard_normal(4), rng.standard_normal(4), rng.uniform(0.5, 2, 4)),
+                      dict(training=True, momentum=0.2, unbiased=unb), label=f"(N, C): LN + BN, 2 logits (SwitchNorm1d), unbiased={unb}")
+    yield Example((x1, l2m, l2v, rng.standard_normal(4), rng.standard_normal(4), rng.standard_normal(4), rng.uniform(0.5, 2, 4)),
+                  dict(training=False, unbiased=True), label="(N, C): LN + BN inference")
 
 
 @method(
@@ -77,14 +88,35 @@ def switchable_norm(
     *,
     num_batches_tracked: int | None = None,
     sync: Any = None,
+    unbiased: bool = False,
 ) -> Array | NormResult:
     """Switchable normalization: x̂ = (x − Σ_k w_k μ_k)/√(Σ_k v_k σ²_k + ε), k ∈ (IN, LN, BN).
 
     ``mean_weight`` and ``var_weight`` are the 3 logits λ (order IN, LN, BN) whose softmax gives w and
     v; they receive gradients. σ² biased (the paper's equations; its public code uses the unbiased
-    instance variance). The running BN statistics follow :func:`normref.batch_norm` (unbiased
-    variance; ``NormResult`` when training with running statistics); at inference they replace the
-    batch statistics.
+    instance variance, ``unbiased=True``). The running BN statistics follow :func:`normref.batch_norm`
+    (unbiased variance; ``NormResult`` when training with running statistics); at inference they
+    replace the batch statistics.
+
+    A 2-D input ``(N, C)`` is the authors' ``SwitchNorm1d``: LN (over C) and BN (over N) only, with
+    2 logits each (order LN, BN). It is the general form with IN's weights fixed at 0 (each "instance"
+    is one value): w = (0, softmax(λ_μ)), v = (0, softmax(λ_σ)), and the logits' gradient is the
+    2-way softmax backward.
+
+    Conventions. Default: biased variances throughout (the paper's Eqns 1–4) and torch's running
+    state. ``unbiased=True`` follows the authors' code (github.com/switchablenorms/Switchable-Normalization,
+    ``devkit/ops/switchable_norm.py``): with a spatial axis (``SwitchNorm2d/3d``) the instance
+    variance is Σ_M(x − μ_IN)²/(M − 1) and LN, BN are formed from it as that code does,
+    σ²_LN = mean_c(σ²_IN + μ²_IN) − μ²_LN (likewise BN over n), i.e.
+    σ²_k = σ²_k,biased + (M/(M − 1) − 1)·mean_k(σ²_IN,biased); for ``(N, C)`` (``SwitchNorm1d``) the LN
+    and BN variances are each unbiased (C/(C − 1), N/(N − 1)). The running variance is torch's
+    unbiased BN batch variance in both (the authors' code instead averages its σ²_BN, with momentum as
+    the weight of the *old* value: pass ``momentum = 1 − theirs``). Not offered with ``sync``.
+
+    Backward with the conventions: ∂σ²_k/∂x = (2/n_k)·(λ_k·(x − μ_k) + (κ − 1)·(x − μ_IN)), λ_k the
+    whole-variance factor (1, or the 1-D C/(C − 1), N/(N − 1)) and κ = M/(M − 1) with a spatial axis
+    and ``unbiased`` (else 1); dx gains (κ − 1)·2(x − μ_IN)·(v_IN·b/M + v_LN·R_LN(b)/(C·M) +
+    v_BN·R_BN(b)/(N·M)) and the λ_k scale the v_k·R_k(b) terms (b as in the module docstring).
 
     ``sync`` (a reducer, :mod:`normref.distributed`): the BN statistics μ_BN, σ²_BN over every rank's
     batch (IN and LN are per sample, local); the same running statistics on every rank. Per step:
@@ -96,10 +128,10 @@ def switchable_norm(
     ----------
     input : array, shape ``(N, C, *spatial)``
         The input.
-    mean_weight : array, shape ``(3,)``
-        The logits of the means (IN, LN, BN).
-    var_weight : array, shape ``(3,)``
-        The logits of the variances (IN, LN, BN).
+    mean_weight : array, shape ``(3,)`` (``(2,)`` for an ``(N, C)`` input)
+        The logits of the means (IN, LN, BN), or (LN, BN) for ``(N, C)``.
+    var_weight : array, shape ``(3,)`` (``(2,)`` for an ``(N, C)`` input)
+        The logits of the variances, as ``mean_weight``.
     weight : array or None, shape ``(C,)``, default None
         γ (``None``: 1).
     bias : array or None, shape ``(C,)``, default None
@@ -118,6 +150,8 @@ def switchable_norm(
         Batches seen before this one (needed with ``momentum=None``).
     sync : reducer or None, default None
         A reducer (see above).
+    unbiased : bool, default False
+        The authors' code's unbiased variances (see Conventions above).
 
     Returns
     -------
@@ -137,9 +171,11 @@ def switchable_norm(
     fn = "switchable_norm"
     xp = namespace(fn, input=input, mean_weight=mean_weight, var_weight=var_weight, weight=weight, bias=bias,
                    running_mean=running_mean, running_var=running_var)
-    check_ndim(fn, "input", input, min_ndim=3, what="(N, C, *spatial) with at least one spatial axis")
-    check_shape(fn, "mean_weight", mean_weight, (3,), "logits for IN, LN, BN")
-    check_shape(fn, "var_weight", var_weight, (3,), "logits for IN, LN, BN")
+    check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial), or (N, C) for LN + BN")
+    one_d = input.ndim == 2  # SwitchNorm1d: LN + BN, two logits
+    k, why = (2, "logits for LN, BN (an (N, C) input)") if one_d else (3, "logits for IN, LN, BN")
+    check_shape(fn, "mean_weight", mean_weight, (k,), why)
+    check_shape(fn, "var_weight", var_weight, (k,), why)
     c = input.shape[1]
     for name, a in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         check_shape(fn, name, a, (c,), f"one value per channel, input.shape[1] = {c}")
@@ -150,9 +186,20 @@ def switchable_norm(
     _running_pair(fn, running_mean, running_var)
     check_nonnegative_values(fn, "running_var", xp, running_var)
     sync = check_reducer(fn, sync) if training else check_reducer(fn, sync) and None  # unused in inference
+    unbiased = check_bool(fn, "unbiased", unbiased)
     shape = tuple(input.shape)
+    if unbiased and sync is not None:
+        raise ValueError(f"{fn}: unbiased=True has no synchronized form (its BN variance needs the global mean "
+                         f"of the instance variances, or the global count as a constant); got sync={sync!r}")
+    if unbiased and not _is_empty(shape):
+        cnt, what = (c, "channels (C - 1)") if one_d else (Partition("instance").count(shape), "values per instance (M - 1)")
+        if cnt < 2:
+            raise ValueError(f"{fn}: unbiased=True divides by the {what} and needs at least 2; got input of shape {shape}")
     if training:
-        _check_training_count(fn, Partition("instance"), shape)
+        if not one_d:
+            _check_training_count(fn, Partition("instance"), shape)
+        elif sync is None:
+            _check_training_count(fn, Partition("batch"), shape)
         f = _factor(fn, momentum, num_batches_tracked) if running_mean is not None else None
     elif running_mean is None:
         raise ValueError(f"{fn}: running_mean and running_var are required when training=False; got None")
@@ -166,6 +213,8 @@ def switchable_norm(
     x = xp.reshape(to_compute(xp, input, cd), (n, c, m))
     w = _softmax(xp, to_compute(xp, mean_weight, cd))
     v = _softmax(xp, to_compute(xp, var_weight, cd))
+    if one_d:  # IN's weights 0 (m = 1: μ_IN = x, σ²_IN = 0), the general form below does LN + BN
+        w, v = xp.concat([xp.zeros_like(w[:1]), w]), xp.concat([xp.zeros_like(v[:1]), v])
     mu_in = xp.mean(x, axis=2, keepdims=True)
     var_in = xp.mean((x - mu_in) ** 2, axis=2, keepdims=True)
     mu_ln = xp.mean(mu_in, axis=1, keepdims=True)
@@ -182,6 +231,19 @@ def switchable_norm(
     else:
         mu_bn = xp.reshape(to_compute(xp, running_mean, cd), (1, c, 1))
         var_bn = xp.reshape(to_compute(xp, running_var, cd), (1, c, 1))
+    var_bn_biased = var_bn  # the running variance's source (torch's unbiased update below)
+    # the authors' conventions (unbiased): σ²_k ← λ_k·σ²_k + (κ − 1)·mean_k(σ²_IN); lam = (λ_LN, λ_BN)
+    lam, kap1 = (1.0, 1.0), 0.0
+    if unbiased and one_d:
+        lam = (c / (c - 1), n / (n - 1) if training else 1.0)  # python floats (static); no sync here
+        var_ln = var_ln * lam[0]
+        var_bn = var_bn * lam[1] if training else var_bn
+    elif unbiased:
+        kap1 = 1.0 / (m - 1)  # M/(M − 1) − 1
+        if training:
+            var_bn = var_bn + kap1 * xp.mean(var_in, axis=0, keepdims=True)
+        var_ln = var_ln + kap1 * xp.mean(var_in, axis=1, keepdims=True)
+        var_in = var_in * (1.0 + kap1)
     mu = w[0] * mu_in + w[1] * mu_ln + w[2] * mu_bn
     var = v[0] * var_in + v[1] * var_ln + v[2] * var_bn
     if concrete_any(xp, xp.isinf(var)):
@@ -202,13 +264,13 @@ def switchable_norm(
         y = xp.astype(y, input.dtype)
     res = Residuals(
         (x, xhat, s, w, v, mu_in, mu_ln, mu_bn, var_in, var_ln, var_bn, gamma) + (() if count is None else (count,)),
-        (shape, bool(training), beta is not None, sync),
+        (shape, bool(training), beta is not None, sync, lam, kap1),
     )
     if training and running_mean is not None:
         assert f is not None  # the factor is set whenever running_mean is given (for the type checker)
         nb = n * m if count is None else count  # the global count when synchronized
         rm = (1.0 - f) * to_compute(xp, running_mean, cd) + f * xp.reshape(mu_bn, (c,))
-        rv = (1.0 - f) * to_compute(xp, running_var, cd) + f * xp.reshape(var_bn, (c,)) * (nb / (nb - 1))
+        rv = (1.0 - f) * to_compute(xp, running_var, cd) + f * xp.reshape(var_bn_biased, (c,)) * (nb / (nb - 1))
         return NormResult(y, xp.astype(rm, running_mean.dtype), xp.astype(rv, running_var.dtype)), res
     return y, res
 
@@ -216,7 +278,7 @@ def switchable_norm(
 @switchable_norm.defbackward
 def _switchable_backward(res: Residuals, g):
     x, xhat, s, w, v, mu_in, mu_ln, mu_bn, var_in, var_ln, var_bn, gamma = res.arrays[:12]
-    shape, training, has_beta, sync = res.static
+    shape, training, has_beta, sync, lam, kap1 = res.static
     xp = namespace("switchable_norm.backward", cotangent=g)
     g = to_compute(xp, g, x.dtype)
     n, c, m = x.shape
@@ -231,23 +293,33 @@ def _switchable_backward(res: Residuals, g):
     b = -0.5 * xp.sum(gh * xh, axis=2, keepdims=True) * s * s  # ∂L/∂σ² per (n, c)
     # R_k: sum over partition k's group, broadcast back; n_k its element count
     a_ln, b_ln = xp.sum(a, axis=1, keepdims=True), xp.sum(b, axis=1, keepdims=True)
+    # conventions (forward): σ²_LN, σ²_BN scaled by λ = lam, and with κ − 1 = kap1 ≠ 0 each σ²_k gains
+    # (κ − 1)·mean_k(σ²_IN,biased): ∂σ²_k/∂x = (2/n_k)·(λ_k·(x − μ_k) + (κ − 1)·(x − μ_IN)); λ_IN = κ
+    # is written as 1 + (κ − 1), so the (κ − 1) parts of all three collect into one term below
     dx = gh * s + w[0] * a / m + v[0] * b * 2.0 * (x - mu_in) / m
-    dx = dx + w[1] * a_ln / (c * m) + v[1] * b_ln * 2.0 * (x - mu_ln) / (c * m)
+    dx = dx + w[1] * a_ln / (c * m) + v[1] * b_ln * (2.0 * lam[0]) * (x - mu_ln) / (c * m)
+    bsum = v[0] * b / m + v[1] * b_ln / (c * m) if kap1 else None
     if training and sync is not None:
         from .operation import synced_sums
 
         # R_BN spans the ranks: one all_reduce_sum of [Σ_n a, Σ_n b] (2C values), n_BN the global count
         a_bn, b_bn = synced_sums(xp, (a, b), (0,), sync)
         nb = res.arrays[12]
-        dx = dx + w[2] * a_bn / nb + v[2] * b_bn * 2.0 * (x - mu_bn) / nb
+        dx = dx + w[2] * a_bn / nb + v[2] * b_bn * (2.0 * lam[1]) * (x - mu_bn) / nb
     elif training:  # at inference the BN statistics are constants
         a_bn, b_bn = xp.sum(a, axis=0, keepdims=True), xp.sum(b, axis=0, keepdims=True)
-        dx = dx + w[2] * a_bn / (n * m) + v[2] * b_bn * 2.0 * (x - mu_bn) / (n * m)
-    # softmax backward: dλ = w ∘ (p − ⟨w, p⟩)
+        dx = dx + w[2] * a_bn / (n * m) + v[2] * b_bn * (2.0 * lam[1]) * (x - mu_bn) / (n * m)
+        if kap1:
+            bsum = bsum + v[2] * b_bn / (n * m)
+    if kap1:
+        dx = dx + (2.0 * kap1) * (x - mu_in) * bsum
+    # softmax backward: dλ = w ∘ (p − ⟨w, p⟩); for (N, C) w = (0, w_LN, w_BN): the 2-way softmax's
     p = xp.stack([xp.sum(a * mu_in), xp.sum(a * mu_ln), xp.sum(a * mu_bn)])
     q = xp.stack([xp.sum(b * var_in), xp.sum(b * var_ln), xp.sum(b * var_bn)])
     dlm = w * (p - xp.sum(w * p))
     dlv = v * (q - xp.sum(v * q))
+    if len(shape) == 2:
+        dlm, dlv = dlm[1:], dlv[1:]
     return xp.reshape(dx, shape), dlm, dlv, dgamma, dbeta, None, None
 
 
@@ -448,6 +520,8 @@ def _ex_adalin(rng):
     yield Example((x, rho, rng.standard_normal(c), rng.standard_normal(c)), {}, label="per-channel γ, β")
     yield Example((x, rho, rng.standard_normal((3, c, 1, 1)), rng.standard_normal((3, c, 1, 1))), {},
                   label="generated γ, β per sample (U-GAT-IT)")
+    yield Example((x, rho, rng.standard_normal((3, c, 1, 1)), rng.standard_normal((3, c, 1, 1))), dict(unbiased=True),
+                  label="generated γ, β, unbiased variances (the authors' torch.var)")
 
 
 @method(
@@ -457,10 +531,14 @@ def _ex_adalin(rng):
     paper="Kim et al., U-GAT-IT, ICLR 2020",
     examples=_ex_adalin,
 )
-def adaptive_layer_instance_norm(input: Any, rho: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) -> Array:
+def adaptive_layer_instance_norm(input: Any, rho: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5,
+                                 *, unbiased: bool = False) -> Array:
     """AdaLIN: y = γ·(ρ·x̂_IN + (1 − ρ)·x̂_LN) + β, ρ ∈ [0, 1] per channel.
 
-    Both γ, β receive gradients, as does ρ. Variances biased (the paper's equation).
+    Both γ, β receive gradients, as does ρ. Variances biased (the paper's equation); with
+    ``unbiased=True`` both the instance and the layer variance are Σ(x − μ)²/(n − 1) over their n
+    elements, ε inside the root, as in the authors' PyTorch code (``torch.var`` in ``adaILN``/``ILN``,
+    github.com/znxlwm/UGATIT-pytorch ``networks.py``).
 
     Parameters
     ----------
@@ -475,6 +553,9 @@ def adaptive_layer_instance_norm(input: Any, rho: Any, weight: Any = None, bias:
         β, as ``weight``.
     eps : float, default 1e-5
         ε, added to the variances.
+    unbiased : bool, default False
+        Bessel-corrected variances in both branches. The backward composes each branch's
+        unbiased-standardizing backward, r·(g − mean(g) − x̂·mean(g·x̂)·n/(n − 1)).
 
     Returns
     -------
@@ -484,6 +565,9 @@ def adaptive_layer_instance_norm(input: Any, rho: Any, weight: Any = None, bias:
     Notes
     -----
     Survey §5.1.3 and §5.2 (AdaLIN, for image-to-image translation).
+
+    Conventions: biased variances (the paper's Eqn 1) are the default; ``unbiased=True`` gives the
+    authors' code's ``torch.var`` (unbiased) in both the IN and the LN branch.
 
     References
     ----------
@@ -508,6 +592,7 @@ def adaptive_layer_instance_norm(input: Any, rho: Any, weight: Any = None, bias:
         else:
             check_broadcastable(fn, name, a, shape)
     eps = _eps(fn, xp, input, eps)
+    unbiased = check_bool(fn, "unbiased", unbiased)
     _check_training_count(fn, Partition("instance"), shape)
     if _is_empty(shape):
         return _empty_call(xp, input, (input, rho, weight, bias))
@@ -520,7 +605,10 @@ def adaptive_layer_instance_norm(input: Any, rho: Any, weight: Any = None, bias:
     if per_channel.get("bias"):
         beta_b = channel_param(xp, beta_b, nd)
     parts = (Partition("instance"), Partition("layer", normalized_ndim=nd - 1))
-    ops = (_op.Standardizing(eps), _op.Standardizing(eps))
+    # unbiased: both branches Bessel-corrected (standardization._BesselStandardizing; the instance count
+    # is ≥ 2, checked above, so the layer count C·M is too)
+    std = _BesselStandardizing if unbiased else _op.Standardizing
+    ops = (std(eps), std(eps))
     y, (ra, rb), _, _ = _mixture_forward(xp, x, parts, ops, rho_b, gamma_b, beta_b)
     res = Residuals(tuple(ra) + tuple(rb) + (rho_b, gamma_b),
                     (parts, ops, shape, len(ra),

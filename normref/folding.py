@@ -124,9 +124,19 @@ def _per_channel(fn: str, name: str, a: dict) -> NormAffine:
             raise ValueError(f"{fn}: {spread} must be nonnegative (a population spread); it has negative entries")
         if rule == "lp":
             from .operation import LpStandardizing
+            from .standardization import _lp_divisor
 
-            k = LpStandardizing(p=check_p(fn, a["p"]), l1_factor=check_bool(fn, "l1_factor", a["l1_factor"])).c
-            den = k * s + eps
+            p = check_p(fn, a["p"])
+            k = LpStandardizing(p=p, l1_factor=check_bool(fn, "l1_factor", a["l1_factor"])).c
+            kind = a.get("running_scale_kind", "deviation")
+            if kind == "reciprocal":  # running_scale holds 1/s itself (c and ε included)
+                den = 1.0 / s
+            elif kind == "deviation":  # s = k·σ̂_p + ε, or ((k·σ̂_p)^p + ε)^{1/p} with ε inside
+                den = _lp_divisor(xp, s, p, k, eps, a.get("eps_placement", "outside") == "inside")
+            else:
+                raise ValueError(f"{fn}: running_scale_kind must be 'deviation' or 'reciprocal'; got {kind!r}")
+        elif name == "batch_renorm" and a.get("running_stat", "var") == "std":
+            den = s  # Algorithm 1's running σ (ε already inside it)
         else:
             den = xp.sqrt(s + eps)
         if concrete_any(xp, den == 0):
@@ -181,13 +191,23 @@ def _whitening_affine(fn: str, name: str, a: dict) -> NormAffine:
             coupled = check_bool(fn, "coupled", coupled)
         stable = coupled if coupled is not None else iterations > _wh.ITERNORM_STABLE_T
         meth = "newton_schulz" if stable else "iternorm"
-    _wh._warn_unstable(fn, meth, iterations)
     cd = compute_dtype(xp, rm.dtype)
-    cov = to_compute(xp, rc, cd)
-    sigma = cov + eps * _mf.eye_like(xp, cov)  # as the inference call forms it: Σ̂ + ε·I
-    w, _ = _wh._operator(fn, xp, sigma, meth, iterations, eps, "running_cov")  # the method's checks too
-    if meth == "cholesky":  # the operator is the factor L; W = L^-1
-        w = _mf.triangular_inverse(xp, w)
+    running = a.get("running", "covariance")
+    if running == "whitening_matrix":
+        # running="whitening_matrix" (DBN/IterNorm authors' rule): running_cov holds the running
+        # whitening matrix Ŵ itself, and the inference call is (x − μ̂)·Ŵ: A = Ŵ, no ε, no iteration
+        w = to_compute(xp, rc, cd)
+    elif running != "covariance":
+        raise ValueError(f"{fn}: running must be one of {_wh.RUNNING_STATES}; got {running!r}")
+    else:
+        _wh._warn_unstable(fn, meth, iterations)
+        cov = to_compute(xp, rc, cd)
+        if a.get("shrinkage"):  # whitening_coloring(shrinkage=True) at inference: (1 − ε)·Σ̂ + ε·I
+            cov = (1.0 - eps) * cov
+        sigma = cov + eps * _mf.eye_like(xp, cov)  # as the inference call forms it: Σ̂ + ε·I
+        w, _ = _wh._operator(fn, xp, sigma, meth, iterations, eps, "running_cov")  # the method's checks too
+        if meth == "cholesky":  # the operator is the factor L; W = L^-1
+            w = _mf.triangular_inverse(xp, w)
     if weight is not None:
         w = xp.matmul(to_compute(xp, weight, cd), w) if coloring else xp.reshape(to_compute(xp, weight, cd), (g, gs, 1)) * w
     shift = -xp.reshape(xp.matmul(w, xp.reshape(to_compute(xp, rm, cd), (g, gs, 1))), (c,))

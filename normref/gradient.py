@@ -11,7 +11,8 @@ optimizer, a meta-gradient) like any other method:
 - block-wise normalization (Yu et al. 2017): g̃ = s·g/max(‖g‖, ε), s = 1 or ‖w‖ (``ratio=True``);
   for ‖g‖ > ε, dg = s·(c − ĝ·⟨ĝ, c⟩)/‖g‖ and, with the ratio, dw = ⟨c, ĝ⟩·w/‖w‖.
 - LARS (You et al. 2017): λ = η·‖w‖/(‖g‖ + β·‖w‖ + ε), g̃ = λ·(g + β·w);
-  ∂λ/∂w = η·(‖g‖ + ε)·ŵ/D², ∂λ/∂g = −η·‖w‖·ĝ/D² with D the denominator.
+  ∂λ/∂w = η·(‖g‖ + ε)·ŵ/D², ∂λ/∂g = −η·‖w‖·ĝ/D² with D the denominator. ``variant`` gives NVIDIA
+  apex's LARC (scale and clip modes) and the Barlow Twins/BYOL form η·‖w‖/‖g + β·w‖.
 - gradient centralization (Yong et al. 2020): g̃_i = g_i − mean(g_i) over each output neuron's fan-in;
   linear, so dg = c − mean(c) (the centering operation of :mod:`normref.operation`).
 
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as _np
 
 from . import operation as _op
-from ._validate import check_bool, check_nonnegative, check_positive
+from ._validate import check_bool, check_choice, check_nonnegative, check_positive
 from ._xp import compute_dtype, device_of, namespace, to_compute, to_numpy
 from .registry import REGISTRY, Example, Invariant, Method, Residuals
 
@@ -193,29 +194,80 @@ block_gradient_norm.defbackward(_block_backward)
 # LARS
 
 
+LARS_VARIANTS = ("lars", "larc_scale", "larc_clip", "barlow_twins")
+
+
 def _ex_lars(rng):
     for shape in [(4, 3), (3, 2, 2, 2), (6,)]:
         w, g = rng.standard_normal(shape), rng.standard_normal(shape) * 0.05
         yield Example((w, g), {}, label=f"{shape} defaults")
         yield Example((w, g), dict(eta=0.02, weight_decay=5e-4, eps=1e-6), label=f"{shape} weight decay")
+    w, g = rng.standard_normal((4, 3)), rng.standard_normal((4, 3)) * 0.05
+    yield Example((w, g), dict(variant="larc_scale", eta=0.02, weight_decay=5e-4), label="(4, 3) LARC scale")
+    # λ ≈ 0.02·‖w‖/(0.05·‖w‖) ≈ 0.4: lr = 0.8 leaves it unclipped (ratio λ/lr), lr = 0.1 clips it (ratio 1)
+    yield Example((w, g), dict(variant="larc_clip", eta=0.02, weight_decay=5e-4, lr=0.8), label="(4, 3) LARC clip, not clipped")
+    yield Example((w, g), dict(variant="larc_clip", eta=0.02, weight_decay=5e-4, lr=0.1), label="(4, 3) LARC clip, clipped")
+    yield Example((w, g), dict(variant="barlow_twins", weight_decay=1e-2, eps=0.0), label="(4, 3) Barlow Twins / BYOL")
+    # (the zero-norm rule is a jump, where finite differences mean nothing: tests/test_conventions_weight.py
+    # checks it directly)
+
+
+def _lars_ratio_np(w, g, variant, eta, wd, eps, lr):
+    """(ratio, base): the variant's output is ratio·base (NumPy float64, the docstring's table)."""
+    nw, ng = _np.linalg.norm(w), _np.linalg.norm(g)
+    u = g + wd * w
+    if variant == "barlow_twins":
+        nu = _np.linalg.norm(u)
+        return (eta * nw / (nu + eps) if nw > 0 and nu > 0 else 1.0), u
+    if not (nw > 0 and ng > 0):
+        return 1.0, (u if variant == "lars" else g)
+    lam = eta * nw / (ng + wd * nw + eps)
+    return (min(lam / lr, 1.0) if variant == "larc_clip" else lam), u
 
 
 def _lars_formula(m, xp, out, args, kwargs):
-    """g̃ = λ·(g + β·w), λ = η·‖w‖/(‖g‖ + β·‖w‖ + ε) when both norms are positive, else 1."""
+    """g̃ = ratio·base as in the docstring's table (λ = η·‖w‖/(‖g‖ + β·‖w‖ + ε) for LARS and LARC)."""
     w, g, y = _f64(args[0]), _f64(args[1]), _f64(out)
     eta, wd, eps = kwargs.get("eta", 1e-3), kwargs.get("weight_decay", 0.0), kwargs.get("eps", 1e-8)
-    nw, ng = _np.linalg.norm(w), _np.linalg.norm(g)
-    lam = eta * nw / (ng + wd * nw + eps) if nw > 0 and ng > 0 else 1.0
-    ref = lam * (g + wd * w)
+    lam, base = _lars_ratio_np(w, g, kwargs.get("variant", "lars"), eta, wd, eps, kwargs.get("lr"))
+    ref = lam * base
     return float(_np.max(_np.abs(y - ref))) / max(1e-300, float(_np.max(_np.abs(ref))) or 1.0)
 
 
-def _lars_forward(weight: Any, grad: Any, eta: float = 1e-3, weight_decay: float = 0.0, eps: float = 1e-8) -> Any:
+def _lars_forward(weight: Any, grad: Any, eta: float = 1e-3, weight_decay: float = 0.0, eps: float = 1e-8,
+                  variant: str = "lars", lr: float | None = None) -> Any:
     """LARS: the layer-wise trust ratio λ = η·‖w‖/(‖g‖ + β·‖w‖ + ε) applied to g + β·w (β = weight decay).
 
     The result λ·(g + β·w) is the update direction before the global learning rate and momentum
     (You et al. 2017, Algorithm 1). Where ‖w‖ = 0 or ‖g‖ = 0 the ratio is 1 (the convention of NVIDIA's
     LARC and timm's ``Lars``: the paper's formula would freeze a zero-initialized layer forever).
+
+    ``variant`` selects one of the published forms (u = g + β·w; "inactive": a zero norm):
+
+    ==================  ======================================  ==========================
+    variant             result                                  inactive (ratio 1)
+    ==================  ======================================  ==========================
+    ``"lars"``          λ·u                                     u   (‖w‖ = 0 or ‖g‖ = 0)
+    ``"larc_scale"``    λ·u (apex ``LARC(clip=False)``)         g   (‖w‖ = 0 or ‖g‖ = 0)
+    ``"larc_clip"``     min(λ/lr, 1)·u (apex ``LARC``)          g   (‖w‖ = 0 or ‖g‖ = 0)
+    ``"barlow_twins"``  η·‖w‖/(‖u‖ + ε)·u                       u   (‖w‖ = 0 or ‖u‖ = 0)
+    ==================  ======================================  ==========================
+
+    NVIDIA apex's ``LARC`` takes the weight decay out of the wrapped optimizer and adds β·w only where
+    both norms are positive, so an inactive layer passes g through unchanged (no decay): the
+    ``larc_*`` variants do the same. In clip mode the optimizer then multiplies by lr, so the step is
+    lr·min(λ/lr, 1)·u = min(λ, lr)·u: the local rate never exceeds the global one. The LARS of the
+    Barlow Twins and BYOL code (facebookresearch/barlowtwins) takes the norm of the decayed update u
+    rather than of g, with no ε (pass ``eps=0`` for it exactly; their η = 0.001 is the default here).
+
+    Backward (c the cotangent, ŵ = w/‖w‖, ĝ = g/‖g‖, û = u/‖u‖, D = ‖g‖ + β‖w‖ + ε):
+
+    - λ·u: dw = λ·β·c + ⟨c, u⟩·∂λ/∂w, dg = λ·c + ⟨c, u⟩·∂λ/∂g, with ∂λ/∂w = η·(‖g‖ + ε)·ŵ/D²,
+      ∂λ/∂g = −η·‖w‖·ĝ/D².
+    - clip: ρ = min(λ/lr, 1); where λ < lr, ∂ρ = ∂λ/lr, where λ ≥ lr, ρ = 1 is locally constant
+      (∂ρ = 0; at λ = lr exactly, the one-sided derivative of the constant branch).
+    - Barlow Twins: q = η‖w‖/E, E = ‖u‖ + ε; ∂q/∂w = η·ŵ/E − η‖w‖·β·û/E², ∂q/∂g = −η‖w‖·û/E².
+    - inactive: the ratio is constant 1: dg = c, dw = β·c where u is passed, 0 where g is.
 
     Parameters
     ----------
@@ -224,29 +276,45 @@ def _lars_forward(weight: Any, grad: Any, eta: float = 1e-3, weight_decay: float
     grad : array
         Its gradient g.
     eta : float, default 0.001
-        η, the trust coefficient.
+        η, the trust coefficient (apex's ``trust_coefficient``, 0.02 there).
     weight_decay : float, default 0.0
         β.
     eps : float, default 1e-8
         ε, added to the denominator.
+    variant : str, default "lars"
+        ``"lars"``, ``"larc_scale"``, ``"larc_clip"`` or ``"barlow_twins"`` (the table above).
+    lr : float or None, default None
+        The global learning rate, required by ``"larc_clip"`` (and only there).
 
     Returns
     -------
     out : array or tuple of array
-        λ·(g + β·w), grad's shape.
+        The variant's result (λ·(g + β·w) by default), grad's shape.
 
     Notes
     -----
     Survey §7 (normalizing gradients). Called with two sequences (one weight and one gradient per
     layer; ``weight=None`` for all) the method maps over the layers and returns a tuple;
-    ``forward``/``backward``/:func:`normref.vjp` take one layer.
+    ``forward``/``backward``/:func:`normref.vjp` take one layer. Conventions: the paper's Algorithm 1
+    is the default (with the zero-norm rule above); LARC and the Barlow Twins/BYOL form by
+    ``variant``. torch has no LARS.
 
     References
     ----------
     .. [1] Y. You, I. Gitman and B. Ginsburg, "Large Batch Training of Convolutional Networks",
        arXiv:1708.03888, 2017 (Algorithm 1).
+    .. [2] NVIDIA apex, ``apex.parallel.LARC``.
+    .. [3] J. Zbontar, L. Jing, I. Misra, Y. LeCun and S. Deny, "Barlow Twins: Self-Supervised Learning
+       via Redundancy Reduction", ICML 2021 (their LARS optimizer).
     """
     fn = "lars"
+    variant = check_choice(fn, "variant", variant, LARS_VARIANTS)
+    if variant == "larc_clip":
+        if lr is None:
+            raise TypeError(f"{fn}: variant='larc_clip' needs lr, the global learning rate (a number > 0); got None")
+        lr = check_positive(fn, "lr", lr)
+    elif lr is not None:
+        raise ValueError(f"{fn}: lr is used by variant='larc_clip' only; got lr={lr!r} with variant={variant!r}")
     xp = _check_pair(fn, weight, grad, need_weight=True)
     eta = check_positive(fn, "eta", eta)
     wd = check_nonnegative(fn, "weight_decay", weight_decay)
@@ -254,29 +322,62 @@ def _lars_forward(weight: Any, grad: Any, eta: float = 1e-3, weight_decay: float
     cd = compute_dtype(xp, grad.dtype)
     w, g = to_compute(xp, weight, cd), to_compute(xp, grad, cd)
     nw, ng = _norm(xp, w), _norm(xp, g)
+    u = g + wd * w
+    one = xp.ones_like(nw)
+    if variant == "barlow_twins":
+        nu = _norm(xp, u)
+        active = xp.logical_and(nw > 0, nu > 0)
+        den = xp.where(active, nu + eps, one)  # E = ‖u‖ + ε
+        lam = xp.where(active, eta * nw / den, one)
+        y = lam * u
+        return _out(xp, y, grad.dtype), Residuals((w, g, nw, nu, den, lam, u, active), (variant, eta, wd, eps, None))
     active = xp.logical_and(nw > 0, ng > 0)
     den = ng + wd * nw + eps
-    den = xp.where(active, den, xp.ones_like(den))  # never divide by 0 (λ = 1 there anyway)
-    lam = xp.where(active, eta * nw / den, xp.ones_like(den))
-    u = g + wd * w
-    return _out(xp, lam * u, grad.dtype), Residuals((w, g, nw, ng, den, lam, u, active), (eta, wd, eps))
+    den = xp.where(active, den, one)  # never divide by 0 (λ = 1 there anyway)
+    lam = xp.where(active, eta * nw / den, one)
+    if variant == "larc_clip":
+        lam = xp.where(lam < lr, lam / lr, one)  # min(λ/lr, 1); inactive: λ = 1 → ratio 1 unless lr > 1
+        lam = xp.where(active, lam, one)
+    if variant == "lars":
+        y = lam * u
+    else:  # apex: g + β·w only where active, g unchanged elsewhere
+        y = xp.where(active, lam * u, g)
+    return _out(xp, y, grad.dtype), Residuals((w, g, nw, ng, den, lam, u, active), (variant, eta, wd, eps, lr))
 
 
 def _lars_backward(res, c):
     w, g, nw, ng, den, lam, u, active = res.arrays
-    eta, wd, eps = res.static
+    variant, eta, wd, eps, lr = res.static
     xp = namespace("lars.backward", cotangent=c)
     c = to_compute(xp, c, w.dtype)
     cu = xp.sum(c * u)  # ⟨c, ∂(λ·u)/∂λ⟩
     one = xp.ones_like(nw)
+    zero = xp.zeros_like(nw)
     what = w / xp.where(nw > 0, nw, one)
+    if variant == "barlow_twins":
+        # q = η‖w‖/E, E = ‖u‖ + ε, u = g + βw (here ng holds ‖u‖): ∂q/∂u = −η‖w‖·û/E², ∂q/∂w|_u = η·ŵ/E;
+        # ∂u/∂g = I, ∂u/∂w = βI, so ∂q/∂g = −η‖w‖·û/E² and ∂q/∂w = η·ŵ/E + β·∂q/∂g.
+        uhat = u / xp.where(ng > 0, ng, one)
+        dq_u = xp.where(active, -eta * nw / (den * den), zero)
+        dq_w = xp.where(active, eta / den, zero)
+        dg = lam * c + cu * dq_u * uhat
+        dw = wd * dg + cu * dq_w * what
+        return dw, dg
     ghat = g / xp.where(ng > 0, ng, one)
     # λ = η·‖w‖/D, D = ‖g‖ + β‖w‖ + ε: ∂λ/∂w = η·ŵ·(D − β‖w‖)/D² = η·ŵ·(‖g‖ + ε)/D², ∂λ/∂g = −η‖w‖·ĝ/D².
-    zero = xp.zeros_like(nw)
-    dlam_w = xp.where(active, eta * (ng + eps) / (den * den), zero)
-    dlam_g = xp.where(active, -eta * nw / (den * den), zero)
+    live = active
+    scale = 1.0
+    if variant == "larc_clip":
+        # ρ = min(λ/lr, 1): ∂ρ = ∂λ/lr on the unclipped branch (λ/lr < 1), 0 where clipped
+        live = xp.logical_and(active, lam < 1.0)
+        scale = 1.0 / lr
+    dlam_w = xp.where(live, scale * eta * (ng + eps) / (den * den), zero)
+    dlam_g = xp.where(live, -scale * eta * nw / (den * den), zero)
     dw = lam * wd * c + cu * dlam_w * what
     dg = lam * c + cu * dlam_g * ghat
+    if variant != "lars":  # inactive layers pass g through: dg = c, dw = 0
+        dw = xp.where(active, dw, xp.zeros_like(dw))
+        dg = xp.where(active, dg, c)
     return dw, dg
 
 

@@ -36,11 +36,14 @@ _FLAGS = ("training", "use_input_stats")
 # (instance norm's average of per-sample moments, Lp deviations, batch-group statistics, the streaming
 # states of online methods) take the "average" estimator, which is defined for every method.
 _POOLED = {
-    "batch_norm": None, "batch_renorm": None, "ghost_batch_norm": None, "mean_only_batch_norm": None,
-    "switchable_norm": None, "batch_instance_norm": None, "decorrelated_batch_norm": None, "iter_norm": None,
-    "whitening_coloring": None, "batch_normalize": ("partition", "batch"), "batch_whitening": ("partition", "batch"),
-    "blended_batch_norm": None, "population_norm": None, "prong_whitening": None, "memorized_batch_norm": None,
-    "cross_iteration_batch_norm": None, "moving_average_batch_norm": None, "power_norm": None,
+    "batch_norm": (), "ghost_batch_norm": (), "mean_only_batch_norm": (),
+    "switchable_norm": (), "batch_instance_norm": (), "whitening_coloring": (),
+    # the state must hold batch moments: not Algorithm 1's running σ, not a running whitening matrix
+    "batch_renorm": (("running_stat", "var"),),
+    "decorrelated_batch_norm": (("running", "covariance"),), "iter_norm": (("running", "covariance"),),
+    "batch_normalize": (("partition", "batch"),), "batch_whitening": (("partition", "batch"),),
+    "blended_batch_norm": (), "population_norm": (), "prong_whitening": (), "memorized_batch_norm": (),
+    "cross_iteration_batch_norm": (), "moving_average_batch_norm": (), "power_norm": (),
 }
 # methods whose running statistics are not an average of batch statistics, with the reason
 _NOT_RECALIBRATED = {
@@ -62,7 +65,7 @@ def recalibrate(
     /,
     *,
     estimator: str = "average",
-    unbiased: bool = True,
+    pooled_unbiased: bool = True,
     **arguments: Any,
 ) -> dict[str, Array]:
     r"""Re-estimate a method's population statistics from batches of its input, the network frozen.
@@ -101,12 +104,13 @@ def recalibrate(
         Both estimators touch the same state: what the call normalizes with (for
         ``batch_normalize``, its operation's statistics: centering ``running_mean`` only, scaling
         ``running_mean_square`` only); the rest of ``state`` comes back as given.
-    unbiased : bool, default True
+    pooled_unbiased : bool, default True
         The pooled variance and covariance divided by M − 1 (``True``: unbiased, as the running
         variances of normref, torch and Algorithm 2) or by M (``False``: the biased pooled variance,
         which is what fvcore's precise BN — ``fvcore.nn.precise_bn``, Wu & Johnson's code — computes,
         as the mean of the batch variances and of the squared deviations of the batch means).
-        Only with ``estimator="pooled"`` (``ValueError`` otherwise).
+        Only with ``estimator="pooled"`` (``ValueError`` otherwise). (Not named ``unbiased``: several
+        methods take an ``unbiased`` argument of their own, which passes through ``arguments``.)
     **arguments
         Every other argument of the method (``weight``, ``bias``, ``num_groups``, ``group_size``,
         ``eps``, ``partition``, ``method`` of batch whitening, ...), as the layer calls it (``method``,
@@ -143,7 +147,7 @@ def recalibrate(
     σ̂²·(M − 1)/M + μ̂². Precise BN and normref differ in one convention: fvcore's estimator (Wu &
     Johnson's reference code) returns the *biased* pooled variance (÷ M, the mean of the batch
     variances plus the variance of the batch means), normref's the unbiased one (÷ (M − 1)), the
-    convention of every normref and torch running variance; ``unbiased=False`` gives fvcore's. The
+    convention of every normref and torch running variance; ``pooled_unbiased=False`` gives fvcore's. The
     difference is a factor (M − 1)/M, negligible for the M of a data set.
 
     References
@@ -174,9 +178,9 @@ def recalibrate(
     for key, v in state.items():
         if v is not None and not is_array(v):
             raise TypeError(f"{fn}: state[{key!r}] must be an array; got {type(v).__name__}")
-    unbiased = check_bool(fn, "unbiased", unbiased)
+    unbiased = check_bool(fn, "pooled_unbiased", pooled_unbiased)
     if not unbiased and estimator != "pooled":
-        raise ValueError(f"{fn}: unbiased=False (the biased pooled variance, as fvcore's precise BN) applies to "
+        raise ValueError(f"{fn}: pooled_unbiased=False (the biased pooled variance, as fvcore's precise BN) applies to "
                          f"estimator='pooled'; got estimator={estimator!r}")
     # the statistics this call estimates: all of them, except where an operation keeps only some
     used = uses(m, arguments, estimated)
@@ -336,12 +340,11 @@ def check_pooled(fn: str, m: "str | Method", estimated: Iterable[str], arguments
         raise ValueError(f"{fn}: estimator='pooled' applies to methods whose running statistics are per-channel "
                          f"batch moments ({', '.join(sorted(_POOLED))}); {m.name}'s are not: use "
                          f"estimator='average'")
-    cond = _POOLED[m.name]
-    if cond is not None:
-        value = arguments.get(cond[0], m.signature.parameters[cond[0]].default)
-        if value != cond[1]:
-            raise ValueError(f"{fn}: estimator='pooled' applies to {m.name} with {cond[0]}={cond[1]!r} (per-channel "
-                             f"batch moments); got {cond[0]}={value!r}: use estimator='average'")
+    for name, want in _POOLED[m.name]:
+        value = arguments.get(name, m.signature.parameters[name].default)
+        if value != want:
+            raise ValueError(f"{fn}: estimator='pooled' applies to {m.name} with {name}={want!r} (per-channel "
+                             f"batch moments); got {name}={value!r}: use estimator='average'")
     other = [p for p in estimated if p not in _POOLABLE_STATE]
     if other:
         raise ValueError(f"{fn}: estimator='pooled' estimates {', '.join(_POOLABLE_STATE)}; {m.name} also keeps "

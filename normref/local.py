@@ -9,17 +9,22 @@ Local response normalization (Krizhevsky, Sutskever & Hinton, NeurIPS 2012), wit
 Backward: with W(i) the window of channel i, j ∈ W(i) ⟺ i ∈ Wᵀ(j) = [j − ⌊(n−1)/2⌋, j + ⌊n/2⌋], so
 
     dx_j = g_j·s_j^{−β} − (2αβ/n)·x_j·Σ_{i ∈ Wᵀ(j)} g_i·x_i·s_i^{−β−1}.
+
+With ``alpha_scaling="none"`` (AlexNet's paper, TensorFlow) α replaces α/n in both.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ._validate import check_int, check_ndim, check_nonnegative, check_positive
+from ._validate import check_choice, check_int, check_ndim, check_nonnegative, check_positive
 from ._xp import Array, compute_dtype, namespace, to_compute
 from .registry import Example, Residuals, method
 
 __all__ = ["local_response_norm"]
+
+#: how α is scaled: "size" α/n (torch, Caffe), "none" α (AlexNet's paper, TensorFlow)
+ALPHA_SCALINGS = ("size", "none")
 
 
 def _shift(xp, t, d: int):
@@ -49,6 +54,8 @@ def _ex_lrn(rng):
     yield Example((rng.standard_normal((2, 6, 3, 2)), 4), dict(alpha=0.5, beta=0.75, k=1.0), label="even size 4, strong alpha")
     yield Example((rng.standard_normal((1, 5, 2, 2, 2)), 5), dict(alpha=1.0, beta=0.5, k=2.0), label="3-D spatial")
     yield Example((rng.standard_normal((2, 3, 4)), 9), dict(alpha=2.0), label="window wider than the channels")
+    yield Example((rng.standard_normal((2, 6, 3)), 5), dict(alpha=0.1, beta=0.75, k=2.0, alpha_scaling="none"),
+                  label="AlexNet's alpha (not divided by n)")
 
 
 @method(
@@ -58,7 +65,8 @@ def _ex_lrn(rng):
     paper="Krizhevsky, Sutskever & Hinton, ImageNet Classification with Deep CNNs, NeurIPS 2012",
     examples=_ex_lrn,
 )
-def local_response_norm(input: Any, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> Array:
+def local_response_norm(input: Any, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0,
+                        alpha_scaling: str = "size") -> Array:
     """Local response normalization, with ``torch.nn.functional.local_response_norm``'s arguments.
 
     y_i = x_i·(k + (α/n)·Σ_{j∈W(i)} x_j²)^{−β}, W(i) the ``size`` = n channels around i (⌊n/2⌋ before,
@@ -80,6 +88,14 @@ def local_response_norm(input: Any, size: int, alpha: float = 1e-4, beta: float 
         β.
     k : float, default 1.0
         k.
+    alpha_scaling : str, default "size"
+        ``"size"``: α/n multiplies the window sum, as ``torch.nn.functional.local_response_norm`` (an
+        average over the window) and Caffe's ``LRN`` layer do; ``"none"``: α itself, as in the
+        AlexNet paper's formula (Krizhevsky et al. 2012, §3.3: k = 2, n = 5, α = 1e-4, β = 0.75) and
+        TensorFlow's ``tf.nn.local_response_normalization`` (whose window is 2·depth_radius + 1).
+        The two agree with α_none = α_size/n. The window is torch's either way: for odd n it is the
+        paper's j = i − n/2 … i + n/2 (n/2 rounded down); for even n the paper's bounds would span
+        n + 1 channels, torch's (and normref's) n.
 
     Returns
     -------
@@ -88,7 +104,9 @@ def local_response_norm(input: Any, size: int, alpha: float = 1e-4, beta: float 
 
     Notes
     -----
-    Survey §5.1.1 (local response normalization).
+    Survey §5.1.1 (local response normalization). Conventions: normref follows torch (the window and
+    α/n; checked against ``torch.nn.functional.local_response_norm`` in the tests); the paper's
+    unscaled α by ``alpha_scaling="none"``.
 
     References
     ----------
@@ -102,14 +120,16 @@ def local_response_norm(input: Any, size: int, alpha: float = 1e-4, beta: float 
     alpha = check_nonnegative(fn, "alpha", alpha)
     beta = check_nonnegative(fn, "beta", beta)
     k = check_positive(fn, "k", k)
+    alpha_scaling = check_choice(fn, "alpha_scaling", alpha_scaling, ALPHA_SCALINGS)
+    a = alpha / size if alpha_scaling == "size" else alpha  # the coefficient a of the window sum
     cd = compute_dtype(xp, input.dtype)
     x = to_compute(xp, input, cd)
     lo, hi = _window(size, input.shape[1])
-    s = k + (alpha / size) * _window_sum(xp, x * x, lo, hi)
+    s = k + a * _window_sum(xp, x * x, lo, hi)
     y = x * s ** (-beta)
     if y.dtype != input.dtype:
         y = xp.astype(y, input.dtype)
-    return y, Residuals((x, s), (size, alpha, beta))
+    return y, Residuals((x, s), (size, a, beta))
 
 
 def _window(size: int, c: int) -> tuple[int, int]:
@@ -122,12 +142,12 @@ def _window(size: int, c: int) -> tuple[int, int]:
 @local_response_norm.defbackward
 def _lrn_backward(res: Residuals, g):
     x, s = res.arrays
-    size, alpha, beta = res.static
+    size, a, beta = res.static
     xp = namespace("local_response_norm.backward", cotangent=g)
     g = to_compute(xp, g, x.dtype)
     lo, hi = _window(size, x.shape[1])
     q = g * x * s ** (-beta - 1.0)
-    # the adjoint of the window sum is the sum over the transposed window [−hi, lo]
-    dx = g * s ** (-beta) - (2.0 * alpha * beta / size) * x * _window_sum(xp, q, hi, lo)
+    # the adjoint of the window sum is the sum over the transposed window [−hi, lo]; a = α/n or α
+    dx = g * s ** (-beta) - (2.0 * a * beta) * x * _window_sum(xp, q, hi, lo)
     return (dx,)
 

@@ -1,7 +1,7 @@
 """Functions of batched symmetric positive-definite matrices, each with an analytic backward.
 
 The shared machinery of whitening (survey §5.1.2, Eqn 23) and orthogonalization of weights (OWN, ONI,
-survey §6.2, Eqn 31). Every function takes a namespace ``xp`` and batched matrices of shape
+survey §6.1, Eqn 31). Every function takes a namespace ``xp`` and batched matrices of shape
 (..., d, d) (typically (G, d, d): one matrix per group, all groups in ONE batched ``eigh`` /
 ``cholesky`` call), is written in array-API operations only (so the backward is itself
 differentiable by a framework's autodiff), and never mutates its inputs.
@@ -509,7 +509,8 @@ def newton_inv_sqrt_forward(xp, s, iterations: int):
     """IterNorm's W ≈ S^-1/2 by ``iterations`` (T) Newton steps on the trace-normalized matrix.
 
     t = tr S, S_N = S/t, P_0 = I, P_k = ½(3·P_{k−1} − P_{k−1}³·S_N), W = P_T/√t (Huang et al.,
-    Iterative Normalization, CVPR 2019, Algorithm 1). The eigenvalues of S_N lie in (0, 1], where the
+    Iterative Normalization, CVPR 2019, Algorithm 1: Newton's iteration for the inverse square root,
+    uncoupled, not the coupled Newton–Schulz form). The eigenvalues of S_N lie in (0, 1], where the
     scalar iteration p ↦ ½(3p − p³λ) increases monotonically to λ^-1/2: with finite T, small
     eigenvalues are only partly whitened ("stretched progressively", survey §5.1.2).
     ``res = (S, t, P_0, …, P_T)``.
@@ -559,13 +560,23 @@ def newton_inv_sqrt_backward(xp, res, dw):
 
 
 def newton_schulz_forward(xp, s, iterations: int):
-    """Coupled Newton–Schulz iteration for S^-1/2 (Higham 2008, Eqn 6.35; Lin & Maji, BMVC 2017):
+    """Coupled Newton–Schulz iteration for S^-1/2:
 
     t = tr S, Y_0 = S_N = S/t, Z_0 = I, M_k = ½(3I − Z_{k−1}·Y_{k−1}), Y_k = Y_{k−1}·M_k,
     Z_k = M_k·Z_{k−1}; Y_T → S_N^1/2, Z_T → S_N^-1/2, W = Z_T/√t. In exact arithmetic Z_k equals
-    IterNorm's P_k (both are the same polynomial in S_N); the coupled form is the one quoted by the
-    survey for GPUs (matrix products only), and unlike IterNorm's uncoupled form it is numerically
-    stable for any T. ``res = (S, t, Y_0, Z_0, …, Y_T, Z_T)``.
+    IterNorm's P_k (both are the same polynomial in S_N); the coupled form is the one the survey
+    (§5.1.2) names for group whitening (matrix products only), and unlike IterNorm's uncoupled form
+    it is numerically stable for any T. ``res = (S, t, Y_0, Z_0, …, Y_T, Z_T)``.
+
+    Attribution. It is the Newton–Schulz iteration for the matrix sign function, X ↦ ½X(3I − X²)
+    (Higham, *Functions of Matrices*, SIAM 2008, Ch. 5), applied to the block matrix [[0, S], [I, 0]],
+    whose sign is [[0, S^1/2], [S^-1/2, 0]]: written in its two blocks it is the coupled iteration
+    above, one of the square-root iterations derived from the sign function in Higham's Ch. 6
+    (convergent for ‖I − S_N‖ < 1, hence the trace normalization). Lin & Maji (Improved Bilinear
+    Pooling with CNNs, BMVC 2017) used it for the matrix square root in bilinear pooling; the survey
+    (§5.1.2) cites its use for group whitening as its refs. [80] (the method) and [82] (the
+    iteration). IterNorm (Huang et al., CVPR 2019) does *not* use it: it runs the uncoupled Newton
+    iteration of :func:`newton_inv_sqrt_forward`.
     """
     s_n, t = _normalize_trace(xp, s)
     eye = eye_like(xp, s)

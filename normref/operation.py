@@ -6,7 +6,7 @@ Notation: mean(·) is the mean over R with the reduced axes kept, g = ∂L/∂x�
 - Centering (mean-only BN, Salimans & Kingma 2016):   x̂ = x − μ;             dx = g − mean(g).
 - Scaling (RMS; RMSNorm, pixel norm, FRN):            r = (mean(x²)+ε)^-½, x̂ = x·r;
                                                        dx = r·(g − x̂·mean(g·x̂)).
-- Standardizing (survey Eqn 17, 21):                  s = (σ²+ε)^-½, x̂ = (x−μ)·s;
+- Standardizing (survey Eqns 17, 21 as Φ_SD):          s = (σ²+ε)^-½, x̂ = (x−μ)·s;
                                                        dx = s·(g − mean(g) − x̂·mean(g·x̂)).
 - Lp deviation standardizing (Lp-norm BN, Liao et al. 2016; L1 BN, Hoffer et al. 2018, Wu et al. 2018):
   u = x − μ, σ_p = (mean|u|^p)^{1/p} (σ_∞ = max|u|), s = c·σ_p + ε (ε *outside* the root; c = √(π/2)
@@ -26,8 +26,11 @@ Lp and batch renormalization keep what their backward needs (documented there).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
+
+import numpy as _np
 
 from . import _kernels
 from .distributed import combine_moments
@@ -35,6 +38,13 @@ from .distributed import combine_moments
 __all__ = ["moments", "mean_square", "fused_forward", "fused_backward", "Operation", "Centering", "Scaling", "Standardizing", "LpStandardizing", "PopulationStandardizing", "KINDS", "make"]
 
 KINDS = ("centering", "scaling", "standardizing", "lp")
+
+
+@functools.lru_cache(maxsize=1024)
+def cached(cls: type, *args: Any) -> "Operation":
+    """``cls(*args)`` built once per arguments (frozen dataclasses: hashable, immutable, so one
+    instance serves every call; constructing one costs a microsecond on the per-call path)."""
+    return cls(*args)
 
 
 def _mean(xp, t, axes):
@@ -47,7 +57,10 @@ def _mean(xp, t, axes):
 
 def _kernel(xp, name, x):
     k = _kernels.lookup(xp, name)
-    return k if k is not None and getattr(k, "accepts", lambda a: True)(x) else None
+    if k is None:
+        return None
+    accepts = getattr(k, "accepts", None)
+    return k if accepts is None or accepts(x) else None
 
 
 def _moments(xp, x, axes):
@@ -66,6 +79,17 @@ def _any_or_traced(xp, mask) -> bool:
     """``any(mask)`` for a concrete array; True under tracing (jax.jit), where both branches of a
     ``where`` are formed anyway; True for a lazy (dask) array too, which is never computed here, and for
     a torch tensor while ``torch.compile`` traces (no values yet: both branches go into the graph)."""
+    if type(mask) is _np.ndarray:  # concrete (the per-call fast path: no library probing)
+        return bool(_np.logical_or.reduce(mask, axis=None))
+    if _kernels.namespace_key(xp) == "torch":
+        import torch
+
+        if torch.compiler.is_compiling():
+            return True
+        try:
+            return bool(mask.any())
+        except Exception:  # a functorch-traced tensor (vmap) has no concrete truth value
+            return True
     from ._xp import is_compiling, is_lazy
 
     if is_lazy(mask) or is_compiling(mask):
@@ -88,9 +112,16 @@ def _rsqrt(xp, ms, eps, centered, axes):
     The statistic itself (σ², mean(x²)) is c²-large and stays inf where the dtype cannot hold it:
     that is what the running variance receives (documented on :class:`Standardizing`)."""
     r = 1.0 / xp.sqrt(ms + eps)
-    over = xp.isinf(ms)
-    if not _any_or_traced(xp, over):
-        return r
+    if type(ms) is _np.ndarray:
+        # concrete NumPy: one reduction decides (ms ≥ 0, so max(ms) is inf iff some ms is; a NaN
+        # max means NaN statistics, which propagate through r as they are)
+        if not ms.size or not math.isinf(_np.maximum.reduce(ms, axis=None)):
+            return r
+        over = _np.isinf(ms)
+    else:
+        over = xp.isinf(ms)
+        if not _any_or_traced(xp, over):
+            return r
     d = centered()
     m = xp.max(xp.abs(d), axis=axes, keepdims=True)
     ok = over & xp.isfinite(m) & (m > 0)
@@ -248,7 +279,8 @@ class Scaling(_ShiftScale):
 
 @dataclasses.dataclass(frozen=True)
 class Standardizing(_ShiftScale):
-    """x̂ = (x − μ)·(σ² + ε)^-½ over the reduce axes (survey Eqn 17), backward Eqn 21.
+    """x̂ = (x − μ)·(σ² + ε)^-½ over the reduce axes (survey Eqn 17; Eqn 21 in matrix form); the
+    backward (derived here: the survey states no backward equation) is dx = s·(g − mean(g) − x̂·mean(g·x̂)).
 
     Huge inputs: where σ² overflows the dtype (|x − μ| ≳ 1.8e19 in float32, ≳ 1.3e154 in float64)
     x̂ and the gradients are still computed right (:func:`_rsqrt` rescales by a power of two); the

@@ -21,6 +21,7 @@ virtual batch of N/Gb samples.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 from ._validate import check_int
@@ -136,6 +137,14 @@ class Partition:
     def unview(self, xp, xv, shape: Sequence[int]):
         shape = tuple(shape)
         return xv if tuple(xv.shape) == shape else xp.reshape(xv, shape)
+
+
+@functools.lru_cache(maxsize=1024)
+def cached(kind: str, num_groups: int = 1, batch_groups: int = 1, normalized_ndim: int = 0) -> Partition:
+    """``Partition(kind, ...)`` built once per parameters (a frozen dataclass costs a microsecond to
+    construct; the per-call paths of the presets take it from here). Arguments are not validated: the
+    callers have checked them."""
+    return Partition(kind, num_groups, batch_groups, normalized_ndim)
 
 
 def batch() -> Partition:

@@ -617,7 +617,8 @@ class BlendedStandardizing(_op.Operation):
 
         dx = s·(g − α·mean(g) − κ·(x̂ − s·(μ_B − μ))·mean(g·x̂)),
 
-    which is the standardizing backward (Eqn 21) at α = κ = 1, μ = μ_B. Residuals (x, μ, s, μ_B).
+    which is the standardizing backward (:class:`normref.operation.Standardizing`; the survey gives
+    no backward equation) at α = κ = 1, μ = μ_B. Residuals (x, μ, s, μ_B).
     """
 
     eps: float = 1e-5

@@ -238,6 +238,12 @@ class Method(Generic[P, R]):
             and p not in nullable
         )
         self._required_slots = tuple(s for s in self._array_slots if s[0] in self.required)
+        # for binding a call by hand (the torch adapter's per-call path): the names a call may use as
+        # keywords, and how many positional arguments the signature takes
+        self._names = frozenset(q.name for q in self.signature.parameters.values()
+                                if q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY))
+        self._n_positional = sum(q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)
+                                 for q in self.signature.parameters.values())
         self.nondiff = frozenset(nondiff)
         self.diff_params = tuple(p for p in self.array_params if p not in self.nondiff)
         self.category = category

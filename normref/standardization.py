@@ -33,6 +33,7 @@ exposes and a plain call drops.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 
 import math
@@ -41,13 +42,14 @@ from typing import Any, NamedTuple, Sequence
 import numpy as _np
 
 from . import operation as _op
-from ._validate import (check_bool, check_eps_representable, check_int, check_momentum, check_ndim,
-                        check_nonnegative_values, check_p, check_positive)
+from ._validate import (check_bool, check_choice, check_eps_representable, check_int, check_momentum, check_ndim,
+                        check_nonnegative_values, check_p, check_positive, concrete_any, first_true)
 from ._xp import Array, compute_dtype, finfo_eps, namespace, to_compute, to_numpy
 from ._results import result_tuple
 from .distributed import check_reducer
 from .framework import channel_param, check_param_shape, pack, run_forward, unpack_backward
 from .partition import Partition
+from .partition import cached as _cached_partition
 from .recovery import affine_forward, tlu_backward, tlu_forward
 from .registry import Empty, Example, Invariant, Residuals, method
 
@@ -306,6 +308,14 @@ def _shapes(weight, bias):
     return (None if weight is None else tuple(weight.shape), None if bias is None else tuple(bias.shape))
 
 
+def _check_convention(fn, name, v, choices):
+    """A convention argument: one of the strings ``choices`` (``TypeError`` for a non-string)."""
+    if not isinstance(v, str):
+        raise TypeError(f"{fn}: {name} must be a str, one of {', '.join(map(repr, choices))}; "
+                        f"got {type(v).__name__} {v!r}")
+    return check_choice(fn, name, v, choices)
+
+
 # --------------------------------------------------------------------------------------------------
 # examples and invariants the registry hands to the tests and the conformance suite
 
@@ -387,6 +397,10 @@ def _ex_batch_norm(rng):
         yield Example((x, None, None), dict(training=True), label=f"{shape} batch statistics, no affine")
         yield Example((x, rm, rv, w, b), dict(training=True, momentum=0.2), label=f"{shape} training, running update")
         yield Example((x, rm, rv, w, b), dict(training=False), label=f"{shape} inference (population statistics)")
+    x = rng.standard_normal((4, 3, 5)) * 2.0 + 1.0
+    yield Example((x, rng.standard_normal(3), rng.uniform(0.5, 2.0, 3), rng.standard_normal(3), rng.standard_normal(3)),
+                  dict(training=True, momentum=0.01, running_var_unbiased=False),
+                  label="(4, 3, 5) training, biased running variance (Flax/Keras)")
 
 
 def _bn_partition(args, kwargs):
@@ -418,6 +432,7 @@ def batch_norm(
     num_batches_tracked: int | None = None,
     out: Any = None,
     sync: Any = None,
+    running_var_unbiased: bool = True,
 ) -> Array | NormResult:
     """Batch normalization, with ``torch.nn.functional.batch_norm``'s arguments and results.
 
@@ -463,6 +478,10 @@ def batch_norm(
         An optional NumPy/CuPy array of input's shape and dtype that receives the output.
     sync : reducer or None, default None
         A reducer (:mod:`normref.distributed`): synchronized batch normalization (see above).
+    running_var_unbiased : bool, default True
+        Update the running variance with the unbiased batch variance σ_B²·n/(n − 1) (torch's, the
+        default) or, ``False``, with the biased σ_B² itself (Flax's ``nn.BatchNorm`` and Keras's
+        ``BatchNormalization``). The output and the backward do not depend on it.
 
     Returns
     -------
@@ -473,6 +492,14 @@ def batch_norm(
     Notes
     -----
     Survey §5.1.1 (batch statistics over the whole mini-batch), Eqns 16, 18 and 20.
+
+    Conventions: torch's running state is the default: ``momentum`` is the weight of the *new*
+    batch statistic and the running variance is unbiased. Flax and Keras weight the *old* value by
+    their ``momentum`` (default 0.99) and keep the biased variance: their
+    ``BatchNorm(momentum=m)`` is ``batch_norm(..., momentum=1 - m, running_var_unbiased=False)``
+    (the adapters ``normref.backends.flax.BatchNorm`` and ``normref.backends.keras.BatchNormalization``
+    convert both). The paper (Ioffe & Szegedy 2015, Algorithm 2) uses the unbiased variance of the
+    population estimate, as torch does.
 
     References
     ----------
@@ -488,6 +515,8 @@ def batch_norm(
     momentum = check_momentum(fn, momentum)
     training = check_bool(fn, "training", training)
     _check_nbt(fn, num_batches_tracked)
+    if running_var_unbiased is not True:  # the default costs one identity test
+        running_var_unbiased = check_bool(fn, "running_var_unbiased", running_var_unbiased)
     _running_pair(fn, running_mean, running_var)
     check_nonnegative_values(fn, "running_var", xp, running_var)
     sync = check_reducer(fn, sync) if training else check_reducer(fn, sync) and None  # unused in inference
@@ -522,7 +551,8 @@ def batch_norm(
     if training and running_mean is not None:
         n = st.get("count", part.count(shape))  # the global count when synchronized
         rm = _ema(xp, running_mean, _to_channels(xp, st["mean"], c), f)
-        rv = _ema(xp, running_var, _to_channels(xp, st["var"], c) * (n / (n - 1)), f)
+        var_b = _to_channels(xp, st["var"], c)
+        rv = _ema(xp, running_var, var_b * (n / (n - 1)) if running_var_unbiased else var_b, f)
         return NormResult(y, rm, rv), res
     return y, res
 
@@ -678,6 +708,14 @@ instance_norm.defbackward(_backward_for("x", None, None, "w", "b"))
 
 
 def _normalized_shape(fn, input, normalized_shape) -> tuple[int, ...]:
+    # the common cases first (an int, a tuple of ints matching the trailing dimensions), no ABC checks
+    t = type(normalized_shape)
+    if t is int or (t is tuple and len(normalized_shape) == 1 and type(normalized_shape[0]) is int):
+        d = normalized_shape if t is int else normalized_shape[0]
+        shape = input.shape
+        if shape and shape[-1] == d:
+            return (d,)
+
     def _is_int(d):
         return isinstance(d, numbers.Integral) and not isinstance(d, bool)
 
@@ -769,16 +807,104 @@ def layer_norm(
     eps = _eps(fn, xp, input, eps)
     if _is_empty(input.shape):
         return _empty_call(xp, input, (input, weight, bias), out)
-    part = Partition("layer", normalized_ndim=len(ns))
+    part = _cached_partition("layer", normalized_ndim=len(ns))
     cd = compute_dtype(xp, input.dtype)
     x = to_compute(xp, input, cd)
     gamma, beta = to_compute(xp, weight, cd), to_compute(xp, bias, cd)
-    op = _op.Standardizing(eps)
+    op = _op.cached(_op.Standardizing, eps)
     y, op_res, _ = run_forward(xp, x, part, op, gamma, beta, out=_kernel_out(out, input, cd))
     return _into(_out(xp, y, input.dtype), out), pack(part, op, x, op_res, gamma, beta, extra=_shapes(weight, bias))
 
 
 layer_norm.defbackward(_backward_for("x", "w", "b"))
+
+
+# --------------------------------------------------------------------------------------------------
+# convention variants (issue 15 §1): operations of the authors' code that differ from the framework
+# defaults. Each is its own type, so normref.operation.fused_forward/fused_backward (which take the
+# numba kernels for exactly Standardizing, Scaling and PopulationStandardizing) never see them: the
+# formula below runs, whatever the input size.
+
+
+@dataclasses.dataclass(frozen=True)
+class _BesselStandardizing(_op._ShiftScale):
+    """x̂ = (x − μ)/√(s² + ε), s² = n/(n − 1)·σ² the unbiased variance over the n elements of a
+    statistic (``torch.var``'s default, used by the PONO, U-GAT-IT and SN authors' code).
+
+    Forward: s² + ε = (n/(n − 1))·(σ² + ε·(n − 1)/n), so r = (s² + ε)^-½ is the overflow-safe
+    ``_rsqrt`` of the biased form with ε·(n − 1)/n, times √((n − 1)/n).
+
+    Backward (g = ∂L/∂x̂, means over the n elements): ∂μ/∂x_j = 1/n, ∂s²/∂x_j = 2(x_j − μ)/(n − 1), so
+        ∂L/∂x_j = r·(g_j − mean g) − r³·(x_j − μ)/(n − 1)·Σ_i g_i(x_i − μ)
+                = r·(g_j − mean(g) − x̂_j·mean(g·x̂)·n/(n − 1)),
+    the biased standardizing backward with its last term scaled by n/(n − 1).
+    Residuals (x, μ, r) as :class:`normref.operation.Standardizing`'s."""
+
+    eps: float = 1e-5
+    name = "standardizing_unbiased"
+
+    def forward(self, xp, x, axes):
+        n = _op._count(x, axes)
+        k = (n - 1) / n
+        mu, var = _op.moments(xp, x, axes)
+        rstd = _op._rsqrt(xp, var, self.eps * k, lambda: x - mu, axes) * math.sqrt(k)
+        return (x - mu) * rstd, (x, mu, rstd), {"mean": mu, "var": var}
+
+    def backward(self, xp, res, axes, g):
+        n = _op._count(res[0], axes)
+        rstd = res[2]
+        xhat = self.xhat(xp, res)
+        return rstd * (g - _op._mean(xp, g, axes) - xhat * (_op._mean(xp, g * xhat, axes) * (n / (n - 1))))
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScalingOutside(_op._ShiftScale):
+    """RMSNorm as its authors wrote it (Zhang & Sennrich 2019, their code): x̂ = x/(ρ + ε),
+    ρ = √mean(x²), ε *outside* the root.
+
+    Forward: ρ from the formula (no kernel), rescaled by an exact power of two q = 2^⌊log2 max|x|⌋
+    where mean(x²) overflows but x is finite (ρ(x) = q·ρ(x/q)).
+
+    Backward (g = ∂L/∂x̂, r = 1/(ρ + ε)): ∂ρ/∂x_j = x_j/(n·ρ), ∂r/∂x_j = −r²·x_j/(n·ρ), so
+        ∂L/∂x_j = r·g_j − r²·x_j·mean(g·x)/ρ = r·g_j − x̂_j·mean(g·x̂)/ρ      (x = x̂/r);
+    at ρ = 0 (an all-zero row) x̂ = 0 and the second term is 0 (the one-sided limit is not used).
+    Residuals (x, None, r, ρ)."""
+
+    eps: float = 1e-8
+    name = "scaling_eps_outside"
+
+    def forward(self, xp, x, axes):
+        ms = _op._mean(xp, x * x, axes)
+        rho = xp.sqrt(ms)
+        over = xp.isinf(ms)
+        if _op._any_or_traced(xp, over):
+            m = xp.max(xp.abs(x), axis=axes, keepdims=True)
+            ok = over & xp.isfinite(m) & (m > 0)
+            q = 2.0 ** xp.floor(xp.log2(xp.where(ok, m, xp.ones_like(m))))
+            rho = xp.where(ok, q * xp.sqrt(_op._mean(xp, (x / q) * (x / q), axes)), rho)
+        r = 1.0 / (rho + self.eps)
+        return x * r, (x, None, r, rho), {"mean_square": ms}
+
+    def backward(self, xp, res, axes, g):
+        r, rho = res[2], res[3]
+        xhat = self.xhat(xp, res)
+        safe = xp.where(rho > 0, rho, xp.ones_like(rho))
+        return r * g - xhat * (_op._mean(xp, g * xhat, axes) / safe)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PopulationReciprocal(_op._ShiftScale):
+    """x̂ = (x − μ̂)·r̂ with a given reciprocal scale r̂ (constants): dx = g·r̂. The inference of
+    ``lp_batch_norm(running_scale_kind="reciprocal")`` (the Norm-matters authors keep 1/scale) and of
+    ``batch_renorm(running_stat="std")`` (r̂ = 1/σ)."""
+
+    name = "population_reciprocal"
+
+    def forward(self, xp, x, axes, mean, inv):
+        return (x - mean) * inv, (x, mean, inv), {}
+
+    def backward(self, xp, res, axes, g):
+        return g * res[2]
 
 
 def _ex_rms_norm(rng):
@@ -787,11 +913,19 @@ def _ex_rms_norm(rng):
         ns = shape[len(shape) - k:]
         yield Example((x, ns), dict(eps=1e-6), label=f"{shape} normalized {ns}")
         yield Example((x, ns, rng.standard_normal(ns)), {}, label=f"{shape} normalized {ns}, weight, eps=None")
+    # after the loop: the draws above (the other examples' data) stay as they were
+    for shape, k in [((3, 5), 1), ((2, 3, 4), 2)]:
+        x = rng.standard_normal(shape) + 0.5
+        ns = shape[len(shape) - k:]
+        yield Example((x, ns, rng.standard_normal(ns)), dict(eps=1e-3, eps_placement="outside"),
+                      label=f"{shape} normalized {ns}, weight, eps outside the root (the authors' code)")
 
 
 def _rms_partition(args, kwargs):
     if kwargs.get("weight") is not None or (len(args) > 2 and args[2] is not None):
         return None
+    if kwargs.get("eps_placement", "inside") != "inside":
+        return None  # mean(x̂²) = ρ²/(ρ + ε)², not the invariant's ms/(ms + ε)
     ns = args[1]
     eps = kwargs.get("eps")
     if eps is None:  # the compute dtype's epsilon: float32's for half inputs
@@ -809,12 +943,13 @@ def _rms_partition(args, kwargs):
 )
 def rms_norm(
     input: Any, normalized_shape: int | Sequence[int], weight: Any = None, eps: float | None = None,
-    *, out: Any = None,
+    *, out: Any = None, eps_placement: str = "inside",
 ) -> Array:
     """RMS normalization, with ``torch.nn.functional.rms_norm``'s arguments and results.
 
     y = γ ⊙ x/√(mean(x²) + ε) over the trailing ``normalized_shape`` dimensions (survey Table 1:
-    Π_LN with the scaling operation).
+    Π_LN with the scaling operation); with ``eps_placement="outside"``,
+    y = γ ⊙ x/(√mean(x²) + ε) (the RMSNorm authors' code).
 
     Parameters
     ----------
@@ -831,6 +966,11 @@ def rms_norm(
         ``F.rms_norm(x16, s) == F.rms_norm(x16.float(), s, eps=finfo(float32).eps).half()``).
     out : array or None, default None
         As in :func:`batch_norm`.
+    eps_placement : {"inside", "outside"}, default "inside"
+        Where ε goes: ``"inside"`` the root, x/√(mean(x²) + ε) (torch's ``F.rms_norm``, the default);
+        ``"outside"``, x/(RMS(x) + ε) (Zhang & Sennrich's released code, with ε = 1e-8 there: pass
+        ``eps=1e-8`` to reproduce it). The outside form always runs the array-API formula (never a
+        kernel); its backward is dx = r·g − x̂·mean(g·x̂)/RMS(x), r = 1/(RMS(x) + ε).
 
     Returns
     -------
@@ -841,11 +981,16 @@ def rms_norm(
     -----
     Survey §5.1.2 (Table 1: Π_LN with the scaling operation).
 
+    Conventions: ε inside the root (torch) is the default; the authors' ε outside the root is
+    ``eps_placement="outside"``. The paper's equation has no ε at all; both forms tend to it as ε → 0.
+
     References
     ----------
     .. [1] B. Zhang and R. Sennrich, "Root Mean Square Layer Normalization", NeurIPS 2019.
     """
     fn = "rms_norm"
+    outside = eps_placement != "inside" and _check_convention(fn, "eps_placement", eps_placement,
+                                                              ("inside", "outside")) == "outside"
     xp = namespace(fn, input=input, weight=weight)
     _check_out(fn, xp, input, out, weight=weight)
     ns = _normalized_shape(fn, input, normalized_shape)
@@ -857,7 +1002,7 @@ def rms_norm(
     part = Partition("layer", normalized_ndim=len(ns))
     x = to_compute(xp, input, cd)
     gamma = to_compute(xp, weight, cd)
-    op = _op.Scaling(eps)
+    op = _ScalingOutside(eps) if outside else _op.Scaling(eps)
     y, op_res, _ = run_forward(xp, x, part, op, gamma, None, out=_kernel_out(out, input, cd))
     return _into(_out(xp, y, input.dtype), out), pack(part, op, x, op_res, gamma, None, extra=_shapes(weight, None))
 
@@ -883,7 +1028,7 @@ def _gn_partition(args, kwargs):
     return Partition("group", num_groups=args[1]), kwargs.get("eps", 1e-5)
 
 
-def _group_like(fn, input, weight, bias, eps, part, out=None, count_what=None, sync=None):
+def _group_like(fn, input, weight, bias, eps, part, out=None, count_what=None, sync=None, unbiased=False):
     xp = namespace(fn, input=input, weight=weight, bias=bias)
     _check_out(fn, xp, input, out, weight=weight, bias=bias)
     check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
@@ -899,7 +1044,7 @@ def _group_like(fn, input, weight, bias, eps, part, out=None, count_what=None, s
     nd = input.ndim
     gamma = channel_param(xp, to_compute(xp, weight, cd), nd)
     beta = channel_param(xp, to_compute(xp, bias, cd), nd)
-    op = _op.Standardizing(eps, sync)
+    op = _BesselStandardizing(eps) if unbiased else _op.Standardizing(eps, sync)
     y, op_res, _ = run_forward(xp, x, part, op, gamma, beta, out=_kernel_out(out, input, cd))
     return _into(_out(xp, y, input.dtype), out), pack(part, op, x, op_res, gamma, beta, extra=_shapes(weight, bias))
 
@@ -1122,10 +1267,14 @@ def _ex_position(rng):
         x = rng.standard_normal(shape) * 2.0
         yield Example((x,), {}, label=f"{shape}")
         yield Example((x, rng.standard_normal(shape[1]), rng.standard_normal(shape[1])), {}, label=f"{shape} affine")
+    for shape in [(2, 5), (2, 3, 2, 3)]:  # after the loop: the examples above keep their data
+        x = rng.standard_normal(shape) * 2.0
+        yield Example((x, rng.standard_normal(shape[1]), rng.standard_normal(shape[1])), dict(unbiased=True),
+                      label=f"{shape} affine, unbiased variance (the authors' PyTorch code)")
 
 
 def _pn_partition(args, kwargs):
-    if not _plain(args, kwargs, positions=(1, 2)):
+    if not _plain(args, kwargs, positions=(1, 2)) or kwargs.get("unbiased"):
         return None
     return Partition("position"), kwargs.get("eps", 1e-5)
 
@@ -1138,11 +1287,14 @@ def _pn_partition(args, kwargs):
     examples=_ex_position,
     invariants=(moment_invariant("standardizing", _pn_partition), scale_invariant()),
 )
-def position_norm(input: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) -> Array:
+def position_norm(input: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5, *,
+                  unbiased: bool = False) -> Array:
     """Positional normalization (PONO): standardize each sample's channel vector at every position.
 
     y = γ·(x − μ_nhw)/√(σ_nhw² + ε) + β with μ, σ² over the C channels; σ² biased, as in the paper's
-    equation (its public code uses the unbiased variance).
+    equation (Li et al. 2019, Eqn 1) and its TensorFlow code (``tf.nn.moments``); ``unbiased=True``
+    gives σ² = Σ_c(x − μ)²/(C − 1) as in the authors' PyTorch code (``x.var(dim=1)``, ε inside the
+    root, github.com/Boyiliee/PONO ``pono_ms_torch.py``).
 
     Parameters
     ----------
@@ -1154,6 +1306,9 @@ def position_norm(input: Any, weight: Any = None, bias: Any = None, eps: float =
         β (``None``: 0).
     eps : float, default 1e-5
         ε, added to the variance.
+    unbiased : bool, default False
+        Divide the sum of squares by C − 1 instead of C (needs C ≥ 2). Backward:
+        dx = r·(g − mean(g) − x̂·mean(g·x̂)·C/(C − 1)) over the channels, r = (σ²_u + ε)^-½.
 
     Returns
     -------
@@ -1164,11 +1319,19 @@ def position_norm(input: Any, weight: Any = None, bias: Any = None, eps: float =
     -----
     Survey §5.1.1 (Table 1: Π_PN, the position partition, with the standardizing operation).
 
+    Conventions: the biased variance (the paper's equation, the authors' TensorFlow code) is the
+    default; ``unbiased=True`` gives the authors' PyTorch code's ``torch.var`` (unbiased) variance.
+
     References
     ----------
     .. [1] B. Li, F. Wu, K. Q. Weinberger and S. Belongie, "Positional Normalization", NeurIPS 2019.
     """
-    return _group_like("position_norm", input, weight, bias, eps, Partition("position"))
+    fn = "position_norm"
+    unbiased = check_bool(fn, "unbiased", unbiased)
+    if unbiased and len(getattr(input, "shape", ())) >= 2 and int(input.shape[1]) == 1:
+        raise ValueError(f"{fn}: unbiased=True divides by C - 1 and needs at least 2 channels; "
+                         f"got input of shape {tuple(input.shape)}")
+    return _group_like(fn, input, weight, bias, eps, Partition("position"), unbiased=unbiased)
 
 
 position_norm.defbackward(_backward_for("x", "w", "b"))
@@ -1471,13 +1634,19 @@ def _ex_lp(rng):
                   dict(training=True, p=1.0, momentum=0.3), label="p=1 (√(π/2) factor), running update, affine")
     yield Example((x, rng.standard_normal(c), rng.uniform(0.5, 2, c), rng.standard_normal(c), rng.standard_normal(c)),
                   dict(training=False, p=1.5), label="inference")
+    for p in (2.0, 3.0):
+        yield Example((x, rng.standard_normal(c), rng.uniform(0.5, 2, c), rng.standard_normal(c), rng.standard_normal(c)),
+                      dict(training=True, p=p, eps=0.05, momentum=0.3, eps_placement="inside", running_scale_kind="reciprocal"),
+                      label=f"p={p}, ε inside the p-th moment, running 1/scale (the authors' code)")
+    yield Example((x, rng.standard_normal(c), rng.uniform(0.5, 2, c), rng.standard_normal(c), rng.standard_normal(c)),
+                  dict(training=False, p=2.0, running_scale_kind="reciprocal"), label="inference by a running 1/scale")
 
 
 def _lp_dev_invariant() -> Invariant:
     """Invariant: the Lp deviation of x̂ over Π_BN is σ_p/(c·σ_p + ε), and its mean is 0."""
 
     def check(m, xp, out, args, kwargs):
-        if not kwargs.get("training") or not _plain(args, kwargs):
+        if not kwargs.get("training") or not _plain(args, kwargs) or kwargs.get("eps_placement", "outside") != "outside":
             return None
         p, eps = kwargs.get("p", 2.0), kwargs.get("eps", 1e-5)
         c = math.sqrt(math.pi / 2) if (p == 1.0 and kwargs.get("l1_factor", True)) else 1.0
@@ -1492,6 +1661,53 @@ def _lp_dev_invariant() -> Invariant:
         return max(float(_np.max(_np.abs(dev(y) - sx / (c * sx + eps)))), float(_np.max(_np.abs(y.mean(axis=axes)))))
 
     return Invariant("unit Lp deviation", check)
+
+
+def _lp_divisor(xp, sig, p, c, eps, inside):
+    """The divisor s of x − μ from the Lp deviation σ_p: c·σ_p + ε (ε outside, the default) or
+    ((c·σ_p)^p + ε)^{1/p} (ε inside the p-th moment, Hoffer et al.'s code); where (c·σ_p)^p overflows
+    (σ_p finite) ε is negligible and s = c·σ_p."""
+    if not inside:
+        return c * sig + eps
+    cs = c * sig
+    m = cs * cs if p == 2.0 else cs**p
+    s = (m + eps) ** (1.0 / p)
+    return xp.where(xp.isinf(m) & xp.isfinite(cs), cs, s)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LpInside(_op.LpStandardizing):
+    """Lp standardizing with ε inside the p-th moment (finite p; Hoffer et al. 2018, their code):
+    s = ((c·σ_p)^p + ε)^{1/p} = (c^p·mean|u|^p + ε)^{1/p}, x̂ = u/s, u = x − μ.
+
+    Backward: ∂s/∂σ_p = s^{1−p}·c^p·σ_p^{p−1} = c·(c·σ_p/s)^{p−1} =: c′ (per statistic) where the
+    ε-outside form has ∂s/∂σ_p = c; with ∂σ_p/∂u_j = w_j/n (w as in
+    :class:`normref.operation.LpStandardizing`), ∂L/∂u_j = (g_j − c′·mean(g·x̂)·w_j)/s, then
+    dx = du − mean(du) (μ's share). p = 1 gives c′ = c: both placements coincide there.
+    Residuals (x̂, s, σ_p) as the parent's (no synchronized variant)."""
+
+    name = "lp_eps_inside"
+
+    def forward(self, xp, x, axes):
+        mu = _op._mean(xp, x, axes)
+        u = x - mu
+        a = xp.abs(u)
+        if self.p == 1.0:
+            sig = _op._mean(xp, a, axes)
+        elif self.p == 2.0:
+            sig = _op._power_mean(xp, a, axes, 2.0, lambda t: t * t)
+        else:
+            sig = _op._power_mean(xp, a, axes, self.p, lambda t: t**self.p)
+        s = _lp_divisor(xp, sig, self.p, self.c, self.eps, True)
+        xhat = u / s
+        return xhat, (xhat, s, sig), {"mean": mu, "scale": sig}
+
+    def backward(self, xp, res, axes, g):
+        xhat, s, sig = res
+        w = self._weights(xp, xhat, s, sig, axes)
+        c1 = self.c * (self.c * sig / s) ** (self.p - 1.0)
+        du = (g - c1 * _op._mean(xp, g * xhat, axes) * w) / s
+        return du - _op._mean(xp, du, axes)
 
 
 @method(
@@ -1517,6 +1733,8 @@ def lp_batch_norm(
     *,
     num_batches_tracked: int | None = None,
     sync: Any = None,
+    eps_placement: str = "outside",
+    running_scale_kind: str = "deviation",
 ) -> Array | LpNormResult:
     """Lp-norm batch normalization: y = γ·(x − μ_B)/(c·σ_p + ε) + β, σ_p = (mean_B|x − μ_B|^p)^{1/p}.
 
@@ -1524,6 +1742,16 @@ def lp_batch_norm(
     estimate of the standard deviation for Gaussian data (Hoffer et al. 2018; Wu et al. 2018),
     otherwise c = 1. ε is added *outside* the deviation. The running scale tracks σ_p (no bias
     correction); at inference x̂ = (x − μ̂)/(c·σ̂_p + ε) with constants.
+
+    Conventions. Default: ε outside (s = c·σ_p + ε, as in Hoffer et al.'s L1 layer and Liao et al.'s
+    equation) and a running σ_p. ``eps_placement="inside"`` gives s = ((c·σ_p)^p + ε)^{1/p}, ε inside
+    the p-th moment, as the Norm-matters authors' ``LpBatchNorm2d`` computes
+    (mean|x − μ|^p + ε)^{−1/p} (github.com/eladhoffer/norm_matters ``models/lp_norm.py``); finite p
+    only, identical to the default at p = 1. ``running_scale_kind="reciprocal"`` keeps, as that code
+    does, a running *reciprocal* scale 1/s (ε and c included) in ``running_scale``, and at inference
+    x̂ = (x − μ̂)·running_scale. That code weights the *new* batch by 1 − momentum (its default 0.1
+    gives new statistics weight 0.9); normref's ``momentum`` is always torch's weight of the new
+    value, so pass ``momentum=0.9`` to reproduce it.
 
     ``sync`` (a reducer, :mod:`normref.distributed`): μ_B and σ_p over every rank's batch, the same
     running statistics on every rank. σ_p needs the global μ first, so the forward takes two rounds
@@ -1560,6 +1788,11 @@ def lp_batch_norm(
         Batches seen before this one (needed with ``momentum=None``).
     sync : reducer or None, default None
         A reducer (:mod:`normref.distributed`): statistics over every rank's batch (see above).
+    eps_placement : {"outside", "inside"}, default "outside"
+        ε added to c·σ_p (``"outside"``) or to the p-th moment (``"inside"``, finite p, not with
+        ``sync``; backward in :class:`_LpInside`).
+    running_scale_kind : {"deviation", "reciprocal"}, default "deviation"
+        What ``running_scale`` holds: the running σ_p, or the running reciprocal scale 1/s.
 
     Returns
     -------
@@ -1589,7 +1822,15 @@ def lp_batch_norm(
     l1_factor = check_bool(fn, "l1_factor", l1_factor)
     _check_nbt(fn, num_batches_tracked)
     _running_pair(fn, running_mean, running_scale, ("running_mean", "running_scale"))
-    check_nonnegative_values(fn, "running_scale", xp, running_scale, "an Lp deviation")
+    inside = _check_convention(fn, "eps_placement", eps_placement, ("outside", "inside")) == "inside"
+    reciprocal = _check_convention(fn, "running_scale_kind", running_scale_kind, ("deviation", "reciprocal")) == "reciprocal"
+    if inside and math.isinf(p):
+        raise ValueError(f"{fn}: eps_placement='inside' needs a finite p (ε inside the p-th moment); got p=inf")
+    if inside and training and sync is not None:
+        raise ValueError(f"{fn}: eps_placement='inside' has no synchronized form; got sync={sync!r} "
+                         f"(use eps_placement='outside' with sync)")
+    check_nonnegative_values(fn, "running_scale", xp, running_scale,
+                             "a reciprocal scale" if reciprocal else "an Lp deviation")
     sync = check_reducer(fn, sync) if training else check_reducer(fn, sync) and None  # unused in inference
     shape, part = tuple(input.shape), Partition("batch")
     if training:
@@ -1607,21 +1848,32 @@ def lp_batch_norm(
     nd, c = len(shape), shape[1]
     gamma = channel_param(xp, to_compute(xp, weight, cd), nd)
     beta = channel_param(xp, to_compute(xp, bias, cd), nd)
+    cfac = _op.LpStandardizing(p=p, l1_factor=l1_factor).c
     if training:
-        op: _op.Operation = _op.LpStandardizing(p=p, eps=eps, l1_factor=l1_factor, sync=sync)
+        if inside:
+            op: _op.Operation = _LpInside(p=p, eps=eps, l1_factor=l1_factor)
+        else:
+            op = _op.LpStandardizing(p=p, eps=eps, l1_factor=l1_factor, sync=sync)
         y, op_res, st = run_forward(xp, x, part, op, gamma, beta)
     else:
-        op = _op.PopulationLp(eps=eps, c=_op.LpStandardizing(p=p, l1_factor=l1_factor).c)
-        y, op_res, st = run_forward(
-            xp, x, part, op, gamma, beta,
-            mean=channel_param(xp, to_compute(xp, running_mean, cd), nd),
-            scale=channel_param(xp, to_compute(xp, running_scale, cd), nd),
-        )
+        rmean = channel_param(xp, to_compute(xp, running_mean, cd), nd)
+        rscale = channel_param(xp, to_compute(xp, running_scale, cd), nd)
+        if reciprocal:  # the running 1/s already holds c and ε
+            op = _PopulationReciprocal()
+            y, op_res, st = run_forward(xp, x, part, op, gamma, beta, mean=rmean, inv=rscale)
+        elif inside:  # s = ((c·σ̂_p)^p + ε)^{1/p} from the running σ̂_p, a constant
+            op = _PopulationReciprocal()
+            inv = 1.0 / _lp_divisor(xp, rscale, p, cfac, eps, True)
+            y, op_res, st = run_forward(xp, x, part, op, gamma, beta, mean=rmean, inv=inv)
+        else:
+            op = _op.PopulationLp(eps=eps, c=cfac)
+            y, op_res, st = run_forward(xp, x, part, op, gamma, beta, mean=rmean, scale=rscale)
     res = pack(part, op, x, op_res, gamma, beta, extra=_shapes(weight, bias))
     y = _out(xp, y, input.dtype)
     if training and running_mean is not None:
         rm = _ema(xp, running_mean, _to_channels(xp, st["mean"], c), f)
-        rs = _ema(xp, running_scale, _to_channels(xp, st["scale"], c), f)
+        sig = _to_channels(xp, st["scale"], c)
+        rs = _ema(xp, running_scale, 1.0 / _lp_divisor(xp, sig, p, cfac, eps, inside) if reciprocal else sig, f)
         return LpNormResult(y, rm, rs), res
     return y, res
 
@@ -1641,6 +1893,37 @@ def _ex_renorm(rng):
     yield Example((x, rm * 10, rv * 0.01, rng.standard_normal(c), rng.standard_normal(c)),
                   dict(training=True, rmax=1.5, dmax=0.5), label="r, d clipped, affine")
     yield Example((x, rm, rv), dict(training=False), label="inference")
+    sd = _np.sqrt(rv + 1e-5)  # the running σ that matches rv
+    yield Example((x, rm, sd, rng.standard_normal(c), rng.standard_normal(c)), dict(training=True, momentum=0.2, running_stat="std"),
+                  label="running σ (Algorithm 1), affine")
+    yield Example((x, rm * 10, sd * 0.1), dict(training=True, rmax=1.5, dmax=0.5, running_stat="std"),
+                  label="running σ, r, d clipped")
+    yield Example((x, rm, sd), dict(training=False, running_stat="std"), label="inference by a running σ")
+
+
+@dataclasses.dataclass(frozen=True)
+class _BatchRenormStd(_op.BatchRenormalizing):
+    """Batch renormalization against a running σ (Ioffe 2017, Algorithm 1) instead of a running
+    variance: σ is given directly (ε already in it), r = clip(σ_B/σ), d = clip((μ_B − μ)/σ).
+    The backward is the parent's (r, d constants: dx = r·(standardizing backward)); ``running_var``
+    carries σ here (the operation's keyword names are shared with the parent)."""
+
+    name = "batch_renorm_std"
+
+    def forward(self, xp, x, axes, running_mean, running_var):
+        if self.sync is not None:
+            mu, var, count = _op.synced_moments(xp, x, axes, self.sync)
+            rstd = 1.0 / xp.sqrt(var + self.eps)
+        else:
+            mu, var = _op.moments(xp, x, axes)
+            rstd = _op._rsqrt(xp, var, self.eps, lambda: x - mu, axes)
+        x0 = (x - mu) * rstd
+        rrun = 1.0 / running_var  # 1/σ
+        r = xp.clip(rrun / rstd, 1.0 / self.rmax, self.rmax)
+        d = xp.clip((mu - running_mean) * rrun, -self.dmax, self.dmax)
+        if self.sync is not None:
+            return x0 * r + d, (x, mu, rstd, r, d, count), {"mean": mu, "var": var, "count": count}
+        return x0 * r + d, (x, mu, rstd, r, d), {"mean": mu, "var": var}
 
 
 def _renorm_frozen(args, kwargs):
@@ -1657,7 +1940,7 @@ def _renorm_frozen(args, kwargs):
     nd = x.ndim
     rm = channel_param(xp, a["running_mean"], nd)
     rv = channel_param(xp, a["running_var"], nd)
-    srun = xp.sqrt(rv + eps)
+    srun = rv if a["running_stat"] == "std" else xp.sqrt(rv + eps)  # σ
     r = xp.clip(xp.sqrt(var + eps) / srun, 1.0 / a["rmax"], a["rmax"])
     d = xp.clip((mu - rm) / srun, -a["dmax"], a["dmax"])
 
@@ -1696,6 +1979,7 @@ def batch_renorm(
     *,
     num_batches_tracked: int | None = None,
     sync: Any = None,
+    running_stat: str = "var",
 ) -> Array | NormResult:
     """Batch renormalization: x̂ = ((x − μ_B)/σ_B)·r + d, y = γ·x̂ + β.
 
@@ -1704,6 +1988,14 @@ def batch_renorm(
     dx = r·(the standardization backward). The running statistics are required in training, are
     updated as in :func:`batch_norm` (unbiased variance) and returned in a ``NormResult``; at inference
     this is :func:`batch_norm` with running statistics.
+
+    Conventions. Default (``running_stat="var"``): the running state is :func:`batch_norm`'s (and
+    torch's ``BatchNorm`` buffers'), a running *unbiased variance* with σ = √(running_var + ε), so a
+    batch-renorm layer's state is interchangeable with a batch-norm layer's (torch has no batch
+    renormalization to follow). ``running_stat="std"``: the paper's Algorithm 1, a running σ with ε
+    in it: the ``running_var`` slot (argument and result) holds σ (> 0), r = clip(σ_B/σ),
+    d = clip((μ_B − μ)/σ), σ ← σ + α·(σ_B − σ) with σ_B = √(σ_B² + ε) (σ_B² biased) and α = momentum,
+    and at inference y = γ·(x − μ)/σ + β. The backward is the same in both (r, d constants).
 
     ``sync`` (a reducer, :mod:`normref.distributed`): μ_B, σ_B over every rank's batch, so r and d
     come from the global statistics and every rank gets the same running statistics (variance
@@ -1736,11 +2028,14 @@ def batch_renorm(
         Batches seen before this one (needed with ``momentum=None``).
     sync : reducer or None, default None
         A reducer (:mod:`normref.distributed`): global statistics (see above).
+    running_stat : {"var", "std"}, default "var"
+        What ``running_var`` holds: the running unbiased variance, or the running σ (Algorithm 1).
 
     Returns
     -------
     out : array or NormResult
-        The output, or ``NormResult(output, running_mean, running_var)`` in training.
+        The output, or ``NormResult(output, running_mean, running_var)`` in training (with
+        ``running_stat="std"`` the third field is the updated running σ).
 
     Notes
     -----
@@ -1761,7 +2056,15 @@ def batch_renorm(
     momentum = check_momentum(fn, momentum)
     training = check_bool(fn, "training", training)
     _check_nbt(fn, num_batches_tracked)
-    check_nonnegative_values(fn, "running_var", xp, running_var)
+    std = _check_convention(fn, "running_stat", running_stat, ("var", "std")) == "std"
+    if std:
+        bad = running_var <= 0
+        if concrete_any(xp, bad):
+            i = first_true(bad)
+            raise ValueError(f"{fn}: with running_stat='std' running_var holds the running σ and must be > 0 "
+                             f"everywhere; got {float(to_numpy(running_var).reshape(-1)[i])!r} at index {i}")
+    else:
+        check_nonnegative_values(fn, "running_var", xp, running_var)
     rmax, dmax = check_positive(fn, "rmax", rmax), check_positive(fn, "dmax", dmax)
     if rmax < 1.0:
         raise ValueError(f"{fn}: rmax must be >= 1 (r is clipped to [1/rmax, rmax]); got {rmax}")
@@ -1782,8 +2085,12 @@ def batch_renorm(
     rm = channel_param(xp, to_compute(xp, running_mean, cd), nd)
     rv = channel_param(xp, to_compute(xp, running_var, cd), nd)
     if training:
-        op: _op.Operation = _op.BatchRenormalizing(eps=eps, rmax=rmax, dmax=dmax, sync=sync)
+        kind = _BatchRenormStd if std else _op.BatchRenormalizing
+        op: _op.Operation = kind(eps=eps, rmax=rmax, dmax=dmax, sync=sync)
         y, op_res, st = run_forward(xp, x, part, op, gamma, beta, running_mean=rm, running_var=rv)
+    elif std:  # y = γ·(x − μ)/σ + β with the running σ
+        op = _PopulationReciprocal()
+        y, op_res, st = run_forward(xp, x, part, op, gamma, beta, mean=rm, inv=1.0 / rv)
     else:
         op = _op.PopulationStandardizing(eps)
         y, op_res, st = run_forward(xp, x, part, op, gamma, beta, mean=rm, var=rv)
@@ -1792,7 +2099,9 @@ def batch_renorm(
     if training:
         n = st.get("count", part.count(shape))  # the global count when synchronized
         new_rm = _ema(xp, running_mean, _to_channels(xp, st["mean"], c), f)
-        new_rv = _ema(xp, running_var, _to_channels(xp, st["var"], c) * (n / (n - 1)), f)
+        var_b = _to_channels(xp, st["var"], c)
+        # Algorithm 1: σ ← σ + α(σ_B − σ), σ_B = √(σ_B² + ε) (biased); else the unbiased variance
+        new_rv = _ema(xp, running_var, xp.sqrt(var_b + eps) if std else var_b * (n / (n - 1)), f)
         return NormResult(y, new_rm, new_rv), res
     return y, res
 

@@ -293,14 +293,33 @@ def _ex_cwn(rng):
         v = rng.standard_normal(shape) + 0.5
         yield Example((v,), {}, label=f"{shape} no scale")
         yield Example((v, rng.standard_normal(shape[0])), {}, label=f"{shape} with g")
+    # ε: the authors' PyTorch module (‖c‖ + 1e-5) and their Torch7 one (√(‖c‖² + 1e-4)); rows of norm
+    # ~0.1 so that ε changes the result measurably (ε/‖c‖ ~ 1e-4 … 1e-2)
+    for placement, eps in (("outside", 1e-5), ("inside", 1e-4), ("outside", 1e-2)):
+        v = rng.standard_normal((4, 3, 2)) * 0.05
+        yield Example((v, rng.standard_normal(4)), dict(eps=eps, eps_placement=placement),
+                      label=f"(4, 3, 2) eps={eps} {placement}")
+    v = rng.standard_normal((3, 4))
+    v[1] = 0.7  # a constant row: with ε > 0 it gives a zero row of W (no error)
+    yield Example((v,), dict(eps=1e-3, eps_placement="inside"), label="(3, 4) constant row, eps inside")
 
 
 def _cwn_rows(m, xp, out, args, kwargs):
+    """Rows have mean 0 and norm |g|·‖c‖/d, d = ‖c‖ (eps = 0), ‖c‖ + ε or √(‖c‖² + ε)."""
     w = _np_rows(m.primary(out))
     g = args[1] if len(args) > 1 else kwargs.get("g")
     gg = _np.ones(w.shape[0]) if g is None else _np.abs(_np.asarray(to_numpy(g), _np.float64).reshape(-1))
+    eps = kwargs.get("eps", 0.0)
+    if eps:
+        c = _np_rows(args[0])
+        n = _np.linalg.norm(c - c.mean(axis=1, keepdims=True), axis=1)
+        d = n + eps if kwargs.get("eps_placement", "outside") == "outside" else _np.sqrt(n * n + eps)
+        gg = gg * n / d
     err = float(_np.max(_np.abs(w.mean(axis=1))))
     return max(err, float(_np.max(_np.abs(_np.linalg.norm(w, axis=1) - gg)) / max(1.0, float(gg.max()))))
+
+
+EPS_PLACEMENTS = ("outside", "inside")
 
 
 def _check_row_gain(fn, g, d_out, ndim):
@@ -321,17 +340,18 @@ def _check_row_gain(fn, g, d_out, ndim):
     examples=_ex_cwn,
     invariants=(
         Invariant("rows have mean 0 and norm |g|", _cwn_rows, scale=64.0),
-        scale_invariant(),
+        scale_invariant(applies=lambda kw: not kw.get("eps")),
     ),
 )
-def centered_weight_norm(v: Any, g: Any = None) -> Any:
+def centered_weight_norm(v: Any, g: Any = None, eps: float = 0.0, eps_placement: str = "outside") -> Any:
     """Centered weight normalization: w_i = g_i·(v_i − mean(v_i))/‖v_i − mean(v_i)‖ for each output row.
 
     Survey Eqn 30: W_iᵀ·1 = 0 and ‖W_i‖ = 1; the optional per-neuron scale g recovers capacity (§6.1).
     Rows are the fan-in of each output neuron (all axes but 0).
 
     Backward: with ŵ = c/‖c‖, dc = (g·dw − ŵ·⟨ŵ, g·dw⟩)/‖c‖ and dv = dc − mean(dc) (the centering's
-    backward).
+    backward). With ε > 0 (w = c/d below), dc = (g·dw − w·⟨c, g·dw⟩/r)/d, r = ‖c‖ (outside) or d
+    (inside).
 
     Parameters
     ----------
@@ -339,6 +359,14 @@ def centered_weight_norm(v: Any, g: Any = None) -> Any:
         The unnormalized weight.
     g : array or None, default None
         ``None`` (unit rows) or one value per row, shape ``(d_out,)`` or ``(d_out, 1, ...)``.
+    eps : float, default 0.0
+        ε ≥ 0 in the denominator d of w = c/d. The default 0 is the paper's Eqn 30 (d = ‖c‖, exactly
+        unit rows, exactly scale invariant).
+    eps_placement : str, default "outside"
+        Where ε enters when ``eps > 0``: ``"outside"``, d = ‖c‖ + ε (the authors' PyTorch module,
+        ``module_pytorch/CWN.py`` of huangleiBuaa/CenteredWN, with ε = 1e-5); ``"inside"``,
+        d = √(‖c‖² + ε) (their Torch7 ``WeightNorm_Center``, ε = 1e-4). Either way rows have norm
+        ``|g|·‖c‖/d < |g|`` and a constant row gives a zero row of W instead of an error.
 
     Returns
     -------
@@ -348,11 +376,12 @@ def centered_weight_norm(v: Any, g: Any = None) -> Any:
     Raises
     ------
     ValueError
-        For a constant row (zero after centering).
+        For a constant row (zero after centering) when ``eps = 0``.
 
     Notes
     -----
-    Survey §6.1, Eqn 30.
+    Survey §6.1, Eqn 30. Conventions: the paper has no ε; the authors' released modules add one (see
+    ``eps``). torch has no centered weight normalization.
 
     References
     ----------
@@ -361,30 +390,58 @@ def centered_weight_norm(v: Any, g: Any = None) -> Any:
     """
     fn = "centered_weight_norm"
     _required(fn, v=v)
+    eps = check_nonnegative(fn, "eps", eps)
+    eps_placement = check_choice(fn, "eps_placement", eps_placement, EPS_PLACEMENTS)
     xp = namespace(fn, v=v, g=g)
     _check_weight(fn, "v", v)
     _check_row_gain(fn, g, v.shape[0], v.ndim)
     cd = compute_dtype(xp, v.dtype)
     x = _rows(xp, to_compute(xp, v, cd))
     c, _, _ = _op.Centering().forward(xp, x, (1,))
-    n = _safe_norms(xp, c, (1,))  # right for tiny (≤ 1e-23 float32) and huge rows too
-    if _concrete_any(xp, n == 0):
-        raise ValueError(f"{fn}: row {_first_zero(xp, n)} of v is constant; after centering it has no direction")
-    what = c / n
+    if eps > 0 and eps_placement == "inside":
+        # d = √(‖c‖² + ε), ∂d/∂c = c/d: formed from Σc² directly (smooth at a constant row, c = 0, also
+        # for autograd); where Σc² overflows, as a·√(Σ(c/a)² + ε/a²) with a = max|c|
+        s2 = xp.sum(c * c, axis=1, keepdims=True)
+        d = xp.sqrt(s2 + eps)
+        if _concrete_any(xp, xp.isinf(s2), refusal=False):
+            a = xp.max(xp.abs(c), axis=1, keepdims=True)
+            a = xp.where(a > 0, a, xp.ones_like(a))
+            d = a * xp.sqrt(xp.sum((c / a) ** 2, axis=1, keepdims=True) + eps / (a * a))
+        r = None  # r = d (one saved tensor, not the same one twice: torch.compile cannot wire a repeat)
+    else:
+        n = _safe_norms(xp, c, (1,))  # right for tiny (≤ 1e-23 float32) and huge rows too
+        if eps == 0:
+            if _concrete_any(xp, n == 0):
+                raise ValueError(f"{fn}: row {_first_zero(xp, n)} of v is constant; after centering it has no "
+                                 f"direction (eps > 0 maps it to a zero row)")
+            d, r = n, None  # r = d (saved once)
+        else:
+            d, r = n + eps, n  # d = ‖c‖ + ε, ∂d/∂c = c/‖c‖
+    what = c / d
     gb = None if g is None else xp.reshape(to_compute(xp, g, cd), (v.shape[0], 1))
     w = what if gb is None else gb * what
     w = xp.reshape(w, tuple(v.shape))
-    return _out(xp, w, v.dtype), Residuals((what, n, gb), (tuple(v.shape), None if g is None else tuple(g.shape)))
+    return _out(xp, w, v.dtype), Residuals((what, c, d, r, gb),
+                                           (tuple(v.shape), None if g is None else tuple(g.shape), eps))
 
 
 @centered_weight_norm.defbackward
 def _cwn_backward(res, dw):
-    what, n, gb = res.arrays
-    shape, gshape = res.static
+    what, c, d, r, gb = res.arrays
+    shape, gshape, eps = res.static
     xp = namespace("centered_weight_norm.backward", cotangent=dw)
     dw = xp.reshape(to_compute(xp, dw, what.dtype), what.shape)
     dg = None if gb is None else xp.reshape(xp.sum(dw * what, axis=1), gshape)
-    dc = _unit_backward(xp, what, n, (1,), dw if gb is None else gb * dw)
+    gw = dw if gb is None else gb * dw
+    if eps == 0:
+        dc = _unit_backward(xp, what, d, (1,), gw)
+    else:
+        # ŵ = c/d(c): dc = gw/d − c·⟨c, gw⟩/d²·∂d/∂c-factor; ∂d/∂c = c/r (r = ‖c‖ outside, d inside), so
+        # dc = (gw − ŵ·⟨c, gw⟩/r)/d. A zero row (c = 0, outside: r = 0) has ⟨c, gw⟩ = 0: the second term
+        # is dropped there (a subgradient of ‖c‖ at 0), leaving dc = gw/ε.
+        r = d if r is None else r
+        safe = xp.where(r > 0, r, xp.ones_like(r))
+        dc = (gw - what * xp.sum(c * gw, axis=1, keepdims=True) / safe) / d
     dv = _op.Centering().backward(xp, (), (1,), dc)
     return xp.reshape(dv, shape), dg
 
@@ -783,6 +840,8 @@ def _spectral_norm_backward(res, dy):
 
 
 ITERATIONS = ("newton_schulz", "newton")
+ONI_SCALINGS = ("trace", "frobenius")
+ONI_SIDES = ("rows", "columns", "auto")
 _MATFUN = {"newton_schulz": "newton_schulz", "newton": "iternorm"}
 
 
@@ -799,10 +858,12 @@ def _own_default_group_size(d_out: int, fan_in: int, centering: bool = True) -> 
     return max(c for c in range(1, min(d_out, limit) + 1) if d_out % c == 0)
 
 
-def _orth_forward(fn, xp, v, group_size, eps, iterations, iteration="newton_schulz", centering=True):
+def _orth_forward(fn, xp, v, group_size, eps, iterations, iteration="newton_schulz", centering=True,
+                  side="rows", scaling="trace"):
     """W = f(S)·Zc per group, Zc the centred rows, S = Zc·Zcᵀ + ε·I; f = S^-1/2 (eigh, matfun's "zca")
     when ``iterations`` is None, else T trace-normalized Newton steps (matfun's "newton_schulz" or
-    "iternorm")."""
+    "iternorm"), or with ``scaling="frobenius"`` T Newton steps on S/‖S‖_F (``_frob_forward``).
+    ``side="columns"`` (ONI only): S = Zcᵀ·Zc + ε·I (fan_in × fan_in) and W = Zc·f(S)."""
     _check_weight(fn, "v", v)
     d_out = v.shape[0]
     n = math.prod(v.shape[1:])
@@ -833,7 +894,7 @@ def _orth_forward(fn, xp, v, group_size, eps, iterations, iteration="newton_schu
     # Huang et al.: centre each row (W_iᵀ·1 = 0); centering=False keeps the rows (a square V then
     # reaches a fully orthogonal W, rank d, instead of rank d − 1)
     zc = z - xp.mean(z, axis=-1, keepdims=True) if centering else z
-    s = xp.matmul(zc, _mf.mT(xp, zc))
+    s = xp.matmul(zc, _mf.mT(xp, zc)) if side == "rows" else xp.matmul(_mf.mT(xp, zc), zc)
     if eps:
         s = s + (eps if a is None else eps / (a * a)) * _mf.eye_like(xp, s)
     if iterations is None:
@@ -854,10 +915,83 @@ def _orth_forward(fn, xp, v, group_size, eps, iterations, iteration="newton_schu
     else:
         if _concrete_any(xp, _mf.trace(xp, s) == 0):
             raise ValueError(f"{fn}: a group of rows of v is zero after centring (tr(Vc·Vcᵀ) = 0); it has no direction")
-        kind = _MATFUN[iteration]
-        m, mres = _mf.whitening_matrix_forward(xp, s, kind, iterations)
-    w = xp.reshape(xp.matmul(m, zc), tuple(v.shape))
-    return _out(xp, w, v.dtype), Residuals((zc, m, a) + tuple(mres), (tuple(v.shape), kind, centering))
+        if scaling == "frobenius":
+            kind = "frobenius:" + iteration
+            m, mres = _frob_forward(xp, s, iterations, iteration == "newton_schulz")
+        else:
+            kind = _MATFUN[iteration]
+            m, mres = _mf.whitening_matrix_forward(xp, s, kind, iterations)
+    w = xp.matmul(m, zc) if side == "rows" else xp.matmul(zc, m)
+    w = xp.reshape(w, tuple(v.shape))
+    return _out(xp, w, v.dtype), Residuals((zc, m, a) + tuple(mres), (tuple(v.shape), kind, centering, side))
+
+
+def _frob_forward(xp, s, iterations, coupled):
+    """M = B_T(S_N)/√φ with φ = ‖S‖_F and S_N = S/φ (the authors' ONI code; eigenvalues of S_N in
+    (0, 1] since ‖S‖_F ≥ λ_max): T Newton steps B ← 1.5·B − 0.5·B³·S_N from B_0 = I (``coupled=False``),
+    or the coupled Newton–Schulz form Y_0 = S_N, Z_0 = I, N = ½(3I − Z·Y), Y ← Y·N, Z ← N·Z, B_T = Z_T
+    (the same polynomial in S_N). ``res = (S, φ, *iterates)``."""
+    s = _mf.sym(xp, s)
+    phi = xp.sqrt(xp.sum(s * s, axis=(-2, -1)))
+    s_n = s / phi[..., None, None]
+    eye = _mf.eye_like(xp, s)
+    if coupled:
+        y, z = s_n, eye + xp.zeros_like(s_n)
+        seq = [y, z]
+        for _ in range(iterations):
+            n_ = 0.5 * (3.0 * eye - xp.matmul(z, y))
+            y, z = xp.matmul(y, n_), xp.matmul(n_, z)
+            seq += [y, z]
+        b = z
+    else:
+        b = eye + xp.zeros_like(s_n)
+        seq = [b]
+        for _ in range(iterations):
+            b = 1.5 * b - 0.5 * xp.matmul(xp.matmul(xp.matmul(b, b), b), s_n)
+            seq.append(b)
+    return b / xp.sqrt(phi)[..., None, None], (s, phi, *seq)
+
+
+def _frob_backward(xp, res, dm, coupled):
+    """dS (symmetric) of ``_frob_forward``'s M for the cotangent dM.
+
+    M = B_T/√φ: dB_T = dM/√φ and dφ gets −½·φ^-3/2·⟨dM, B_T⟩. The iterations reversed give dS_N
+    (literal: with P = B_{k−1}, dP = 1.5·dB_k − 0.5·(dB_k·(P²·S_N)ᵀ + Pᵀ·dB_k·(P·S_N)ᵀ + (P²)ᵀ·dB_k·S_Nᵀ)
+    and dS_N += −0.5·(P³)ᵀ·dB_k; coupled: dN = Yᵀ·dY' + dZ'·Zᵀ, dY = dY'·Nᵀ − ½·Zᵀ·dN,
+    dZ = Nᵀ·dZ' − ½·dN·Yᵀ, dS_N = dY_0). S_N = S/φ: dS = dS_N/φ and dφ gets −⟨dS_N, S⟩/φ²; finally
+    φ = ‖S‖_F, ∂φ/∂S = S/φ: dS = sym(dS_N/φ + dφ·S/φ)."""
+    s, phi, *seq = res
+    p2 = phi[..., None, None]
+    s_n = s / p2
+    sq = xp.sqrt(phi)[..., None, None]
+    eye = _mf.eye_like(xp, s)
+    mT = _mf.mT
+    if coupled:
+        ys, zs = seq[0::2], seq[1::2]
+        b_t = zs[-1]
+        dz = dm / sq
+        dy = xp.zeros_like(dz)
+        for k in range(len(ys) - 1, 0, -1):
+            y, z = ys[k - 1], zs[k - 1]
+            n_ = 0.5 * (3.0 * eye - xp.matmul(z, y))
+            dn = xp.matmul(mT(xp, y), dy) + xp.matmul(dz, mT(xp, z))
+            dy, dz = (xp.matmul(dy, mT(xp, n_)) - 0.5 * xp.matmul(mT(xp, z), dn),
+                      xp.matmul(mT(xp, n_), dz) - 0.5 * xp.matmul(dn, mT(xp, y)))
+        ds_n = dy
+    else:
+        b_t = seq[-1]
+        db = dm / sq
+        ds_n = xp.zeros_like(s_n)
+        for k in range(len(seq) - 1, 0, -1):
+            p = seq[k - 1]
+            pp = xp.matmul(p, p)
+            new = 1.5 * db - 0.5 * (xp.matmul(db, mT(xp, xp.matmul(pp, s_n)))
+                                    + xp.matmul(mT(xp, p), xp.matmul(db, mT(xp, xp.matmul(p, s_n))))
+                                    + xp.matmul(mT(xp, pp), xp.matmul(db, mT(xp, s_n))))
+            ds_n = ds_n - 0.5 * xp.matmul(mT(xp, xp.matmul(pp, p)), db)
+            db = new
+    dphi = -0.5 * phi ** -1.5 * xp.sum(dm * b_t, axis=(-2, -1)) - xp.sum(ds_n * s, axis=(-2, -1)) / phi**2
+    return _mf.sym(xp, ds_n / p2 + (dphi / phi)[..., None, None] * s)
 
 
 def _group_scale(fn, xp, z, eps):
@@ -887,12 +1021,20 @@ def _orth_backward(res, dw):
     (symmetric, from normref.matfun), then dV = dZc − mean(dZc) along each row (the centring). Zc here
     is the group scaled by 1/a_g (see ``_orth_forward``): dV = (dZc − mean(dZc))/a_g."""
     zc, m, a, *mres = res.arrays
-    shape, kind, centering = res.static
+    shape, kind, centering, side = res.static
     xp = namespace("orthogonalization.backward", cotangent=dw)
     dw = xp.reshape(to_compute(xp, dw, zc.dtype), zc.shape)
-    dm = xp.matmul(dw, _mf.mT(xp, zc))
-    ds = _mf.whitening_matrix_backward(xp, tuple(mres), dm, kind)
-    dzc = xp.matmul(_mf.mT(xp, m), dw) + 2.0 * xp.matmul(ds, zc)
+    # rows: W = M·Zc, S = Zc·Zcᵀ: dM = dW·Zcᵀ, dZc = Mᵀ·dW + 2·dS·Zc (dS symmetric);
+    # columns: W = Zc·M, S = Zcᵀ·Zc: dM = Zcᵀ·dW, dZc = dW·Mᵀ + 2·Zc·dS
+    dm = xp.matmul(dw, _mf.mT(xp, zc)) if side == "rows" else xp.matmul(_mf.mT(xp, zc), dw)
+    if kind.startswith("frobenius:"):
+        ds = _frob_backward(xp, tuple(mres), dm, kind == "frobenius:newton_schulz")
+    else:
+        ds = _mf.whitening_matrix_backward(xp, tuple(mres), dm, kind)
+    if side == "rows":
+        dzc = xp.matmul(_mf.mT(xp, m), dw) + 2.0 * xp.matmul(ds, zc)
+    else:
+        dzc = xp.matmul(dw, _mf.mT(xp, m)) + 2.0 * xp.matmul(zc, ds)
     dv = dzc - xp.mean(dzc, axis=-1, keepdims=True) if centering else dzc
     if a is not None:
         dv = dv / a
@@ -1019,7 +1161,7 @@ def orthogonal_weight_norm(v: Any, group_size: int | None = None, eps: float = 0
 orthogonal_weight_norm.defbackward(_orth_backward)
 
 
-def _newton_amplification(v, c, iterations, eps=0.0) -> float:
+def _newton_amplification(v, c, iterations, eps=0.0, scaling="trace") -> float:
     """How much the literal Newton recurrence P ← 1.5·P − 0.5·P³·S_N amplifies its rounding errors.
 
     Linearized around the exact (commuting) iterates P_k = diag(p_k) in S_N's eigenbasis (eigenvalues λ),
@@ -1032,7 +1174,8 @@ def _newton_amplification(v, c, iterations, eps=0.0) -> float:
     z = z.reshape(z.shape[0] // c, c, -1)
     z = z - z.mean(axis=-1, keepdims=True)
     s = z @ _np.swapaxes(z, -1, -2) + eps * _np.eye(c)
-    lam = _np.linalg.eigvalsh(s) / _np.trace(s, axis1=-2, axis2=-1)[:, None]
+    scale = _np.trace(s, axis1=-2, axis2=-1) if scaling == "trace" else _np.linalg.norm(s, axis=(-2, -1))
+    lam = _np.linalg.eigvalsh(s) / scale[:, None]
     worst = 1.0
     for lg in lam:
         p = _np.ones_like(lg)
@@ -1066,6 +1209,40 @@ def _ex_oni(rng):
         cond = max(_gram_cond(v, k), _newton_amplification(v, k, t))
         yield Example((v,), dict(iterations=t, group_size=c, iteration="newton"),
                       label=f"{shape} group_size={c} T={t} literal Newton", cond=cond)
+    # the authors' code: S/‖S‖_F (and their ε = 1e-5), both iteration forms
+    frob: list[tuple[tuple[int, ...], int | None, int, dict[str, Any]]] = [
+        ((4, 6), None, 5, {}), ((6, 3, 2, 2), 3, 3, dict(eps=1e-5)), ((4, 6), 2, 3, dict(iteration="newton"))]
+    for shape, c, t, kw in frob:
+        v = rng.standard_normal(shape) + 0.3
+        k = c or shape[0]
+        cond = _gram_cond(v, k)
+        if kw.get("iteration") == "newton":
+            cond = max(cond, _newton_amplification(v, k, t, scaling="frobenius"))
+        yield Example((v,), dict(iterations=t, group_size=c, scaling="frobenius", **kw),
+                      label=f"{shape} group_size={c} T={t} Frobenius {kw}", cond=cond)
+    # the column form (d_out > fan_in: S = Zcᵀ·Zc, W = Zc·B_T), and "auto" choosing it
+    cols: list[tuple[tuple[int, ...], int | None, int, dict[str, Any]]] = [
+        ((8, 3), None, 5, dict(side="columns")), ((6, 2, 1, 1), 3, 4, dict(side="columns")),
+        ((8, 3), None, 3, dict(side="auto", scaling="frobenius")), ((8, 4), 4, 4, dict(side="columns", centering=False))]
+    for shape, c, t, kw in cols:
+        v = rng.standard_normal(shape) + 0.3
+        yield Example((v,), dict(iterations=t, group_size=c, **kw), label=f"{shape} group_size={c} T={t} {kw}",
+                      cond=_col_gram_cond(v, c or shape[0], kw.get("centering", True)))
+
+
+def _col_gram_cond(v, c, centering=True):
+    """κ of Zcᵀ·Zc restricted to its range (centred rows: the constant direction is a null vector, an
+    eigenvalue the column form never inverts), worst group."""
+    z = _np_rows(v)
+    z = z.reshape(z.shape[0] // c, c, -1)
+    if centering:
+        z = z - z.mean(axis=-1, keepdims=True)
+    sv = _np.linalg.svd(z, compute_uv=False)
+    worst = 1.0
+    for g in sv:
+        g = g[g > 1e-10 * g[0]]
+        worst = max(worst, float(g[0] / g[-1]) ** 2)
+    return worst
 
 
 def _oni_singular_values(m, xp, out, args, kwargs):
@@ -1079,8 +1256,13 @@ def _oni_singular_values(m, xp, out, args, kwargs):
     if kwargs.get("centering", True):
         z = z - z.mean(axis=-1, keepdims=True)
     t = _np.einsum("gij,gij->g", z, z) + eps * c
-    lo = _np.sqrt(_np.clip(_np.linalg.eigvalsh(z @ _np.swapaxes(z, -1, -2)) / t[:, None], 0, None))[:, ::-1]
+    # σ(V̂) from an SVD of Zc (not √ of eigh's eigenvalues, which turns a rounding-level zero into √ε)
+    lo = _np.linalg.svd(z, compute_uv=False) / _np.sqrt(t)[:, None]
     sv = _np.linalg.svd(w.reshape(z.shape), compute_uv=False)
+    # the column form has min(c, fan_in) singular values (the same nonzero ones); S/‖S‖_F only raises
+    # the eigenvalues the iteration sees (‖S‖_F ≤ tr S), so σ(V̂) stays a lower bound
+    k = min(lo.shape[1], sv.shape[1])
+    lo, sv = lo[:, :k], sv[:, :k]
     if eps:  # with ε·I the lower bound is σ_i(V̂)·(1 + …) only approximately: check the upper bound
         return float(max(0.0, _np.max(sv) - 1.0))
     return float(max(0.0, _np.max(sv) - 1.0, _np.max(lo - sv)))
@@ -1098,7 +1280,7 @@ def _oni_singular_values(m, xp, out, args, kwargs):
     ),
 )
 def oni(v: Any, iterations: int = 5, group_size: int | None = None, eps: float = 0.0,
-        iteration: str = "newton_schulz", centering: bool = True) -> Any:
+        iteration: str = "newton_schulz", centering: bool = True, scaling: str = "trace", side: str = "rows") -> Any:
     """Orthogonalization by Newton's iteration (ONI): W = B_T·V̂ per group of rows.
 
     Algorithm 1 of Huang et al. (CVPR 2020) on the centred rows Zc (as their code; groups of
@@ -1115,8 +1297,8 @@ def oni(v: Any, iterations: int = 5, group_size: int | None = None, eps: float =
     for every T (W·Wᵀ converges to the orthogonal projector onto the range of Zc·Zcᵀ); choose
     group_size ≤ fan_in − 1 when orthogonality is the aim. Likewise a single zero (or constant) row
     in a group gives a zero row of W, finite for every T, never NaN. The authors' code divides S by
-    ‖S‖_F instead of tr S (faster convergence, ‖S‖_F ≤ tr S); that variant is not offered yet: this
-    function is Algorithm 1 as published. Groups are rescaled by powers of two as in
+    ‖S‖_F instead of tr S (``scaling="frobenius"``) and switches to the column form when
+    d_out > fan_in (``side="auto"``). Groups are rescaled by powers of two as in
     :func:`orthogonal_weight_norm`.
 
     Parameters
@@ -1145,6 +1327,33 @@ def oni(v: Any, iterations: int = 5, group_size: int | None = None, eps: float =
         Centre each row first (Algorithm 1 and the authors' code). ``False`` runs the iteration on V
         itself: a square V then converges to a fully orthogonal W (rank d, the polar factor of V),
         which centred rows (rank ≤ fan_in − 1) cannot reach.
+    scaling : str, default "trace"
+        How S is brought to eigenvalues in (0, 1] before the iteration:
+
+        - ``"trace"`` (default): S/tr S, i.e. V̂ = Zc/‖Zc‖_F as Algorithm 1 of the paper writes it.
+        - ``"frobenius"``: S/‖S‖_F and W = B_T·Zc/√‖S‖_F, as the authors' released ``ONINorm``
+          (huangleiBuaa/ONI, ``NormedConv.py``, which adds ε = 1e-5: pass ``eps=1e-5``).
+          ‖S‖_F = √Σλ² ≤ tr S = Σλ, so the iteration sees larger eigenvalues and converges in fewer
+          steps; both give W·Wᵀ → I as T grows, but at finite T they differ. The backward runs
+          through the same unrolled iterations plus dφ·S/φ for φ = ‖S‖_F.
+    side : str, default "rows"
+        Which Gram matrix is orthogonalized, per group Z_g (c × fan_in):
+
+        - ``"rows"`` (default, Algorithm 1): S = Zc·Zcᵀ (c × c), W = B_T·Zc: orthonormal rows.
+        - ``"columns"``: S = Zcᵀ·Zc (fan_in × fan_in), W = Zc·B_T: orthonormal columns, the only
+          orthogonality a group of more than fan_in rows can have (the authors' ``ONINorm_colum``;
+          backward dM = Zcᵀ·dW, dZc = dW·Mᵀ + 2·Zc·dS). The nonzero singular values are those of the
+          row form. With centred rows the constant vector is in the null space of Zcᵀ·Zc, so at most
+          fan_in − 1 columns become orthonormal (WᵀW → the projector onto 1^⊥); ``centering=False``
+          reaches WᵀW = I. Along that null direction B_T grows like 1.5^T and multiplies the
+          rounding-level Zc·1 ≈ ε: harmless for the paper's T ≤ 7 (1.5^7 ≈ 17), but T = 60 loses
+          about ten digits (the same holds for any group with a singular S, rows or columns). The authors' column module leaves S unscaled (its S/‖S‖_F line is
+          commented out) while still dividing W by √‖S‖_F: its iteration converges only while
+          λ_max(S) < 3 (at λ ≥ 3 the scalar map p ↦ 1.5p − 0.5p³λ from p = 1 lands on 0 or a negative
+          fixed point), and then to Zc·S^-1/2/√‖S‖_F, whose columns are not unit. normref scales S
+          as ``scaling`` says, as their row module does.
+        - ``"auto"``: rows when d_out ≤ fan_in, else columns (the authors' ``ONI_Linear`` and
+          ``ONI_Conv2d`` choice).
 
     Returns
     -------
@@ -1158,7 +1367,8 @@ def oni(v: Any, iterations: int = 5, group_size: int | None = None, eps: float =
 
     Notes
     -----
-    Survey §6.1 (ONI).
+    Survey §6.1 (ONI). Conventions: the paper's Algorithm 1 (trace scaling, rows, ε = 0) is the
+    default; the authors' code is ``scaling="frobenius", side="auto", eps=1e-5``. torch has no ONI.
 
     References
     ----------
@@ -1172,7 +1382,12 @@ def oni(v: Any, iterations: int = 5, group_size: int | None = None, eps: float =
     iterations = _mf.check_iterations(fn, "iterations", iterations, minimum=1)
     iteration = check_choice(fn, "iteration", iteration, ITERATIONS)
     centering = check_bool(fn, "centering", centering)
-    return _orth_forward(fn, xp, v, group_size, eps, iterations, iteration, centering=centering)
+    scaling = check_choice(fn, "scaling", scaling, ONI_SCALINGS)
+    side = check_choice(fn, "side", side, ONI_SIDES)
+    if side == "auto" and v.ndim >= 2:
+        side = "rows" if v.shape[0] <= math.prod(v.shape[1:]) else "columns"
+    return _orth_forward(fn, xp, v, group_size, eps, iterations, iteration, centering=centering,
+                         side=side, scaling=scaling)
 
 
 oni.defbackward(_orth_backward)
@@ -1201,6 +1416,10 @@ def _ex_penalty(rng):
     for shape, gram in [((5, 3), "columns"), ((6, 2, 1, 1), "auto")]:
         for kind in ("frobenius", "off_diagonal", "mc", "srip"):
             yield Example((rng.standard_normal(shape) * 0.5,), dict(kind=kind, gram=gram), label=f"{shape} {kind} gram={gram}")
+    # SRIP as the authors' code computes it: σ², the smaller Gram matrix
+    for shape, gram in [((3, 5), "rows"), ((6, 2, 1, 1), "auto"), ((2, 3, 2, 2), "auto")]:
+        yield Example((rng.standard_normal(shape) * 0.5,), dict(kind="srip", gram=gram, squared=True),
+                      label=f"{shape} srip squared gram={gram}")
 
 
 def _penalty_zero_when_orthogonal(m, xp, out, args, kwargs):
@@ -1236,7 +1455,7 @@ def _penalty_zero_when_orthogonal(m, xp, out, args, kwargs):
     examples=_ex_penalty,
     invariants=(Invariant("zero at orthonormal rows (or columns)", _penalty_zero_when_orthogonal, scale=64.0),),
 )
-def orthogonal_penalty(w: Any, kind: str = "frobenius", gram: str = "rows") -> Any:
+def orthogonal_penalty(w: Any, kind: str = "frobenius", gram: str = "rows", squared: bool = False) -> Any:
     """A soft-orthogonality penalty on W (d_out × fan_in, a kernel flattened per output row), a 0-d array.
 
     With G the Gram matrix of the side ``gram`` chooses and M = G − I:
@@ -1277,6 +1496,12 @@ def orthogonal_penalty(w: Any, kind: str = "frobenius", gram: str = "rows") -> A
         (k·k·C_in) × C_out matrix), ``"auto"`` the smaller of the two, the only one that can equal I
         (rows when d_out ≤ fan_in, so a tall weight or a 1×1 convolution with more filters than inputs
         gets its columns).
+    squared : bool, default False
+        Only with ``kind="srip"``: return σ² instead of σ (gradient 2σ·∂σ). The paper writes the SRIP
+        term as σ(WᵀW − I) (Bansal et al. 2018, the SRIP regularizer λ·σ(WᵀW − I)); the authors' released code
+        (VITA-Group/Orthogonality-in-CNNs, ``l2_reg_ortho``) squares the power-iteration estimate and
+        takes the smaller Gram matrix (``gram="auto"`` here). ``True`` with another kind raises
+        ``ValueError`` (the other kinds are already squared, or are a maximum of entries).
 
     Returns
     -------
@@ -1285,7 +1510,10 @@ def orthogonal_penalty(w: Any, kind: str = "frobenius", gram: str = "rows") -> A
 
     Notes
     -----
-    Survey §6.2 (training with constraints: soft orthogonality penalties).
+    Survey §6.2 (training with constraints: soft orthogonality penalties). Conventions: "srip" is the
+    paper's σ by default; its code's σ² and side are ``squared=True, gram="auto"``; the code's two
+    power-iteration steps (a random start) are not reproduced, σ here is exact. torch has no
+    orthogonality penalty.
 
     References
     ----------
@@ -1303,6 +1531,9 @@ def orthogonal_penalty(w: Any, kind: str = "frobenius", gram: str = "rows") -> A
     _check_weight(fn, "w", w)
     kind = check_choice(fn, "kind", kind, PENALTIES)
     gram = check_choice(fn, "gram", gram, GRAMS)
+    squared = check_bool(fn, "squared", squared)
+    if squared and kind != "srip":
+        raise ValueError(f"{fn}: squared=True applies to kind='srip' only (σ² of the spectral term); got kind={kind!r}")
     cd = compute_dtype(xp, w.dtype)
     a = _rows(xp, to_compute(xp, w, cd))
     r, c = a.shape
@@ -1328,6 +1559,9 @@ def orthogonal_penalty(w: Any, kind: str = "frobenius", gram: str = "rows") -> A
             top = xp.astype(al == v, cd)
             wts = xp.sign(lam) * top / xp.sum(top)
             om = xp.matmul(q * wts[None, :], xp.matrix_transpose(q))
+            if squared:  # ψ = σ²: ∂ψ/∂M = 2σ·∂σ/∂M
+                om = (2.0 * v) * om
+                v = v * v
         val = v if val is None else val + v
         omegas[side] = om
     if not isinstance(val, type(a)):  # NumPy's reductions give scalars: return a 0-d array like every library

@@ -11,7 +11,7 @@ with the whitening matrix W(Σ) of the operation (NOP, :mod:`normref.matfun`):
 ``"pca"``           W = Λ^-1/2·Dᵀ (unstable: stochastic axis swapping)   Huang et al., CVPR 2018 §3.1
 ``"cholesky"``      W = L^-1, Σ = L·Lᵀ (applied by a triangular solve)   Siarohin et al., ICLR 2019
 ``"iternorm"``      W = P_T/√tr Σ, Newton on Σ/tr Σ, T = ``iterations``  Huang et al., IterNorm, CVPR 2019
-``"newton_schulz"`` coupled Newton–Schulz Z_T/√tr Σ                      Lin & Maji, BMVC 2017 (survey [80])
+``"newton_schulz"`` coupled Newton–Schulz Z_T/√tr Σ                      Higham 2008 Ch. 6; Lin & Maji, BMVC 2017
 ==================  ==================================================  ===================================
 
 ``"iternorm"`` and ``"newton_schulz"`` compute the same polynomial in Σ/tr Σ. IterNorm's uncoupled
@@ -71,13 +71,31 @@ The gradients of γ, β (coloring Γ) stay per rank, as data-parallel training s
 hold any number of samples, none included (it still takes part in both collectives). The other
 partitions take each sample's own statistics and refuse ``sync`` (``ValueError``).
 
-Population statistics (survey §5.3.2, §4 Eqn 16), batch partition: the *running covariance* is kept
-(not the running whitening matrix). A training call given ``running_mean``/``running_cov`` returns
-``WhiteningResult(output, running_mean, running_cov)`` with
+Population statistics (survey §4 Eqn 16, §5.3.2), batch partition: the *running covariance* is kept
+by default (:func:`decorrelated_batch_norm` and :func:`iter_norm` offer the running whitening matrix
+of their authors' code with ``running="whitening_matrix"``). A training call given
+``running_mean``/``running_cov`` returns ``WhiteningResult(output, running_mean, running_cov)`` with
 running ← (1 − momentum)·running + momentum·batch statistic, the covariance unbiased
 (× m/(m − 1), as torch does for the variance) and without ε; an inference call computes W from
 ``running_cov + ε·I`` with the same operation and treats μ̂, W as constants: dX = Wᵀ·G.
 Nothing is mutated. Every other partition uses each call's own statistics (there is no population).
+
+Conventions (where the papers, the authors' code and the frameworks differ; the default first, the
+argument for the others; each function's docstring gives the sources):
+
+========================  ================================  ===========================================
+method                    default                           others
+========================  ================================  ===========================================
+decorrelated_batch_norm   running covariance (unbiased)     ``running="whitening_matrix"``: EMA of the
+                                                            batch W, applied at inference (authors' code)
+iter_norm                 running covariance (unbiased)     ``running="whitening_matrix"`` (the same)
+whitening_coloring        Σ = Xc·Xcᵀ/m + εI (Eqn 23)        ``shrinkage=True``: (1 − ε)·Xc·Xcᵀ/(m − 1)
+                                                            + εI, (1 − ε)·Σ̂ + εI at inference (authors')
+adain                     biased σ² + ε, content and style  ``unbiased=True`` (PyTorch port);
+                          (paper Eqns 6, 8)                 ``style_eps=False`` (authors' Torch7 code)
+wct                       biased Σ + εI, every eigenvalue   ``unbiased=True``, ``eig_cutoff=1e-5``,
+                                                            ``style_eps=False`` (the PyTorch port)
+========================  ================================  ===========================================
 
 Bad covariances raise ``ValueError`` (never a NaN), checked on the small c×c matrices before any
 factorization: non-finite values (NaN/inf in the input: the message names the argument; a finite
@@ -135,6 +153,8 @@ PARTITIONS = _part.KINDS
 # Largest T for which IterNorm's uncoupled iteration stays within ~1e2·ε of the coupled one for
 # κ(Σ) ≤ 1e6 (measured, float32 and float64; module docstring). Above it "iternorm" warns.
 ITERNORM_STABLE_T = 6
+#: what ``running_cov`` holds in :func:`decorrelated_batch_norm` and :func:`iter_norm` (``running=``)
+RUNNING_STATES = ("covariance", "whitening_matrix")
 
 
 @result_tuple
@@ -143,8 +163,10 @@ class WhiteningResult(NamedTuple):
 
     A ``NamedTuple`` ``(output, running_mean, running_cov)``, not an array: ``result.output`` is the
     whitened array (the differentiable output); ``running_mean`` (C,) and ``running_cov`` (the
-    per-group covariances) are the updated statistics (no gradient). Arithmetic on the tuple or an
-    array attribute (``result.sum()``) raises an error that says so."""
+    per-group covariances; with ``running="whitening_matrix"`` of :func:`decorrelated_batch_norm` and
+    :func:`iter_norm`, the per-group running whitening matrices Ŵ instead) are the updated statistics
+    (no gradient). Arithmetic on the tuple or an array attribute (``result.sum()``) raises an error
+    that says so."""
 
     output: Any
     running_mean: Any
@@ -233,6 +255,7 @@ _SOURCES = {
     "content": ("the covariance of a group of content", True),
     "style": ("the covariance of a group of style", True),
     "running_cov": ("running_cov + eps·I", False),
+    "running_wm": ("running_cov (the running whitening matrix of running='whitening_matrix')", False),
     "cov": ("cov", False),
 }
 
@@ -242,7 +265,7 @@ def _check_finite(fn, sigma, source, data=None):
     dtype's max, e.g. |x| ≳ 1e19 in float32), and the message says so instead of "non-finite"."""
     s = _concrete(sigma)
     if s is not None and not _np.all(_np.isfinite(s)):
-        arg = "input" if source in ("input",) else source
+        arg = "running_cov" if source == "running_wm" else source  # the argument that holds the matrix
         dn = None if data is None else _concrete(data)
         if dn is not None and _np.all(_np.isfinite(dn)):
             dt = _dtype_name(sigma.dtype)
@@ -359,10 +382,84 @@ def _dtype_name(dtype) -> str:
     return str(dtype).rsplit(".", 1)[-1]
 
 
-def _operator(fn, xp, sigma, method, iterations, eps, source, m=None, data=None):
+def _check_kept(fn, xp, lam, cutoff, eps, source, m):
+    """zca with an eigenvalue cut-off: the eigenvalues that are kept (λ ≥ ``cutoff``) must be above the
+    rounding noise ν = 2√d·ε_dtype·max|λ| (a kept noise eigenvalue would be amplified by λ^-1/2); the
+    dropped ones may be anything, zero or slightly negative included. No kept eigenvalue at all is
+    allowed (W = 0)."""
+    lam_np = _concrete(lam)
+    if lam_np is None:
+        return
+    d = lam_np.shape[-1]
+    e = float(xp.finfo(lam.dtype).eps)
+    hi = _np.abs(lam_np).max(axis=-1)
+    kept = _np.where(lam_np >= cutoff, lam_np, _np.inf).min(axis=-1)
+    bad = _np.isfinite(kept) & (kept <= _noise(d, e, hi))
+    if _np.any(bad):
+        k = int(_np.argmax(bad.ravel()))
+        lo_k, hi_k = float(kept.ravel()[k]), float(hi.ravel()[k])
+        raise ValueError(
+            f"{fn}: {_SOURCES[source][0]} (eps={eps}) keeps an eigenvalue {lo_k:.3g} ≥ eig_cutoff={cutoff} that is "
+            f"not above the {_dtype_name(lam.dtype)} rounding noise {_noise(d, e, hi_k):.3g} (= 2·√d·ε·{hi_k:.3g}, "
+            f"d = {d}); pass an eig_cutoff well above it"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# a spectral function with an eigenvalue cut-off (Li et al.'s WCT): F(Σ) = Σ_{λ_k ≥ τ} λ_k^p·d_k·d_kᵀ
+#
+# Derivation. F(Σ) = D·f̃(Λ)·Dᵀ with the truncated scalar function f̃(λ) = λ^p for λ ≥ τ and 0 below
+# τ. Away from λ = τ (where f̃ jumps), f̃ is smooth and the Daleckii–Krein formula applies as for any
+# spectral function: dΣ = D·(K ∘ (Dᵀ·sym(dF)·D))·Dᵀ with the divided differences of f̃,
+#   both kept (λi, λj ≥ τ):   K_ij = (λi^p − λj^p)/(λi − λj), in closed form without a division by
+#                             λi − λj (p = −½: −1/(√λi·√λj·(√λi + √λj)); p = ½: 1/(√λi + √λj)),
+#                             so exact at ties, as the untruncated backward;
+#   both dropped:             K_ij = 0 (f̃ ≡ 0 there: the dropped components contribute nothing);
+#   one kept (i), one dropped: K_ij = f(λi)/(λi − λj): NOT zero. Rotating Σ mixes the kept eigenspace
+#                             with the dropped one, and the projection onto the kept space moves with
+#                             it (at first order in Σ's off-diagonal entries); λi − λj > 0 here since
+#                             λj < τ ≤ λi, but it is small when both lie close to τ: the gradient is
+#                             that of the locally constant kept set and is large there, which is
+#                             exact (F is that steep; at λ = τ itself it jumps and has no gradient).
+# Ties across the cut-off cannot occur (one is ≥ τ, the other < τ); ties inside either set are exact.
+
+
+def truncated_spectral_forward(xp, lam, d, p: float, cutoff: float):
+    """F = D·diag(f̃(λ))·Dᵀ, f̃(λ) = λ^p for λ ≥ ``cutoff`` and 0 below (dropped eigenvalues may be ≤ 0)."""
+    keep = lam >= cutoff
+    safe = xp.where(keep, lam, xp.ones_like(lam))
+    f = xp.where(keep, safe ** p, xp.zeros_like(lam))
+    return xp.matmul(d * f[..., None, :], _mf.mT(xp, d))
+
+
+def truncated_spectral_backward(xp, res, dw, p: float, cutoff: float):
+    """dΣ (symmetric) of :func:`truncated_spectral_forward` for the cotangent dW (derivation above)."""
+    lam, d = res[0], res[1]
+    keep = lam >= cutoff
+    safe = xp.where(keep, lam, xp.ones_like(lam))
+    r = xp.sqrt(safe)
+    ri, rj = r[..., :, None], r[..., None, :]
+    both = keep[..., :, None] & keep[..., None, :]
+    closed = -1.0 / (ri * rj * (ri + rj)) if p == -0.5 else 1.0 / (ri + rj)
+    f = xp.where(keep, safe ** p, xp.zeros_like(lam))
+    fi, fj = f[..., :, None], f[..., None, :]
+    mixed = keep[..., :, None] != keep[..., None, :]
+    gap = lam[..., :, None] - lam[..., None, :]
+    gap = xp.where(mixed, gap, xp.ones_like(gap))
+    k = xp.where(both, closed, xp.where(mixed, (fi - fj) / gap, xp.zeros_like(gap)))
+    inner = xp.matmul(_mf.mT(xp, d), xp.matmul(_mf.sym(xp, dw), d))
+    return xp.matmul(d, xp.matmul(k * inner, _mf.mT(xp, d)))
+
+
+def _operator(fn, xp, sigma, method, iterations, eps, source, m=None, data=None, cutoff=None):
     """``(M, res)`` of :func:`normref.matfun.operator_forward` for Σ (+ εI already added), after the checks
-    (``data``: the samples of a batch Σ, for the message of an overflowing one)."""
+    (``data``: the samples of a batch Σ, for the message of an overflowing one; ``cutoff``: zca with
+    the eigenvalues below it dropped, ``res = (λ, D)``)."""
     _check_finite(fn, sigma, source, data)
+    if cutoff is not None:
+        eig = _mf.eigh(xp, sigma)
+        _check_kept(fn, xp, eig[0], cutoff, eps, source, m)
+        return truncated_spectral_forward(xp, eig[0], eig[1], -0.5, cutoff), eig
     if method in ("zca", "pca"):
         eig = _mf.eigh(xp, sigma)
         _check_spectrum(fn, xp, eig[0], eps, source, m)
@@ -551,7 +648,21 @@ class Whitening(Operation):
     fn: str = "whitening"
     sync: Any = None
     source: str = "input"  # the argument the samples come from, for messages ("content" in wct)
+    # conventions (see the presets): Σ = a·Xc·Xcᵀ/m + ε·I with a = m/(m − ddof)·(1 − ε if shrink else 1)
+    # (ddof = 1: the unbiased covariance; shrink: Siarohin et al.'s (1 − ε)·Σ + ε·I, also applied to a
+    # population covariance); cutoff (zca only): eigenvalues of Σ below it are dropped (Li et al.'s WCT);
+    # given_matrix (population only): the ``cov`` given to forward is the whitening matrix W itself
+    # (a running W, the DBN/IterNorm authors' rule), applied as X̂ = W·Xc with no factorization.
+    ddof: int = 0
+    shrink: bool = False
+    cutoff: float | None = None
+    given_matrix: bool = False
     name = "whitening"
+
+    def cov_factor(self, m):
+        """a of Σ = a·Xc·Xcᵀ/m + ε·I for ``m`` samples (an int, or the synchronized count array)."""
+        a = 1.0 if self.ddof == 0 else m / (m - self.ddof)
+        return a * (1.0 - self.eps) if self.shrink else a
 
     def layout(self, view_shape) -> Layout:
         return layout(view_shape, self.reduce_axes, self.feature_axes, self.group_size)
@@ -574,15 +685,24 @@ class Whitening(Operation):
             cov = _covariance(xp, x5 - mu, lay.m)
             source = self.source
         xc = x5 - mu
-        sigma = cov + self.eps * _mf.eye_like(xp, cov)
-        op, wres = _operator(self.fn, xp, sigma, self.method, self.iterations, self.eps, source, m,
-                             data=None if self.population else x5)
-        y5 = _mf.apply_whitening(xp, self.method, op[:, None, ...], xc)
+        if self.population and self.given_matrix:  # a running W: applied as it is (a constant)
+            _check_finite(self.fn, cov, "running_wm")
+            y5 = xp.matmul(cov[:, None, ...], xc)
+            return lay.unorient(xp, y5), (x, mu, cov), {"mean": mu, "cov": cov}
         if self.population:
-            return lay.unorient(xp, y5), (x, mu, op), {"mean": mu, "cov": cov}
+            a = (1.0 - self.eps) if self.shrink else 1.0  # a population covariance is already unbiased
+        else:
+            a = self.cov_factor(m if n is None else n) if (self.ddof or self.shrink) else 1.0
+        sigma = (cov if isinstance(a, float) and a == 1.0 else a * cov) + self.eps * _mf.eye_like(xp, cov)
+        op, wres = _operator(self.fn, xp, sigma, self.method, self.iterations, self.eps, source, m,
+                             data=None if self.population else x5, cutoff=self.cutoff)
+        y5 = _mf.apply_whitening(xp, self.method, op[:, None, ...], xc)
+        stats = {"mean": mu, "cov": cov, "matrix": op}
+        if self.population:
+            return lay.unorient(xp, y5), (x, mu, op), stats
         if n is None:
-            return lay.unorient(xp, y5), (x, mu, op) + tuple(wres), {"mean": mu, "cov": cov}
-        return lay.unorient(xp, y5), (x, mu, op, n) + tuple(wres), {"mean": mu, "cov": cov, "count": n}
+            return lay.unorient(xp, y5), (x, mu, op) + tuple(wres), stats
+        return lay.unorient(xp, y5), (x, mu, op, n) + tuple(wres), dict(stats, count=n)
 
     def xhat(self, xp, res):
         x, mu, op = res[:3]
@@ -601,9 +721,14 @@ class Whitening(Operation):
             return lay.unorient(xp, dxc)
         xc = lay.orient(xp, x) - mu
         dw = xp.sum(xp.matmul(g5, _mf.mT(xp, xc)), axis=1)
-        ds = _mf.whitening_matrix_backward(xp, wres, dw, self.method)  # symmetric
+        if self.cutoff is None:
+            ds = _mf.whitening_matrix_backward(xp, wres, dw, self.method)  # symmetric
+        else:  # the truncated ZCA matrix (Li et al.): divided differences of the truncated f
+            ds = truncated_spectral_backward(xp, wres, dw, -0.5, self.cutoff)
+        # Σ = a·Xc·Xcᵀ/m + ε·I: ∂L/∂Xc gains 2·(a/m)·dΣ·Xc (a = 1 for the biased Σ of Eqn 23)
         if not synced:
-            dxc = dxc + (2.0 / lay.m) * xp.matmul(ds[:, None, ...], xc)
+            a = self.cov_factor(lay.m)
+            dxc = dxc + (2.0 * a / lay.m) * xp.matmul(ds[:, None, ...], xc)
             return lay.unorient(xp, dxc - _sample_mean(xp, dxc))
         # synchronized: dΣ (linear in dW) and Σ G are sums over the global batch — ONE all-reduce of
         # [triu(dΣ_i), Σ_i G] per rank. mean(dXc) = Wᵀ·mean(G) + (2/N)·dΣ·mean(Xc), and the global
@@ -615,7 +740,7 @@ class Whitening(Operation):
                                                   xp.reshape(_sample_sum(xp, g5), (i * gg * c,))]))
         ds = _mf.triu_unpack(xp, xp.reshape(tot[:kt], (i, gg, c * (c + 1) // 2)), c)
         gbar = xp.reshape(tot[kt:], (i, 1, gg, c, 1)) / n
-        dxc = dxc + (2.0 / n) * xp.matmul(ds[:, None, ...], xc)
+        dxc = dxc + (2.0 * self.cov_factor(n) / n) * xp.matmul(ds[:, None, ...], xc)
         return lay.unorient(xp, dxc - _mf.apply_whitening_transpose(xp, self.method, op[:, None, ...], gbar))
 
 
@@ -769,8 +894,13 @@ class _ColorPlan:
 def _whitening(
     fn, input, running_mean, running_cov, weight, bias, training, momentum, eps, method, group_size,
     iterations, partition, num_groups, num_batches_tracked, recovery, batch_groups=1, normalized_ndim=1, sync=None,
+    running="covariance", shrinkage=False,
 ):
-    """The shared body of every whitening preset: validation, then NAP → NOP → NRR by the framework."""
+    """The shared body of every whitening preset: validation, then NAP → NOP → NRR by the framework.
+
+    ``running``: the population state kept in ``running_cov`` (``"covariance"``, or ``"whitening_matrix"``:
+    the running W of the DBN/IterNorm authors); ``shrinkage``: Siarohin et al.'s unbiased, shrunk
+    Σ = (1 − ε)·Xc·Xcᵀ/(m − 1) + ε·I (training) and (1 − ε)·running_cov + ε·I (inference)."""
     _required(fn, input=input)
     xp = namespace(fn, input=input, running_mean=running_mean, running_cov=running_cov, weight=weight, bias=bias)
     check_ndim(fn, "input", input, min_ndim=2, what="(N, C, *spatial)")
@@ -781,6 +911,11 @@ def _whitening(
     shape = tuple(input.shape)
     part.validate(fn, shape)
     op = whitening_operation(fn, part, shape, method, group_size, iterations, eps, sync=sync)
+    if shrinkage:
+        if op.eps > 1.0:
+            raise ValueError(f"{fn}: with shrinkage=True, eps is the shrinkage weight of (1 − eps)·Σ + eps·I and must "
+                             f"lie in [0, 1]; got eps={op.eps!r}")
+        op = dataclasses.replace(op, ddof=1, shrink=True)
     lay = op.layout(part.view_shape(shape))
     c = shape[1]
     g, gs, batch = lay.g, lay.c, partition == "batch"
@@ -817,7 +952,7 @@ def _whitening(
     nd = len(shape)
     op_arrays = {}
     if not training:
-        op = dataclasses.replace(op, population=True)
+        op = dataclasses.replace(op, population=True, given_matrix=running == "whitening_matrix")
         op_arrays = dict(mean=xp.reshape(to_compute(xp, running_mean, cd), (1, 1, g, gs, 1)),
                          cov=xp.reshape(to_compute(xp, running_cov, cd), (1, g, gs, gs)))
     beta_b = channel_param(xp, to_compute(xp, bias, cd), nd)
@@ -838,7 +973,10 @@ def _whitening(
     if training and running_mean is not None:
         rm = _ema(xp, running_mean, xp.reshape(stats["mean"], (c,)), f)
         m = stats.get("count", m)  # synchronized: the global batch's count
-        rc = _ema(xp, running_cov, xp.reshape(stats["cov"], (g, gs, gs)) * (m / (m - 1)), f)
+        if running == "whitening_matrix":  # the authors' rule: an EMA of the batch's W (Σ biased + εI)
+            rc = _ema(xp, running_cov, xp.reshape(stats["matrix"], (g, gs, gs)), f)
+        else:
+            rc = _ema(xp, running_cov, xp.reshape(stats["cov"], (g, gs, gs)) * (m / (m - 1)), f)
         return WhiteningResult(y, rm, rc), res
     return y, res
 
@@ -997,7 +1135,7 @@ def _ex_batch_whitening(rng):
     channels=_part.layout_params,
     array_params=("input", "running_mean", "running_cov", "weight", "bias"),
     nondiff=("running_mean", "running_cov"),
-    survey="§5.1.2 Eqn 23 (whitening); population statistics §5.3.2, Eqn 16",
+    survey="§5.1.2 Eqn 23 (whitening); population statistics §4 Eqn 16, §5.3.2",
     paper="Huang et al., Decorrelated Batch Normalization, CVPR 2018; Huang et al., Iterative Normalization, CVPR 2019; "
           "Siarohin et al., Whitening and Coloring Batch Transform for GANs, ICLR 2019",
     examples=_ex_batch_whitening,
@@ -1125,6 +1263,13 @@ def _ex_preset(meth):
         rc = a @ _np.swapaxes(a, -1, -2) / 4 + _np.eye(4)
         yield Example((x, rm, rc), dict(training=False), label="inference (population statistics)",
                       cond=_kappa(rc + 1e-5 * _np.eye(4)))
+        # the authors' running state: a running whitening matrix, EMA of the batch W, applied as it is
+        yield Example((x, rm, rc), dict(training=True, momentum=0.2, running="whitening_matrix"),
+                      label="running whitening matrix, training update", cond=_call_cond(x))
+        rw = _np.linalg.inv(_np.linalg.cholesky(rc[0])).T @ _np.linalg.inv(_np.linalg.cholesky(rc[0]))
+        rw = 0.5 * (rw + rw.T)[None]
+        yield Example((x, rm, rw), dict(training=False, running="whitening_matrix"),
+                      label="running whitening matrix, inference", cond=_kappa(rw))
 
     return ex
 
@@ -1151,11 +1296,25 @@ def decorrelated_batch_norm(
     *,
     num_batches_tracked: int | None = None,
     sync: Any = None,
+    running: str = "covariance",
 ) -> Array | WhiteningResult:
     """Decorrelated batch normalization: ZCA batch whitening, then a per-channel affine.
 
     X̂ = Σ^-1/2·(X − μ) per channel group, then y = γ·X̂ + β (:func:`batch_whitening` with
     ``method="zca"``).
+
+    ``running`` (keyword) selects the population state held in ``running_cov`` (conventions differ):
+
+    - ``"covariance"`` (default, as :func:`batch_whitening` and torch's running variance): the running
+      unbiased covariance, Σ̂ ← (1 − f)·Σ̂ + f·Xc·Xcᵀ/(m − 1); inference whitens with W(Σ̂ + εI).
+    - ``"whitening_matrix"`` (the authors' released code, github:princeton-vl/DecorrelatedBN,
+      ``module/spatial/Spatial_DBN_opt.lua``: ``running_projections``): the running whitening matrix,
+      Ŵ ← (1 − f)·Ŵ + f·W_batch with W_batch = (Xc·Xcᵀ/m + εI)^-1/2 the matrix this batch was
+      whitened with; inference applies X̂ = Ŵ·(X − μ̂) directly (no factorization; ``running_cov``
+      then holds Ŵ, initialised to I like the authors', and :class:`WhiteningResult`'s third field
+      returns the updated Ŵ). The two differ at inference because W is not linear in Σ
+      (an average of W's is not the W of the average Σ; survey §5.3.2 reports Huang et al.'s finding
+      that the running covariance is the more stable estimate). Either way Ŵ or Σ̂ carries no gradient.
 
     ``sync`` (keyword, default ``None``): a reducer for a batch split across ranks; a training call
     then whitens with the global batch's statistics, exactly as :func:`batch_whitening` says
@@ -1186,6 +1345,8 @@ def decorrelated_batch_norm(
         Batches seen before this one (needed with ``momentum=None``).
     sync : reducer or None, default None
         A reducer (see above).
+    running : str, default "covariance"
+        ``"covariance"`` or ``"whitening_matrix"``: what ``running_cov`` holds (see above).
 
     Returns
     -------
@@ -1194,15 +1355,17 @@ def decorrelated_batch_norm(
 
     Notes
     -----
-    Survey §5.1.2 (Table 1: Π_BN with ZCA whitening).
+    Survey §5.1.2 (Table 1: Π_BN with ZCA whitening); population statistics §5.3.2.
 
     References
     ----------
     .. [1] L. Huang, D. Yang, B. Lang and J. Deng, "Decorrelated Batch Normalization", CVPR 2018
        (Algorithm 1; their default group size is 16).
     """
+    running = check_choice("decorrelated_batch_norm", "running", running, RUNNING_STATES)
     return _whitening("decorrelated_batch_norm", input, running_mean, running_cov, weight, bias, training, momentum,
-                      eps, "zca", group_size, 5, "batch", None, num_batches_tracked, "affine", sync=sync)
+                      eps, "zca", group_size, 5, "batch", None, num_batches_tracked, "affine", sync=sync,
+                      running=running)
 
 
 decorrelated_batch_norm.defbackward(_whitening_backward)
@@ -1257,12 +1420,21 @@ def iter_norm(
     num_batches_tracked: int | None = None,
     coupled: bool | None = None,
     sync: Any = None,
+    running: str = "covariance",
 ) -> Array | WhiteningResult:
     """Iterative normalization: Newton-iteration batch whitening, then a per-channel affine.
 
     X̂ = (P_T/√tr Σ)·(X − μ), P_0 = I, P_k = ½(3·P_{k−1} − P_{k−1}³·Σ/tr Σ),
-    then y = γ·X̂ + β (:func:`batch_whitening` with ``method="iternorm"``). The running covariance is
-    kept and W recomputed from it at inference (the paper keeps a running W instead; survey §5.3.2).
+    then y = γ·X̂ + β (:func:`batch_whitening` with ``method="iternorm"``).
+
+    ``running`` (keyword) selects the population state held in ``running_cov``:
+    ``"covariance"`` (default): the running unbiased covariance Σ̂, and inference recomputes
+    W = P_T(Σ̂ + εI)/√tr(Σ̂ + εI) with the same T iterations (survey §5.3.2: Huang et al. found this
+    more stable than a running W); ``"whitening_matrix"`` (the authors' released code,
+    github:huangleiBuaa/IterNorm,
+    ``module/spatial/Spatial_DBN_PowerIter.lua``: ``running_projections``): the running whitening
+    matrix Ŵ ← (1 − f)·Ŵ + f·W_batch (W_batch = P_T/√tr Σ of this batch, Σ biased + εI), applied at
+    inference as X̂ = Ŵ·(X − μ̂) (``running_cov`` holds Ŵ, initialised to I; survey §5.3.2).
 
     The uncoupled iteration amplifies rounding errors once converged (module docstring: ≈ 30–50× per
     step). ``coupled=None`` (default) computes P_T as written for T ≤ :data:`ITERNORM_STABLE_T` (6)
@@ -1305,6 +1477,8 @@ def iter_norm(
         ``np.bool_``).
     sync : reducer or None, default None
         A reducer (see above).
+    running : str, default "covariance"
+        ``"covariance"`` or ``"whitening_matrix"``: what ``running_cov`` holds (see above).
 
     Returns
     -------
@@ -1326,10 +1500,11 @@ def iter_norm(
         except TypeError:
             raise TypeError(f"iter_norm: coupled must be True, False or None; got {type(coupled).__name__} {coupled!r}") from None
     t = _mf.check_iterations("iter_norm", "iterations", iterations, minimum=1)
+    running = check_choice("iter_norm", "running", running, RUNNING_STATES)
     stable = coupled if coupled is not None else t > ITERNORM_STABLE_T
     return _whitening("iter_norm", input, running_mean, running_cov, weight, bias, training, momentum, eps,
                       "newton_schulz" if stable else "iternorm", group_size, t, "batch", None, num_batches_tracked,
-                      "affine", sync=sync)
+                      "affine", sync=sync, running=running)
 
 
 iter_norm.defbackward(_whitening_backward)
@@ -1350,9 +1525,14 @@ def _coloring_invariant() -> Invariant:
         gam = _np.eye(c)[None] if a["weight"] is None else _np.asarray(to_numpy(a["weight"]), _np.float64)
         beta = _np.zeros(xg.shape[:2]) if a["bias"] is None else \
             _np.asarray(to_numpy(a["bias"]), _np.float64).reshape(xg.shape[:2])
-        sig = _group_cov(xg, a["eps"])
+        eps, mm = a["eps"], xg.shape[-1]
+        if a.get("shrinkage"):  # Σ = (1 − ε)·Σ_b·m/(m − 1) + εI whitened, so W·Σ_b·Wᵀ = (I − εWWᵀ)·(m − 1)/(m(1 − ε))
+            sig = (1.0 - eps) * _group_cov(xg) * (mm / (mm - 1)) + eps * _np.eye(c)
+            f = (mm - 1) / (mm * (1.0 - eps))
+        else:
+            sig, f = _group_cov(xg, eps), 1.0
         wm = _np_matrix(a["method"], sig)
-        want = gam @ (_np.eye(c) - a["eps"] * wm @ _np.swapaxes(wm, -1, -2)) @ _np.swapaxes(gam, -1, -2)
+        want = f * gam @ (_np.eye(c) - eps * wm @ _np.swapaxes(wm, -1, -2)) @ _np.swapaxes(gam, -1, -2)
         yc = yg - beta[..., None]
         scale = float(_np.max(_np.abs(gam @ _np.swapaxes(gam, -1, -2))))
         got = yc @ _np.swapaxes(yc, -1, -2) / yg.shape[-1]
@@ -1375,13 +1555,19 @@ def _ex_coloring(rng):
     rc = _np.eye(4)[None] * 1.5
     yield Example((x, rm, rc, gam4, rng.standard_normal(4)), dict(training=False),
                   label="inference", cond=_kappa(rc + 1e-5 * _np.eye(4)))
+    # the authors' convention: unbiased Σ shrunk toward I, (1 − ε)·Σ + ε·I (ε = 1e-3 as theirs)
+    xs = (1.0 - 1e-3) * _group_cov(_survey_groups(x, group_size=2)[0]) * (18 / 17) + 1e-3 * _np.eye(2)
+    yield Example((x, None, None, gam, rng.standard_normal(4)), dict(training=True, group_size=2, eps=1e-3,
+                  shrinkage=True), label="shrinkage (Siarohin et al.'s code), groups of 2", cond=_kappa(xs))
+    yield Example((x, rm, rc, gam4), dict(training=False, eps=1e-3, shrinkage=True),
+                  label="shrinkage, inference", cond=_kappa((1 - 1e-3) * rc + 1e-3 * _np.eye(4)))
 
 
 @method(
     channels=("input",),
     array_params=("input", "running_mean", "running_cov", "weight", "bias"),
     nondiff=("running_mean", "running_cov"),
-    survey="§5.2 (coloring recovery: a learnable d×d matrix, NRR)",
+    survey="§5.1.3 Eqn 24 (coloring recovery: a learnable d×d matrix, NRR) over §5.1.2 Eqn 23 (whitening)",
     paper="Siarohin, Sangineto & Sebe, Whitening and Coloring Batch Transform for GANs, ICLR 2019",
     examples=_ex_coloring,
     invariants=(_coloring_invariant(),),
@@ -1401,12 +1587,25 @@ def whitening_coloring(
     *,
     num_batches_tracked: int | None = None,
     sync: Any = None,
+    shrinkage: bool = False,
 ) -> Array | WhiteningResult:
     """Whitening and coloring: X̃ = Γ_g·X̂_g + β, X̂ the batch whitening of :func:`batch_whitening`.
 
     ``weight`` holds the coloring matrices Γ, one per group (Siarohin et al.'s learnable d×d matrix;
     ``None`` skips it), ``bias`` is β per channel. Default ``method="cholesky"`` as in the paper.
     Backward: dΓ_g = Σ_n G_g·X̂_gᵀ, dX̂_g = Γ_gᵀ·G_g.
+
+    ``shrinkage`` (keyword) selects the covariance that is whitened:
+
+    - ``False`` (default; the survey's Eqn 23, as :func:`batch_whitening`): Σ = Xc·Xcᵀ/m + ε·I in
+      training and running_cov + ε·I at inference.
+    - ``True`` (the authors' released code, github:AliaksandrSiarohin/gan, ``conditional_layers.py``,
+      ``DecorelationNormalization``): the unbiased covariance shrunk toward I,
+      Σ = (1 − ε)·Xc·Xcᵀ/(m − 1) + ε·I in training and Σ̂ = (1 − ε)·running_cov + ε·I at inference,
+      ε ∈ [0, 1] (their default ε = 1e-3). The running covariance is updated as in both cases
+      (unbiased, without ε; their Keras ``momentum=0.99`` is ``momentum=0.01`` here).
+      Backward: Σ = a·Xc·Xcᵀ/m + ε·I with a = (1 − ε)·m/(m − 1), so ∂L/∂Xc gains (2a/m)·dΣ·Xc
+      in place of (2/m)·dΣ·Xc; at inference Σ̂ is a constant (dX = Wᵀ·G).
 
     ``sync``: the whitening synchronized across ranks exactly as in :func:`batch_whitening`
     (forward: one gather of d + d(d+1)/2 values per group plus a count; backward: one all-reduce of
@@ -1440,6 +1639,8 @@ def whitening_coloring(
         Batches seen before this one (needed with ``momentum=None``).
     sync : reducer or None, default None
         A reducer (see above).
+    shrinkage : bool, default False
+        Whiten (1 − ε)·Σ_unbiased + ε·I (the authors' code) instead of Σ_biased + ε·I (see above).
 
     Returns
     -------
@@ -1448,15 +1649,18 @@ def whitening_coloring(
 
     Notes
     -----
-    Survey §5.1.3 (Table 1: CD whitening with the color transformation).
+    Survey §5.1.3, Eqn 24 (the coloring transformation; Table 1: CD whitening with the color
+    transformation), on the whitening of §5.1.2, Eqn 23.
 
     References
     ----------
     .. [1] A. Siarohin, E. Sangineto and N. Sebe, "Whitening and Coloring Batch Transform for GANs",
        ICLR 2019.
     """
+    shrinkage = check_bool("whitening_coloring", "shrinkage", shrinkage)
     return _whitening("whitening_coloring", input, running_mean, running_cov, weight, bias, training, momentum, eps,
-                      method, group_size, iterations, "batch", None, num_batches_tracked, "coloring", sync=sync)
+                      method, group_size, iterations, "batch", None, num_batches_tracked, "coloring", sync=sync,
+                      shrinkage=shrinkage)
 
 
 whitening_coloring.defbackward(_whitening_backward)
@@ -1503,7 +1707,7 @@ def _ex_matrix(rng):
 
 @method(
     array_params=("cov",),
-    survey="§5.1.2 Eqn 23 (the whitening matrix Φ(Σ))",
+    survey="§5.1.2 Eqn 23 (the whitening matrix Σ^-1/2 of Φ_W)",
     paper="Huang et al., CVPR 2018 (ZCA, PCA); Siarohin et al., ICLR 2019 (Cholesky); Huang et al., CVPR 2019 (IterNorm)",
     examples=_ex_matrix,
     invariants=(_matrix_invariant(),),
@@ -1595,10 +1799,13 @@ def _adain_invariant() -> Invariant:
         y = _np.asarray(to_numpy(m.primary(out)), _np.float64)
         c, s, y = (t.reshape(t.shape[0], t.shape[1], -1) for t in (c, s, y))
         eps = a["eps"]
-        mu_s, var_s, var_c = s.mean(axis=2), s.var(axis=2), c.var(axis=2)
-        want = (var_s + eps) * var_c / (var_c + eps)
+        se = a.get("style_eps", True)
+        eps_s = (eps if se else 0.0) if isinstance(se, (bool, _np.bool_)) else float(se)
+        dd = 1 if a.get("unbiased") else 0  # var_y = (var_s + ε_s)·var_c/(var_c + ε) with either estimator
+        mu_s, var_s, var_c = s.mean(axis=2), s.var(axis=2, ddof=dd), c.var(axis=2, ddof=dd)
+        want = (var_s + eps_s) * var_c / (var_c + eps)
         r_mean = _np.abs(y.mean(axis=2) - mu_s) / (_np.sqrt(var_s) + _np.abs(mu_s))
-        r_var = _np.abs(y.var(axis=2) - want) / want
+        r_var = _np.abs(y.var(axis=2, ddof=dd) - want) / want
         return float(max(_np.max(r_mean), _np.max(r_var)))
 
     return Invariant("AdaIN: per-channel mean = style mean, var = (var_s + ε)·var_c/(var_c + ε)", check, scale=64.0)
@@ -1609,6 +1816,12 @@ def _ex_adain(rng):
     yield Example((c, s), {}, label="different spatial sizes", cond=_channel_cond(c, s))
     c, s = rng.standard_normal((1, 2, 6)), rng.standard_normal((1, 2, 6))
     yield Example((c, s), dict(eps=1e-3), label="1-d, eps 1e-3", cond=_channel_cond(c, s))
+    c, s = rng.standard_normal((2, 3, 4, 3)) - 0.5, rng.standard_normal((2, 3, 3, 3)) * 1.5 + 0.5
+    yield Example((c, s), dict(unbiased=True), label="unbiased variance (the PyTorch port)", cond=_channel_cond(c, s))
+    yield Example((c, s), dict(style_eps=False), label="no ε on the style (the authors' Torch7 code)",
+                  cond=_channel_cond(c, s))
+    yield Example((c, s), dict(eps=1e-3, unbiased=True, style_eps=0.01), label="unbiased, style ε = 0.01",
+                  cond=_channel_cond(c, s))
 
 
 def _check_style(fn, content, style):
@@ -1623,20 +1836,38 @@ def _check_style(fn, content, style):
 @method(
     channels=("content", "style"),
     array_params=("content", "style"),
-    survey="§5.1.3 (generated affine recovery: γ, β from another input) and §9.2 (style transfer)",
+    survey="§9.2 (style transfer); §5.1.3 Eqn 25 (affine parameters generated from another input)",
     paper="Huang & Belongie, Arbitrary Style Transfer in Real-time with Adaptive Instance Normalization, ICCV 2017",
     examples=_ex_adain,
     invariants=(_adain_invariant(),),
 )
-def adain(content: Any, style: Any, eps: float = 1e-5) -> Array:
+def adain(content: Any, style: Any, eps: float = 1e-5, *, unbiased: bool = False,
+          style_eps: bool | float = True) -> Array:
     """Adaptive instance normalization: y = σ_s·(x − μ_c)/σ_c + μ_s.
 
-    μ, σ per sample and channel over the spatial axes, σ = √(mean((x − μ)²) + ε) (biased variance, ε
-    inside the root, as in the paper's Eqn 8; the authors' code uses the unbiased variance). content
-    and style share (N, C); their spatial sizes may differ.
+    μ, σ per sample and channel over the spatial axes (M positions). By default (the paper's Eqn 8,
+    with σ as its Eqn 6) σ = √(mean((x − μ)²) + ε) for content and style alike: the biased variance,
+    ε inside the root. content and style share (N, C); their spatial sizes may differ.
 
-    Backward: with x̂ = (x − μ_c)/σ_c, ŝ = (s − μ_s)/σ_s and G' = σ_s·G,
-    dx = (G' − mean(G') − x̂·mean(G'·x̂))/σ_c, ds = (Σ G·x̂ · ŝ + Σ G)/M_s.
+    Conventions (keywords; the paper's by default):
+
+    - ``unbiased`` (default ``False``): ``True`` takes the unbiased variance Σ(x − μ)²/(M − 1) for both
+      content and style, as the popular PyTorch port does (github:naoto0804/pytorch-AdaIN,
+      ``function.py``, ``calc_mean_std``: ``torch.var`` (unbiased) + ε, then the square root, on both).
+    - ``style_eps`` (default ``True``: ε added to the style's variance too): ``False`` adds none,
+      σ_s = √var(s), as the authors' Torch7 code (github:xunhuang1995/AdaIN-style,
+      ``lib/AdaptiveInstanceNormalization.lua``): there the style σ is ``std(3, true)`` — Torch7's
+      flag ``true`` normalizes by M, i.e. the biased σ — with no ε, and the content goes through
+      ``nn.SpatialBatchNormalization`` in training mode, i.e. biased variance + ε inside the root.
+      A number ≥ 0 is used as the style's own ε. So the authors' code is
+      ``adain(c, s, unbiased=False, style_eps=False)`` and the PyTorch port ``adain(c, s, unbiased=True)``.
+
+    Backward: with n_c = M_c (biased) or M_c − 1 (unbiased) and likewise n_s, x̂ = (x − μ_c)/σ_c,
+    ŝ = (s − μ_s)/σ_s and G' = σ_s·G: ∂σ_c/∂x_i = x̂_i/n_c (the mean's part vanishes, Σ(x − μ) = 0), so
+    dx = (G' − mean(G') − x̂·Σ(G'·x̂)/n_c)/σ_c; y depends on s through σ_s (dσ_s = Σ G·x̂,
+    ∂σ_s/∂s_i = ŝ_i/n_s) and μ_s (dμ_s = Σ G, ∂μ_s/∂s_i = 1/M_s), so ds = Σ(G·x̂)·ŝ/n_s + Σ G/M_s.
+    With ``style_eps=0`` a constant style channel has σ_s = 0, where σ_s is not differentiable: its
+    ŝ is taken as 0 (the subgradient 0; the output is then μ_s).
 
     Parameters
     ----------
@@ -1645,7 +1876,11 @@ def adain(content: Any, style: Any, eps: float = 1e-5) -> Array:
     style : array, shape ``(N, C, *spatial_s)``
         s, the style features (spatial sizes may differ from content's).
     eps : float, default 1e-5
-        ε, added to the variances.
+        ε, added to the variances (> 0).
+    unbiased : bool, default False
+        Divide by M − 1 instead of M (both content and style).
+    style_eps : bool or float, default True
+        ε of the style's variance: ``True`` the same ``eps``, ``False`` none, a number ≥ 0 that value.
 
     Returns
     -------
@@ -1654,7 +1889,8 @@ def adain(content: Any, style: Any, eps: float = 1e-5) -> Array:
 
     Notes
     -----
-    Survey §9.2 (style transfer).
+    Survey §9.2 (style transfer); the affine parameters generated from another input are the
+    survey's §5.1.3, Eqn 25.
 
     References
     ----------
@@ -1666,6 +1902,8 @@ def adain(content: Any, style: Any, eps: float = 1e-5) -> Array:
     xp = namespace(fn, content=content, style=style)
     _check_style(fn, content, style)
     eps = check_positive(fn, "eps", eps)
+    unbiased = check_bool(fn, "unbiased", unbiased)
+    eps_s = _check_style_eps(fn, style_eps, eps)
     cd = compute_dtype(xp, content.dtype)
     # explicit sizes (not -1): an empty batch (N = 0 or C = 0) gives an empty output
     x = xp.reshape(to_compute(xp, content, cd), (content.shape[0], content.shape[1], math.prod(content.shape[2:])))
@@ -1673,34 +1911,57 @@ def adain(content: Any, style: Any, eps: float = 1e-5) -> Array:
     if x.shape[2] < 2 or s.shape[2] < 2:
         raise ValueError(f"{fn}: expected more than 1 spatial position in content and style; got {tuple(content.shape)}, {tuple(style.shape)}")
 
-    def std(t):
+    def std(t, e):
         # (σ² + ε)^-½ through operation._rsqrt: right where σ² overflows the dtype (issue 11), and
-        # σ = 1/that stays finite wherever the true σ is representable
+        # σ = 1/that stays finite wherever the true σ is representable. Unbiased: σ² = mean(d²) of
+        # d = (t − μ)·√(M/(M − 1)), so the overflow path stays exact too.
         from .operation import _rsqrt
 
         mu = xp.mean(t, axis=2, keepdims=True)
         tc = t - mu
-        r = _rsqrt(xp, xp.mean(tc * tc, axis=2, keepdims=True), eps, lambda: tc, (2,))
+        m = t.shape[2]
+        k = math.sqrt(m / (m - 1)) if unbiased else 1.0
+        d = tc * k if unbiased else tc
+        ms = xp.mean(d * d, axis=2, keepdims=True)
+        if e == 0.0:  # no ε: a constant channel has σ = 0; there σ = 0 and t̂ = 0 (no division by 0)
+            pos = ms > 0
+            one = xp.ones_like(ms)
+            r = _rsqrt(xp, xp.where(pos, ms, one), 0.0, lambda: d, (2,))
+            return mu, tc * xp.where(pos, r, xp.zeros_like(r)), xp.where(pos, 1.0 / r, xp.zeros_like(r))
+        r = _rsqrt(xp, ms, e, lambda: d, (2,))
         return mu, tc * r, 1.0 / r
 
-    _, xhat, sd_c = std(x)
-    mu_s, shat, sd_s = std(s)
+    _, xhat, sd_c = std(x, eps)
+    mu_s, shat, sd_s = std(s, eps_s)
     y = xp.reshape(sd_s * xhat + mu_s, tuple(content.shape))
-    res = Residuals((xhat, sd_c, shat, sd_s), (tuple(content.shape), tuple(style.shape)))
+    res = Residuals((xhat, sd_c, shat, sd_s), (tuple(content.shape), tuple(style.shape), unbiased))
     return _out(xp, y, content.dtype), res
+
+
+def _check_style_eps(fn, style_eps, eps) -> float:
+    """``style_eps``: True → ``eps``, False → 0, a finite number ≥ 0 → itself; anything else refused."""
+    if isinstance(style_eps, (bool, _np.bool_)):
+        return eps if bool(style_eps) else 0.0
+    try:
+        return check_nonnegative(fn, "style_eps", style_eps)
+    except TypeError:
+        raise TypeError(f"{fn}: style_eps must be True, False or a number >= 0; got "
+                        f"{type(style_eps).__name__} {style_eps!r}") from None
 
 
 @adain.defbackward
 def _adain_backward(res: Residuals, g):
     xp = namespace("adain.backward", cotangent=g)
     xhat, sd_c, shat, sd_s = res.arrays
-    cshape, sshape = res.static
+    cshape, sshape, unbiased = res.static
+    n_c = xhat.shape[2] - 1 if unbiased else xhat.shape[2]
+    n_s = shat.shape[2] - 1 if unbiased else shat.shape[2]
     g = xp.reshape(to_compute(xp, g, xhat.dtype), xhat.shape)
     gx = g * sd_s
-    dx = (gx - xp.mean(gx, axis=2, keepdims=True) - xhat * xp.mean(gx * xhat, axis=2, keepdims=True)) / sd_c
+    dx = (gx - xp.mean(gx, axis=2, keepdims=True) - xhat * (xp.sum(gx * xhat, axis=2, keepdims=True) / n_c)) / sd_c
     dsd = xp.sum(g * xhat, axis=2, keepdims=True)
     dmu = xp.sum(g, axis=2, keepdims=True)
-    ds = (dsd * shat + dmu) / shat.shape[2]
+    ds = dsd * shat / n_s + dmu / shat.shape[2]
     return xp.reshape(dx, cshape), xp.reshape(ds, sshape)
 
 
@@ -1716,14 +1977,21 @@ def _wct_invariant() -> Invariant:
 
     def check(m, xp, out, args, kwargs):
         a = _args(m, args, kwargs)
-        if a["alpha"] != 1.0:
+        if a["alpha"] != 1.0 or a.get("eig_cutoff") is not None:  # a cut-off: tests/test_conventions_whitening.py
             return None
         gs = a.get("group_size")
         cg, _ = _survey_groups(to_numpy(a["content"]), "instance", group_size=gs)
         sg, _ = _survey_groups(to_numpy(a["style"]), "instance", group_size=gs)
         yg, _ = _survey_groups(to_numpy(m.primary(out)), "instance", group_size=gs)
         eps = a["eps"]
-        sc, ss, sy = _group_cov(cg, eps), _group_cov(sg, eps), _group_cov(yg)
+        se = a.get("style_eps", True)
+        eps_s = (eps if se else 0.0) if isinstance(se, (bool, _np.bool_)) else float(se)
+        # unbiased: every covariance (the output's too) with M − 1, and the same identity holds
+        u = (lambda t: t.shape[-1] / (t.shape[-1] - 1)) if a.get("unbiased") else (lambda t: 1.0)
+        eye = _np.eye(cg.shape[1])
+        sc = _group_cov(cg) * u(cg) + eps * eye
+        ss = _group_cov(sg) * u(sg) + eps_s * eye
+        sy = _group_cov(yg) * u(yg)
         amat = _np_sqrtm(ss, 0.5)
         want = amat @ (_np.eye(cg.shape[1]) - eps * _np.linalg.inv(sc)) @ amat
         scale = float(_np.max(_np.abs(ss)))
@@ -1752,6 +2020,17 @@ def _ex_wct(rng):
     c4 = rng.standard_normal((1, 4, 9))
     s4 = rng.standard_normal((1, 4, 7))
     yield Example((c4, s4), dict(group_size=2), label="groups of 2", cond=_wct_cond(c4, s4, 1e-5, 2))
+    yield Example((c, s), dict(unbiased=True, style_eps=False), label="M − 1 factors, no style ε (the port's)",
+                  cond=_wct_cond(c, s, 1e-5))
+    # a rank-deficient style (3 channels, 3 positions: centred, one eigenvalue 0, a simple one, so
+    # that second-order checks through eigh see no tie) and a cut-off that drops it; the content's
+    # smallest eigenvalue stays far from the cut-off 1e-3, so every kept–dropped gap is large and the
+    # finite-difference step does not cross the cut-off
+    s2 = rng.standard_normal((1, 3, 3)) * 1.5
+    c2 = rng.standard_normal((1, 3, 12))
+    kc = _call_cond(c2, 1e-5, partition="instance")
+    yield Example((c2, s2), dict(unbiased=True, eig_cutoff=1e-3, style_eps=False),
+                  label="eigenvalue cut-off, rank-deficient style", cond=kc)
 
 
 @method(
@@ -1762,14 +2041,37 @@ def _ex_wct(rng):
     examples=_ex_wct,
     invariants=(_wct_invariant(),),
 )
-def wct(content: Any, style: Any, alpha: float = 1.0, eps: float = 1e-5, group_size: int | None = None) -> Array:
+def wct(content: Any, style: Any, alpha: float = 1.0, eps: float = 1e-5, group_size: int | None = None, *,
+        unbiased: bool = False, eig_cutoff: float | None = None, style_eps: bool | float = True) -> Array:
     """Whitening and coloring transform: y = α·(Σ_s^1/2·Σ_c^-1/2·(x − μ_c) + μ_s) + (1 − α)·x.
 
     Per sample (the instance partition) and group of ``group_size`` channels (``None``: all):
-    Σ = Xc·Xcᵀ/M + ε·I (biased, ε added; Li et al. use M − 1 and drop small eigenvalues instead),
-    Σ_c^-1/2 by the ZCA :class:`Whitening` operation and Σ_s^1/2 by the symmetric square root, both
-    through ``eigh`` with the Loewner backward, so gradients reach content and style exactly even at
-    equal eigenvalues.
+    by default Σ = Xc·Xcᵀ/M + ε·I (biased, ε added to both; the paper, Li et al. Eqns 1–2, writes
+    f_c·f_cᵀ = E_c·D_c·E_cᵀ without a normalizing factor or ε), Σ_c^-1/2 by the ZCA :class:`Whitening`
+    operation and Σ_s^1/2 by the symmetric square root, both through ``eigh`` with the Loewner
+    backward, so gradients reach content and style exactly even at equal eigenvalues.
+
+    Conventions of the released code (keywords; the default is the formula above). The PyTorch port
+    github:sunshineatnoon/PytorchWCT (``util.py``, ``whiten_and_color``; the authors' Torch7
+    repository, github:Yijunmhuang/universal-style-transfer, could not be inspected here) divides
+    both covariances by M − 1 (each by its own M: content and style sizes differ), adds I (ε = 1) to
+    the content's covariance and nothing to the style's, and keeps only the eigenvalues ≥ 1e-5 of each
+    (a cut-off; the content's never triggers after + I):
+
+    - ``unbiased`` (default ``False``): ``True`` divides the content's covariance by M_c − 1 and the
+      style's by M_s − 1.
+    - ``eig_cutoff`` (default ``None``: every eigenvalue kept): a threshold τ > 0; the eigenvalues of
+      Σ_c and Σ_s (+ ε·I) below τ are dropped, W_c = Σ_{λ≥τ} λ^-1/2·d·dᵀ and A = Σ_{λ≥τ} λ^1/2·d·dᵀ
+      (the port's 1e-5). Dropped eigenvalues may be 0 or slightly negative, so a rank-deficient Σ
+      is allowed; a kept one must be above the rounding noise 2√d·ε_dtype·λ_max (``ValueError``).
+      Backward: the divided differences of the truncated function (derived in the comments above
+      :func:`truncated_spectral_forward`): the closed form between kept eigenvalues, 0 between dropped
+      ones, and f(λ_kept)/(λ_kept − λ_dropped) between a kept and a dropped one (the kept subspace
+      rotates); exact for a fixed kept set, large when a kept and a dropped eigenvalue straddle τ
+      closely, undefined at λ = τ exactly (an eigenvalue equal to τ is kept).
+    - ``style_eps`` (default ``True``: ε added to the style's covariance too): ``False`` adds none, a
+      number ≥ 0 is the style's own ε. The port is ``wct(c, s, eps=1.0, unbiased=True,
+      eig_cutoff=1e-5, style_eps=False)``.
 
     Parameters
     ----------
@@ -1780,9 +2082,15 @@ def wct(content: Any, style: Any, alpha: float = 1.0, eps: float = 1e-5, group_s
     alpha : float, default 1.0
         α, the blend with the content.
     eps : float, default 1e-5
-        ε, added to both covariances.
+        ε, added to the content's covariance (and the style's, see ``style_eps``).
     group_size : int or None, default None
         Channels per group; ``None``: all.
+    unbiased : bool, default False
+        Divide the covariances by M − 1 instead of M.
+    eig_cutoff : float or None, default None
+        Drop the eigenvalues below it (``None``: none dropped).
+    style_eps : bool or float, default True
+        ε of the style's covariance: ``True`` the same ``eps``, ``False`` none, a number ≥ 0 that value.
 
     Returns
     -------
@@ -1791,7 +2099,8 @@ def wct(content: Any, style: Any, alpha: float = 1.0, eps: float = 1e-5, group_s
 
     Notes
     -----
-    Survey §9.2 (style transfer).
+    Survey §9.2 (style transfer: WCT matches the covariance), with the whitening of §5.1.2, Eqn 23
+    on the instance partition.
 
     References
     ----------
@@ -1805,11 +2114,15 @@ def wct(content: Any, style: Any, alpha: float = 1.0, eps: float = 1e-5, group_s
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"{fn}: alpha must be a number in [0, 1]; got {alpha!r}")
     alpha = float(alpha)
+    unbiased = check_bool(fn, "unbiased", unbiased)
+    cutoff = None if eig_cutoff is None else check_positive(fn, "eig_cutoff", eig_cutoff)
+    eps_s = _check_style_eps(fn, style_eps, check_nonnegative(fn, "eps", eps))
     if content.shape[1] == 0:
         raise ValueError(f"{fn}: content must have at least 1 channel to whiten; got shape {tuple(content.shape)}")
     part = _part.Partition("instance")
     cshape, sshape = tuple(content.shape), tuple(style.shape)
-    op = dataclasses.replace(whitening_operation(fn, part, cshape, "zca", group_size, 1, eps), source="content")
+    op = dataclasses.replace(whitening_operation(fn, part, cshape, "zca", group_size, 1, eps), source="content",
+                             ddof=1 if unbiased else 0, cutoff=cutoff)
     if math.prod(cshape[2:]) < 2 or math.prod(sshape[2:]) < 2:
         raise ValueError(f"{fn}: expected more than 1 spatial position in content and style; got {cshape}, {sshape}")
     cd = compute_dtype(xp, content.dtype)
@@ -1817,26 +2130,32 @@ def wct(content: Any, style: Any, alpha: float = 1.0, eps: float = 1e-5, group_s
     # the content: the whitening NOP on the instance partition (x̂ = Σ_c^-1/2·(x − μ_c))
     xhat, op_res, _ = op.forward(xp, x, part.axes(cshape))
     lay_c = op.layout(cshape)
-    # the style: Σ_s on the same layout, then its symmetric square root A
+    # the style: Σ_s = a_s·Sc·Scᵀ/M_s + ε_s·I on the same layout (a_s = M_s/(M_s − 1) if unbiased),
+    # then its symmetric square root A (truncated with a cut-off)
     lay_s = layout(sshape, part.axes(sshape), part.feature_axes(sshape), op.group_size)
+    a_s = lay_s.m / (lay_s.m - 1) if unbiased else 1.0
     s5 = lay_s.orient(xp, to_compute(xp, style, cd))
     mu_s = _sample_mean(xp, s5)
-    sig_s = _covariance(xp, s5 - mu_s, lay_s.m) + op.eps * _mf.eye_like(xp, op_res[2])
+    sig_s = a_s * _covariance(xp, s5 - mu_s, lay_s.m) + eps_s * _mf.eye_like(xp, op_res[2])
     _check_finite(fn, sig_s, "style", s5)
     eig_s = _mf.eigh(xp, sig_s)
-    _check_spectrum(fn, xp, eig_s[0], op.eps, "style", lay_s.m)
-    a, ares = _mf.sqrt_eigh_forward(xp, sig_s, eig_s)
+    if cutoff is None:
+        _check_spectrum(fn, xp, eig_s[0], eps_s, "style", lay_s.m)
+        a, ares = _mf.sqrt_eigh_forward(xp, sig_s, eig_s)
+    else:
+        _check_kept(fn, xp, eig_s[0], cutoff, eps_s, "style", lay_s.m)
+        a, ares = truncated_spectral_forward(xp, eig_s[0], eig_s[1], 0.5, cutoff), eig_s
     y = lay_c.unorient(xp, xp.matmul(a[:, None, ...], lay_c.orient(xp, xhat)) + mu_s)
     if alpha != 1.0:
         y = alpha * y + (1.0 - alpha) * x
-    res = Residuals(tuple(op_res) + (s5, mu_s, a) + tuple(ares), (op, lay_s, alpha, len(op_res)))
+    res = Residuals(tuple(op_res) + (s5, mu_s, a) + tuple(ares), (op, lay_s, alpha, len(op_res), a_s, cutoff))
     return _out(xp, y, content.dtype), res
 
 
 @wct.defbackward
 def _wct_backward(res: Residuals, g):
     xp = namespace("wct.backward", cotangent=g)
-    op, lay_s, alpha, n_op = res.static
+    op, lay_s, alpha, n_op, a_s, cutoff = res.static
     op_res = res.arrays[:n_op]
     s5, mu_s, a = res.arrays[n_op:n_op + 3]
     ares = res.arrays[n_op + 3:]
@@ -1848,10 +2167,14 @@ def _wct_backward(res: Residuals, g):
     da = xp.sum(xp.matmul(g5, _mf.mT(xp, lay_c.orient(xp, op.xhat(xp, op_res)))), axis=1)
     dxhat = lay_c.unorient(xp, xp.matmul(_mf.mT(xp, a)[:, None, ...], g5))
     dx = op.backward(xp, op_res, op.reduce_axes, dxhat)
-    # the style: Σ_s = Sc·Scᵀ/M_s + εI, dSc = (2/M_s)·dΣ_s·Sc, centred; each style sample gets dμ_s/M_s
+    # the style: Σ_s = a_s·Sc·Scᵀ/M_s + ε_s·I, dSc = (2a_s/M_s)·dΣ_s·Sc, centred; each style sample gets
+    # dμ_s/M_s. dΣ_s: the Loewner backward of Σ^1/2, or of its truncation (eig_cutoff)
     sc = s5 - mu_s
-    dsig = _mf.sqrt_eigh_backward(xp, ares, da)  # symmetric
-    dsc = (2.0 / lay_s.m) * xp.matmul(dsig[:, None, ...], sc)
+    if cutoff is None:
+        dsig = _mf.sqrt_eigh_backward(xp, ares, da)  # symmetric
+    else:
+        dsig = truncated_spectral_backward(xp, ares, da, 0.5, cutoff)
+    dsc = (2.0 * a_s / lay_s.m) * xp.matmul(dsig[:, None, ...], sc)
     dmu = xp.sum(xp.sum(g5, axis=4, keepdims=True), axis=1, keepdims=True)
     ds = dsc - _sample_mean(xp, dsc) + dmu / lay_s.m
     if alpha != 1.0:

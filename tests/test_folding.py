@@ -65,6 +65,21 @@ def _cases(rng, c=6):
         ("coloring zca, no bias", "whitening_coloring", (rm, rc2, rng.standard_normal((3, 2, 2))),
          dict(group_size=2, method="zca"), _kappa(rc2)),
     ]
+    # the authors' conventions (issue 15): each state kept the other way folds by its own rule
+    sd = np.sqrt(rv + 1e-5)
+    wm2 = np.stack([np.linalg.inv(np.linalg.cholesky(r)).T @ np.linalg.inv(np.linalg.cholesky(r)) for r in rc2])
+    out += [
+        ("renorm, running σ (Algorithm 1)", "batch_renorm", (rm, sd, w, b), dict(running_stat="std"), 1.0),
+        ("lp p=2, ε inside the moment", "lp_batch_norm", (rm, rv, w, b), dict(p=2.0, eps_placement="inside"), 1.0),
+        ("lp p=3, running 1/scale", "lp_batch_norm", (rm, 1.0 / rv, w, b), dict(p=3.0, running_scale_kind="reciprocal"),
+         1.0),
+        ("dbn, running W (authors' code)", "decorrelated_batch_norm", (rm, wm2, w, b),
+         dict(group_size=2, running="whitening_matrix"), _kappa(rc2)),
+        ("iter_norm, running W", "iter_norm", (rm, wm2, w, b), dict(group_size=2, running="whitening_matrix"),
+         _kappa(rc2)),
+        ("coloring, shrinkage (Siarohin et al.)", "whitening_coloring", (rm, rc2, rng.standard_normal((3, 2, 2)), b),
+         dict(group_size=2, eps=1e-2, shrinkage=True), _kappa(rc2)),
+    ]
     for meth in normref.WHITENING_METHODS:
         out.append((f"bw {meth}", "batch_whitening", (rm, rc2, w, b), dict(group_size=2, method=meth), _kappa(rc2)))
     # issue 14's stateful methods: inference by the running statistics, as batch norm (or scaling only)

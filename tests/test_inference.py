@@ -330,7 +330,8 @@ def test_every_stateful_method(name):
             run.update({p: getattr(out, p) for p in est})
         for p in est:
             assert rel_err(est[p], run[p]) < TOL64, (name, p)
-    if name in _POOLED and (_POOLED[name] is None or others.get(_POOLED[name][0], "batch") == _POOLED[name][1]):
+    if name in _POOLED and all(others.get(arg, m.signature.parameters[arg].default) == want
+                               for arg, want in _POOLED[name]):
         try:
             pooled = normref.recalibrate(name, bs, state, estimator="pooled", **others)
         except ValueError as e:  # a state the pooled estimator does not cover: said so
@@ -561,16 +562,16 @@ def test_both_estimators_touch_the_same_state(rng):
 
 
 def test_pooled_biased_variance_and_batch_checks(rng):
-    """unbiased=False: the biased pooled variance (÷ M), fvcore's precise BN; a bad batch is named by
+    """pooled_unbiased=False: the biased pooled variance (÷ M), fvcore's precise BN; a bad batch is named by
     recalibrate before any work on it, also after earlier batches were processed (a generator)."""
     bs = _batches(rng, k=3, uneven=True)
     allx = np.concatenate(bs).transpose(1, 0, 2, 3).reshape(6, -1)
     state = {"running_mean": np.zeros(6), "running_var": np.ones(6)}
-    est = normref.recalibrate("batch_norm", bs, state, estimator="pooled", unbiased=False)
+    est = normref.recalibrate("batch_norm", bs, state, estimator="pooled", pooled_unbiased=False)
     assert rel_err(est["running_var"], allx.var(axis=1)) < TOL64
     assert rel_err(est["running_mean"], allx.mean(axis=1)) < TOL64
-    with pytest.raises(ValueError, match=r"unbiased=False .* applies to estimator='pooled'"):
-        normref.recalibrate("batch_norm", bs, state, unbiased=False)
+    with pytest.raises(ValueError, match=r"pooled_unbiased=False .* applies to estimator='pooled'"):
+        normref.recalibrate("batch_norm", bs, state, pooled_unbiased=False)
     seen = []
 
     def stream(bad):
@@ -609,3 +610,26 @@ def test_eval_norm_python_floats(rng):
                           (True, TypeError, r"alpha must be an array or a Python float")):
         with pytest.raises(exc, match=rf"^eval_norm: {msg}"):
             normref.eval_norm(x, P, V, bad, 0.5)
+
+
+def test_pooled_refuses_states_that_are_not_batch_moments(rng):
+    """The authors' running-state conventions (issue 15) keep something else than batch moments —
+    batch renormalization's running σ (Algorithm 1), DBN/IterNorm's running whitening matrix — so the
+    pooled estimator, which writes moments, refuses them; the average estimator runs the method's
+    own update rule and serves them. A method's own ``unbiased`` argument passes through ``arguments``
+    (it is not recalibrate's ``pooled_unbiased``)."""
+    bs = _batches(rng, k=2)
+    state = {"running_mean": np.zeros(6), "running_var": np.ones(6)}
+    with pytest.raises(ValueError, match=r"estimator='pooled' applies to batch_renorm with running_stat='var'"):
+        normref.recalibrate("batch_renorm", bs, state, estimator="pooled", running_stat="std")
+    cov = {"running_mean": np.zeros(6), "running_cov": np.eye(6)[None]}
+    for name in ("decorrelated_batch_norm", "iter_norm"):
+        with pytest.raises(ValueError, match=rf"applies to {name} with running='covariance'"):
+            normref.recalibrate(name, bs, cov, estimator="pooled", running="whitening_matrix")
+    est = normref.recalibrate("batch_renorm", bs, state, running_stat="std")
+    # Algorithm 1's σ_B = √(σ²_B + ε) with the biased σ²_B, averaged over the batches (Algorithm 2)
+    want = np.mean([np.sqrt(b.transpose(1, 0, 2, 3).reshape(6, -1).var(axis=1) + 1e-5) for b in bs], axis=0)
+    assert rel_err(est["running_var"], want) < TOL64
+    lw = np.zeros(3)  # equal IN, LN, BN weights
+    sw = normref.recalibrate("switchable_norm", bs, state, mean_weight=lw, var_weight=lw, unbiased=True)
+    assert sw["running_var"].shape == (6,)  # the method's own argument reached it (no collision)

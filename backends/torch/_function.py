@@ -43,7 +43,6 @@ Design (why it looks the way it does)
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any, Callable
 
 import torch
@@ -59,15 +58,17 @@ _RECOMPUTE_FOR_SECOND_ORDER = True
 
 
 class _Call:
-    """Per-call non-tensor data shared by forward, setup_context and backward (no tensors inside)."""
+    """Per-call non-tensor data shared by forward, setup_context and backward (no tensors inside:
+    the call's array arguments are replaced by the Function's own inputs when the forward runs)."""
 
-    __slots__ = ("bound", "names", "out_type", "n_fields", "layout", "static", "meta")
+    __slots__ = ("args", "kwargs", "slots", "out_type", "n_fields", "layout", "static", "meta")
 
     # (no Method inside: TorchDynamo rebuilds the context's attributes when it traces the backward,
     # and cannot rebuild a Method object; the Function's code holds its method in a closure)
-    def __init__(self, bound, names):
-        self.bound = bound  # inspect.BoundArguments; array entries are replaced at call time
-        self.names = names  # the method's array parameters, signature order
+    def __init__(self, args, kwargs, slots):
+        self.args = args  # the call's positional arguments, as given
+        self.kwargs = kwargs  # its keyword arguments, as given
+        self.slots = slots  # Method._array_slots: (name, position or None, default) per array parameter
         self.out_type = None
         self.n_fields = 1
         self.layout: tuple = ()
@@ -76,10 +77,31 @@ class _Call:
 
     def run_forward(self, method: Method, arrays):
         """``method.forward`` on ``arrays`` (one per array parameter) and the call's other arguments."""
-        arguments = dict(self.bound.arguments)
-        arguments.update(zip(self.names, arrays))
-        b = inspect.BoundArguments(self.bound.signature, arguments)  # signature order is kept
-        return method.forward(*b.args, **b.kwargs)
+        args, kwargs = list(self.args), dict(self.kwargs)
+        for (name, pos, _), a in zip(self.slots, arrays):
+            if pos is not None and pos < len(args):
+                args[pos] = a
+            elif a is not None or name in kwargs:
+                kwargs[name] = a
+        return method.forward(*args, **kwargs)
+
+
+def _arrays_of(m: Method, args: tuple, kwargs: dict) -> "list | None":
+    """The call's array arguments (one per array parameter, ``None`` where not given), read off the
+    positions and names without ``inspect`` binding (a few microseconds a call); ``None`` when the
+    call does not plainly fit the signature (too many positional arguments, an unknown keyword, an
+    argument given twice): then :meth:`Method.bind` runs and raises its error."""
+    if len(args) > m._n_positional or not m._names.issuperset(kwargs):
+        return None
+    arrays = []
+    for name, pos, default in m._array_slots:
+        if pos is not None and pos < len(args):
+            if name in kwargs:
+                return None
+            arrays.append(args[pos])
+        else:
+            arrays.append(kwargs.get(name, default))
+    return arrays
 
 
 def _shares_storage(a: torch.Tensor, others) -> bool:
@@ -207,9 +229,14 @@ def _make_autograd_function(name: str) -> type:
                     layout.append(("none",))
                     continue
                 hit = next((i for i, a in enumerate(arrays) if r is a), None)
-                view_of = None if hit is not None else _view_of(r, arrays)
+                again = None if hit is not None else next((j for j, e in enumerate(extras) if r is e), None)
+                view_of = None if hit is not None or again is not None else _view_of(r, arrays)
                 if hit is not None:
                     layout.append(("in", hit))
+                elif again is not None:
+                    # the same tensor twice in the residuals: saved once (TorchDynamo cannot wire a
+                    # tensor saved twice: "Placeholder node not found in env")
+                    layout.append(("extra", again))
                 elif view_of is not None:
                     # a reshape of an input (the partition's view of x): saved as the input itself
                     # and rebuilt with the same geometry, instead of a full-size copy
@@ -305,16 +332,18 @@ def _camel(name: str) -> str:
     return "".join(w.capitalize() for w in name.split("_"))
 
 
-def _check_arrays(m: Method, bound) -> list:
-    arrays = []
-    for p in m.array_params:
-        a = bound.arguments.get(p)
+def _check_arrays(m: Method, arrays: list) -> None:
+    for p, a in zip(m.array_params, arrays):
         if a is not None and not isinstance(a, torch.Tensor):
             raise TypeError(
                 f"normref.backends.torch.{m.name}: {p} must be a torch.Tensor or None; got {type(a).__name__}"
             )
-        arrays.append(a)
-    return arrays
+
+
+# torch.autograd.Function.apply without its per-call inspect binding (see _function); the functorch
+# clean-up it does first (dead wrappers of finished transforms) is kept
+_BASE_APPLY = torch._C._FunctionBase.__dict__["apply"]
+from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead  # noqa: E402
 
 
 def function(name_or_method: "str | Method") -> Callable:
@@ -366,16 +395,27 @@ def _function(name: str) -> Callable:
     def fn(*args: Any, **kwargs: Any):
         if name in _EAGER_UNDER_COMPILE and torch.compiler.is_compiling():
             return torch.compiler.disable(_apply_eagerly)(name, args, kwargs)
-        bound = m.bind(*args, **kwargs)
-        arrays = _check_arrays(m, bound)
-        if torch.compiler.is_compiling() and not (
+        arrays = _arrays_of(m, args, kwargs)
+        if arrays is None:
+            bound = m.bind(*args, **kwargs)  # raises "<name>: ..." for a call that does not fit
+            args, kwargs = bound.args, bound.kwargs  # (every positional-or-keyword one in args)
+            arrays = [bound.arguments.get(p) for p in m.array_params]
+        _check_arrays(m, arrays)
+        compiling = torch.compiler.is_compiling()
+        if compiling and not (
             torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in arrays)
         ):
             # nothing to differentiate in a compiled region: the formula itself goes into the graph
             # (TorchDynamo traces a Function without a grad-requiring input in another calling style)
-            return m.forward(*bound.args, **bound.kwargs)[0]
-        call = _Call(bound, m.array_params)
-        outs = Fn.apply(call, *arrays)
+            return m.forward(*args, **kwargs)[0]
+        call = _Call(args, kwargs, m._array_slots)
+        if compiling or torch._C._are_functorch_transforms_active():
+            outs = Fn.apply(call, *arrays)  # TorchDynamo / torch.func see the Function as usual
+        else:
+            # torch's Function.apply binds its arguments to forward's signature with inspect on every
+            # call (``bind_default_args``, ~20 µs); forward(call, *arrays) has no defaults to apply, so
+            # that binding is the identity: call what Function.apply then calls
+            outs = _BASE_APPLY.__get__(None, Fn)(call, *_unwrap_dead(tuple(arrays)))
         fields = outs[: call.n_fields]
         return call.out_type(*fields) if call.out_type is not None else fields[0]
 

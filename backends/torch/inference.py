@@ -69,7 +69,7 @@ def _spec(m: nn.Module):
 
 
 def recalibrate(model: nn.Module, batches: Iterable[Any], *, estimator: str = "average",
-                device: Any = None, unbiased: bool = True) -> nn.Module:
+                device: Any = None, pooled_unbiased: bool = True) -> nn.Module:
     """Re-estimate the population statistics of every normalization layer of ``model``, weights frozen.
 
     Every normref (and torch) normalization layer of ``model``, from ``batches``: Ioffe & Szegedy's
@@ -102,7 +102,7 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], *, estimator: str = "a
         As :func:`normref.recalibrate`.
     device : torch.device or None
         Where to move each batch.
-    unbiased : bool, default True
+    pooled_unbiased : bool, default True
         As :func:`normref.recalibrate`: ``False`` gives the biased pooled variance (÷ M) of fvcore's
         precise BN; only with ``estimator="pooled"``.
 
@@ -142,10 +142,11 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], *, estimator: str = "a
     if isinstance(batches, torch.Tensor) or not hasattr(batches, "__iter__"):
         raise TypeError(f"{fn}: batches must be an iterable of model inputs (one per batch); "
                         f"got {type(batches).__name__}")
-    if not isinstance(unbiased, bool):
-        raise TypeError(f"{fn}: unbiased must be a bool; got {type(unbiased).__name__} {unbiased!r}")
-    if not unbiased and estimator != "pooled":
-        raise ValueError(f"{fn}: unbiased=False (the biased pooled variance) applies to estimator='pooled'; "
+    if not isinstance(pooled_unbiased, bool):
+        raise TypeError(f"{fn}: pooled_unbiased must be a bool; got {type(pooled_unbiased).__name__} "
+                        f"{pooled_unbiased!r}")
+    if not pooled_unbiased and estimator != "pooled":
+        raise ValueError(f"{fn}: pooled_unbiased=False (the biased pooled variance) applies to estimator='pooled'; "
                          f"got estimator={estimator!r}")
     layer_names = {id(m): n for n, m in model.named_modules()}
     layers = []
@@ -236,7 +237,7 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], *, estimator: str = "a
         for m, (method, names, _, counted, used) in layers:
             if id(m) not in acc:
                 continue  # the layer saw no (non-empty) input in this pass: left as it was
-            est = acc[id(m)].estimates(used, unbiased=unbiased) if estimator == "pooled" else acc[id(m)]
+            est = acc[id(m)].estimates(used, unbiased=pooled_unbiased) if estimator == "pooled" else acc[id(m)]
             for p in used:
                 buf = getattr(m, p)
                 buf.copy_(est[p].to(buf.dtype))
