@@ -11,12 +11,19 @@ The suite in two parts: ``python -m pytest`` runs the fast tests; the tests of :
 from __future__ import annotations
 
 import fnmatch
+import os
 
-import numpy as np
-import pytest
+# The numba kernels' parallel builds compile in the calling process during the tests (a test that
+# runs a parallel-sized input tests the parallel build from its first call; no background child
+# processes under pytest). tests/test_cold_start.py runs the default, background compilation, in
+# subprocesses of its own.
+os.environ.setdefault("NORMREF_NUMBA_BACKGROUND", "0")
 
-import normref  # noqa: F401  (every method registered before the tests are collected)
-from normref.conformance.backends import all_backends
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import normref  # noqa: F401,E402  (every method registered before the tests are collected)
+from normref.conformance.backends import all_backends  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------
@@ -37,6 +44,7 @@ SLOW: dict[str, tuple[str, ...]] = {
     "test_dask.py": ("test_local_cluster_*",),
     "test_kernel_layouts.py": ("*",),
     "test_kernels.py": ("test_bench_quick_smoke",),
+    "test_cold_start.py": ("*",),  # fresh processes compiling kernels on an empty cache
     "test_bench.py": ("test_first_call_tiny_in_fresh_processes", "test_sync_bench_writes_json_when_asked"),
     "test_embedding.py": ("test_readme_jax_example_*",),
     "test_jax_adapter.py": ("test_check_grads_orders_1_and_2", "test_jit_and_vmap_equal_eager", "test_vmap",

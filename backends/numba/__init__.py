@@ -78,10 +78,124 @@ def _threads() -> int:
 def _k(name: str, size: int):
     """The parallel build of kernel ``name``, or its serial build for an input of few elements."""
     from . import _kernels as K
-    from .config import SERIAL_BELOW
+    from . import config
 
     par, ser = K.KERNELS[name]
-    return ser if size < SERIAL_BELOW else _guard(par)
+    if size < config.SERIAL_BELOW:
+        return ser
+    return _parallel_when_ready(K.__name__, name, par, ser) if config.BACKGROUND else _guard(par)
+
+
+# Background compilation of the parallel builds (config.BACKGROUND): (id of the parallel dispatcher,
+# the arguments' type key) → "pending" while a child process compiles it into the cache, "ready" after.
+_READY: dict = {}
+_QUEUE: list = []  # (module, kernel name, pickled signature) waiting for the child process
+_WORKER: list = []  # the thread that runs the child processes one after the other, while alive
+_WORK_LOCK = __import__("threading").Lock()
+
+# what the child process runs: the parallel build's compile() for one signature, which writes
+# numba's cache (the calling process then loads it)
+_CHILD = (
+    "import importlib, pickle, sys\n"
+    "par = importlib.import_module(sys.argv[1]).KERNELS[sys.argv[2]][0]\n"
+    "par.compile(pickle.loads(bytes.fromhex(sys.argv[3])))\n"
+)
+
+
+def _parallel_when_ready(module: str, name: str, par, ser):
+    """``par``, or — until a child process has compiled it into the cache for the arguments' types —
+    ``ser`` (the first such call queues the compilation). Both take the same arguments (the chunking
+    is computed for the parallel build; the serial one runs the chunks in order)."""
+
+    def run(*args):
+        key = (id(par), _type_key(args))  # (the dispatchers live as long as the process)
+        state = _READY.get(key)
+        if state == "ready":
+            return _guard(par)(*args)
+        if state is None:
+            import numba
+
+            sig = tuple(numba.typeof(a) for a in args)
+            if sig in par.overloads or _no_cache(par) or _in_cache(par, sig):
+                # compiled here already, or in the cache (numba loads it), or no cache to hand a child's
+                # build over: this process compiles or loads it now, as without BACKGROUND
+                _READY[key] = "ready"
+                return _guard(par)(*args)
+            import pickle
+
+            _READY[key] = "pending"
+            _submit(key, module, name, pickle.dumps(sig).hex())
+        return ser(*args)
+
+    return run
+
+
+def _type_key(args) -> tuple:
+    """What numba's type of each argument depends on (arrays: dtype, rank, layout, writability,
+    alignment; tuples: length and item type; scalars: their Python type), without ``numba.typeof``
+    (microseconds per argument): one compiled signature per key."""
+    key = []
+    for a in args:
+        if isinstance(a, np.ndarray):
+            f = a.flags
+            key.append((a.dtype.char, a.ndim, f.c_contiguous, f.f_contiguous, f.writeable, f.aligned))
+        elif isinstance(a, tuple):
+            key.append((len(a), type(a[0]) if a else None))
+        else:
+            key.append(type(a))
+    return tuple(key)
+
+
+def _no_cache(par) -> bool:
+    return type(getattr(par, "_cache", None)).__name__ == "NullCache"
+
+
+def _in_cache(par, sig) -> bool:
+    """Whether numba's cache index holds ``par`` for ``sig`` on this machine (then loading it costs
+    milliseconds: no child process). Reads numba's cache internals; any surprise answers False."""
+    try:
+        cache = par._cache
+        return cache._index_key(sig, par.targetctx.codegen()) in cache._cache_file._load_index()
+    except Exception:
+        return False
+
+
+def _submit(key, module: str, name: str, sig_hex: str) -> None:
+    with _WORK_LOCK:
+        _QUEUE.append((key, module, name, sig_hex))
+        if not (_WORKER and _WORKER[0].is_alive()):
+            import threading
+
+            t = threading.Thread(target=_work, daemon=True, name="normref-numba-background")
+            _WORKER[:] = [t]
+            t.start()
+
+
+def _work() -> None:
+    """Run the queued compilations, one child process at a time (the caller keeps the other core)."""
+    import subprocess
+    import sys
+
+    while True:
+        with _WORK_LOCK:
+            if not _QUEUE:
+                return
+            key, module, name, sig_hex = _QUEUE.pop(0)
+        try:
+            subprocess.run([sys.executable, "-c", _CHILD, module, name, sig_hex], capture_output=True,
+                           timeout=1800, check=False)
+        except Exception:  # pragma: no cover - the caller then compiles it itself, as without BACKGROUND
+            pass
+        _READY[key] = "ready"  # next call: numba loads the cached build (or compiles it, if the child failed)
+
+
+def wait_compiled(timeout: float = 1800.0) -> bool:
+    """Block until the background compilations queued so far have finished (``True``) or ``timeout``
+    seconds passed (``False``): for benchmarks and tests that want the parallel builds in place."""
+    t = _WORKER[0] if _WORKER else None
+    if t is not None:
+        t.join(timeout)
+    return all(v == "ready" for v in _READY.values())
 
 
 # numba's ``workqueue`` threading layer (the fallback where neither TBB nor OpenMP is available) is
@@ -419,8 +533,12 @@ def _kf(name: str, size: int):
     from . import _fused as F
     from .config import SERIAL_BELOW
 
+    from . import config
+
     par, ser = F.KERNELS[name]
-    return ser if size < SERIAL_BELOW else _guard(par)
+    if size < SERIAL_BELOW:
+        return ser
+    return _parallel_when_ready(F.__name__, name, par, ser) if config.BACKGROUND else _guard(par)
 
 
 def register() -> None:

@@ -19,7 +19,7 @@ import warnings
 # numba itself is imported in jit(), the first time a kernel module is built: reading MIN_SIZE
 # (``accepts``) or registering the kernels never imports it (a tiny input stays cheap).
 
-__all__ = ["FASTMATH", "PARALLEL", "CACHE", "SERIAL_BELOW", "MIN_SIZE", "jit", "pair"]
+__all__ = ["FASTMATH", "PARALLEL", "CACHE", "SERIAL_BELOW", "MIN_SIZE", "BACKGROUND", "jit", "pair"]
 
 # Inputs with fewer elements than this run the single-threaded build of a kernel: waking the thread
 # pool costs more than the work (an 8 × 16 layer norm must stay in the tens of microseconds).
@@ -28,6 +28,16 @@ SERIAL_BELOW = int(os.environ.get("NORMREF_NUMBA_SERIAL_BELOW", 1 << 16))
 # Python-side set-up of a kernel call (layout analysis, strided views, dispatch) costs more than the
 # few NumPy passes of the formula.
 MIN_SIZE = int(os.environ.get("NORMREF_NUMBA_MIN_SIZE", 4096))
+
+# Cold start (issue 18): compiling a parallel build takes 2–3 times as long as its serial build (a
+# (64, 1024) layer norm's first forward on an empty cache: 5.2 s against 2.1 s). With BACKGROUND on,
+# the first call of a parallel build for a type signature runs the serial build, and a child process
+# compiles the parallel one into numba's cache (its own process: numba's compiler lock and the GIL
+# would otherwise hold back the caller's own compilations); calls after it finished load it from the
+# cache and run it. Both builds take the same chunk arguments and compute the same formula (the tests
+# check each against it). Only where the kernels are cached (CACHE, a writable cache location);
+# NORMREF_NUMBA_BACKGROUND=0 compiles the parallel build in the caller (the first call waits).
+BACKGROUND = os.environ.get("NORMREF_NUMBA_BACKGROUND", "1") not in ("0", "false", "False", "off")
 
 FASTMATH = frozenset({"reassoc", "contract"})
 PARALLEL = True
@@ -67,6 +77,9 @@ def thresholds(min_size: int | None = None, serial_below: int | None = None):
     """Context manager: run with other size thresholds, ``MIN_SIZE`` (below it the kernels decline)
     and ``SERIAL_BELOW`` (below it the single-threaded builds run); ``None`` keeps a value.
 
+    While the context lasts the parallel builds are compiled in the calling process (no background
+    compilation: a test that asks for a build gets that build from its first call).
+
     For tests and the conformance suite, whose inputs are small: ``thresholds(min_size=1)`` sends
     every float32/float64 input through the kernels, ``serial_below=1`` through the parallel builds,
     ``serial_below=2**62`` through the serial ones. The values are module globals read at each call:
@@ -81,8 +94,9 @@ def thresholds(min_size: int | None = None, serial_below: int | None = None):
 
     @contextlib.contextmanager
     def ctx():
-        global MIN_SIZE, SERIAL_BELOW
-        saved = MIN_SIZE, SERIAL_BELOW
+        global MIN_SIZE, SERIAL_BELOW, BACKGROUND
+        saved = MIN_SIZE, SERIAL_BELOW, BACKGROUND
+        BACKGROUND = False
         if min_size is not None:
             MIN_SIZE = min_size
         if serial_below is not None:
@@ -90,6 +104,6 @@ def thresholds(min_size: int | None = None, serial_below: int | None = None):
         try:
             yield
         finally:
-            MIN_SIZE, SERIAL_BELOW = saved
+            MIN_SIZE, SERIAL_BELOW, BACKGROUND = saved
 
     return ctx()
