@@ -525,25 +525,26 @@ def newton_inv_sqrt_forward(xp, s, iterations: int):
     stable) for many iterations.
     """
     s_n, t = _normalize_trace(xp, s)
-    p = eye_like(xp, s) + xp.zeros_like(s_n)
+    ps = newton_iterates(xp, s_n, iterations)
+    w = ps[-1] / xp.sqrt(t)[..., None, None]
+    return w, (s, t, *ps)
+
+
+def newton_iterates(xp, s_n, iterations: int) -> list:
+    """[P_0 = I, P_1, …, P_T], P_k = 1.5·P_{k−1} − 0.5·P_{k−1}³·S_N, on an already normalized S_N
+    (IterNorm divides S by its trace, ONI's authors by its Frobenius norm)."""
+    p = eye_like(xp, s_n) + xp.zeros_like(s_n)
     ps = [p]
     for _ in range(iterations):
         p = 1.5 * p - 0.5 * xp.matmul(xp.matmul(xp.matmul(p, p), p), s_n)
         ps.append(p)
-    w = p / xp.sqrt(t)[..., None, None]
-    return w, (s, t, *ps)
+    return ps
 
 
-def newton_inv_sqrt_backward(xp, res, dw):
-    """dS of IterNorm's W: reverse through P_k = 1.5·P − 0.5·P³·S_N (P = P_{k−1}), k = T…1:
-
-    dP += 1.5·dP_k − 0.5·(dP_k·(P²·S_N)ᵀ + Pᵀ·dP_k·(P·S_N)ᵀ + (P²)ᵀ·dP_k·S_Nᵀ),
-    dS_N += −0.5·(P³)ᵀ·dP_k; then the trace normalization (module docstring).
-    """
-    s, t, *ps = res
-    s_n = sym(xp, s) / t[..., None, None]
-    sq = xp.sqrt(t)[..., None, None]
-    dp = dw / sq
+def newton_iterates_backward(xp, s_n, ps, dp):
+    """dS_N of :func:`newton_iterates` for the cotangent ``dp`` of P_T, reverse through
+    P_k = 1.5·P − 0.5·P³·S_N (P = P_{k−1}), k = T…1:
+    dP += 1.5·dP_k − 0.5·(dP_k·(P²·S_N)ᵀ + Pᵀ·dP_k·(P·S_N)ᵀ + (P²)ᵀ·dP_k·S_Nᵀ), dS_N += −0.5·(P³)ᵀ·dP_k."""
     ds_n = xp.zeros_like(s_n)
     for k in range(len(ps) - 1, 0, -1):
         p = ps[k - 1]
@@ -556,6 +557,19 @@ def newton_inv_sqrt_backward(xp, res, dw):
         )
         ds_n = ds_n - 0.5 * xp.matmul(mT(xp, xp.matmul(p2, p)), dp)
         dp = new
+    return ds_n
+
+
+def newton_inv_sqrt_backward(xp, res, dw):
+    """dS of IterNorm's W: reverse through P_k = 1.5·P − 0.5·P³·S_N (P = P_{k−1}), k = T…1:
+
+    dP += 1.5·dP_k − 0.5·(dP_k·(P²·S_N)ᵀ + Pᵀ·dP_k·(P·S_N)ᵀ + (P²)ᵀ·dP_k·S_Nᵀ),
+    dS_N += −0.5·(P³)ᵀ·dP_k; then the trace normalization (module docstring).
+    """
+    s, t, *ps = res
+    s_n = sym(xp, s) / t[..., None, None]
+    sq = xp.sqrt(t)[..., None, None]
+    ds_n = newton_iterates_backward(xp, s_n, ps, dw / sq)
     return _trace_tail(xp, s, t, ps[-1], dw, ds_n)
 
 
@@ -579,27 +593,30 @@ def newton_schulz_forward(xp, s, iterations: int):
     iteration of :func:`newton_inv_sqrt_forward`.
     """
     s_n, t = _normalize_trace(xp, s)
-    eye = eye_like(xp, s)
+    seq = newton_schulz_iterates(xp, s_n, iterations)
+    w = seq[-1] / xp.sqrt(t)[..., None, None]
+    return w, (s, t, *seq)
+
+
+def newton_schulz_iterates(xp, s_n, iterations: int) -> list:
+    """[Y_0 = S_N, Z_0 = I, …, Y_T, Z_T] of the coupled iteration M_k = ½(3I − Z_{k−1}·Y_{k−1}),
+    Y_k = Y_{k−1}·M_k, Z_k = M_k·Z_{k−1}, on an already normalized S_N (Z_T → S_N^-1/2)."""
+    eye = eye_like(xp, s_n)
     y, z = s_n, eye + xp.zeros_like(s_n)
     seq = [y, z]
     for _ in range(iterations):
         m = 0.5 * (3.0 * eye - xp.matmul(z, y))
         y, z = xp.matmul(y, m), xp.matmul(m, z)
         seq += [y, z]
-    w = z / xp.sqrt(t)[..., None, None]
-    return w, (s, t, *seq)
+    return seq
 
 
-def newton_schulz_backward(xp, res, dw):
-    """dS of the coupled Newton–Schulz W, reverse through Y' = Y·M, Z' = M·Z, M = ½(3I − Z·Y):
-
-    dY = dY'·Mᵀ − ½·Zᵀ·dM, dZ = Mᵀ·dZ' − ½·dM·Yᵀ with dM = Yᵀ·dY' + dZ'·Zᵀ; dS_N = dY_0.
-    """
-    s, t, *seq = res
-    eye = eye_like(xp, s)
+def newton_schulz_iterates_backward(xp, seq, dz):
+    """dS_N (= dY_0) of :func:`newton_schulz_iterates` for the cotangent ``dz`` of Z_T, reverse
+    through Y' = Y·M, Z' = M·Z, M = ½(3I − Z·Y): dM = Yᵀ·dY' + dZ'·Zᵀ, dY = dY'·Mᵀ − ½·Zᵀ·dM,
+    dZ = Mᵀ·dZ' − ½·dM·Yᵀ."""
+    eye = eye_like(xp, seq[0])
     ys, zs = seq[0::2], seq[1::2]
-    sq = xp.sqrt(t)[..., None, None]
-    dz = dw / sq
     dy = xp.zeros_like(dz)
     for k in range(len(ys) - 1, 0, -1):
         y, z = ys[k - 1], zs[k - 1]
@@ -609,7 +626,17 @@ def newton_schulz_backward(xp, res, dw):
             xp.matmul(dy, mT(xp, m)) - 0.5 * xp.matmul(mT(xp, z), dm),
             xp.matmul(mT(xp, m), dz) - 0.5 * xp.matmul(dm, mT(xp, y)),
         )
-    return _trace_tail(xp, s, t, zs[-1], dw, dy)
+    return dy
+
+
+def newton_schulz_backward(xp, res, dw):
+    """dS of the coupled Newton–Schulz W, reverse through Y' = Y·M, Z' = M·Z, M = ½(3I − Z·Y):
+
+    dY = dY'·Mᵀ − ½·Zᵀ·dM, dZ = Mᵀ·dZ' − ½·dM·Yᵀ with dM = Yᵀ·dY' + dZ'·Zᵀ; dS_N = dY_0.
+    """
+    s, t, *seq = res
+    dy = newton_schulz_iterates_backward(xp, seq, dw / xp.sqrt(t)[..., None, None])
+    return _trace_tail(xp, s, t, seq[-1], dw, dy)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -934,22 +934,9 @@ def _frob_forward(xp, s, iterations, coupled):
     s = _mf.sym(xp, s)
     phi = xp.sqrt(xp.sum(s * s, axis=(-2, -1)))
     s_n = s / phi[..., None, None]
-    eye = _mf.eye_like(xp, s)
-    if coupled:
-        y, z = s_n, eye + xp.zeros_like(s_n)
-        seq = [y, z]
-        for _ in range(iterations):
-            n_ = 0.5 * (3.0 * eye - xp.matmul(z, y))
-            y, z = xp.matmul(y, n_), xp.matmul(n_, z)
-            seq += [y, z]
-        b = z
-    else:
-        b = eye + xp.zeros_like(s_n)
-        seq = [b]
-        for _ in range(iterations):
-            b = 1.5 * b - 0.5 * xp.matmul(xp.matmul(xp.matmul(b, b), b), s_n)
-            seq.append(b)
-    return b / xp.sqrt(phi)[..., None, None], (s, phi, *seq)
+    # the same iterations as IterNorm's and the coupled whitening's (normref.matfun), on S/‖S‖_F
+    seq = _mf.newton_schulz_iterates(xp, s_n, iterations) if coupled else _mf.newton_iterates(xp, s_n, iterations)
+    return seq[-1] / xp.sqrt(phi)[..., None, None], (s, phi, *seq)
 
 
 def _frob_backward(xp, res, dm, coupled):
@@ -964,32 +951,11 @@ def _frob_backward(xp, res, dm, coupled):
     p2 = phi[..., None, None]
     s_n = s / p2
     sq = xp.sqrt(phi)[..., None, None]
-    eye = _mf.eye_like(xp, s)
-    mT = _mf.mT
+    b_t = seq[-1]
     if coupled:
-        ys, zs = seq[0::2], seq[1::2]
-        b_t = zs[-1]
-        dz = dm / sq
-        dy = xp.zeros_like(dz)
-        for k in range(len(ys) - 1, 0, -1):
-            y, z = ys[k - 1], zs[k - 1]
-            n_ = 0.5 * (3.0 * eye - xp.matmul(z, y))
-            dn = xp.matmul(mT(xp, y), dy) + xp.matmul(dz, mT(xp, z))
-            dy, dz = (xp.matmul(dy, mT(xp, n_)) - 0.5 * xp.matmul(mT(xp, z), dn),
-                      xp.matmul(mT(xp, n_), dz) - 0.5 * xp.matmul(dn, mT(xp, y)))
-        ds_n = dy
+        ds_n = _mf.newton_schulz_iterates_backward(xp, seq, dm / sq)
     else:
-        b_t = seq[-1]
-        db = dm / sq
-        ds_n = xp.zeros_like(s_n)
-        for k in range(len(seq) - 1, 0, -1):
-            p = seq[k - 1]
-            pp = xp.matmul(p, p)
-            new = 1.5 * db - 0.5 * (xp.matmul(db, mT(xp, xp.matmul(pp, s_n)))
-                                    + xp.matmul(mT(xp, p), xp.matmul(db, mT(xp, xp.matmul(p, s_n))))
-                                    + xp.matmul(mT(xp, pp), xp.matmul(db, mT(xp, s_n))))
-            ds_n = ds_n - 0.5 * xp.matmul(mT(xp, xp.matmul(pp, p)), db)
-            db = new
+        ds_n = _mf.newton_iterates_backward(xp, s_n, seq, dm / sq)
     dphi = -0.5 * phi ** -1.5 * xp.sum(dm * b_t, axis=(-2, -1)) - xp.sum(ds_n * s, axis=(-2, -1)) / phi**2
     return _mf.sym(xp, ds_n / p2 + (dphi / phi)[..., None, None] * s)
 
